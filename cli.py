@@ -1,0 +1,259 @@
+"""The `sdgraph` command line: run, validate, nodes, convert, serve, make-checkpoint.
+
+Exit codes: 0 success; 1 a node failed; 2 invalid input (every validation error is listed); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from engine import (
+    CancelToken,
+    Executor,
+    GraphFormatError,
+    NodeFailed,
+    NodeStarted,
+    Progress,
+    RunInterrupted,
+    apply_overrides,
+    read_graph_file,
+    validate,
+)
+from engine.events import Event
+from engine.schema import object_info
+
+EXIT_OK, EXIT_NODE_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "serve":
+        import server
+        return server.main(argv[1:])
+    if argv and argv[0] == "make-checkpoint":
+        from diffusion.make_checkpoint import main as make_checkpoint
+        return make_checkpoint(argv[1:])
+    if argv and argv[0] == "train-demo":
+        from diffusion.train.cli import main as train_demo
+        return train_demo(argv[1:])
+    args = _parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except GraphFormatError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdgraph", description="Run Stable Diffusion node graphs (ComfyUI "
+                                     "API or workflow JSON, or a PNG saved by SaveImage).")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--base-dir", default=None, help="folder holding models/, input/, output/, custom_nodes/ "
+                        "(default: the working directory)")
+    common.add_argument("--nodes-dir", action="append", default=[], metavar="DIR",
+                        help="also load node packs from DIR (repeatable)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", parents=[common], help="run a graph")
+    run.add_argument("graph")
+    run.add_argument("--set", action="append", default=[], metavar="ID.INPUT=VALUE", help="override an input")
+    run.add_argument("--only", action="append", default=None, metavar="ID", help="compute only this node "
+                     "(and what it needs); repeatable")
+    run.add_argument("--out", default=None, metavar="DIR", help="write output files here instead of output/")
+    run.add_argument("--json", action="store_true", help="print a JSON result on stdout")
+    run.add_argument("--explain", action="store_true", help="say, for each node, whether it ran or came from "
+                     "the cache, and why")
+    run.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: best available)")
+    run.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="model precision")
+    run.add_argument("--unsafe-load-pickle", action="store_true", help="allow .ckpt/.pt model files "
+                     "(loaded with weights_only=True)")
+    run.set_defaults(handler=_cmd_run)
+
+    check = sub.add_parser("validate", parents=[common], help="check a graph without running it")
+    check.add_argument("graph")
+    check.add_argument("--json", action="store_true")
+    check.set_defaults(handler=_cmd_validate)
+
+    listing = sub.add_parser("nodes", parents=[common], help="list node types")
+    listing.add_argument("--json", action="store_true", help="ComfyUI /object_info-shaped JSON")
+    listing.add_argument("--errors", action="store_true", help="list node packs that failed to load")
+    listing.set_defaults(handler=_cmd_nodes)
+
+    convert = sub.add_parser("convert", parents=[common], help="print a workflow (or PNG) in API format")
+    convert.add_argument("graph")
+    convert.set_defaults(handler=_cmd_convert)
+    sub.add_parser("serve", help="start the HTTP/WebSocket server (see `sdgraph serve --help`)")
+    sub.add_parser("make-checkpoint", help="write a random-weight SD1 checkpoint (see its --help)")
+    sub.add_parser("train-demo", help="train the bundled demo model (see its --help)")
+    return parser
+
+
+def _app(args: argparse.Namespace, *, output: str | None = None):
+    from nodes import build_registry
+    from nodes.folders import Folders
+    from nodes.runtime import Runtime
+    folders = Folders.at(args.base_dir, output=output, trusted=True)
+    registry = build_registry(pack_dirs=[folders.base / "custom_nodes", *args.nodes_dir])
+    runtime = Runtime(folders, device=getattr(args, "device", None), dtype=getattr(args, "dtype", None),
+                      allow_pickle=getattr(args, "unsafe_load_pickle", False))
+    return registry, runtime
+
+
+def _load(args: argparse.Namespace, registry, runtime):
+    api = read_graph_file(args.graph, registry)
+    api = apply_overrides(api, getattr(args, "set", []) or [])
+    result = validate(api, registry, targets=getattr(args, "only", None), resources=runtime)
+    return api, result
+
+
+def _print_errors(errors, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"ok": False, "errors": [e.as_dict() for e in errors]}, indent=1))
+        return
+    print(f"the graph has {len(errors)} problem(s):", file=sys.stderr)
+    for error in errors:
+        print(f"  - {error}", file=sys.stderr)
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    registry, runtime = _app(args)
+    _, result = _load(args, registry, runtime)
+    if not result.ok:
+        _print_errors(result.errors, args.json)
+        return EXIT_INVALID
+    if args.json:
+        print(json.dumps({"ok": True, "nodes": len(result.graph), "outputs": list(result.graph.outputs)}))
+    else:
+        print(f"ok: {len(result.graph)} nodes, outputs {', '.join(result.graph.outputs)}")
+    return EXIT_OK
+
+
+def _cmd_nodes(args: argparse.Namespace) -> int:
+    registry, runtime = _app(args)
+    if args.errors:
+        errors = [e.as_dict() for e in registry.load_errors]
+        if args.json:
+            print(json.dumps(errors, indent=1))
+        else:
+            for e in errors:
+                print(f"{e['pack']}: {e['file']}: {e['reason']}")
+            if not errors:
+                print("every node pack loaded")
+        return EXIT_OK
+    if args.json:
+        print(json.dumps(object_info(registry, runtime), indent=1))
+    else:
+        for definition in sorted(registry, key=lambda d: (d.category, d.name)):
+            aliases = f" (also {', '.join(definition.aliases)})" if definition.aliases else ""
+            print(f"{definition.category or '-':24s} {definition.name}{aliases}")
+    return EXIT_OK
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    registry, _ = _app(args)
+    print(json.dumps(read_graph_file(args.graph, registry), indent=1))
+    return EXIT_OK
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    registry, runtime = _app(args, output=args.out)
+    api, result = _load(args, registry, runtime)
+    if not result.ok:
+        _print_errors(result.errors, args.json)
+        return EXIT_INVALID
+    cancel = CancelToken()
+    progress = _ProgressBar(sys.stderr)
+    previous = signal.signal(signal.SIGINT, _interrupt_handler(cancel))
+    try:
+        report = Executor(registry, resources=runtime).run(result.graph, listeners=[progress], cancel=cancel,
+                                                           prompt=api, extra={"extra_pnginfo": {}})
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        progress.close()
+    files = _output_files(report.ui, runtime)
+    if args.explain:
+        for node_id in result.graph.nodes:
+            if node_id in report.explain:
+                print(f"node {node_id} ({result.graph[node_id].type}): {report.explain[node_id]}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({"status": report.status, "files": files, "ui": report.ui, "executed": report.executed,
+                          "cached": report.cached, "explain": report.explain,
+                          "error": _error_dict(report.error)}, indent=1, default=str))
+    else:
+        for path in files:
+            print(path)
+    if report.status == "interrupted":
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if report.error is not None:
+        err = report.error
+        print(f"error: node {err.node_id} ({err.node_type}) failed: {err.exception_type}: {err.message}",
+              file=sys.stderr)
+        return EXIT_NODE_FAILED
+    return EXIT_OK
+
+
+def _interrupt_handler(cancel: CancelToken):
+    def handle(signum: int, frame: Any) -> None:
+        if cancel.cancelled:
+            raise KeyboardInterrupt
+        cancel.cancel()
+        print("\ninterrupting at the next check (Ctrl-C again to abort at once)", file=sys.stderr)
+    return handle
+
+
+def _output_files(ui: dict[str, Any], runtime) -> list[str]:
+    """Files named in the nodes' UI payloads (ComfyUI's shape: {"images": [{"filename", "subfolder", "type"}]},
+    likewise "gifs", "audio", ...)."""
+    files = []
+    for payload in ui.values():
+        for items in payload.values() if isinstance(payload, dict) else ():
+            for item in items if isinstance(items, list) else ():
+                if isinstance(item, dict) and isinstance(item.get("filename"), str):
+                    root = runtime.folders.root(item.get("type", "output"))
+                    files.append(str(root / item.get("subfolder", "") / item["filename"]))
+    return files
+
+
+def _error_dict(error: NodeFailed | None) -> dict[str, Any] | None:
+    if error is None:
+        return None
+    return {"node_id": error.node_id, "node_type": error.node_type, "exception_type": error.exception_type,
+            "message": error.message, "traceback": error.traceback}
+
+
+class _ProgressBar:
+    """Draws progress of long nodes on stderr (one line, redrawn); silent when nothing reports progress."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.node = ""
+        self.drawn = False
+
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, NodeStarted):
+            self.node = f"{event.node_id} {event.node_type}"
+        elif isinstance(event, Progress) and event.max:
+            width = 30
+            filled = int(width * event.value / event.max)
+            self.stream.write(f"\r{self.node:28.28s} [{'#' * filled}{'.' * (width - filled)}] "
+                              f"{event.value:g}/{event.max:g}")
+            self.stream.flush()
+            self.drawn = True
+        elif isinstance(event, NodeFailed | RunInterrupted):
+            self.close()
+
+    def close(self) -> None:
+        if self.drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.drawn = False
+
+
+if __name__ == "__main__":
+    sys.exit(main())

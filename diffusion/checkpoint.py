@@ -1,0 +1,363 @@
+"""Loading SD1.x single-file checkpoints (and separate VAE files) into our UNet, VAE and CLIP text encoder.
+
+1. The format comes from the file's bytes, not its name: safetensors (8-byte little-endian header length, then
+   JSON), or a torch pickle (zip or legacy), which is refused unless the caller opts in with allow_pickle.
+2. Shapes are read without reading tensors; configs are inferred from them and every expected key is checked,
+   so a wrong file fails fast with the keys that are missing or mismatched.
+3. Modules are built on the meta device and tensors are read a chunk at a time (safetensors: memory-mapped with
+   `safe_open`, reopened per chunk so mapped pages never pile up), converted one by one to the target dtype and
+   device, then assigned: there is never a second full copy of the weights.
+"""
+
+import json
+import os
+import pickle
+import zipfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+
+import torch
+from safetensors import safe_open
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from diffusion.text_encoder import (
+    POSITION_IDS,
+    build_text_encoder,
+    expected_text_weights,
+    strip_text_model_prefix,
+    text_config_from_state_dict,
+    text_encoder_on_meta,
+)
+from diffusion.unet import UNetConfig, UNetModel, build_unet, unet_config_from_state_dict
+from diffusion.vae import AutoencoderKL, VAEConfig, build_vae, vae_config_from_state_dict
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+TEXT_PREFIX = "cond_stage_model.transformer."
+VAE_PARTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
+CHUNK_BYTES = 64 << 20  # how much of a safetensors file is mapped at once while reading
+SHOWN_KEYS = 5
+
+SAFETENSORS_DTYPES = MappingProxyType({
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+})  # fmt: skip
+OTHER_FAMILIES = (  # key prefixes of checkpoints that are not SD1, to say what a refused file probably is
+    ("conditioner.embedders.", "an SDXL checkpoint"),
+    ("cond_stage_model.model.", "an SD2.x checkpoint (OpenCLIP text encoder)"),
+    ("double_blocks.", "a Flux model"),
+    ("down_blocks.", "a diffusers-layout UNet"),
+    ("encoder.down_blocks.", "a diffusers-layout VAE"),
+)
+
+
+class CheckpointError(ValueError):
+    """A file that cannot be loaded as asked; the message names the file, what is wrong and how to fix it."""
+
+
+@dataclass(frozen=True)
+class FileIdentity:
+    path: Path
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, path: str | os.PathLike) -> "FileIdentity":
+        path = Path(path).resolve()
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint file not found: {path}")
+        stat = path.stat()
+        return cls(path, stat.st_size, stat.st_mtime_ns)
+
+
+@dataclass(frozen=True, eq=False)
+class SD1Checkpoint:
+    unet: UNetModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    unet_config: UNetConfig
+    vae_config: VAEConfig
+    text_config: CLIPTextConfig
+    file: FileIdentity
+    vae_file: FileIdentity | None  # set when the VAE came from a separate file
+
+
+def detect_format(path: str | os.PathLike) -> str:
+    """'safetensors', 'torch-zip' or 'pickle', from the first bytes of the file."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    size = os.path.getsize(path)
+    if len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= size - 8:
+        return "safetensors"
+    if head.startswith(b"PK\x03\x04"):
+        return "torch-zip"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "pickle"
+    raise CheckpointError(
+        f"{path}: not a checkpoint format this loader knows (first bytes {head!r}). Expected a safetensors file "
+        "(8-byte header length, then JSON) or a torch.save pickle (.ckpt/.pt); the file may be truncated, or an "
+        "HTML error page saved by a failed download."
+    )
+
+
+def _pickle_refusal(path) -> str:
+    return (
+        f"{path} is a pickle-based PyTorch checkpoint (.ckpt/.pt format, whatever its name). Unpickling can run "
+        "code hidden in the file, so it is not loaded by default. Prefer a .safetensors release of the model, or "
+        "convert this file once on a machine you trust: state = read_state_dict(path, allow_pickle=True), then "
+        "safetensors.torch.save_file(state, 'model.safetensors'). To load it anyway pass allow_pickle=True; it is "
+        "then read with torch.load(weights_only=True), which accepts only tensors and plain containers."
+    )
+
+
+class TensorFile:
+    """The tensors of one checkpoint file: shapes and dtypes up front (`meta`), data read on demand."""
+
+    def __init__(self, path: str | os.PathLike, *, allow_pickle: bool = False):
+        self.path = Path(path)
+        self.format = detect_format(path)
+        self._pickled: dict[str, torch.Tensor] = {}
+        self._offsets: dict[str, tuple[int, int]] = {}
+        if self.format == "safetensors":
+            self.meta = self._read_safetensors_header()
+        elif not allow_pickle:
+            raise CheckpointError(_pickle_refusal(path))
+        else:
+            self._pickled = self._unpickle()
+            self.meta = {k: torch.empty_like(v, device="meta") for k, v in self._pickled.items()}
+
+    def _read_safetensors_header(self) -> dict[str, torch.Tensor]:
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            try:
+                header = json.loads(f.read(length))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise CheckpointError(f"{self.path}: corrupt safetensors header ({e}); re-download the file") from e
+        meta = {}
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
+            if dtype is None:
+                raise CheckpointError(f"{self.path}: tensor '{key}' has dtype {info.get('dtype')!r}, not supported")
+            begin, end = info["data_offsets"]
+            if 8 + length + end > size:
+                raise CheckpointError(
+                    f"{self.path}: truncated: tensor '{key}' ends at byte {8 + length + end} but the file has "
+                    f"{size} bytes; the download or copy was probably cut short, fetch the file again"
+                )
+            self._offsets[key] = (begin, end)
+            meta[key] = torch.empty(info["shape"], dtype=dtype, device="meta")
+        return meta
+
+    def _unpickle(self) -> dict[str, torch.Tensor]:
+        try:
+            obj = torch.load(self.path, map_location="cpu", weights_only=True, mmap=self.format == "torch-zip")
+        except (pickle.UnpicklingError, RuntimeError, zipfile.BadZipFile, EOFError) as e:
+            raise CheckpointError(
+                f"{self.path}: could not read it as a weights-only torch checkpoint ({str(e).splitlines()[0]}). "
+                "It may hold Python objects besides tensors (e.g. training state); convert it to safetensors with "
+                "a tool you trust, or get a .safetensors release."
+            ) from e
+        if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+            obj = obj["state_dict"]
+        if not isinstance(obj, dict):
+            raise CheckpointError(f"{self.path}: holds a {type(obj).__name__}, not a dict of tensors")
+        return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+
+    def read(self, keys: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (key, tensor) for `keys`; each tensor may share memory with the file: copy what you keep."""
+        keys = list(keys)
+        if self.format != "safetensors":
+            yield from ((k, self._pickled[k]) for k in keys)
+            return
+        keys.sort(key=lambda k: self._offsets[k][0])
+        chunk, chunk_bytes = [], 0
+        for key in keys + [None]:
+            nbytes = 0 if key is None else self._offsets[key][1] - self._offsets[key][0]
+            if chunk and (key is None or chunk_bytes + nbytes > CHUNK_BYTES):
+                with safe_open(self.path, framework="pt", device="cpu") as f:
+                    for k in chunk:
+                        yield k, f.get_tensor(k)
+                chunk, chunk_bytes = [], 0
+            if key is not None:
+                chunk.append(key)
+                chunk_bytes += nbytes
+
+
+def read_state_dict(path: str | os.PathLike, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Every tensor in a checkpoint file, on the CPU in the file's dtypes (a top-level 'state_dict' unwrapped)."""
+    source = TensorFile(path, allow_pickle=allow_pickle)
+    return {k: t.clone() for k, t in source.read(source.meta)}
+
+
+def _keys_under(meta: Mapping[str, torch.Tensor], prefix: str) -> dict[str, str]:
+    """{key inside the part: key in the file} for every file key starting with `prefix`."""
+    return {k[len(prefix) :]: k for k in meta if k.startswith(prefix)}
+
+
+def _examples(items: list[str]) -> str:
+    more = f", ... ({len(items)} in all)" if len(items) > SHOWN_KEYS else ""
+    return ", ".join(items[:SHOWN_KEYS]) + more
+
+
+def _family_hint(meta: Mapping[str, torch.Tensor]) -> str:
+    for prefix, family in OTHER_FAMILIES:
+        if any(k.startswith(prefix) for k in meta):
+            return f" It looks like {family}."
+    tops = sorted({k.split(".", 1)[0] for k in meta})
+    return f" Its keys start with: {_examples(tops)}."
+
+
+def _check_part(path, part: str, expected, found: Mapping[str, str], meta, prefix: str, fix: str) -> None:
+    """Raise CheckpointError unless the file holds exactly the expected weights of one part, shape for shape.
+
+    `expected` maps keys inside the part to meta tensors, `found` maps them to the file's keys."""
+    missing = [prefix + k for k in expected if k not in found]
+    unexpected = [found[k] for k in found if k not in expected]
+    mismatched = [
+        f"{found[k]} (model needs {list(expected[k].shape)}, file has {list(meta[found[k]].shape)})"
+        for k in expected
+        if k in found and tuple(meta[found[k]].shape) != tuple(expected[k].shape)
+    ]
+    problems = [
+        f"{len(keys)} {what}: {_examples(keys)}"
+        for what, keys in (("missing", missing), ("of another shape", mismatched), ("unexpected", unexpected))
+        if keys
+    ]
+    if problems:
+        raise CheckpointError(f"{path}: the {part} weights do not fit an SD1 {part}: {'; '.join(problems)}. {fix}")
+
+
+def _load_part(source: TensorFile, keys: Mapping[str, str], build: Callable, dtype, device):
+    """Read the part's tensors one by one, convert each to dtype/device as its own copy, and build the module."""
+    file_to_part = {v: k for k, v in keys.items()}
+    tensors = {}
+    for file_key, t in source.read(keys.values()):
+        target = dtype if t.is_floating_point() else t.dtype
+        tensors[file_to_part[file_key]] = t.to(device=device, dtype=target, copy=True)
+        del t
+    return build(tensors)
+
+
+def _infer(path, part: str, infer: Callable, meta_part: Mapping[str, torch.Tensor]):
+    try:
+        return infer(meta_part)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: cannot read the {part} architecture: {e}") from e
+
+
+def _vae_keys(path, meta: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    if any(k.startswith(VAE_PREFIX) for k in meta):
+        return _keys_under(meta, VAE_PREFIX)
+    keys = {k: k for k in meta if k.startswith(VAE_PARTS)}
+    if not keys or any(k.startswith("encoder.down_blocks.") for k in keys):
+        raise CheckpointError(
+            f"{path}: no VAE weights in the LDM layout (keys 'first_stage_model.encoder.*' or 'encoder.down.*')."
+            f"{_family_hint(meta)} Use an SD1 VAE in the original single-file layout, e.g. "
+            "vae-ft-mse-840000-ema-pruned.safetensors."
+        )
+    return keys
+
+
+def _check_vae(source: TensorFile, keys: Mapping[str, str], prefix: str) -> VAEConfig:
+    config = _infer(source.path, "VAE", vae_config_from_state_dict, {k: source.meta[v] for k, v in keys.items()})
+    with torch.device("meta"):
+        expected = AutoencoderKL(config).state_dict()
+    fix = "Is this an SD1 VAE in the original (LDM) layout?"
+    _check_part(source.path, "VAE", expected, keys, source.meta, prefix, fix)
+    return config
+
+
+def _open_vae(path, allow_pickle: bool) -> tuple[TensorFile, dict[str, str], VAEConfig]:
+    """A separate VAE file, listed and checked: its tensors, {key in the VAE: key in the file}, its config."""
+    source = TensorFile(path, allow_pickle=allow_pickle)
+    keys = _vae_keys(path, source.meta)
+    prefix = VAE_PREFIX if any(k.startswith(VAE_PREFIX) for k in source.meta) else ""
+    return source, keys, _check_vae(source, keys, prefix)
+
+
+def load_vae(
+    path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device="cpu", allow_pickle: bool = False
+) -> AutoencoderKL:
+    """An SD1 VAE from a separate file (models/vae/), keys `encoder.*`/`decoder.*` or `first_stage_model.*`."""
+    FileIdentity.of(path)
+    source, keys, _ = _open_vae(path, allow_pickle)
+    return _load_part(source, keys, build_vae, dtype, device)
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device="cpu",
+    allow_pickle: bool = False,
+    vae_path: str | os.PathLike | None = None,
+) -> SD1Checkpoint:
+    """UNet, VAE and text encoder of an SD1.x single-file checkpoint, in `dtype` on `device`, in eval mode.
+
+    Keys outside the three parts (model_ema.*, alphas_cumprod, ...) are ignored. With `vae_path` the VAE comes
+    from that file and the checkpoint's own VAE weights (if any) are not read.
+    """
+    # 1. Open the file and list its tensors without reading them.
+    identity = FileIdentity.of(path)
+    source = TensorFile(path, allow_pickle=allow_pickle)
+    meta = source.meta
+    unet_keys = _keys_under(meta, UNET_PREFIX)
+    text_keys = strip_text_model_prefix(_keys_under(meta, TEXT_PREFIX))
+    text_keys.pop(POSITION_IDS, None)
+    for part, keys, prefix in (("UNet", unet_keys, UNET_PREFIX), ("text encoder", text_keys, TEXT_PREFIX)):
+        if not keys:
+            raise CheckpointError(
+                f"{path}: not an SD1 checkpoint: no {part} weights (no keys start with '{prefix}').{_family_hint(meta)}"
+            )
+    if vae_path is None and not _keys_under(meta, VAE_PREFIX):
+        raise CheckpointError(
+            f"{path}: has no VAE weights (no keys start with '{VAE_PREFIX}'); pass vae_path= an SD1 VAE file."
+        )
+
+    # 2. Infer the architectures from shapes and check every key before reading any tensor.
+    unet_config = _infer(path, "UNet", unet_config_from_state_dict, {k: meta[v] for k, v in unet_keys.items()})
+    text_config = _infer(path, "text encoder", text_config_from_state_dict, {k: meta[v] for k, v in text_keys.items()})
+    with torch.device("meta"):
+        unet_expected = UNetModel(unet_config).state_dict()
+    text_expected = expected_text_weights(text_encoder_on_meta(text_config))
+    text_expected.pop(POSITION_IDS, None)
+    _check_part(path, "UNet", unet_expected, unet_keys, meta, UNET_PREFIX, "Is this an SD1.x checkpoint?")
+    fix = "SD1 uses OpenAI CLIP ViT-L/14's text model."
+    _check_part(path, "text encoder", text_expected, text_keys, meta, TEXT_PREFIX + "text_model.", fix)
+    if unet_config.context_dim != text_config.hidden_size:
+        raise CheckpointError(
+            f"{path}: the UNet attends to {unet_config.context_dim}-wide text features but the text encoder "
+            f"emits {text_config.hidden_size}; the parts come from different models"
+        )
+    if vae_path is None:
+        vae_file, vae_source, vae_keys = None, source, _keys_under(meta, VAE_PREFIX)
+        vae_config = _check_vae(source, vae_keys, VAE_PREFIX)
+    else:
+        vae_file = FileIdentity.of(vae_path)
+        vae_source, vae_keys, vae_config = _open_vae(vae_path, allow_pickle)
+    if vae_config.latent_channels != unet_config.out_channels:
+        raise CheckpointError(
+            f"{vae_file.path if vae_file else path}: the VAE has {vae_config.latent_channels} latent channels but "
+            f"the UNet predicts {unet_config.out_channels}; use a VAE made for SD1"
+        )
+
+    # 3. Read, convert and assign part by part.
+    unet = _load_part(source, unet_keys, build_unet, dtype, device)
+    text_encoder = _load_part(source, text_keys, build_text_encoder, dtype, device)
+    vae = _load_part(vae_source, vae_keys, build_vae, dtype, device)
+    return SD1Checkpoint(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        unet_config=unet_config,
+        vae_config=vae.config,
+        text_config=text_config,
+        file=identity,
+        vae_file=vae_file,
+    )

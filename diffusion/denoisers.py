@@ -1,0 +1,142 @@
+"""Denoisers: what a sampler calls as `model(x, sigma, **extra_args) -> denoised`.
+
+Three small layers, each wrapping the one below (k-diffusion `external.py` / sgm `guiders.py` style):
+
+* `EpsDenoiser`: the eps parameterisation of a UNet `unet(x_scaled, timesteps, context) -> eps`.
+* `CFGDenoiser`: classifier-free guidance over a positive and a negative `Conditioning`, batching every entry
+  whose context can be concatenated into one UNet call (ComfyUI's `calc_cond_batch`).
+* `InpaintDenoiser`: the per-step blend that keeps the unmasked latent (ComfyUI's `KSamplerX0Inpaint`).
+
+The samplers never know which of these they drive.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from diffusion.latent import CondEntry, Conditioning
+from diffusion.schedules import DiscreteSchedule
+
+UNet = Callable[[Tensor, Tensor, Tensor], Tensor]  # (x_scaled, timesteps, context) -> eps
+ContextDenoiser = Callable[[Tensor, Tensor, Tensor], Tensor]  # (x, sigma, context) -> denoised
+
+
+def append_dims(v: Tensor, ndim: int) -> Tensor:
+    return v[(...,) + (None,) * (ndim - v.ndim)]
+
+
+def to_d(x: Tensor, sigma: Tensor, denoised: Tensor) -> Tensor:
+    """A denoiser output as the Karras ODE derivative dx/dsigma."""
+    return (x - denoised) / append_dims(sigma, x.ndim)
+
+
+def repeat_to_batch_size(t: Tensor, batch_size: int) -> Tensor:
+    if t.shape[0] > batch_size:
+        return t[:batch_size]
+    if t.shape[0] < batch_size:
+        reps = math.ceil(batch_size / t.shape[0])
+        return t.repeat(reps, *([1] * (t.ndim - 1)))[:batch_size]
+    return t
+
+
+@dataclass(frozen=True, eq=False)
+class EpsDenoiser:
+    """denoised = x - eps * sigma, with the UNet fed x / sqrt(sigma^2 + 1) and the nearest timestep."""
+
+    unet: UNet
+    schedule: DiscreteSchedule
+
+    def __call__(self, x: Tensor, sigma: Tensor, context: Tensor) -> Tensor:
+        s = sigma.view(sigma.shape[:1] + (1,) * (x.ndim - 1))
+        x_in = x / (s**2 + 1.0) ** 0.5
+        eps = self.unet(x_in, self.schedule.timestep(sigma).float(), context).float()
+        return x - eps * s
+
+
+def _can_concat(a: Tensor, b: Tensor) -> bool:
+    """ComfyUI's rule: same batch and width; token lengths may differ if their lcm is at most 4x the shorter."""
+    if a.shape == b.shape:
+        return True
+    if a.shape[0] != b.shape[0] or a.shape[2] != b.shape[2]:
+        return False
+    return math.lcm(a.shape[1], b.shape[1]) // min(a.shape[1], b.shape[1]) <= 4
+
+
+def _concat_contexts(contexts: Sequence[Tensor]) -> Tensor:
+    """Repeat each context along tokens to the common lcm length (attention over repeated keys is unchanged)."""
+    length = math.lcm(*(c.shape[1] for c in contexts))
+    return torch.cat([c.repeat(1, length // c.shape[1], 1) if c.shape[1] < length else c for c in contexts])
+
+
+def predict_sides(model: ContextDenoiser, x: Tensor, sigma: Tensor,
+                  sides: Sequence[Sequence[CondEntry]]) -> list[Tensor]:
+    """For each side, the strength-weighted mean of its entries' predictions (zeros for an empty side).
+
+    Entries from every side are batched together when their contexts concatenate, in ComfyUI's order.
+    """
+    outs = [torch.zeros_like(x) for _ in sides]
+    counts = [torch.ones_like(x) * 1e-37 for _ in sides]
+    to_run = [(entry, side) for side, entries in enumerate(sides) for entry in entries]
+    batch = x.shape[0]
+    while to_run:
+        first = repeat_to_batch_size(to_run[0][0].context, batch)
+        picked = [i for i, (e, _) in enumerate(to_run) if _can_concat(repeat_to_batch_size(e.context, batch), first)]
+        group = [to_run[i] for i in reversed(picked)]
+        to_run = [r for i, r in enumerate(to_run) if i not in set(picked)]
+        context = _concat_contexts([repeat_to_batch_size(e.context, batch).to(x.device) for e, _ in group])
+        n = len(group)
+        chunks = model(torch.cat([x] * n), torch.cat([sigma] * n), context).chunk(n)
+        for (entry, side), pred in zip(group, chunks, strict=True):
+            mult = torch.ones_like(x) * entry.strength
+            outs[side] += pred * mult
+            counts[side] += mult
+    return [o / c for o, c in zip(outs, counts, strict=True)]
+
+
+@dataclass(frozen=True, eq=False)
+class CFGDenoiser:
+    """uncond + (cond - uncond) * cfg on the denoised predictions; the negative side is skipped when cfg ~ 1."""
+
+    model: ContextDenoiser
+    positive: Conditioning
+    negative: Conditioning
+    cfg: float
+
+    def __call__(self, x: Tensor, sigma: Tensor, **_: object) -> Tensor:
+        negative = () if math.isclose(self.cfg, 1.0) else self.negative.entries
+        cond, uncond = predict_sides(self.model, x, sigma, [self.positive.entries, negative])
+        return uncond + (cond - uncond) * self.cfg
+
+
+def prepare_mask(noise_mask: Tensor, shape: Sequence[int]) -> Tensor:
+    """A [B?, 1?, H, W] mask resized (bilinear) to the latent's [B, C, h, w] (ComfyUI's reshape_mask)."""
+    mask = noise_mask.reshape((-1, 1, noise_mask.shape[-2], noise_mask.shape[-1])).float()
+    mask = F.interpolate(mask, size=tuple(shape[2:]), mode="bilinear")
+    if mask.shape[1] < shape[1]:
+        mask = mask.repeat(1, shape[1], 1, 1)[:, : shape[1]]
+    return repeat_to_batch_size(mask, shape[0])
+
+
+@dataclass(frozen=True, eq=False)
+class InpaintDenoiser:
+    """Before each call the kept area is reset to latent + noise * sigma; after it, denoised is the latent there.
+
+    mask: [B, C, h, w] with 1 = repaint, 0 = keep. latent is in model space (already scaled).
+    """
+
+    model: Callable[..., Tensor]
+    latent: Tensor
+    noise: Tensor
+    mask: Tensor
+
+    def __call__(self, x: Tensor, sigma: Tensor, **extra: object) -> Tensor:
+        keep = 1.0 - self.mask
+        s = sigma.reshape([sigma.shape[0]] + [1] * (self.noise.ndim - 1))
+        x = x * self.mask + (self.noise * s + self.latent) * keep
+        return self.model(x, sigma, **extra) * self.mask + self.latent * keep

@@ -1,0 +1,361 @@
+"""The SD1.x denoising UNet (LDM's `openaimodel.UNetModel` with spatial transformers), in plain torch.
+
+Module attribute names mirror the checkpoint: `UNetModel(config).state_dict()` has exactly the keys of an SD1
+single-file checkpoint after stripping `model.diffusion_model.` (input_blocks.N.M..., middle_block...,
+output_blocks..., time_embed..., out...), so loading needs no key map. `unet_config_from_state_dict` reads the
+architecture back from tensor shapes alone.
+"""
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffusion.attention import multihead_attention
+
+GROUPS = 32  # every GroupNorm in the UNet uses 32 groups
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Architecture of an LDM UNet. The defaults are SD1.5's."""
+
+    in_channels: int = 4
+    out_channels: int = 4
+    model_channels: int = 320
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attention_levels: tuple[int, ...] = (0, 1, 2)  # levels (indices into channel_mult) with a transformer
+    transformer_depth: int = 1
+    context_dim: int = 768
+    num_heads: int | None = 8  # SD1: a fixed head count per level...
+    head_dim: int | None = None  # ...SD2: a fixed head width (64); exactly one of the two is set
+    linear_projection: bool = False  # proj_in/proj_out as Linear (SD2.1) instead of 1x1 convs (SD1)
+
+    def __post_init__(self):
+        if (self.num_heads is None) == (self.head_dim is None):
+            raise ValueError(f"set exactly one of num_heads and head_dim, got {self.num_heads} and {self.head_dim}")
+        bad = [lvl for lvl in self.attention_levels if not 0 <= lvl < len(self.channel_mult)]
+        if bad:
+            raise ValueError(f"attention_levels {bad} outside the {len(self.channel_mult)} levels of channel_mult")
+        for width in self.level_channels:
+            if width % GROUPS:
+                raise ValueError(f"channel width {width} is not divisible by the {GROUPS} GroupNorm groups")
+            heads, dim = self.heads_for(width)
+            if heads * dim != width:
+                raise ValueError(f"channel width {width} cannot be split into {heads} heads")
+
+    @property
+    def level_channels(self) -> tuple[int, ...]:
+        return tuple(self.model_channels * m for m in self.channel_mult)
+
+    @property
+    def embed_dim(self) -> int:
+        return 4 * self.model_channels
+
+    def heads_for(self, channels: int) -> tuple[int, int]:
+        """(number of heads, width of one head) for a transformer over `channels`."""
+        if self.num_heads is not None:
+            return self.num_heads, channels // self.num_heads
+        return channels // self.head_dim, self.head_dim
+
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """LDM's sinusoidal embedding of (possibly fractional) timesteps [B] -> [B, dim] float32: cosines first,
+    then sines, frequencies max_period^(-i/half) for i in 0..half-1 (diffusers: flip_sin_to_cos=True, shift 0)."""
+    half = dim // 2
+    # operation order as in LDM/ComfyUI ((-log(p) * i) / half), so float32 rounding matches theirs at t ~ 1000
+    exponents = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half
+    angles = timesteps.float()[:, None] * torch.exp(exponents)[None]
+    embedding = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+    return F.pad(embedding, (0, dim % 2))
+
+
+class ResBlock(nn.Module):
+    def __init__(self, channels: int, embed_dim: int, out_channels: int):
+        super().__init__()
+        self.in_layers = nn.Sequential(
+            nn.GroupNorm(GROUPS, channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+        )
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(embed_dim, out_channels))
+        self.out_layers = nn.Sequential(
+            nn.GroupNorm(GROUPS, out_channels),
+            nn.SiLU(),
+            nn.Identity(),  # where LDM keeps its dropout, a no-op at inference
+            nn.Conv2d(out_channels, out_channels, 3, padding=1),
+        )
+        self.skip_connection = nn.Identity() if channels == out_channels else nn.Conv2d(channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.in_layers(x) + self.emb_layers(emb)[:, :, None, None]
+        return self.skip_connection(x) + self.out_layers(h)
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, query_dim: int, context_dim: int, heads: int, head_dim: int):
+        super().__init__()
+        inner = heads * head_dim
+        self.heads = heads
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim, inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, query_dim))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
+        return self.to_out(multihead_attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads))
+
+
+class GEGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, 2 * hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value, gate = self.proj(x).chunk(2, dim=-1)
+        return value * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Self-attention, cross-attention to the text context, GEGLU feed-forward; pre-LayerNorm residuals."""
+
+    def __init__(self, dim: int, context_dim: int, heads: int, head_dim: int):
+        super().__init__()
+        self.attn1 = CrossAttention(dim, dim, heads, head_dim)
+        self.ff = FeedForward(dim)
+        self.attn2 = CrossAttention(dim, context_dim, heads, head_dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    def __init__(self, channels: int, config: UNetConfig):
+        super().__init__()
+        heads, head_dim = config.heads_for(channels)
+        inner = heads * head_dim
+        self.linear_projection = config.linear_projection
+        project = (lambda i, o: nn.Linear(i, o)) if config.linear_projection else (lambda i, o: nn.Conv2d(i, o, 1))
+        self.norm = nn.GroupNorm(GROUPS, channels, eps=1e-6)
+        self.proj_in = project(channels, inner)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(inner, config.context_dim, heads, head_dim) for _ in range(config.transformer_depth)
+        )
+        self.proj_out = project(inner, channels)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        batch, _, height, width = x.shape
+        h = self.norm(x)
+        if not self.linear_projection:
+            h = self.proj_in(h)
+        h = h.flatten(2).transpose(1, 2)  # [B, H*W, C]
+        if self.linear_projection:
+            h = self.proj_in(h)
+        for block in self.transformer_blocks:
+            h = block(h, context)
+        if self.linear_projection:
+            h = self.proj_out(h)
+        h = h.transpose(1, 2).reshape(batch, -1, height, width)
+        if not self.linear_projection:
+            h = self.proj_out(h)
+        return x + h
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, size: torch.Size | None = None) -> torch.Tensor:
+        """Nearest-neighbour 2x, or to `size` (the next skip's), which keeps odd latent sizes working."""
+        if size is None:
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        else:
+            x = F.interpolate(x, size=tuple(size), mode="nearest")
+        return self.conv(x)
+
+
+class UNetBlock(nn.ModuleList):
+    """One entry of input_blocks/middle_block/output_blocks; each layer gets the inputs it needs."""
+
+    def forward(self, x, emb, context, skip_size=None):
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            elif isinstance(layer, Upsample):
+                x = layer(x, skip_size)
+            else:
+                x = layer(x)
+        return x
+
+
+class UNetModel(nn.Module):
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        self.time_embed = nn.Sequential(
+            nn.Linear(c.model_channels, c.embed_dim), nn.SiLU(), nn.Linear(c.embed_dim, c.embed_dim)
+        )
+        self.input_blocks = nn.ModuleList([UNetBlock([nn.Conv2d(c.in_channels, c.model_channels, 3, padding=1)])])
+        skip_channels = [c.model_channels]
+        ch = c.model_channels
+        last_level = len(c.channel_mult) - 1
+        for level, width in enumerate(c.level_channels):
+            for _ in range(c.num_res_blocks):
+                layers = [ResBlock(ch, c.embed_dim, width)]
+                ch = width
+                if level in c.attention_levels:
+                    layers.append(SpatialTransformer(ch, c))
+                self.input_blocks.append(UNetBlock(layers))
+                skip_channels.append(ch)
+            if level != last_level:
+                self.input_blocks.append(UNetBlock([Downsample(ch)]))
+                skip_channels.append(ch)
+
+        self.middle_block = UNetBlock(
+            [ResBlock(ch, c.embed_dim, ch), SpatialTransformer(ch, c), ResBlock(ch, c.embed_dim, ch)]
+        )
+
+        self.output_blocks = nn.ModuleList()
+        for level, width in reversed(list(enumerate(c.level_channels))):
+            for i in range(c.num_res_blocks + 1):
+                layers = [ResBlock(ch + skip_channels.pop(), c.embed_dim, width)]
+                ch = width
+                if level in c.attention_levels:
+                    layers.append(SpatialTransformer(ch, c))
+                if level != 0 and i == c.num_res_blocks:
+                    layers.append(Upsample(ch))
+                self.output_blocks.append(UNetBlock(layers))
+
+        self.out = nn.Sequential(
+            nn.GroupNorm(GROUPS, ch), nn.SiLU(), nn.Conv2d(c.model_channels, c.out_channels, 3, padding=1)
+        )
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """Predict the noise in latents x [B, C, H, W] at timesteps [B] (float, 0..999) given context [B, T, D].
+
+        Works for any H, W (upsampling matches each skip's size). Computes in x's dtype on x's device.
+        """
+        timesteps = torch.as_tensor(timesteps, device=x.device).reshape(-1).expand(x.shape[0])
+        emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(x.dtype))
+        context = context.to(x.dtype)
+        skips = []
+        h = x
+        for block in self.input_blocks:
+            h = block(h, emb, context)
+            skips.append(h)
+        h = self.middle_block(h, emb, context)
+        for block in self.output_blocks:
+            h = torch.cat([h, skips.pop()], dim=1)
+            h = block(h, emb, context, skips[-1].shape[-2:] if skips else None)
+        return self.out(h)
+
+
+def _shape(state_dict: Mapping[str, torch.Tensor], key: str) -> tuple[int, ...]:
+    if key not in state_dict:
+        raise ValueError(f"UNet weights lack '{key}', which is needed to read the architecture")
+    return tuple(state_dict[key].shape)
+
+
+def _block_ids(state_dict: Mapping[str, torch.Tensor], group: str) -> list[int]:
+    pattern = re.compile(rf"{group}\.(\d+)\.")
+    return sorted({int(m.group(1)) for k in state_dict if (m := pattern.match(k))})
+
+
+def _transformer_depth(state_dict: Mapping[str, torch.Tensor], prefix: str) -> int:
+    inside = {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}
+    return len(_block_ids(inside, "transformer_blocks"))
+
+
+def _single(values: list, what: str):
+    distinct = sorted(set(values))
+    if len(distinct) != 1:
+        raise ValueError(f"UNet has varying {what} {distinct}; only a uniform value is supported")
+    return distinct[0]
+
+
+def unet_config_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> UNetConfig:
+    """Read a UNetConfig from the shapes of UNet weights (keys without `model.diffusion_model.`).
+
+    Only shapes are looked at, so meta tensors do. Heads cannot be seen in shapes: like ComfyUI, a 1024-wide
+    context (SD2's OpenCLIP) means 64-wide heads, anything else SD1's 8 heads.
+    """
+    model_channels, in_channels = _shape(state_dict, "input_blocks.0.0.weight")[:2]
+    out_channels = _shape(state_dict, "out.2.weight")[0]
+
+    levels: list[list[tuple[int, int]]] = [[]]  # per level: (output width, transformer depth) per res block
+    for n in _block_ids(state_dict, "input_blocks")[1:]:
+        if f"input_blocks.{n}.0.op.weight" in state_dict:
+            levels.append([])
+            continue
+        width = _shape(state_dict, f"input_blocks.{n}.0.in_layers.2.weight")[0]
+        levels[-1].append((width, _transformer_depth(state_dict, f"input_blocks.{n}.1.")))
+    if any(not level for level in levels):
+        raise ValueError("UNet weights have a level without res blocks (input_blocks are incomplete)")
+
+    channel_mult = []
+    for i, level in enumerate(levels):
+        width = _single([w for w, _ in level], f"widths within level {i}")
+        if width % model_channels:
+            raise ValueError(f"UNet level {i} width {width} is not a multiple of model_channels {model_channels}")
+        channel_mult.append(width // model_channels)
+    depths = [d for level in levels for _, d in level]
+    attention_levels = tuple(i for i, level in enumerate(levels) if _single([d for _, d in level], "depths") > 0)
+    middle_depth = _transformer_depth(state_dict, "middle_block.1.")
+    if middle_depth == 0:
+        raise ValueError("UNet weights lack 'middle_block.1.transformer_blocks.*' (no mid-block transformer)")
+    transformer_depth = _single([d for d in depths if d > 0] + [middle_depth], "transformer depths")
+
+    context_dim = _shape(state_dict, "middle_block.1.transformer_blocks.0.attn2.to_k.weight")[1]
+    linear_projection = len(_shape(state_dict, "middle_block.1.proj_in.weight")) == 2
+    heads = {"num_heads": None, "head_dim": 64} if context_dim == 1024 else {"num_heads": 8, "head_dim": None}
+    return UNetConfig(
+        in_channels=in_channels,
+        out_channels=out_channels,
+        model_channels=model_channels,
+        channel_mult=tuple(channel_mult),
+        num_res_blocks=_single([len(level) for level in levels], "res blocks per level"),
+        attention_levels=attention_levels,
+        transformer_depth=transformer_depth,
+        context_dim=context_dim,
+        linear_projection=linear_projection,
+        **heads,
+    )
+
+
+def build_unet(state_dict: Mapping[str, torch.Tensor]) -> UNetModel:
+    """A UNetModel holding exactly these tensors (no copy; dtype and device as given), in eval mode."""
+    with torch.device("meta"):
+        model = UNetModel(unet_config_from_state_dict(state_dict))
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    return model.eval().requires_grad_(False)

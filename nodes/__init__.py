@@ -1,0 +1,56 @@
+"""The Stable Diffusion node set and the application's registry.
+
+Node modules here import torch only inside node functions, so validating a graph or listing nodes never
+loads torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from engine import NodeRegistry
+from engine.discovery import load_packs, register_module
+
+NODE_MODULES: tuple[str, ...] = ("nodes.loaders", "nodes.conditioning", "nodes.latent", "nodes.sampling",
+                                 "nodes.image", "nodes.image_io", "nodes.mask")
+
+DATA_TYPES = {
+    "MODEL": "a diffusion model (UNet) ready to sample",
+    "CLIP": "a text encoder with its tokenizer",
+    "VAE": "an image autoencoder (pixels <-> latents)",
+    "CONDITIONING": "encoded prompts that steer sampling",
+    "LATENT": "latent images (unscaled, [B,4,H/8,W/8]), with an optional noise mask",
+    "IMAGE": "images as a float tensor [B,H,W,C] in 0..1",
+    "MASK": "masks as a float tensor [B,H,W] in 0..1 (1 = selected)",
+}
+
+
+def _adapt_latent(value: Any) -> Any:
+    from diffusion.latent import Latent
+    return Latent.from_value(value)
+
+
+def _adapt_conditioning(value: Any) -> Any:
+    from diffusion.latent import Conditioning
+    return Conditioning.from_value(value)
+
+
+ADAPTERS = {"LATENT": _adapt_latent, "CONDITIONING": _adapt_conditioning}
+
+
+def register_types(registry: NodeRegistry) -> None:
+    for name, description in DATA_TYPES.items():
+        registry.register_type(name, description=description, adapt=ADAPTERS.get(name), source=__name__)
+
+
+def build_registry(*, pack_dirs: Iterable[str | Path] = (), entry_points: bool = True) -> NodeRegistry:
+    """Types, the built-in nodes, then custom node packs (a broken pack is listed in `load_errors`)."""
+    registry = NodeRegistry()
+    register_types(registry)
+    for module_name in NODE_MODULES:
+        register_module(registry, importlib.import_module(module_name), pack="sdgraph")
+    load_packs(registry, [Path(d) for d in pack_dirs], entry_points=entry_points)
+    return registry

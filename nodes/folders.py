@@ -1,0 +1,111 @@
+"""The folders ComfyUI users know (models/checkpoints, models/vae, input/, output/, ...), with safe path joins.
+
+Every path a user or client supplies must stay inside its root: no absolute paths, no `..`, no NUL. For
+input/, output/ and temp/, symlinks are followed and must not lead out either, unless the folders are
+`trusted` (the CLI, run by the machine's own user, trusts them: ComfyUI users link inputs in from elsewhere).
+Model folders always admit symlinked files (linking model files in is common practice; the name is still
+checked and must be one the folder lists).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+MODEL_KINDS = ("checkpoints", "vae", "loras", "embeddings")
+MODEL_EXTENSIONS = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+class UnsafePathError(ValueError):
+    """A supplied name would leave its folder (../, an absolute path, a NUL, a symlink pointing out)."""
+
+
+def resolve_inside(root: Path, name: str, *, what: str = "file", follow_links: bool = True) -> Path:
+    """`root/name`, refusing names that leave `root`. With `follow_links` (the default) symlinks are resolved and
+    must stay inside too; without, the name is checked as written and a symlinked file is admitted."""
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise UnsafePathError(f"{what} name {name!r} is empty or contains a NUL byte")
+    if os.path.isabs(name) or name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
+        raise UnsafePathError(f"{what} name {name!r} must be relative to {root}, not an absolute path")
+    relative = os.path.normpath(name.replace("\\", "/"))
+    if relative == ".." or relative.startswith("../"):
+        raise UnsafePathError(f"{what} name {name!r} points outside {root}; use a name inside that folder")
+    if not follow_links:
+        return root.absolute() / relative
+    base = root.resolve()
+    candidate = (base / relative).resolve()
+    if candidate != base and base not in candidate.parents:
+        raise UnsafePathError(f"{what} name {name!r} points outside {root}; use a name inside that folder")
+    return candidate
+
+
+@dataclass(frozen=True)
+class Folders:
+    """Where models, inputs and outputs live. `base` defaults to the working directory."""
+
+    base: Path
+    output_override: Path | None = None
+    trusted: bool = False  # admit symlinks in input/output/temp that lead elsewhere (local CLI use)
+
+    @classmethod
+    def at(cls, base: str | os.PathLike | None = None, *, output: str | os.PathLike | None = None,
+           trusted: bool = False) -> Folders:
+        return cls(Path(base or os.getcwd()).absolute(), Path(output).absolute() if output else None, trusted)
+
+    def models(self, kind: str) -> Path:
+        return self.base / "models" / kind
+
+    @property
+    def input(self) -> Path:
+        return self.base / "input"
+
+    @property
+    def output(self) -> Path:
+        return self.output_override or self.base / "output"
+
+    @property
+    def temp(self) -> Path:
+        return self.base / "temp"
+
+    def root(self, kind: str) -> Path:
+        """The folder for a ComfyUI `type` (output, input, temp)."""
+        roots = {"output": self.output, "input": self.input, "temp": self.temp}
+        if kind not in roots:
+            raise UnsafePathError(f"unknown folder type {kind!r}; use output, input or temp")
+        return roots[kind]
+
+    def list_models(self, kind: str) -> list[str]:
+        return _list_files(self.models(kind), MODEL_EXTENSIONS)
+
+    def list_inputs(self) -> list[str]:
+        return _list_files(self.input, IMAGE_EXTENSIONS)
+
+    def inside(self, kind: str, name: str, *, what: str = "file") -> Path:
+        """A path in the output, input or temp folder, checked by this folder set's symlink policy."""
+        return resolve_inside(self.root(kind), name, what=what, follow_links=not self.trusted)
+
+    def model_path(self, kind: str, name: str) -> Path:
+        path = resolve_inside(self.models(kind), name, what=f"{kind} model", follow_links=False)
+        if not path.is_file():
+            raise FileNotFoundError(f"model file {name!r} not found in {self.models(kind)}; put it there "
+                                    f"(available: {', '.join(self.list_models(kind)) or 'none'})")
+        return path
+
+    def input_path(self, name: str) -> Path:
+        path = self.inside("input", name, what="input image")
+        if not path.is_file():
+            raise FileNotFoundError(f"input file {name!r} not found in {self.input}; copy it there or upload it")
+        return path
+
+
+def _list_files(root: Path, extensions: tuple[str, ...]) -> list[str]:
+    if not root.is_dir():
+        return []
+    found = []
+    for dirpath, _dirnames, filenames in os.walk(root, followlinks=True):
+        for filename in filenames:
+            if filename.lower().endswith(extensions):
+                found.append(os.path.relpath(os.path.join(dirpath, filename), root).replace(os.sep, "/"))
+    return sorted(found)

@@ -1,0 +1,88 @@
+"""Image nodes: resize, invert, composite. IMAGE is a float tensor [B,H,W,C] in 0..1.
+
+Torch is imported inside the node functions (through nodes.imaging), so listing or validating never loads it.
+
+Where we differ from ComfyUI, on purpose (each case is one where ComfyUI fails or gives a wrong result):
+- ImageCompositeMasked takes negative x/y (the source hangs off the left/top edge and is clipped); ComfyUI
+  declares min 0 and its composite() breaks on negative offsets.
+- An RGB source composited onto an RGBA destination gets an opaque alpha; ComfyUI pads the destination instead
+  and fails.
+- ImageScaleBy never makes a side smaller than 1 pixel, and ImageScale's center crop never cuts everything away.
+"""
+
+from __future__ import annotations
+
+from engine import BOOLEAN, COMBO, FLOAT, INT, Input, Output, node
+
+MAX_RESOLUTION = 16384
+UPSCALE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic", "lanczos")
+CROP_METHODS = ("disabled", "center")
+
+_METHOD = Input("upscale_method", COMBO, options=UPSCALE_METHODS, default="nearest-exact",
+                tooltip="lanczos resizes 8-bit copies with Pillow; the others interpolate the floats with torch")
+
+
+@node("ImageScale", category="image/upscaling", display_name="Upscale Image",
+      inputs=[Input("image", "IMAGE"), _METHOD,
+              Input("width", INT, default=512, min=0, max=MAX_RESOLUTION, step=1,
+                    tooltip="0 keeps the aspect ratio from the height"),
+              Input("height", INT, default=512, min=0, max=MAX_RESOLUTION, step=1,
+                    tooltip="0 keeps the aspect ratio from the width"),
+              Input("crop", COMBO, options=CROP_METHODS, default="disabled",
+                    tooltip="center: cut the sides that do not fit the new aspect ratio before resizing")],
+      outputs=[Output("IMAGE", "IMAGE")])
+def image_scale(ctx, image, upscale_method, width, height, crop):
+    """Resize images to width x height (both 0: unchanged)."""
+    from . import imaging
+
+    if width == 0 and height == 0:
+        return image
+    image = imaging.image_batch(image)
+    width, height = imaging.scaled_size(width, height, image.shape[2], image.shape[1])
+    return imaging.upscale(image.movedim(-1, 1), width, height, upscale_method, crop).movedim(1, -1).contiguous()
+
+
+@node("ImageScaleBy", category="image/upscaling", display_name="Upscale Image By",
+      inputs=[Input("image", "IMAGE"), _METHOD,
+              Input("scale_by", FLOAT, default=1.0, min=0.01, max=8.0, step=0.01)],
+      outputs=[Output("IMAGE", "IMAGE")])
+def image_scale_by(ctx, image, upscale_method, scale_by):
+    """Resize images by a factor (each side rounded to whole pixels, at least one)."""
+    from . import imaging
+
+    image = imaging.image_batch(image)
+    width = max(1, round(image.shape[2] * scale_by))
+    height = max(1, round(image.shape[1] * scale_by))
+    return imaging.upscale(image.movedim(-1, 1), width, height, upscale_method).movedim(1, -1).contiguous()
+
+
+@node("ImageInvert", category="image", display_name="Invert Image",
+      inputs=[Input("image", "IMAGE")], outputs=[Output("IMAGE", "IMAGE")])
+def image_invert(ctx, image):
+    """1 - pixel, for every channel."""
+    return 1.0 - image
+
+
+@node("ImageCompositeMasked", category="image",
+      inputs=[Input("destination", "IMAGE"), Input("source", "IMAGE"),
+              Input("x", INT, default=0, min=-MAX_RESOLUTION, max=MAX_RESOLUTION, step=1,
+                    tooltip="left edge of the source on the destination; negative or past the edge is clipped"),
+              Input("y", INT, default=0, min=-MAX_RESOLUTION, max=MAX_RESOLUTION, step=1,
+                    tooltip="top edge of the source on the destination"),
+              Input("resize_source", BOOLEAN, default=False,
+                    tooltip="stretch the source (bilinear) to the destination's size first"),
+              Input("mask", "MASK", optional=True,
+                    tooltip="where the source shows (1) or the destination stays (0); stretched to the source's "
+                            "size")],
+      outputs=[Output("IMAGE", "IMAGE")])
+def image_composite_masked(ctx, destination, source, x, y, resize_source, mask=None):
+    """Paste `source` onto `destination` at (x, y), blended by `mask`, clipped at the destination's edges."""
+    from . import imaging
+
+    destination = imaging.image_batch(destination, "destination")
+    source = imaging.fit_channels(destination, imaging.image_batch(source, "source"))
+    out = imaging.composite(destination.movedim(-1, 1), source.movedim(-1, 1), x, y, mask, 1, resize_source)
+    return out.movedim(1, -1).contiguous()
+
+
+NODES = [image_scale, image_scale_by, image_invert, image_composite_masked]

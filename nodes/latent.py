@@ -1,0 +1,84 @@
+"""Latents: empty ones, pixels <-> latents through the VAE, noise masks for inpainting."""
+
+from __future__ import annotations
+
+from engine import INT, Input, Output, node
+
+MAX_RESOLUTION = 16384
+
+
+def multiple_of_8(**sizes: int) -> bool | str:
+    """Validation: sizes in pixels must be multiples of 8 (the VAE's factor), checked before anything runs."""
+    for name, value in sizes.items():
+        if value % 8:
+            low = value // 8 * 8
+            return f"{name} {value} is not a multiple of 8; use {low or 8} or {low + 8}"
+    return True
+
+
+def _check_empty_latent(width, height):
+    return multiple_of_8(width=width, height=height)
+
+
+@node("EmptyLatentImage", category="latent", display_name="Empty Latent Image",
+      description="A batch of zero latents: the start of txt2img.", validate=_check_empty_latent,
+      inputs=[Input("width", INT, default=512, min=16, max=MAX_RESOLUTION, step=8, tooltip="pixels, multiple of 8"),
+              Input("height", INT, default=512, min=16, max=MAX_RESOLUTION, step=8, tooltip="pixels, multiple of 8"),
+              Input("batch_size", INT, default=1, min=1, max=4096)],
+      outputs=[Output("LATENT", "LATENT")])
+def empty_latent_image(ctx, width, height, batch_size):
+    import torch
+
+    from diffusion.latent import Latent
+    return Latent(torch.zeros([batch_size, 4, height // 8, width // 8]))
+
+
+@node("VAEDecode", category="latent", display_name="VAE Decode", description="Latents to pixels.",
+      inputs=[Input("samples", "LATENT"), Input("vae", "VAE")], outputs=[Output("IMAGE", "IMAGE")])
+def vae_decode(ctx, samples, vae):
+    return vae.decode(samples.samples)
+
+
+@node("VAEEncode", category="latent", display_name="VAE Encode",
+      description="Pixels to latents (the image is centre-cropped to a multiple of 8).",
+      inputs=[Input("pixels", "IMAGE"), Input("vae", "VAE")], outputs=[Output("LATENT", "LATENT")])
+def vae_encode(ctx, pixels, vae):
+    from diffusion.latent import Latent
+    return Latent(vae.encode(pixels))
+
+
+@node("VAEEncodeForInpaint", category="latent/inpaint", display_name="VAE Encode (for Inpainting)",
+      description="Encode pixels with the masked area set to grey, and attach the (grown) mask as the noise mask. "
+                  "Meant for inpainting models; with ordinary models use VAEEncode + SetLatentNoiseMask.",
+      inputs=[Input("pixels", "IMAGE"), Input("vae", "VAE"), Input("mask", "MASK"),
+              Input("grow_mask_by", INT, default=6, min=0, max=64, step=1)],
+      outputs=[Output("LATENT", "LATENT")])
+def vae_encode_for_inpaint(ctx, pixels, vae, mask, grow_mask_by):
+    import torch
+    import torch.nn.functional as F
+
+    from diffusion.components import crop_to_multiple
+    from diffusion.latent import Latent
+
+    factor = vae.downscale
+    height, width = pixels.shape[1], pixels.shape[2]
+    mask = F.interpolate(mask.reshape(-1, 1, mask.shape[-2], mask.shape[-1]).float(), size=(height, width),
+                         mode="bilinear")
+    pixels = crop_to_multiple(pixels[..., :3], factor)
+    mask = crop_to_multiple(mask.movedim(1, -1), factor).movedim(-1, 1)
+    kernel = torch.ones((1, 1, grow_mask_by * 2 + 1, grow_mask_by * 2 + 1))
+    grown = torch.clamp(F.conv2d(mask.round(), kernel, padding=grow_mask_by), 0, 1).round()
+    keep = (1.0 - mask.round()).movedim(1, -1)
+    pixels = (pixels - 0.5) * keep + 0.5
+    return Latent(vae.encode(pixels), noise_mask=grown)
+
+
+@node("SetLatentNoiseMask", category="latent/inpaint", display_name="Set Latent Noise Mask",
+      description="Attach a mask to latents: sampling then repaints only where the mask is 1 and keeps every "
+                  "other latent value exactly (training-free inpainting).",
+      inputs=[Input("samples", "LATENT"), Input("mask", "MASK")], outputs=[Output("LATENT", "LATENT")])
+def set_latent_noise_mask(ctx, samples, mask):
+    return samples.replace(noise_mask=mask.reshape(-1, 1, mask.shape[-2], mask.shape[-1]).float())
+
+
+NODES = [empty_latent_image, vae_decode, vae_encode, vae_encode_for_inpaint, set_latent_noise_mask]

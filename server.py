@@ -1,0 +1,413 @@
+"""`sdgraph serve`: the ComfyUI-compatible HTTP + WebSocket server (routes here; the substance is in service/).
+
+Exit codes: 0 after a clean stop (SIGTERM/SIGINT); 2 when it cannot start (a non-loopback address without a
+token, a database another server holds, a bad flag).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+from aiohttp import web
+
+from engine.schema import node_info, object_info
+from service import openapi, security, system, uploads
+from service.bodies import FreeRequest, HistoryRequest, InterruptRequest, PromptRequest, QueueRequest
+from service.config import MIB, Limits, ServerConfig
+from service.core import Service
+from service.messages import status_text, ws_text
+from service.queue import DatabaseInUse
+from service.routing import Param, RequestError, RouteTable, json_errors, json_response, query_int, raw_json
+
+SERVICE = web.AppKey("service", Service)
+ROUTES = web.AppKey("routes", RouteTable)
+log = logging.getLogger("sdgraph.server")
+
+
+def _svc(request: web.Request) -> Service:
+    return request.app[SERVICE]
+
+
+# -- prompts and queue ----------------------------------------------------------------------------------------
+async def post_prompt(request: web.Request, body: PromptRequest) -> web.Response:
+    status, answer = await _svc(request).submit(body)
+    return json_response(answer, status=status)
+
+
+async def get_prompt(request: web.Request) -> web.Response:
+    svc = _svc(request)
+    return json_response({"exec_info": {"queue_remaining": await svc.db(svc.store.remaining)}})
+
+
+async def get_queue(request: web.Request) -> web.Response:
+    svc = _svc(request)
+    return raw_json(await svc.db(svc.store.queue_json))
+
+
+async def post_queue(request: web.Request, body: QueueRequest) -> web.Response:
+    return json_response({"removed": await _svc(request).change_queue(clear=body.clear, delete=body.delete)})
+
+
+async def post_interrupt(request: web.Request, body: InterruptRequest) -> web.Response:
+    return json_response({"interrupted": _svc(request).worker.interrupt(body.prompt_id)})
+
+
+# -- history ----------------------------------------------------------------------------------------------------
+async def get_history(request: web.Request) -> web.Response:
+    svc = _svc(request)
+    max_items, offset = query_int(request, "max_items"), query_int(request, "offset", minimum=-1)
+    return raw_json(await svc.db(svc.store.history_json, max_items=max_items, offset=offset))
+
+
+async def get_history_item(request: web.Request) -> web.Response:
+    svc, prompt_id = _svc(request), request.match_info["prompt_id"]
+    entry = await svc.db(svc.store.history_entry_json, prompt_id)
+    return raw_json("{}" if entry is None else f"{{{_quote(prompt_id)}:{entry}}}")
+
+
+async def get_history_item_v1(request: web.Request) -> web.Response:
+    svc, prompt_id = _svc(request), request.match_info["prompt_id"]
+    entry = await svc.db(svc.store.history_entry_json, prompt_id)
+    if entry is None:
+        raise RequestError(404, "not_found", f"prompt {prompt_id[:128]!r} has not finished (or was never queued, "
+                           "or was removed from the history); GET /v1/prompts/{id} says where it is")
+    return raw_json(f"{{{_quote(prompt_id)}:{entry}}}")
+
+
+async def post_history(request: web.Request, body: HistoryRequest) -> web.Response:
+    return json_response({"removed": await _svc(request).change_history(clear=body.clear, delete=body.delete)})
+
+
+async def get_prompt_state(request: web.Request) -> web.Response:
+    prompt_id = request.match_info["prompt_id"]
+    described = await _svc(request).describe(prompt_id)
+    if described is None:
+        raise RequestError(404, "not_found", f"no prompt {prompt_id[:128]!r} is queued, running or in the history")
+    return json_response(described)
+
+
+# -- nodes, models, system ------------------------------------------------------------------------------------
+async def get_object_info(request: web.Request) -> web.Response:
+    svc = _svc(request)
+    info = await asyncio.to_thread(object_info, svc.registry, svc.runtime)
+    return json_response(info, headers={"X-Sdgraph-Load-Errors": str(len(svc.registry.load_errors))})
+
+
+async def get_object_info_node(request: web.Request) -> web.Response:
+    svc, name = _svc(request), request.match_info["node_class"]
+    definition = svc.registry.get(name)
+    if definition is None:
+        return json_response({})
+    return json_response({name: await asyncio.to_thread(node_info, definition, svc.runtime)})
+
+
+async def get_load_errors(request: web.Request) -> web.Response:
+    return json_response([problem.as_dict() for problem in _svc(request).registry.load_errors])
+
+
+async def get_models(request: web.Request) -> web.Response:
+    return json_response(system.model_folders())
+
+
+async def get_models_in(request: web.Request) -> web.Response:
+    folder = request.match_info["folder"]
+    found = await asyncio.to_thread(system.models_in, _svc(request).folders, folder)
+    if found is None:
+        raise RequestError(404, "not_found", f"there is no model folder {folder[:60]!r}; GET /models lists them")
+    return json_response(found)
+
+
+async def get_embeddings(request: web.Request) -> web.Response:
+    return json_response(await asyncio.to_thread(system.embeddings, _svc(request).folders))
+
+
+async def get_system_stats(request: web.Request) -> web.Response:
+    return json_response(await asyncio.to_thread(system.system_stats, _svc(request).config))
+
+
+async def get_features(request: web.Request) -> web.Response:
+    return json_response(system.features(_svc(request).config))
+
+
+async def post_free(request: web.Request, body: FreeRequest) -> web.Response:
+    _svc(request).worker.request_free(unload_models=body.unload_models, free_memory=body.free_memory)
+    return json_response({"unload_models": body.unload_models, "free_memory": body.free_memory})
+
+
+async def get_openapi(request: web.Request) -> web.Response:
+    svc = _svc(request)
+    return json_response(openapi.build(request.app[ROUTES].routes, version=system.version(),
+                                       token=svc.config.token is not None))
+
+
+async def get_root(request: web.Request) -> web.Response:
+    return json_response({"name": "sdgraph", "version": system.version(), "openapi": "/openapi.json",
+                          "websocket": "/ws?clientId=ID"})
+
+
+# -- files -----------------------------------------------------------------------------------------------------
+async def get_view(request: web.Request) -> web.StreamResponse:
+    svc, query = _svc(request), request.query
+    if "filename" not in query:
+        raise RequestError(400, "invalid_query", "/view needs ?filename=NAME (and subfolder, type if not output)")
+    path = await asyncio.to_thread(uploads.resolve_view, svc.folders, query["filename"], query.get("subfolder", ""),
+                                   query.get("type", "output"))
+    channel, preview = query.get("channel") or None, query.get("preview") or None
+    if preview is None and channel in (None, "rgba"):
+        return web.FileResponse(path, headers=uploads.file_headers(path))
+    data, content_type = await asyncio.to_thread(uploads.view_variant, path, channel=channel, preview=preview,
+                                                 max_pixels=svc.limits.max_image_pixels)
+    headers = uploads.file_headers(path)
+    headers["Content-Type"] = content_type
+    return web.Response(body=data, headers=headers)
+
+
+async def post_upload_image(request: web.Request) -> web.Response:
+    svc = _svc(request)
+    form = await uploads.read_form(request, max_file_bytes=svc.limits.max_upload_bytes)
+    await asyncio.to_thread(uploads.open_image, form.data, svc.limits.max_image_pixels)
+    return json_response(await asyncio.to_thread(_store, svc, form, form.data))
+
+
+async def post_upload_mask(request: web.Request) -> web.Response:
+    svc = _svc(request)
+    form = await uploads.read_form(request, max_file_bytes=svc.limits.max_upload_bytes)
+    if "original_ref" not in form.fields:
+        raise RequestError(400, "invalid_form", "a mask upload needs the field original_ref (JSON naming the image "
+                           "the mask belongs to)")
+    data = await asyncio.to_thread(uploads.apply_mask, svc.folders, form.fields["original_ref"], form.data,
+                                   svc.limits.max_image_pixels)
+    return json_response(await asyncio.to_thread(_store, svc, form, data))
+
+
+def _store(svc: Service, form: uploads.UploadForm, data: bytes) -> dict[str, str]:
+    return uploads.store_upload(svc.folders, data, filename=form.filename, subfolder=form.fields.get("subfolder", ""),
+                                kind=form.fields.get("type") or "input",
+                                overwrite=form.fields.get("overwrite", "").lower() in ("true", "1"))
+
+
+# -- websocket -----------------------------------------------------------------------------------------------
+async def get_ws(request: web.Request) -> web.StreamResponse:
+    svc = _svc(request)
+    client_id = request.query.get("clientId") or uuid.uuid4().hex
+    if len(client_id) > 128 or not client_id.isprintable():
+        raise RequestError(400, "invalid_query", "clientId must be printable and at most 128 characters")
+    if svc.hub.count >= svc.limits.max_ws_clients:
+        raise RequestError(503, "too_many_clients", f"{svc.hub.count} websocket clients are connected, the most "
+                           "this server takes (--max-ws-clients); retry later")
+    ws = web.WebSocketResponse(heartbeat=30, max_msg_size=64 << 10)
+    await ws.prepare(request)
+    transport = request.transport
+    conn = svc.hub.attach(client_id, ws, abort=lambda: transport.abort() if transport is not None else None)
+    try:
+        conn.outbox.put_nowait(status_text(await svc.db(svc.store.remaining), sid=client_id))
+        running = svc.worker.running()
+        if running is not None and running[1] == client_id and running[2] is not None:
+            conn.outbox.put_nowait(ws_text("executing", {"node": running[2], "display_node": running[2],
+                                                         "prompt_id": running[0]}))
+        async for _message in ws:  # clients may send messages (feature flags); nothing here needs them
+            pass
+    finally:
+        svc.hub.detach(conn)
+    return ws
+
+
+def route_table() -> RouteTable:
+    table = RouteTable(body_limit=lambda request: request.app[SERVICE].limits.max_body_bytes)
+    r = table.route
+    bad = {400: "invalid request (error names the field)"}
+    r("GET", "/", summary="what this server is", tag="system")(get_root)
+    r("GET", "/ws", summary="websocket: status and the events of this client's prompts", tag="events",
+      query=(Param("clientId", description="the client_id you queue prompts with"),
+             Param("token", description="the token, when the server needs one")),
+      responses={101: "switching protocols"})(get_ws)
+    r("POST", "/prompt", summary="validate and queue a prompt", tag="prompts", body=PromptRequest,
+      responses={200: "queued: {prompt_id, number, node_errors}", 400: "invalid: {error, node_errors}",
+                 409: "prompt_id already used", 413: "body too large", 429: "queue full", 503: "shutting down"},
+      error_extra={"node_errors": {}})(post_prompt)
+    r("GET", "/prompt", summary="queue length: {exec_info: {queue_remaining}}", tag="prompts")(get_prompt)
+    r("GET", "/queue", summary="running and pending prompts", tag="prompts")(get_queue)
+    r("POST", "/queue", summary="remove pending prompts", tag="prompts", body=QueueRequest, responses=bad)(post_queue)
+    r("POST", "/interrupt", summary="stop the running prompt (only that one, given its id)", tag="prompts",
+      body=InterruptRequest)(post_interrupt)
+    r("GET", "/history", summary="finished prompts, oldest first", tag="history",
+      query=(Param("max_items", "integer", "at most this many (the newest, unless offset is given)"),
+             Param("offset", "integer", "skip this many of the oldest")), responses=bad)(get_history)
+    r("GET", "/history/{prompt_id}", summary="one finished prompt ({} when unknown, as ComfyUI)",
+      tag="history")(get_history_item)
+    r("POST", "/history", summary="forget finished prompts", tag="history", body=HistoryRequest)(post_history)
+    r("GET", "/v1/history/{prompt_id}", summary="one finished prompt (404 when unknown)", tag="history",
+      responses={200: "OK", 404: "not finished or unknown"})(get_history_item_v1)
+    r("GET", "/v1/prompts/{prompt_id}", summary="where a prompt is: pending, running, success, failed, "
+      "interrupted; attempts", tag="prompts", responses={200: "OK", 404: "unknown"})(get_prompt_state)
+    r("GET", "/object_info", summary="every node type", tag="nodes")(get_object_info)
+    r("GET", "/object_info/{node_class}", summary="one node type ({} when unknown)", tag="nodes")(
+        get_object_info_node)
+    r("GET", "/v1/node_load_errors", summary="node packs that failed to load", tag="nodes")(get_load_errors)
+    r("GET", "/view", summary="an output, input or temp file", tag="files",
+      query=(Param("filename", required=True), Param("subfolder"), Param("type", description="output, input, temp"),
+             Param("channel", description="rgba, rgb or a"), Param("preview", description="webp;90 or jpeg;90")),
+      responses={200: "the file", 400: "unsafe or invalid name", 404: "no such file"})(get_view)
+    form = {"image": "the image file", "subfolder": "folder inside the type's folder", "type": "input or temp",
+            "overwrite": "true to replace a file of the same name"}
+    r("POST", "/upload/image", summary="upload an image", tag="files", form=form,
+      responses={200: "{name, subfolder, type}", 400: "not an image, unsafe name", 413: "too large"})(
+        post_upload_image)
+    r("POST", "/upload/mask", summary="upload a mask: its alpha applied to original_ref's image", tag="files",
+      form={**form, "original_ref": "JSON {filename, subfolder, type} of the masked image"},
+      responses={200: "{name, subfolder, type}", 400: "invalid", 404: "original not found"})(post_upload_mask)
+    r("GET", "/system_stats", summary="memory, versions, devices", tag="system")(get_system_stats)
+    r("POST", "/free", summary="unload models / free memory (between prompts)", tag="system",
+      body=FreeRequest)(post_free)
+    r("GET", "/models", summary="model folder names", tag="models")(get_models)
+    r("GET", "/models/{folder}", summary="model files in a folder", tag="models",
+      responses={200: "OK", 404: "unknown folder"})(get_models_in)
+    r("GET", "/embeddings", summary="textual inversion embeddings", tag="models")(get_embeddings)
+    r("GET", "/features", summary="what this server supports and its limits", tag="system")(get_features)
+    r("GET", "/openapi.json", summary="this document", tag="system")(get_openapi)
+    return table
+
+
+def create_app(service: Service) -> web.Application:
+    config = service.config
+    guard = security.Guard(listen=config.listen, token=config.token, allowed_hosts=config.allowed_hosts,
+                           allowed_origins=config.allowed_origins)
+    limit = max(config.limits.max_body_bytes, config.limits.max_upload_bytes) + MIB
+    app = web.Application(middlewares=[json_errors, security.middleware(guard)], client_max_size=limit)
+    app[SERVICE] = service
+    app[ROUTES] = table = route_table()
+    table.install(app)
+    return app
+
+
+def _quote(text: str) -> str:
+    from service.queue import json_text
+    return json_text(text)
+
+
+# -- command line -----------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sdgraph serve", description="Serve the ComfyUI-compatible HTTP + WebSocket "
+                                "API. Binds 127.0.0.1 unless told otherwise; other addresses need a token.")
+    d = Limits()
+    p.add_argument("--listen", nargs="?", const="0.0.0.0", default="127.0.0.1", metavar="ADDR",
+                   help="address(es) to listen on, comma-separated (default 127.0.0.1; without a value: 0.0.0.0)")
+    p.add_argument("--port", type=int, default=8188, help="port (default 8188; 0 picks a free one)")
+    p.add_argument("--token", default=os.environ.get(security.TOKEN_ENV), help="require this token on every "
+                   f"route (default: ${security.TOKEN_ENV}); needed for any non-loopback address")
+    p.add_argument("--allowed-origins", action="append", default=[], metavar="ORIGIN",
+                   help="a browser origin (e.g. http://localhost:5173) allowed to queue prompts; repeatable")
+    p.add_argument("--allowed-hosts", action="append", default=[], metavar="NAME",
+                   help="a Host name clients may use besides loopback and the listen addresses; repeatable")
+    p.add_argument("--base-dir", default=None, help="folder with models/, input/, output/, custom_nodes/, user/ "
+                   "(default: the working directory)")
+    p.add_argument("--nodes-dir", action="append", default=[], metavar="DIR", help="also load node packs from DIR")
+    p.add_argument("--database", default=None, metavar="PATH", help="the queue and history (default: "
+                   "BASE/user/sdgraph.sqlite3)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: best available)")
+    p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--unsafe-load-pickle", action="store_true", help="allow .ckpt/.pt model files")
+    p.add_argument("--max-queue", type=int, default=d.max_queue, help="pending prompts before 429")
+    p.add_argument("--max-history", type=int, default=d.max_history, help="finished prompts kept")
+    p.add_argument("--max-attempts", type=int, default=d.max_attempts,
+                   help="starts of a prompt that keeps crashing the server before it is marked failed")
+    p.add_argument("--max-upload-size", type=float, default=d.max_upload_bytes / MIB, metavar="MB")
+    p.add_argument("--max-body-mb", type=float, default=d.max_body_bytes / MIB, metavar="MB")
+    p.add_argument("--max-nodes", type=int, default=d.max_nodes)
+    p.add_argument("--max-pixels", type=int, default=d.max_pixels, help="width x height x batch_size budget")
+    p.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels, help="uploaded/viewed image budget")
+    p.add_argument("--max-ws-clients", type=int, default=d.max_ws_clients)
+    p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S", help="on SIGTERM, how long the "
+                   "running prompt may take to finish before it is stopped and put back in the queue")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    base = Path(args.base_dir or os.getcwd()).absolute()
+    limits = Limits(max_queue=args.max_queue, max_history=args.max_history, max_attempts=args.max_attempts,
+                    max_body_bytes=int(args.max_body_mb * MIB), max_nodes=args.max_nodes,
+                    max_upload_bytes=int(args.max_upload_size * MIB), max_image_pixels=args.max_image_pixels,
+                    max_pixels=args.max_pixels, max_ws_clients=args.max_ws_clients)
+    for name, value in vars(args).items():
+        if name.startswith("max_") and value <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    return ServerConfig(
+        base_dir=base, database=Path(args.database).absolute() if args.database else base / "user" / "sdgraph.sqlite3",
+        listen=tuple(h.strip() for h in args.listen.split(",") if h.strip()) or ("127.0.0.1",), port=args.port,
+        token=args.token or None, allowed_origins=frozenset(_split(args.allowed_origins)),
+        allowed_hosts=frozenset(_split(args.allowed_hosts)), nodes_dirs=tuple(Path(p) for p in args.nodes_dir),
+        device=args.device, dtype=args.dtype, allow_pickle=args.unsafe_load_pickle,
+        shutdown_timeout=args.shutdown_timeout, limits=limits)
+
+
+def _split(values: list[str]) -> list[str]:
+    return [part.strip() for value in values for part in value.split(",") if part.strip()]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    problem = security.bind_problem(config.listen, config.token)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(serve(config))
+    except (DatabaseInUse, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+async def serve(config: ServerConfig) -> int:
+    """Run until SIGTERM or SIGINT; then stop taking prompts, let the running one finish (or requeue it), close."""
+    service = await asyncio.to_thread(Service.open, config)
+    loop = asyncio.get_running_loop()
+    service.start(loop)
+    runner = web.AppRunner(create_app(service), access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        for host in config.listen:
+            sock = socket.create_server((host, config.port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+            await web.SockSite(runner, sock, shutdown_timeout=5).start()
+            shown = f"[{host}]" if ":" in host else host
+            print(f"sdgraph server listening on http://{shown}:{sock.getsockname()[1]}", flush=True)
+    except OSError:
+        await runner.cleanup()
+        await service.stop()
+        raise
+    stop = asyncio.Event()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():  # a second signal: stop the running prompt now
+            service.worker.stop_now()
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    await stop.wait()
+    log.info("stopping: no new prompts; waiting up to %.0f s for the running one", config.shutdown_timeout)
+    service.accepting = False
+    await service.stop(close_store=False)
+    await runner.cleanup()
+    service.store.close()
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

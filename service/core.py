@@ -1,0 +1,173 @@
+"""The service behind the routes: one registry, one Executor (and its cache), one queue store, one worker.
+
+`Service.open(config)` builds them and recovers what a previous process left running; `start(loop)` starts the
+worker; `stop()` stops taking work, lets the running prompt finish (or puts it back in the queue) and closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from engine import Executor, NodeRegistry, ValidationError, validate
+from engine.graph import Graph, Link
+from nodes import build_registry
+from nodes.folders import Folders
+from nodes.runtime import Runtime
+
+from .bodies import PromptRequest
+from .config import ServerConfig
+from .hub import Hub
+from .messages import error_body, status_text, validation_failure
+from .queue import QueueStore, StoreError, number_json
+from .worker import Worker, recover
+
+log = logging.getLogger("sdgraph.server")
+T = TypeVar("T")
+
+
+class Service:
+    def __init__(self, config: ServerConfig, *, registry: NodeRegistry, runtime: Any, store: QueueStore):
+        self.config = config
+        self.limits = config.limits
+        self.registry = registry
+        self.runtime = runtime
+        self.folders: Folders = runtime.folders
+        self.executor = Executor(registry, resources=runtime)
+        self.store = store
+        self.accepting = True
+        self.hub: Hub | None = None
+        self.worker: Worker | None = None
+
+    @classmethod
+    def open(cls, config: ServerConfig) -> Service:
+        folders = Folders.at(config.base_dir)
+        registry = build_registry(pack_dirs=config.pack_dirs)
+        for problem in registry.load_errors:
+            log.warning("node pack %s failed to load (%s): %s", problem.pack, problem.file, problem.reason)
+        runtime = Runtime(folders, device=config.device, dtype=config.dtype, allow_pickle=config.allow_pickle)
+        store = QueueStore(config.database, max_history=config.limits.max_history)
+        retried, failed = recover(store, config.limits.max_attempts)
+        for prompt_id in retried:
+            log.warning("prompt %s was running when the server stopped; it runs again", prompt_id)
+        for prompt_id in failed:
+            log.error("prompt %s crashed the server %d times; marked failed", prompt_id, config.limits.max_attempts)
+        return cls(config, registry=registry, runtime=runtime, store=store)
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.hub = Hub(loop, outbox_size=self.limits.ws_outbox, max_clients=self.limits.max_ws_clients)
+        self.worker = Worker(store=self.store, executor=self.executor, registry=self.registry, hub=self.hub,
+                             on_queue_change=self.status_changed)
+        self.worker.start()
+
+    async def stop(self, *, close_store: bool = True) -> None:
+        self.accepting = False
+        if self.worker is not None:
+            finished = await asyncio.to_thread(self.worker.stop, self.config.shutdown_timeout)
+            if not finished:
+                log.error("a node ignored cancellation; its prompt is back in the queue")
+        if self.hub is not None:
+            await self.hub.close_all()
+        if close_store:
+            self.store.close()
+
+    async def db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a store call off the event loop (a commit waits for fsync)."""
+        return await asyncio.to_thread(fn, *args, **kwargs)
+
+    def status_changed(self) -> None:
+        """Tell every websocket client the queue length (from any thread)."""
+        if self.hub is not None:
+            self.hub.publish_all(status_text(self.store.remaining()))
+
+    # -- POST /prompt ---------------------------------------------------------------------------------------
+    async def submit(self, body: PromptRequest) -> tuple[int, dict[str, Any]]:
+        """Validate, then queue: (status, ComfyUI's answer). Nothing is queued unless every check passes."""
+        if not self.accepting:
+            return 503, error_body("shutting_down", "the server is shutting down and takes no new prompts; "
+                                   "queue it again once it is back", node_errors={})
+        prompt = body.prompt
+        if len(prompt) > self.limits.max_nodes:
+            return 400, error_body("prompt_too_large", f"the prompt has {len(prompt)} nodes; this server takes at "
+                                   f"most {self.limits.max_nodes} (--max-nodes)", node_errors={})
+        targets = body.partial_execution_targets
+        try:
+            result = await asyncio.to_thread(validate, prompt, self.registry, targets=targets, resources=self.runtime)
+        except (Exception, RecursionError) as exc:  # a bug in a check must not become a 500 or reach the worker
+            log.exception("validating a prompt raised")
+            return 400, error_body("exception_during_validation", f"checking the prompt failed with "
+                                   f"{type(exc).__name__}: {exc}", node_errors={})
+        errors = list(result.errors) or pixel_budget_errors(result.graph, self.limits.max_pixels)
+        if errors:
+            return 400, validation_failure(errors, prompt, targets or self._output_nodes(prompt))
+        extra_data = dict(body.extra_data)
+        if body.client_id:
+            extra_data["client_id"] = body.client_id
+        prompt_id = body.prompt_id or str(uuid.uuid4())
+        try:
+            number = await self.db(self.store.put, prompt_id=prompt_id, prompt=prompt, extra_data=extra_data,
+                                   outputs=list(result.graph.outputs), client_id=body.client_id or None,
+                                   number=body.number, front=body.front, max_pending=self.limits.max_queue)
+        except StoreError as error:
+            status = 429 if error.kind == "queue_full" else 409
+            return status, error_body(error.kind, error.message, node_errors={})
+        self.worker.wake()
+        await asyncio.to_thread(self.status_changed)
+        return 200, {"prompt_id": prompt_id, "number": number_json(number), "node_errors": {}}
+
+    def _output_nodes(self, prompt: dict[str, Any]) -> list[str]:
+        outputs = []
+        for node_id, raw in prompt.items():
+            class_type = raw.get("class_type") if isinstance(raw, dict) else None
+            definition = self.registry.get(class_type) if isinstance(class_type, str) else None
+            if definition is not None and definition.output_node:
+                outputs.append(node_id)
+        return outputs
+
+    # -- queue and history --------------------------------------------------------------------------------
+    async def change_queue(self, *, clear: bool, delete: list[str]) -> int:
+        removed = await self.db(self.store.clear_pending) if clear else 0
+        if delete:
+            removed += await self.db(self.store.delete_pending, delete)
+        await asyncio.to_thread(self.status_changed)
+        return removed
+
+    async def change_history(self, *, clear: bool, delete: list[str]) -> int:
+        removed = await self.db(self.store.clear_history) if clear else 0
+        if delete:
+            removed += await self.db(self.store.delete_history, delete)
+        return removed
+
+    async def describe(self, prompt_id: str) -> dict[str, Any] | None:
+        described = await self.db(self.store.describe, prompt_id)
+        running = self.worker.running() if self.worker else None
+        if described is not None and running is not None and running[0] == prompt_id:
+            described["node"] = running[2]
+        return described
+
+
+def pixel_budget_errors(graph: Graph | None, budget: int) -> list[ValidationError]:
+    """Any node with constant `width` and `height` inputs (and `batch_size`, if it has one) asks for that many
+    pixels; more than the budget is refused before anything is queued."""
+    if graph is None:
+        return []
+    errors = []
+    for inst in graph:
+        width, height = inst.inputs.get("width"), inst.inputs.get("height")
+        batch = inst.inputs.get("batch_size", 1)
+        if not all(_whole(v) for v in (width, height, batch)):
+            continue
+        pixels = max(width, 0) * max(height, 0) * max(batch, 1)
+        if pixels > budget:
+            errors.append(ValidationError(
+                "image_too_large", f"{width} x {height} x batch {batch} = {pixels} pixels is more than this "
+                f"server's budget of {budget} (--max-pixels); use a smaller size or batch", inst.id, inst.type,
+                "width", details="width", extra={"received_value": width, "pixels": pixels, "max_pixels": budget}))
+    return errors
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool | Link)

@@ -1,0 +1,179 @@
+"""One declaration per route: the handler, its body model, its query parameters and its documentation.
+
+`RouteTable.route(...)` registers a handler; `install` serves it at its path and under `/api` (as ComfyUI does),
+reading and validating a declared JSON body into its pydantic model before the handler runs; the OpenAPI
+document (`openapi.py`) is derived from the same declarations. Every error leaves as ComfyUI's JSON error object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from .messages import error_body
+from .queue import json_text
+
+log = logging.getLogger("sdgraph.server")
+
+
+class RequestError(Exception):
+    """A client error: becomes a JSON error response with `status`."""
+
+    def __init__(self, status: int, kind: str, message: str, *, details: str = "", **more: Any):
+        super().__init__(message)
+        self.status, self.kind, self.message, self.details, self.more = status, kind, message, details, more
+
+    def response(self) -> web.Response:
+        return json_response(error_body(self.kind, self.message, self.details, **self.more), status=self.status)
+
+
+@dataclass(frozen=True)
+class Param:
+    """A query parameter (for the documentation; handlers read and check it with `query_int` etc.)."""
+
+    name: str
+    type: str = "string"
+    description: str = ""
+    required: bool = False
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str
+    handler: Callable[..., Awaitable[web.StreamResponse]]
+    summary: str
+    tag: str
+    body: type[BaseModel] | None = None
+    form: Mapping[str, str] = field(default_factory=dict)  # multipart fields -> description
+    query: tuple[Param, ...] = ()
+    responses: Mapping[int, str] = field(default_factory=dict)
+    error_extra: Mapping[str, Any] = field(default_factory=dict)  # added to every error body (node_errors)
+
+
+class RouteTable:
+    def __init__(self, body_limit: Callable[[web.Request], int]):
+        self.routes: list[Route] = []
+        self._body_limit = body_limit
+
+    def route(self, method: str, path: str, *, summary: str, tag: str, body: type[BaseModel] | None = None,
+              form: Mapping[str, str] | None = None, query: tuple[Param, ...] = (),
+              responses: Mapping[int, str] | None = None, error_extra: Mapping[str, Any] | None = None):
+        def register(handler):
+            self.routes.append(Route(method, path, handler, summary, tag, body, form or {}, query,
+                                     responses or {200: "OK"}, error_extra or {}))
+            return handler
+        return register
+
+    def install(self, app: web.Application) -> None:
+        for route in self.routes:
+            handler = self._wrap(route)
+            for prefix in ("", "/api"):
+                app.router.add_route(route.method, prefix + route.path, handler, name=None)
+
+    def _wrap(self, route: Route):
+        async def handle(request: web.Request) -> web.StreamResponse:
+            try:
+                if route.body is None:
+                    return await route.handler(request)
+                raw = await read_json(request, self._body_limit(request))
+                return await route.handler(request, parse_body(route.body, raw))
+            except RequestError as error:
+                if route.error_extra:
+                    error.more = {**route.error_extra, **error.more}
+                return error.response()
+        handle.__name__ = route.handler.__name__
+        return handle
+
+
+async def read_json(request: web.Request, limit: int) -> Any:
+    """The request's JSON body (an empty body reads as {}), refusing more than `limit` bytes before reading them
+    all, NaN/Infinity (not JSON) and nesting too deep to parse."""
+    if request.content_length is not None and request.content_length > limit:
+        raise RequestError(413, "request_too_large", f"the body is {request.content_length} bytes; this server "
+                           f"takes at most {limit} (--max-body-mb)")
+    data = bytearray()
+    async for chunk in request.content.iter_any():
+        data += chunk
+        if len(data) > limit:
+            raise RequestError(413, "request_too_large", f"the body is more than {limit} bytes, the most this "
+                               "server takes (--max-body-mb)")
+    if not data.strip():
+        return {}
+    if request.content_type != "application/json":
+        raise RequestError(415, "unsupported_media_type", f"{request.path} takes a JSON body; send it with "
+                           "Content-Type: application/json")
+    try:
+        return json.loads(data, parse_constant=_not_json)
+    except RecursionError:
+        raise RequestError(400, "invalid_json", "the JSON body is nested too deeply to read") from None
+    except ValueError as exc:
+        raise RequestError(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value; use a finite number")
+
+
+def parse_body(model: type[BaseModel], raw: Any) -> BaseModel:
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        problems = []
+        for item in exc.errors()[:20]:
+            where = ".".join(str(part) for part in item["loc"]) or "body"
+            problems.append(f"{where}: {item['msg']}")
+        raise RequestError(400, "invalid_request", "the request body does not fit: " + "; ".join(problems),
+                           details="\n".join(problems)) from None
+
+
+def json_response(value: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
+    return web.Response(text=json_text(value), status=status, content_type="application/json", headers=headers)
+
+
+def raw_json(text: str, status: int = 200) -> web.Response:
+    """A response from JSON text that is already serialised (queue and history rows)."""
+    return web.Response(text=text, status=status, content_type="application/json")
+
+
+def query_int(request: web.Request, name: str, *, minimum: int = 0) -> int | None:
+    text = request.query.get(name)
+    if text is None or text == "":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise RequestError(400, "invalid_query", f"query parameter {name}={text!r} must be a whole number") from None
+    if value < minimum:
+        raise RequestError(400, "invalid_query", f"query parameter {name} must be at least {minimum}, got {value}")
+    return value
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler) -> web.StreamResponse:
+    """Outermost: aiohttp's own errors (404, 405, 413) and anything unexpected leave as JSON error objects."""
+    try:
+        return await handler(request)
+    except RequestError as error:
+        return error.response()
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        kind = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status, "http_error")
+        message = {404: f"there is no route {request.method} {request.path}; see /openapi.json",
+                   405: f"{request.path} does not take {request.method}"}.get(exc.status, exc.text or exc.reason)
+        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return json_response(error_body(kind, message), status=exc.status, headers=headers)
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception:
+        log.exception("unexpected error in %s %s", request.method, request.path)
+        return json_response(error_body("internal_error", "the server failed on this request; its log says why"),
+                             status=500)

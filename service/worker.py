@@ -1,0 +1,255 @@
+"""The single worker thread: claims the next prompt, runs it with the process's one Executor, records it.
+
+Each prompt gets its own CancelToken, so an interrupt addressed to one prompt can never stop another. Events go
+to the websocket client that queued the prompt and nowhere else. Requests to free memory are applied between
+prompts, never under a running one.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from engine import CancelToken, Executor, NodeRegistry, RunReport, validate
+from engine.events import Event
+
+from .hub import Hub
+from .messages import RunMessages, history_entry, preview_frame, ws_text
+from .queue import QueueItem, QueueStore
+
+log = logging.getLogger("sdgraph.server")
+
+
+@runtime_checkable
+class FreesMemory(Protocol):
+    """What the application's resources offer for POST /free: drop loaded models and free what can be freed."""
+
+    def free_memory(self, unload_models: bool) -> None: ...
+
+
+@dataclass
+class _Current:
+    item: QueueItem
+    token: CancelToken = field(default_factory=CancelToken)
+    node: str | None = None
+    for_shutdown: bool = False
+
+
+class Worker:
+    def __init__(self, *, store: QueueStore, executor: Executor, registry: NodeRegistry, hub: Hub,
+                 on_queue_change: Callable[[], None] | None = None):
+        self.store = store
+        self.executor = executor
+        self.registry = registry
+        self.hub = hub
+        self.on_queue_change = on_queue_change or (lambda: None)
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
+        self._current: _Current | None = None
+        self._stopping = False
+        self._free = {"unload_models": False, "free_memory": False}
+        self._thread = threading.Thread(target=self._loop, name="sdgraph-worker", daemon=True)
+        self.completed = 0
+
+    # -- control (any thread) ------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def running(self) -> tuple[str, str | None, str | None] | None:
+        """(prompt_id, client_id, current node) of the running prompt, if any."""
+        with self._lock:
+            cur = self._current
+            return None if cur is None else (cur.item.prompt_id, cur.item.client_id, cur.node)
+
+    def interrupt(self, prompt_id: str | None = None) -> bool:
+        """Cancel the running prompt (only if it is `prompt_id`, when given). Returns whether one was cancelled."""
+        with self._lock:
+            cur = self._current
+            if cur is None or (prompt_id is not None and cur.item.prompt_id != prompt_id):
+                return False
+            cur.token.cancel()
+            return True
+
+    def request_free(self, *, unload_models: bool, free_memory: bool) -> None:
+        with self._lock:
+            self._free["unload_models"] |= unload_models
+            self._free["free_memory"] |= free_memory
+        self.wake()
+
+    def stop_now(self) -> None:
+        """Cancel the running prompt for a shutdown: it goes back in the queue, its attempt not counted."""
+        self._stopping = True
+        with self._lock:
+            if self._current is not None:
+                self._current.for_shutdown = True
+                self._current.token.cancel()
+        self.wake()
+
+    def stop(self, timeout: float) -> bool:
+        """Claim nothing more; give the running prompt `timeout` seconds to finish, then cancel it and put it
+        back in the queue (without counting the attempt). Returns True when the thread has ended."""
+        self._stopping = True
+        self.wake()
+        if not self._thread.is_alive():
+            return True
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self.stop_now()
+            self._thread.join(10)
+        if self._thread.is_alive():  # a node ignores cancellation: record the prompt as pending anyway
+            with self._lock:
+                cur = self._current
+            if cur is not None:
+                self.store.requeue(cur.item.prompt_id, forget_attempt=True)
+            return False
+        return True
+
+    # -- the thread ---------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stopping:
+            self._apply_free()
+            try:
+                item = self.store.claim()
+            except Exception:
+                log.exception("could not read the queue; retrying in a second")
+                time.sleep(1)
+                continue
+            if item is None:
+                self._wake.wait(1.0)
+                self._wake.clear()
+                continue
+            self.on_queue_change()
+            try:
+                self._run(item)
+            except Exception:  # never let one prompt take the worker down
+                log.exception("prompt %s: the worker failed while running it", item.prompt_id)
+                self._record_failure(item, RunMessages(item.prompt_id), "WorkerError",
+                                     "the server failed while running this prompt; see its log")
+            finally:
+                with self._lock:
+                    self._current = None
+            self.completed += 1
+            self.on_queue_change()
+
+    def _run(self, item: QueueItem) -> None:
+        started = time.perf_counter()
+        current = _Current(item)
+        with self._lock:
+            self._current = current
+        messages = RunMessages(item.prompt_id)
+        result = validate(item.prompt, self.registry, targets=item.outputs or None, resources=self.executor.resources)
+        if not result.ok:  # valid when queued, no longer (a file was removed, a node pack changed)
+            first = result.errors[0]
+            self._record_failure(item, messages, "ValidationError", "; ".join(str(e) for e in result.errors[:20]),
+                                 node_id=first.node_id, node_type=first.node_type)
+            return
+        extra = {"extra_pnginfo": item.extra_data.get("extra_pnginfo") or {}, "client_id": item.client_id,
+                 "prompt_id": item.prompt_id}
+        report = self.executor.run(result.graph, listeners=[self._listener(current, messages)], cancel=current.token,
+                                   run_id=item.prompt_id, prompt=item.prompt, extra=extra)
+        if report.status == "interrupted" and current.for_shutdown:
+            self.store.requeue(item.prompt_id, forget_attempt=True)
+            log.info("prompt %s: stopped by shutdown, back in the queue", item.prompt_id)
+            return
+        self._send(item, messages.finish(report))
+        self._record(item, report, messages)
+        log.info("prompt %s: %s in %.2f s (%d ran, %d cached)", item.prompt_id, report.status,
+                 time.perf_counter() - started, len(report.executed), len(report.cached))
+
+    def _listener(self, current: _Current, messages: RunMessages) -> Callable[[Event], None]:
+        client = current.item.client_id
+
+        def listen(event: Event) -> None:
+            try:
+                for kind, data in messages.translate(event):
+                    if kind == "executing":
+                        current.node = data["node"]
+                    if client:
+                        self.hub.publish(client, ws_text(kind, data))
+                preview = getattr(event, "preview", None)
+                if client and preview is not None:
+                    frame = preview_frame(preview)
+                    if frame is not None:
+                        self.hub.publish(client, frame)
+            except Exception:  # a listener must never break the run
+                log.exception("prompt %s: could not deliver %s", current.item.prompt_id, event.kind)
+
+        return listen
+
+    def _send(self, item: QueueItem, out: list[tuple[str, dict[str, Any]]]) -> None:
+        if item.client_id:
+            for kind, data in out:
+                self.hub.publish(item.client_id, ws_text(kind, data))
+
+    def _record(self, item: QueueItem, report: RunReport, messages: RunMessages) -> None:
+        entry = history_entry(number=item.number, prompt_id=item.prompt_id, prompt=item.prompt,
+                              extra_data=item.extra_data, outputs=item.outputs, ui=report.ui,
+                              status_str="success" if report.ok else "error", completed=report.ok,
+                              messages=messages.recorded)
+        self.store.finish(item.prompt_id, number=item.number, status=report.status, attempts=item.attempts,
+                          entry=entry)
+
+    def _record_failure(self, item: QueueItem, messages: RunMessages, exception_type: str, message: str, *,
+                        node_id: str | None = None, node_type: str | None = None) -> None:
+        out = [] if messages.recorded else [messages.start()]
+        out.append(messages.error(None, [], node_id=node_id, node_type=node_type, exception_type=exception_type,
+                                  message=message))
+        out.append(("executing", {"node": None, "prompt_id": item.prompt_id}))
+        self._send(item, out)
+        entry = history_entry(number=item.number, prompt_id=item.prompt_id, prompt=item.prompt,
+                              extra_data=item.extra_data, outputs=item.outputs, ui={}, status_str="error",
+                              completed=False, messages=messages.recorded)
+        self.store.finish(item.prompt_id, number=item.number, status="failed", attempts=item.attempts, entry=entry)
+
+    def _apply_free(self) -> None:
+        with self._lock:
+            unload, free = self._free["unload_models"], self._free["free_memory"]
+            self._free = {"unload_models": False, "free_memory": False}
+        if not (unload or free):
+            return
+        if unload:
+            self.executor.cache.clear()  # cached outputs hold the loaded models
+        resources = self.executor.resources
+        if isinstance(resources, FreesMemory):
+            resources.free_memory(unload)
+        gc.collect()
+        log.info("freed memory (unload_models=%s, free_memory=%s)", unload, free)
+
+
+def fail_crashed(store: QueueStore, item: QueueItem, max_attempts: int) -> None:
+    """At start-up: record a prompt that was running when the server died `max_attempts` times as failed."""
+    messages = RunMessages(item.prompt_id)
+    messages.error(None, [], exception_type="ServerCrashed", message=(
+        f"the server stopped {item.attempts} time(s) while running this prompt; it is marked failed so that it "
+        f"cannot crash the server again (limit: --max-attempts {max_attempts}). Check the server's log and the "
+        "prompt's inputs (e.g. sizes) before queueing it again."))
+    entry = history_entry(number=item.number, prompt_id=item.prompt_id, prompt=item.prompt,
+                          extra_data=item.extra_data, outputs=item.outputs, ui={}, status_str="error",
+                          completed=False, messages=messages.recorded)
+    store.finish(item.prompt_id, number=item.number, status="failed", attempts=item.attempts, entry=entry)
+
+
+def recover(store: QueueStore, max_attempts: int) -> tuple[list[str], list[str]]:
+    """Prompts a previous process was running when it died: retried, or failed after `max_attempts` starts.
+    Returns (retried ids, failed ids)."""
+    retried, failed = [], []
+    for item in store.running():
+        if item.attempts >= max_attempts:
+            fail_crashed(store, item, max_attempts)
+            failed.append(item.prompt_id)
+        else:
+            store.requeue(item.prompt_id, forget_attempt=False)
+            retried.append(item.prompt_id)
+    return retried, failed

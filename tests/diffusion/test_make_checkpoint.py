@@ -1,0 +1,107 @@
+import hashlib
+import math
+import time
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from diffusion.checkpoint import load_checkpoint
+from diffusion.make_checkpoint import checkpoint_layout, main, make_checkpoint, random_state_dict
+
+SAFETENSORS_NAMES = {"F16": torch.float16, "F32": torch.float32, "I64": torch.int64}
+
+
+def read_fixture_layout():
+    layout = {}
+    for line in open("tests/fixtures/sd15_keys.tsv"):
+        key, dtype, shape = line.rstrip("\n").split("\t")
+        layout[key] = (SAFETENSORS_NAMES[dtype], tuple(int(s) for s in shape.strip("[]").split(",") if s.strip()))
+    return layout
+
+
+def sha256(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_sd15_layout_equals_the_public_file_exactly():
+    assert checkpoint_layout("sd15") == read_fixture_layout()
+
+
+def test_tiny_layout_has_real_vocabulary_and_positions():
+    layout = checkpoint_layout("tiny")
+    prefix = "cond_stage_model.transformer.text_model.embeddings."
+    assert layout[prefix + "token_embedding.weight"][1][0] == 49408
+    assert layout[prefix + "position_embedding.weight"][1][0] == 77
+    assert layout[prefix + "position_ids"] == (torch.int64, (1, 77))
+    assert set(checkpoint_layout("sd15")) != set(layout)
+
+
+def test_unknown_preset_is_refused_with_the_choices(tmp_path):
+    with pytest.raises(ValueError, match="sd15, tiny"):
+        make_checkpoint(tmp_path / "x.safetensors", preset="sdxl")
+    with pytest.raises(ValueError, match="non-negative"):
+        make_checkpoint(tmp_path / "x.safetensors", seed=-1)
+
+
+def test_tiny_is_small_deterministic_and_seeded(tmp_path):
+    a = make_checkpoint(tmp_path / "a.safetensors", preset="tiny", seed=0)
+    b = make_checkpoint(tmp_path / "b.safetensors", preset="tiny", seed=0)
+    c = make_checkpoint(tmp_path / "c.safetensors", preset="tiny", seed=1)
+    assert a.stat().st_size < 10_000_000
+    assert sha256(a) == sha256(b) != sha256(c)
+    assert not list(tmp_path.glob("*.partial"))
+    with safe_open(a, framework="pt") as f:
+        assert {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()} == {
+            k: ({torch.float16: "F16", torch.int64: "I64"}[d], s) for k, (d, s) in checkpoint_layout("tiny").items()
+        }
+
+
+def test_initialisation_scheme():
+    sd = random_state_dict("tiny", seed=0)
+    norm = sd["model.diffusion_model.out.0.weight"].float()
+    assert abs(norm.mean() - 1) < 0.05 and 0.05 < norm.std() < 0.15
+    conv = sd["model.diffusion_model.input_blocks.1.0.in_layers.2.weight"].float()  # fan-in 32*3*3
+    assert conv.abs().max() <= 1 / math.sqrt(32 * 9) + 1e-3 and conv.std() > 0.5 / math.sqrt(3 * 32 * 9)
+    assert sd["model.diffusion_model.out.2.weight"].float().abs().max() <= 0.5 / math.sqrt(32 * 9) + 1e-3
+    embedding = sd["cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"].float()
+    assert abs(embedding.std() - 1) < 0.05
+    ids = sd["cond_stage_model.transformer.text_model.embeddings.position_ids"]
+    assert torch.equal(ids, torch.arange(77)[None])
+
+
+def test_tiny_runs_a_64px_step_quickly_with_lively_outputs(tmp_path):
+    path = make_checkpoint(tmp_path / "tiny.safetensors", preset="tiny", seed=0)
+    ckpt = load_checkpoint(path)
+    g = torch.Generator().manual_seed(0)
+    latent, context = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 32, generator=g)
+    with torch.no_grad():
+        times = []  # best of three: the machine is shared, and the first call also sets up kernels
+        for _ in range(3):
+            start = time.perf_counter()
+            eps = ckpt.unet(latent, torch.tensor([999.0]), context)
+            pixels = ckpt.vae.decode(latent)
+            times.append(time.perf_counter() - start)
+        elapsed = min(times)
+        hidden = ckpt.text_encoder(torch.tensor([[49406, 320, 49407] + [49407] * 74])).last_hidden_state
+    assert elapsed < 1.0, f"a tiny 64x64 step took {elapsed:.2f}s"
+    assert pixels.shape == (1, 3, 64, 64)
+    for name, out, low, high in (("eps", eps, 0.05, 2.0), ("pixels", pixels, 0.05, 1.0), ("text", hidden, 0.3, 3)):
+        assert low < out.std() < high, f"{name} std {out.std():.3f} outside ({low}, {high})"
+    assert (pixels.abs() > 1).float().mean() < 0.2  # mostly inside the displayable range
+
+
+def test_cli_writes_the_file(tmp_path, capsys):
+    out = tmp_path / "sub" / "model.safetensors"
+    assert main([str(out), "--preset", "tiny", "--seed", "3"]) == 0
+    assert sha256(out) == sha256(make_checkpoint(tmp_path / "again.safetensors", "tiny", 3))
+    assert str(out) in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [["x.safetensors", "--preset", "sdxl"], ["x.safetensors", "--seed", "-2"], []])
+def test_cli_refuses_bad_arguments(argv, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert not list(tmp_path.iterdir())

@@ -1,0 +1,185 @@
+"""CLIP tokenizer: vocabulary, BPE, text cleaning, and identity with transformers' CLIPTokenizer."""
+
+from __future__ import annotations
+
+import statistics
+import time
+import unicodedata
+
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from diffusion.tokenizer import (
+    VOCABULARY_SIZE,
+    ClipTokenizer,
+    apply_merges,
+    byte_symbols,
+    export_hf_files,
+    normalize,
+    pre_tokenize,
+)
+
+TRICKY_TEXTS = [
+    "a photograph of an astronaut riding a horse",
+    "Hello, World!",
+    "it's they're we've I'm you'll he'd IT'S DON'T x''s 's'",
+    "8k uhd, 1920x1080, 3.14159, -0.5e10",
+    "café naïve résumé Ærøskøbing",
+    "Ελληνικά ΑΣ ΣΑΣ",
+    "中文提示词 日本語のテキスト 한국어",
+    "emoji 🐱\u200d👤 🎨🖌️ 👍🏽",
+    "tabs\tand\nnewlines\r\n  spaces   ",
+    "\u00a0nbsp\u2009thin\u3000ideographic\u2028line",
+    "<|startoftext|>a<|endoftext|>b <|endoftext|>",
+    "<|STARTOFTEXT|> <|endoftext|",
+    "((masterpiece)), (red:1.3), \\(escaped\\)",
+    "embedding:foo, embedding:bar.pt",
+    "a_b-c.d/e\\f g+h=i~j`k@l#m$n%o^p&q*r",
+    "!!!???... --- ***",
+    "",
+    "   ",
+    "ﬁ ligature, Ｆｕｌｌｗｉｄｔｈ, ①②③, ½",
+    "e\u0301 A\u030a combining",
+    "İstanbul ß ẞ ǅ Ǆ",
+    "\x00\x01control\x7f\x1c\x85",
+    "\ufeffbom a\u200bzero width",
+    "a" * 300,
+    "supercalifragilisticexpialidocious pneumonoultramicroscopicsilicovolcanoconiosis",
+    "1girl, solo, long_hair, looking_at_viewer, (((best quality)))",
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> ClipTokenizer:
+    return ClipTokenizer()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """transformers' CLIPTokenizer built from vocab.json/merges.txt derived from our gz (no network).
+
+    In transformers 5 ``CLIPTokenizerFast`` is ``CLIPTokenizer`` (the ``tokenizers``-backed one ComfyUI now gets);
+    naming the fast class keeps the comparison meaningful if a transformers 4 install is ever used.
+    """
+    from transformers import CLIPTokenizerFast
+
+    directory = tmp_path_factory.mktemp("clip_tokenizer")
+    export_hf_files(directory)
+    return CLIPTokenizerFast.from_pretrained(str(directory))
+
+
+def reference_ids(reference, text: str) -> list[int]:
+    return reference(text, add_special_tokens=False)["input_ids"]
+
+
+def test_vocabulary_layout(tokenizer):
+    assert len(tokenizer) == VOCABULARY_SIZE == 49408
+    assert (tokenizer.bos_id, tokenizer.eos_id) == (49406, 49407)
+    assert tokenizer.tokens[0] == "!" and tokenizer.tokens[256] == "!</w>"
+    assert tokenizer.token_ids["a</w>"] == 320
+    assert tokenizer.tokens[49405] == "jekyll</w>"  # the last merge CLIP uses
+    symbols = byte_symbols()
+    assert len(set(symbols)) == 256 and symbols[ord("a")] == "a" and symbols[ord(" ")] == "Ġ"
+
+
+def test_known_ids(tokenizer):
+    assert tokenizer.encode("a photograph of an astronaut riding a horse") == [
+        320,
+        8853,
+        539,
+        550,
+        18376,
+        6765,
+        320,
+        4558,
+    ]
+    assert tokenizer.encode("") == []
+    assert tokenizer.encode("<|endoftext|>") == [49407]
+
+
+def test_apply_merges_takes_lowest_rank_first_and_all_occurrences():
+    ranks = {("b", "c"): 0, ("a", "b"): 1, ("a", "a"): 2}
+    assert apply_merges(["a", "b", "c"], ranks) == ["a", "bc"]
+    assert apply_merges(["a", "a", "a"], ranks) == ["aa", "a"]
+    assert apply_merges(["a", "a", "a", "a"], ranks) == ["aa", "aa"]
+    assert apply_merges(["x", "y"], ranks) == ["x", "y"]
+
+
+def test_normalize_lowercases_each_character_alone():
+    assert normalize("ΑΣ") == "ασ"  # no final-sigma rule, as the Rust tokenizer does it
+    assert normalize("A\t\n B\u3000C") == "a b c"
+    assert normalize("e\u0301") == "é"
+
+
+def test_pre_tokenize_pieces():
+    assert pre_tokenize("it's 8k, ok!!") == ["it", "'s", "8", "k", ",", "ok", "!!"]
+    assert pre_tokenize("<|startoftext|>") == ["<|", "startoftext", "|>"]
+
+
+def test_decode_round_trips_words(tokenizer):
+    assert tokenizer.decode(tokenizer.encode("a café in Zürich")) == "a café in zürich"
+    assert tokenizer.decode([49406, 320, 49407]) == "<|startoftext|>a <|endoftext|>"
+
+
+@pytest.mark.parametrize("text", TRICKY_TEXTS)
+def test_tricky_texts_match_transformers(tokenizer, reference, text):
+    assert tokenizer.encode(text) == reference_ids(reference, text)
+
+
+def same_nfc_in_both_libraries(text: str) -> bool:
+    """Python's unicodedata and the ``tokenizers`` crate disagree on the combining class of ~50 recent marks."""
+    from tokenizers import normalizers
+
+    return normalizers.NFC().normalize_str(text) == unicodedata.normalize("NFC", text)
+
+
+# Characters assigned in this Python's Unicode database: for newer ones, letter/number classes and case mappings
+# depend on each library's Unicode version.
+ASSIGNED_CHARACTERS = st.characters(exclude_categories=("Cs", "Cn"))
+PROMPT_CHARACTERS = st.sampled_from(list("aAbBzZ019 ,.!?'()[]{}:;\\<|>_-\n\t\r\"sStTdDmMlLvVréΣς中文🙂\u0301\u00a0"))
+PROMPT_PIECES = st.sampled_from(
+    [
+        "<|startoftext|>",
+        "<|endoftext|>",
+        "<|EndOfText|>",
+        "'s",
+        "'LL",
+        "'Re",
+        "hello",
+        "ΑΣ",
+        "1.5",
+        " ",
+        "\n",
+        "(",
+        ":1.2)",
+        "ǅ",
+    ]
+)
+TEXTS = st.one_of(
+    st.text(alphabet=ASSIGNED_CHARACTERS, max_size=40),
+    st.text(alphabet=PROMPT_CHARACTERS, max_size=60),
+    st.lists(PROMPT_PIECES, max_size=12).map("".join),
+)
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=TEXTS)
+def test_generated_texts_match_transformers(tokenizer, reference, text):
+    assume(same_nfc_in_both_libraries(text))
+    assert tokenizer.encode(text) == reference_ids(reference, text)
+
+
+def test_75_token_prompt_is_fast(tokenizer):
+    prompt = (
+        "masterpiece, best quality, a highly detailed photograph of an astronaut riding a white horse on mars, "
+        "dramatic lighting, 8k, sharp focus, intricate details, cinematic composition, volumetric fog, trending "
+        "on artstation, by greg rutkowski and alphonse mucha, golden hour, bokeh, 35mm"
+    )
+    assert 60 <= len(tokenizer.encode(prompt)) <= 75
+    timings = []
+    for _ in range(200):
+        start = time.perf_counter()
+        tokenizer.encode(prompt)
+        timings.append(time.perf_counter() - start)
+    assert statistics.median(timings) < 0.5e-3

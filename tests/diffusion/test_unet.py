@@ -1,0 +1,170 @@
+import dataclasses
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+from diffusers.models.embeddings import get_timestep_embedding
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from diffusion.make_checkpoint import PRESETS, random_weights
+from diffusion.unet import UNetConfig, UNetModel, build_unet, timestep_embedding, unet_config_from_state_dict
+
+PREFIX = "model.diffusion_model."
+TINY = PRESETS["tiny"].unet
+# SD1.5's shape at small widths: 3 levels, no transformer at the last one, 2 res blocks, depth-2 transformers
+SMALL_SD15_LIKE = UNetConfig(
+    model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=2, attention_levels=(0, 1), transformer_depth=2,
+    context_dim=48,
+)  # fmt: skip
+
+
+def meta_state_dict(config: UNetConfig) -> dict[str, torch.Tensor]:
+    with torch.device("meta"):
+        return UNetModel(config).state_dict()
+
+
+def random_unet_weights(config: UNetConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Checkpoint-layout (prefixed) fp32 weights for `config`, non-trivial norms included."""
+    layout = {PREFIX + k: (torch.float32, tuple(t.shape)) for k, t in meta_state_dict(config).items()}
+    return random_weights(layout, seed)
+
+
+def strip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k.removeprefix(PREFIX): v for k, v in sd.items()}
+
+
+def diffusers_unet(config: UNetConfig, checkpoint: dict[str, torch.Tensor]) -> UNet2DConditionModel:
+    levels = range(len(config.channel_mult))
+    down = tuple("CrossAttnDownBlock2D" if i in config.attention_levels else "DownBlock2D" for i in levels)
+    up = tuple("CrossAttnUpBlock2D" if i in config.attention_levels else "UpBlock2D" for i in reversed(levels))
+    kwargs = dict(
+        in_channels=config.in_channels,
+        out_channels=config.out_channels,
+        down_block_types=down,
+        up_block_types=up,
+        block_out_channels=config.level_channels,
+        layers_per_block=config.num_res_blocks,
+        cross_attention_dim=config.context_dim,
+        attention_head_dim=config.num_heads,  # diffusers' historical name for SD1's head count
+        transformer_layers_per_block=config.transformer_depth,
+        use_linear_projection=config.linear_projection,
+        flip_sin_to_cos=True,
+        freq_shift=0,
+        norm_num_groups=32,
+        norm_eps=1e-5,
+    )
+    model = UNet2DConditionModel(**kwargs)
+    converted = convert_ldm_unet_checkpoint(checkpoint, kwargs)
+    model.load_state_dict(converted, strict=True)
+    return model.eval()
+
+
+def test_sd15_keys_and_shapes_match_the_public_file():
+    rows = [line.rstrip("\n").split("\t") for line in open("tests/fixtures/sd15_keys.tsv")]
+    want = {k.removeprefix(PREFIX): shape.replace(" ", "") for k, _, shape in rows if k.startswith(PREFIX)}
+    got = {k: str(list(t.shape)).replace(" ", "") for k, t in meta_state_dict(UNetConfig()).items()}
+    assert got == want
+
+
+def test_sd15_config_is_inferred_from_its_shapes():
+    assert unet_config_from_state_dict(meta_state_dict(UNetConfig())) == UNetConfig()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    model_channels=st.sampled_from([32, 64, 96]),
+    channel_mult=st.lists(st.integers(1, 4), min_size=1, max_size=4).map(tuple),
+    num_res_blocks=st.integers(1, 3),
+    attention_mask=st.lists(st.booleans(), min_size=4, max_size=4),
+    transformer_depth=st.integers(1, 3),
+    context_dim=st.sampled_from([16, 32, 768]),
+    linear_projection=st.booleans(),
+    in_channels=st.sampled_from([4, 9]),
+)
+def test_config_round_trips_through_shapes(attention_mask, channel_mult, **fields):
+    levels = tuple(i for i in range(len(channel_mult)) if attention_mask[i])
+    config = UNetConfig(channel_mult=channel_mult, attention_levels=levels, **fields)
+    assert unet_config_from_state_dict(meta_state_dict(config)) == config
+
+
+def test_1024_wide_context_means_64_wide_heads():
+    config = UNetConfig(model_channels=64, channel_mult=(1, 2), num_res_blocks=1, context_dim=1024,
+                        attention_levels=(0, 1), num_heads=None, head_dim=64, linear_projection=True)  # fmt: skip
+    assert unet_config_from_state_dict(meta_state_dict(config)) == config
+
+
+def test_missing_key_is_named():
+    sd = meta_state_dict(TINY)
+    del sd["out.2.weight"]
+    with pytest.raises(ValueError, match=r"out\.2\.weight"):
+        unet_config_from_state_dict(sd)
+
+
+def test_config_rejects_widths_groupnorm_cannot_split():
+    with pytest.raises(ValueError, match="GroupNorm"):
+        UNetConfig(model_channels=40)
+    with pytest.raises(ValueError, match="exactly one"):
+        UNetConfig(num_heads=8, head_dim=64)
+
+
+def test_timestep_embedding_is_ldm_cos_first():
+    t = torch.tensor([0.0, 1.0, 17.5, 999.0])
+    ours = timestep_embedding(t, 320)
+    theirs = get_timestep_embedding(t, 320, flip_sin_to_cos=True, downscale_freq_shift=0)
+    assert torch.equal(ours, theirs)  # same float32 operations, same bits
+    assert torch.equal(ours[0, :160], torch.ones(160)) and torch.equal(ours[0, 160:], torch.zeros(160))
+    assert timestep_embedding(t, 7).shape == (4, 7)
+
+
+@pytest.mark.parametrize("config", [TINY, SMALL_SD15_LIKE], ids=["tiny", "sd15-like"])
+def test_matches_diffusers(config):
+    checkpoint = random_unet_weights(config, seed=3)
+    ours = build_unet(strip(checkpoint))
+    theirs = diffusers_unet(config, checkpoint)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 16, 16, generator=g)
+    context = torch.randn(2, 7, config.context_dim, generator=g)
+    t = torch.tensor([999.0, 10.5])
+    with torch.no_grad():
+        got = ours(x, t, context)
+        want = theirs(x, t, encoder_hidden_states=context).sample
+    assert got.std() > 0.05  # not a degenerate comparison
+    assert (got - want).abs().max().item() < 1e-4
+
+
+def test_odd_latent_sizes_keep_their_shape():
+    model = build_unet(strip(random_unet_weights(SMALL_SD15_LIKE)))
+    x = torch.randn(1, 4, 9, 7)
+    with torch.no_grad():
+        out = model(x, torch.tensor([500.0]), torch.randn(1, 5, SMALL_SD15_LIKE.context_dim))
+    assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_batch_elements_are_independent_and_scalar_timesteps_broadcast():
+    model = build_unet(strip(random_unet_weights(TINY)))
+    x, context = torch.randn(2, 4, 8, 8), torch.randn(2, 77, TINY.context_dim)
+    with torch.no_grad():
+        both = model(x, torch.tensor(300.0), context)
+        first = model(x[:1], torch.tensor([300.0]), context[:1])
+    torch.testing.assert_close(both[:1], first, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_follows_the_input(dtype):
+    weights = strip(random_unet_weights(TINY))
+    reference = build_unet(weights)
+    half = build_unet({k: v.to(dtype) for k, v in weights.items()})
+    x, context = torch.randn(1, 4, 8, 8), torch.randn(1, 77, TINY.context_dim)
+    with torch.no_grad():
+        want = reference(x, torch.tensor([400.0]), context)
+        got = half(x.to(dtype), torch.tensor([400.0]), context)  # fp32 context is cast to the input's dtype
+    assert got.dtype == dtype
+    assert (got.float() - want).abs().max() < 0.05 * want.abs().max()
+
+
+def test_config_is_frozen_and_hashable():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        TINY.model_channels = 64
+    assert hash(TINY) == hash(dataclasses.replace(TINY))

@@ -1,0 +1,135 @@
+"""The node API: what `@node` produces and which declarations it refuses (with a message naming the input)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+
+from engine import BOOLEAN, COMBO, FLOAT, INT, STRING, Input, NodeDefinitionError, Output, Result, node
+from engine.spec import MISSING, NodeDef, accepted_kwargs, check_definition
+
+
+def _declare(*inputs: Input, outputs=(Output("out", INT),), **kwargs) -> NodeDef:
+    @node("Probe", inputs=list(inputs), outputs=list(outputs), **kwargs)
+    def probe(ctx, **values):
+        return 0
+
+    return probe
+
+
+def test_node_decorator_builds_a_complete_definition():
+    @node("Scale", category="math/scale", version=3, output_node=True, cacheable=False, aliases=("Times",),
+          inputs=[Input("x", FLOAT, default=1.0, min=-5, max=5, step=0.5, tooltip="the value"),
+                  Input("mode", COMBO, options=("up", "down"), default="up"),
+                  Input("note", STRING, default="", multiline=True, optional=True)],
+          outputs=[Output("scaled", FLOAT, tooltip="x scaled")])
+    def scale(ctx, x, mode, note=""):
+        """Multiply x by two or halve it."""
+        return x * 2 if mode == "up" else x / 2
+
+    assert isinstance(scale, NodeDef)
+    assert (scale.name, scale.category, scale.version, scale.output_node, scale.cacheable) == \
+        ("Scale", "math/scale", "3", True, False)
+    assert scale.description == "Multiply x by two or halve it."
+    assert scale.aliases == ("Times",)
+    assert scale.source.endswith("test_node_decorator_builds_a_complete_definition.<locals>.scale")
+    assert scale.input_names == ("x", "mode", "note")
+    x = scale.input("x")
+    assert (x.default, x.min, x.max, x.step, x.tooltip, x.optional) == (1.0, -5, 5, 0.5, "the value", False)
+    assert scale.input("note").multiline and scale.input("note").optional
+    assert scale.input("missing") is None
+    assert scale.outputs == (Output("scaled", FLOAT, tooltip="x scaled"),)
+    assert scale.origin == "native"
+    assert scale.fn(None, x=3.0, mode="down") == 1.5
+
+
+def test_input_properties():
+    assert Input("a", INT, default=0).has_default
+    assert not Input("a", INT).has_default and Input("a", INT).default is MISSING
+    assert Input("a", INT).is_widget and Input("s", COMBO, options=("x",)).is_widget
+    assert not Input("a", INT, force_input=True).is_widget
+    assert not Input("img", "IMAGE").is_widget
+    assert Input("c", COMBO, options=("x", "y")).combo_options() == ("x", "y")
+    assert Input("c", COMBO, options=lambda res: sorted(res)).combo_options({"b", "a"}) == ["a", "b"]
+    assert Input("a", INT).combo_options() == ()
+
+
+def test_result_defaults():
+    assert Result() == Result((), None)
+    assert Result((1,), {"text": ["x"]}).ui == {"text": ["x"]}
+
+
+@pytest.mark.parametrize("bad_input, words", [
+    (Input("n", INT, default=-1, min=0), ["'n'", "below its min 0"]),
+    (Input("n", INT, default=11, max=10), ["'n'", "above its max 10"]),
+    (Input("n", INT, default=1.5), ["INT input 'n'", "whole"]),
+    (Input("n", INT, default="3"), ["'n'", "finite number"]),
+    (Input("n", FLOAT, default=math.nan), ["'n'", "finite number"]),
+    (Input("n", FLOAT, default=True), ["'n'", "finite number"]),
+    (Input("n", INT, min=5, max=1), ["'n'", "min 5 > max 1"]),
+    (Input("n", INT, min="0"), ["'n'", "min that is not a number"]),
+    (Input("flag", BOOLEAN, default=1), ["BOOLEAN input 'flag'", "True or False"]),
+    (Input("text", STRING, default=3), ["STRING input 'text'", "must be a string"]),
+    (Input("mode", COMBO), ["combo input 'mode'", "needs options"]),
+    (Input("mode", COMBO, options=("a", "b"), default="c"), ["'c'", "combo 'mode'", "not one of its options"]),
+])
+def test_inconsistent_inputs_are_refused_with_the_input_named(bad_input, words):
+    with pytest.raises(NodeDefinitionError) as info:
+        _declare(bad_input)
+    message = str(info.value)
+    assert "node 'Probe'" in message
+    for word in words:
+        assert word in message
+
+
+def test_duplicate_names_are_refused():
+    with pytest.raises(NodeDefinitionError, match="input 'a' is declared twice"):
+        _declare(Input("a", INT), Input("a", FLOAT))
+    with pytest.raises(NodeDefinitionError, match="output 'x' is declared twice"):
+        _declare(outputs=(Output("x", INT), Output("x", FLOAT)))
+
+
+def test_comfy_v1_definitions_may_repeat_output_names():
+    definition = replace(_declare(outputs=(Output("INT", INT),)), outputs=(Output("INT", INT), Output("INT", INT)),
+                         origin="comfy_v1")
+    check_definition(definition)  # positional, as in ComfyUI: no error
+
+
+def test_combo_with_callable_options_is_not_checked_at_declaration():
+    definition = _declare(Input("file", COMBO, options=lambda resources: [], default="later.txt"))
+    assert definition.input("file").default == "later.txt"
+
+
+def test_check_definition_with_known_types():
+    definition = _declare(Input("image", "IMAGE"), outputs=(Output("mask", "MASK"),))
+    with pytest.raises(NodeDefinitionError, match="input 'image' has unknown type 'IMAGE'"):
+        check_definition(definition, frozenset({"INT", "MASK"}))
+    with pytest.raises(NodeDefinitionError, match="output 'mask' has unknown type 'MASK'"):
+        check_definition(definition, frozenset({"IMAGE"}))
+    check_definition(definition, frozenset({"IMAGE", "MASK"}))
+    union = _declare(Input("x", "INT,FLOAT"))
+    check_definition(union, frozenset({"INT", "FLOAT"}))
+
+
+def test_not_a_definition_and_not_callable():
+    with pytest.raises(NodeDefinitionError, match="not a node definition"):
+        check_definition(lambda ctx: 0)
+    with pytest.raises(NodeDefinitionError, match="not callable"):
+        check_definition(replace(_declare(), fn=None))
+    with pytest.raises(NodeDefinitionError, match="non-empty string name"):
+        check_definition(replace(_declare(), name=""))
+    with pytest.raises(NodeDefinitionError, match="inputs must be Input"):
+        check_definition(replace(_declare(), inputs=(("a", INT),)))
+
+
+def test_accepted_kwargs():
+    def some(a, b=1):
+        return a + b
+
+    def every(**kwargs):
+        return kwargs
+
+    assert accepted_kwargs(some, {"a": 1, "b": 2, "c": 3}) == {"a": 1, "b": 2}
+    assert accepted_kwargs(every, {"a": 1, "c": 3}) == {"a": 1, "c": 3}
