@@ -66,11 +66,20 @@ class FileIdentity:
 
     @classmethod
     def of(cls, path: str | os.PathLike) -> "FileIdentity":
-        path = Path(path).resolve()
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint file not found: {path}")
+        path = _require_file(path).resolve()
         stat = path.stat()
         return cls(path, stat.st_size, stat.st_mtime_ns)
+
+
+def _require_file(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(
+            f"{path} is a folder (a diffusers-format model?); only single-file checkpoints (.safetensors) load here"
+        )
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    return path
 
 
 @dataclass(frozen=True, eq=False)
@@ -87,7 +96,7 @@ class SD1Checkpoint:
 
 def detect_format(path: str | os.PathLike) -> str:
     """'safetensors', 'torch-zip' or 'pickle', from the first bytes of the file."""
-    with open(path, "rb") as f:
+    with open(_require_file(path), "rb") as f:
         head = f.read(9)
     size = os.path.getsize(path)
     if len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= size - 8:
@@ -137,21 +146,26 @@ class TensorFile:
                 header = json.loads(f.read(length))
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise CheckpointError(f"{self.path}: corrupt safetensors header ({e}); re-download the file") from e
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{self.path}: corrupt safetensors header (not a JSON object); re-download the file")
         meta = {}
         for key, info in header.items():
             if key == "__metadata__":
                 continue
-            dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
+            try:
+                dtype_name, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+            except (KeyError, TypeError, ValueError) as e:
+                raise CheckpointError(f"{self.path}: corrupt safetensors header entry for '{key}'") from e
+            dtype = SAFETENSORS_DTYPES.get(dtype_name)
             if dtype is None:
-                raise CheckpointError(f"{self.path}: tensor '{key}' has dtype {info.get('dtype')!r}, not supported")
-            begin, end = info["data_offsets"]
+                raise CheckpointError(f"{self.path}: tensor '{key}' has dtype {dtype_name!r}, which is not supported")
             if 8 + length + end > size:
                 raise CheckpointError(
                     f"{self.path}: truncated: tensor '{key}' ends at byte {8 + length + end} but the file has "
                     f"{size} bytes; the download or copy was probably cut short, fetch the file again"
                 )
             self._offsets[key] = (begin, end)
-            meta[key] = torch.empty(info["shape"], dtype=dtype, device="meta")
+            meta[key] = torch.empty(shape, dtype=dtype, device="meta")
         return meta
 
     def _unpickle(self) -> dict[str, torch.Tensor]:
@@ -175,18 +189,23 @@ class TensorFile:
         if self.format != "safetensors":
             yield from ((k, self._pickled[k]) for k in keys)
             return
-        keys.sort(key=lambda k: self._offsets[k][0])
-        chunk, chunk_bytes = [], 0
-        for key in keys + [None]:
-            nbytes = 0 if key is None else self._offsets[key][1] - self._offsets[key][0]
-            if chunk and (key is None or chunk_bytes + nbytes > CHUNK_BYTES):
-                with safe_open(self.path, framework="pt", device="cpu") as f:
-                    for k in chunk:
-                        yield k, f.get_tensor(k)
-                chunk, chunk_bytes = [], 0
-            if key is not None:
-                chunk.append(key)
-                chunk_bytes += nbytes
+        for chunk in self._chunks(keys):
+            # a fresh mapping per chunk: closing it drops the file pages it touched from our resident memory
+            with safe_open(self.path, framework="pt", device="cpu") as f:
+                for key in chunk:
+                    yield key, f.get_tensor(key)
+
+    def _chunks(self, keys: list[str]) -> list[list[str]]:
+        """Keys in file order, grouped into runs of at most CHUNK_BYTES (a bigger tensor gets a run of its own)."""
+        chunks, size = [[]], 0
+        for key in sorted(keys, key=lambda k: self._offsets[k][0]):
+            begin, end = self._offsets[key]
+            if chunks[-1] and size + end - begin > CHUNK_BYTES:
+                chunks.append([])
+                size = 0
+            chunks[-1].append(key)
+            size += end - begin
+        return [chunk for chunk in chunks if chunk]
 
 
 def read_state_dict(path: str | os.PathLike, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
@@ -327,7 +346,8 @@ def load_checkpoint(
         unet_expected = UNetModel(unet_config).state_dict()
     text_expected = expected_text_weights(text_encoder_on_meta(text_config))
     text_expected.pop(POSITION_IDS, None)
-    _check_part(path, "UNet", unet_expected, unet_keys, meta, UNET_PREFIX, "Is this an SD1.x checkpoint?")
+    fix = "If the file is incomplete, fetch it again; other architectures (SD2, SDXL, Flux) are not supported."
+    _check_part(path, "UNet", unet_expected, unet_keys, meta, UNET_PREFIX, fix)
     fix = "SD1 uses OpenAI CLIP ViT-L/14's text model."
     _check_part(path, "text encoder", text_expected, text_keys, meta, TEXT_PREFIX + "text_model.", fix)
     if unet_config.context_dim != text_config.hidden_size:

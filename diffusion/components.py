@@ -66,6 +66,7 @@ class TextEncoder:
     source: str
     layer: int = -1
     embeddings_dir: Path | None = None
+    allow_pickle: bool = False  # .pt/.bin textual inversions (loaded with weights_only=True)
 
     @property
     def nbytes(self) -> int:
@@ -80,7 +81,8 @@ class TextEncoder:
 
         with torch.inference_mode():
             context, pooled = encode_prompt(self.text_model, self.tokenizer, text, layer=self.layer,
-                                            embeddings_dir=str(self.embeddings_dir) if self.embeddings_dir else None)
+                                            embeddings_dir=str(self.embeddings_dir) if self.embeddings_dir else None,
+                                            allow_pickle=self.allow_pickle)
         return Conditioning((CondEntry(context.float().cpu(), pooled.float().cpu()),))
 
 

@@ -11,6 +11,8 @@ CLI: `sdgraph make-checkpoint OUT --preset tiny|sd15 [--seed N]` calls `main`.
 """
 
 import argparse
+import itertools
+import json
 import math
 import os
 import zlib
@@ -118,9 +120,31 @@ def make_checkpoint(out_path: str | os.PathLike, preset: str = "tiny", seed: int
     out_path.parent.mkdir(parents=True, exist_ok=True)
     state = random_state_dict(preset, seed)
     partial = out_path.with_name(out_path.name + ".partial")
-    save_file(state, partial, metadata={"format": "pt", "note": f"random weights, seed {seed}"})
+    metadata = {"format": "pt", "note": f"random weights, seed {seed}"}
+    save_file(state, partial, metadata=metadata)
+    _sort_header_metadata(partial, metadata)
     os.replace(partial, out_path)
     return out_path
+
+
+def _sort_header_metadata(path: Path, metadata: Mapping[str, str]) -> None:
+    """Rewrite the header's `__metadata__` with sorted keys, in place and at the same length.
+
+    safetensors writes metadata in hash-map order, which changes from process to process; sorted, the same
+    (preset, seed) gives the same bytes every time (and `sd15` seed 1 the parity reference's bytes).
+    """
+    with open(path, "r+b") as f:
+        length = int.from_bytes(f.read(8), "little")
+        header = f.read(length)
+        for order in itertools.permutations(metadata):
+            written = json.dumps({k: metadata[k] for k in order}, separators=(",", ":")).encode()
+            if header.count(written) == 1:
+                break
+        else:
+            raise RuntimeError(f"{path}: safetensors wrote the metadata in an unexpected form")
+        canonical = json.dumps(dict(sorted(metadata.items())), separators=(",", ":")).encode()
+        f.seek(8 + header.index(written))
+        f.write(canonical)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -205,7 +205,9 @@ class Upsample(nn.Module):
 class UNetBlock(nn.ModuleList):
     """One entry of input_blocks/middle_block/output_blocks; each layer gets the inputs it needs."""
 
-    def forward(self, x, emb, context, skip_size=None):
+    def forward(
+        self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, skip_size: torch.Size | None = None
+    ) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)

@@ -6,14 +6,21 @@ their own resources to the executor.
 
 from .cache import OutputCache
 from .context import CancelToken, Interrupted, RunContext
-from .events import (NodeFailed, NodeFinished, NodesCached, NodeStarted, Progress, RunFinished, RunInterrupted,
-                     RunStarted)
+from .events import (
+    NodeFailed,
+    NodeFinished,
+    NodesCached,
+    NodeStarted,
+    Progress,
+    RunFinished,
+    RunInterrupted,
+    RunStarted,
+)
 from .executor import Executor, NodeError, RunReport
 from .formats import GraphFormatError, apply_overrides, read_graph_file, to_api, workflow_to_api
 from .graph import Graph, Link, NodeInstance
 from .registry import LoadError, NodeRegistry, TypeInfo
-from .spec import (ANY, BOOLEAN, COMBO, FLOAT, INT, STRING, Input, NodeDef, NodeDefinitionError, Output, Result,
-                   node)
+from .spec import ANY, BOOLEAN, COMBO, FLOAT, INT, STRING, Input, NodeDef, NodeDefinitionError, Output, Result, node
 from .validation import ValidationError, ValidationResult, validate
 
 __all__ = [

@@ -7,12 +7,13 @@ never knows the difference.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from .context import RunContext
-from .spec import COMBO, INT, MISSING, SEED_NAMES, Input, NodeDef, NodeDefinitionError, Output, Result
+from .spec import COMBO, INT, MISSING, SEED_NAMES, Input, NodeDef, NodeDefinitionError, Output, Result, accepted_kwargs
 
 _INPUT_OPTION_NAMES = {"default", "min", "max", "step", "multiline", "tooltip", "forceInput", "lazy",
                        "control_after_generate", "options", "defaultInput"}
@@ -158,15 +159,16 @@ def _bound(method: Callable[..., Any] | None) -> Callable[..., Any] | None:
         return method
     params = list(inspect.signature(method).parameters)
     if params and params[0] in ("self", "cls", "s"):
-        return lambda **kwargs: method(None, **kwargs)
+        return functools.partial(method, None)  # keeps the signature: the inputs it names still show
     return method
 
 
 def _without_resources(method: Callable[..., Any] | None) -> Callable[..., Any] | None:
-    """Native fingerprints receive the application's resources first; IS_CHANGED only the inputs."""
+    """Native fingerprints receive the application's resources first; IS_CHANGED only the inputs it names
+    (all of them when it takes **kwargs)."""
     if method is None:
         return None
-    return lambda _resources, **kwargs: method(**kwargs)
+    return lambda _resources, **kwargs: method(**accepted_kwargs(method, kwargs))
 
 
 def _hidden_value(ctx: RunContext, kind: str) -> Any:

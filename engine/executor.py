@@ -17,8 +17,17 @@ import networkx as nx
 
 from .cache import CachedOutput, KeyParts, OutputCache, describe_change, estimate_nbytes, make_key
 from .context import CancelToken, Interrupted, RunContext
-from .events import (Event, Listener, NodeFailed, NodeFinished, NodesCached, NodeStarted, RunFinished,
-                     RunInterrupted, RunStarted)
+from .events import (
+    Event,
+    Listener,
+    NodeFailed,
+    NodeFinished,
+    NodesCached,
+    NodeStarted,
+    RunFinished,
+    RunInterrupted,
+    RunStarted,
+)
 from .graph import Graph, Link, NodeInstance, ancestors
 from .registry import NodeRegistry
 from .spec import NodeDef, Result, accepted_kwargs
@@ -59,7 +68,7 @@ class Executor:
         """Compute `graph.outputs`. Never raises for a node's failure: the report (and the events) say what
         happened."""
         run = _Run(self, graph, list(listeners), cancel or CancelToken(), run_id or uuid.uuid4().hex,
-                   prompt if prompt is not None else graph.to_api(), extra or {})
+                   prompt if prompt is not None else _LazyPrompt(graph), extra or {})
         return run.execute()
 
 
@@ -76,6 +85,7 @@ class _Run:
         self.results: dict[str, CachedOutput] = {}
         self.by_key: dict[str, str] = {}
         self.current: str | None = None
+        self.links = {nid: tuple(inst.links()) for nid, inst in graph.nodes.items()}
 
     def emit(self, event: Event) -> None:
         for listener in self.listeners:
@@ -94,7 +104,7 @@ class _Run:
         # 3. Consumers per node, so values are released after their last use.
         self.refcount = {nid: 0 for nid in order}
         for nid in order:
-            for _, link in self.graph[nid].links():
+            for _, link in self.links[nid]:
                 self.refcount[link.source] += 1
         # 4. Demand-driven evaluation from the outputs.
         try:
@@ -122,7 +132,7 @@ class _Run:
         needed = ancestors(self.graph.nodes, self.graph.outputs)
         dag = nx.DiGraph()
         dag.add_nodes_from(nid for nid in self.graph.nodes if nid in needed)
-        dag.add_edges_from((link.source, nid) for nid in dag for _, link in self.graph[nid].links())
+        dag.add_edges_from((link.source, nid) for nid in list(dag) for _, link in self.links[nid])
         return list(nx.topological_sort(dag))
 
     def _keys(self, order: Sequence[str]) -> tuple[dict[str, str], dict[str, KeyParts]]:
@@ -132,7 +142,7 @@ class _Run:
             inst = self.graph[nid]
             definition = self.ex.registry.get(inst.type)
             constants = {name: repr(value) for name, value in inst.inputs.items() if not isinstance(value, Link)}
-            inputs = {name: f"{keys[link.source]}:{link.output}" for name, link in inst.links()}
+            inputs = {name: f"{keys[link.source]}:{link.output}" for name, link in self.links[nid]}
             fingerprint = _fingerprint(definition, inst, self.ex.resources)
             part = KeyParts(definition.name, definition.version, constants, inputs, fingerprint)
             parts[nid] = part
@@ -166,7 +176,7 @@ class _Run:
             definition = self.ex.registry.get(inst.type)
             wanted = requested.setdefault(nid, set())
             lazy = {spec.name for spec in definition.inputs if spec.lazy}
-            missing = [link.source for name, link in inst.links()
+            missing = [link.source for name, link in self.links[nid]
                        if (name not in lazy or name in wanted) and link.source not in results]
             if missing:
                 stack.extend(missing)
@@ -188,13 +198,13 @@ class _Run:
         """Which lazy inputs the node asks for, given what is known so far (unevaluated ones are None)."""
         values = {name: _first(v) for name, v in self._input_lists(inst, wanted).items()}
         try:
-            asked = definition.check_lazy(**values) or ()
+            asked = definition.check_lazy(**accepted_kwargs(definition.check_lazy, values)) or ()
         except Exception as exc:
             shown = {name: _describe([v]) for name, v in values.items()}
             raise _NodeFailure(NodeFailed(self.report.run_id, inst.id, definition.name, type(exc).__name__,
                                           f"while choosing its lazy inputs: {exc}", traceback.format_exc(),
                                           shown)) from exc
-        linked = {name for name, _ in inst.links()}
+        linked = {name for name, _ in self.links[inst.id]}
         return {name for name in asked if name in lazy and name in linked and name not in wanted}
 
     def _input_lists(self, inst: NodeInstance, wanted: set[str]) -> dict[str, list]:
@@ -208,7 +218,7 @@ class _Run:
         return values
 
     def _release_inputs(self, nid: str, wanted: set[str]) -> None:
-        for _, link in self.graph[nid].links():
+        for _, link in self.links[nid]:
             src = link.source
             self.refcount[src] -= 1
             if self.refcount[src] == 0 and src not in self.graph.outputs:
@@ -248,6 +258,28 @@ class _Run:
             self.ex.cache.put(key, result)
         self.emit(NodeFinished(run_id, nid, definition.name, result.ui, seconds))
         return result
+
+
+class _LazyPrompt(Mapping):
+    """The graph in API form for `ctx.prompt`, built only if a node reads it (most never do)."""
+
+    def __init__(self, graph: Graph):
+        self._graph = graph
+        self._api: dict[str, Any] | None = None
+
+    def _get(self) -> dict[str, Any]:
+        if self._api is None:
+            self._api = self._graph.to_api()
+        return self._api
+
+    def __getitem__(self, key: str) -> Any:
+        return self._get()[key]
+
+    def __iter__(self):
+        return iter(self._get())
+
+    def __len__(self) -> int:
+        return len(self._graph.nodes)
 
 
 class _NodeFailure(Exception):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import PurePath
 from typing import Any
 
 from .registry import NodeRegistry
@@ -43,7 +44,7 @@ def node_info(definition: NodeDef, resources: Any = None) -> dict[str, Any]:
     order = {"required": list(required)}
     if optional:
         order["optional"] = list(optional)
-    module = definition.source.rsplit(".", 2)[0] if definition.source else ""
+    module = python_module(definition)
     return {
         "input": inputs,
         "input_order": order,
@@ -59,6 +60,20 @@ def node_info(definition: NodeDef, resources: Any = None) -> dict[str, Any]:
         "output_node": definition.output_node,
         "aliases": list(definition.aliases),
     }
+
+
+def python_module(definition: NodeDef) -> str:
+    """Where a node comes from, as ComfyUI names it: a module path, `custom_nodes.<pack>` for packs."""
+    source = definition.source
+    if source.endswith(".py"):  # a pack's file (V1 classes found by discovery)
+        path = PurePath(source)
+        return f"custom_nodes.{path.parent.name if path.name == '__init__.py' else path.stem}"
+    if definition.origin == "native":
+        module = getattr(definition.fn, "__module__", None) or source.rsplit(".", 1)[0]
+    else:
+        module = source.rsplit(".", 1)[0]
+    prefix = "sdgraph_packs."
+    return "custom_nodes." + module[len(prefix):] if module.startswith(prefix) else module
 
 
 def object_info(registry: NodeRegistry, resources: Any = None) -> dict[str, dict[str, Any]]:

@@ -40,7 +40,7 @@ class ValidationError:
         where = ""
         if self.node_id is not None:
             where = f"node {self.node_id}" + (f" ({self.node_type})" if self.node_type else "")
-            if self.input_name:
+            if self.input_name and not self.message.startswith(f"input {self.input_name!r}"):
                 where += f", input {self.input_name!r}"
             where += ": "
         return f"{where}{self.message} [{self.code}]"
@@ -103,7 +103,8 @@ def validate(prompt: Mapping[str, Any], registry: NodeRegistry, *, targets: Sequ
         nodes[node_id] = NodeInstance(node_id, definition.name, inputs, title)
     _step_cycles(nodes, errors)
     outputs = _step_outputs(nodes, registry, targets, errors)
-    if errors:
+    if errors:  # in node order (then in the order of the steps above); graph-wide problems last
+        errors.sort(key=lambda e: (2, 0, "") if e.node_id is None else _id_order(e.node_id))
         return ValidationResult(None, tuple(errors))
     return ValidationResult(Graph(nodes, outputs), ())
 

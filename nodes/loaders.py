@@ -50,7 +50,7 @@ def checkpoint_loader(ctx, ckpt_name):
     source = str(path)
     return (DiffusionModel(checkpoint.unet, source),
             TextEncoder(checkpoint.text_encoder, ClipTokenizer(), source,
-                        embeddings_dir=runtime.folders.models("embeddings")),
+                        embeddings_dir=runtime.folders.models("embeddings"), allow_pickle=runtime.allow_pickle),
             ImageAutoencoder(vae, source))
 
 

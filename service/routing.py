@@ -107,7 +107,7 @@ async def read_json(request: web.Request, limit: int) -> Any:
                                "server takes (--max-body-mb)")
     if not data.strip():
         return {}
-    if request.content_type != "application/json":
+    if request.content_type not in ("application/json", "application/x-www-form-urlencoded"):
         raise RequestError(415, "unsupported_media_type", f"{request.path} takes a JSON body; send it with "
                            "Content-Type: application/json")
     try:

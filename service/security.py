@@ -8,7 +8,8 @@
 - Origin: state-changing methods and the websocket handshake from a browser page of another origin, or from
   `Origin: null` (sandboxed frames, file: pages), are refused unless --allowed-origins names that origin.
 - Content type: a state-changing request with a body must be JSON or multipart (a plain-text form post, which
-  browsers send cross-site without asking, is refused before any handler reads it).
+  browsers send cross-site without asking, is refused before any handler reads it). A JSON body labelled as a
+  urlencoded form is read as JSON: that is what Python's urllib sends, and no browser form can produce it.
 """
 
 from __future__ import annotations
@@ -22,9 +23,12 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from .messages import error_body
+from .routing import json_response
 
 STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-BODY_TYPES = frozenset({"application/json", "multipart/form-data"})
+# application/x-www-form-urlencoded: what urllib labels any body (ComfyUI's own example client posts its JSON so);
+# the body must still parse as JSON, which a browser form cannot produce in that encoding ({ and " are escaped).
+BODY_TYPES = frozenset({"application/json", "multipart/form-data", "application/x-www-form-urlencoded"})
 WILDCARDS = frozenset({"0.0.0.0", "::", ""})
 TOKEN_ENV = "SDGRAPH_TOKEN"
 
@@ -133,7 +137,7 @@ class Guard:
 
 
 def _refuse(status: int, kind: str, message: str, **headers: str) -> web.Response:
-    return web.json_response(error_body(kind, message), status=status, headers=headers or None)
+    return json_response(error_body(kind, message), status=status, headers=headers or None)
 
 
 def middleware(guard: Guard) -> Callable:

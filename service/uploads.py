@@ -19,6 +19,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 from PIL import Image, PngImagePlugin
 
 from engine.files import atomic_write
@@ -48,22 +49,25 @@ async def read_form(request: web.Request, *, max_file_bytes: int) -> UploadForm:
     if request.content_type != "multipart/form-data":
         raise RequestError(415, "unsupported_media_type", "uploads are multipart/form-data with the file in a field "
                            "named 'image'")
-    reader = await request.multipart()
     fields: dict[str, str] = {}
     upload: tuple[str, bytes] | None = None
-    for _ in range(MAX_PARTS + 1):
-        part = await reader.next()
-        if part is None:
-            break
-        if not isinstance(part, BodyPartReader):
-            raise RequestError(400, "invalid_form", "nested multipart bodies are not accepted")
-        if part.name == "image" and part.filename is not None:
-            upload = (part.filename, await _read_part(part, max_file_bytes, "the image"))
-        elif part.name:
-            fields[part.name] = (await _read_part(part, MAX_FIELD_BYTES, f"field {part.name!r}")).decode(
-                "utf-8", errors="replace")
-    else:
-        raise RequestError(400, "invalid_form", f"the form has more than {MAX_PARTS} parts")
+    try:
+        reader = await request.multipart()
+        for _ in range(MAX_PARTS + 1):
+            part = await reader.next()
+            if part is None:
+                break
+            if not isinstance(part, BodyPartReader):
+                raise RequestError(400, "invalid_form", "nested multipart bodies are not accepted")
+            if part.name == "image" and part.filename is not None:
+                upload = (part.filename, await _read_part(part, max_file_bytes, "the image"))
+            elif part.name:
+                fields[part.name] = (await _read_part(part, MAX_FIELD_BYTES, f"field {part.name!r}")).decode(
+                    "utf-8", errors="replace")
+        else:
+            raise RequestError(400, "invalid_form", f"the form has more than {MAX_PARTS} parts")
+    except (HttpProcessingError, ValueError, AssertionError) as exc:  # aiohttp's parser on a malformed body
+        raise RequestError(400, "invalid_form", f"the multipart body is malformed: {str(exc)[:120]}") from None
     if upload is None:
         raise RequestError(400, "invalid_form", "the form has no file in a field named 'image'")
     return UploadForm(fields, *upload)

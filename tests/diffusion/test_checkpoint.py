@@ -106,6 +106,17 @@ def test_leftovers_and_old_text_layout_are_accepted(tiny, tiny_state, tmp_path):
     assert_same(outputs(*_parts(ckpt)), outputs(*_parts(load_checkpoint(tiny))))
 
 
+def test_reading_in_small_chunks_changes_nothing(tiny, monkeypatch):
+    """The tiny file fits one chunk; with 4 kB chunks most tensors share a run and big ones get their own."""
+    import diffusion.checkpoint as checkpoint_module
+
+    want = outputs(*_parts(load_checkpoint(tiny)))
+    monkeypatch.setattr(checkpoint_module, "CHUNK_BYTES", 4096)
+    chunks = checkpoint_module.TensorFile(tiny)._chunks(list(checkpoint_module.TensorFile(tiny).meta))
+    assert len(chunks) > 50 and any(len(c) == 1 for c in chunks) and any(len(c) > 5 for c in chunks)
+    assert_same(outputs(*_parts(load_checkpoint(tiny))), want)
+
+
 def test_weights_do_not_alias_the_file(tiny_state, tmp_path):
     """Same dtype in file and memory is the zero-conversion path: the model must still own its memory."""
     path = save({k: v.float() if v.is_floating_point() else v for k, v in tiny_state.items()}, tmp_path / "f32.st")
@@ -166,6 +177,14 @@ def test_garbage_is_refused(tmp_path, content, match):
         load_checkpoint(path)
 
 
+def test_corrupt_header_is_named(tmp_path):
+    path = tmp_path / "bad.safetensors"
+    header = b'{"x": {"dtype": "F16"}}'
+    path.write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 16)
+    with pytest.raises(CheckpointError, match="corrupt safetensors header entry for 'x'"):
+        read_state_dict(path)
+
+
 def test_truncated_download_is_named(tiny, tmp_path):
     path = tmp_path / "cut.safetensors"
     path.write_bytes(tiny.read_bytes()[:-1000])
@@ -173,9 +192,14 @@ def test_truncated_download_is_named(tiny, tmp_path):
         load_checkpoint(path)
 
 
-def test_missing_file(tmp_path):
+def test_missing_file_and_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing.safetensors"):
         load_checkpoint(tmp_path / "nothing.safetensors")
+    with pytest.raises(FileNotFoundError, match="nothing.safetensors"):
+        read_state_dict(tmp_path / "nothing.safetensors")
+    (tmp_path / "diffusers_model").mkdir()
+    with pytest.raises(CheckpointError, match="is a folder"):
+        load_vae(tmp_path / "diffusers_model")
 
 
 def test_read_state_dict_keeps_file_dtypes(tiny, tiny_state):
@@ -229,7 +253,7 @@ def test_separate_vae_files(tiny, tiny_state, tmp_path):
     bare = save(part(other, VAE), tmp_path / "bare_vae.safetensors")
     prefixed = save({k: v for k, v in other.items() if k.startswith(VAE)}, tmp_path / "prefixed_vae.pt")
     want = build_vae({k: v.float() for k, v in part(other, VAE).items()})
-    latent = torch.randn(1, 4, 4, 4)
+    latent = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         for path in (bare, prefixed):
             assert torch.equal(load_vae(path).decode(latent), want.decode(latent))

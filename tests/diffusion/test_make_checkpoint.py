@@ -1,6 +1,7 @@
 import hashlib
 import math
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,12 +10,14 @@ from safetensors import safe_open
 from diffusion.checkpoint import load_checkpoint
 from diffusion.make_checkpoint import checkpoint_layout, main, make_checkpoint, random_state_dict
 
+SD15_KEYS = Path(__file__).resolve().parents[1] / "fixtures" / "sd15_keys.tsv"
+
 SAFETENSORS_NAMES = {"F16": torch.float16, "F32": torch.float32, "I64": torch.int64}
 
 
 def read_fixture_layout():
     layout = {}
-    for line in open("tests/fixtures/sd15_keys.tsv"):
+    for line in open(SD15_KEYS):
         key, dtype, shape = line.rstrip("\n").split("\t")
         layout[key] = (SAFETENSORS_NAMES[dtype], tuple(int(s) for s in shape.strip("[]").split(",") if s.strip()))
     return layout
@@ -55,6 +58,14 @@ def test_tiny_is_small_deterministic_and_seeded(tmp_path):
         assert {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()} == {
             k: ({torch.float16: "F16", torch.int64: "I64"}[d], s) for k, (d, s) in checkpoint_layout("tiny").items()
         }
+
+
+def test_header_metadata_is_written_in_sorted_order(tmp_path):
+    """safetensors writes metadata in hash-map order; sorted, the bytes do not depend on the process."""
+    path = make_checkpoint(tmp_path / "a.safetensors", preset="tiny", seed=4)
+    raw = path.read_bytes()
+    header = raw[8 : 8 + int.from_bytes(raw[:8], "little")]
+    assert b'"__metadata__":{"format":"pt","note":"random weights, seed 4"}' in header
 
 
 def test_initialisation_scheme():

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,8 @@ from diffusion.text_encoder import (
     text_config_from_state_dict,
     text_encoder_on_meta,
 )
+
+SD15_KEYS = Path(__file__).resolve().parents[1] / "fixtures" / "sd15_keys.tsv"
 
 # 128 wide so that the 64-wide-head rule gives 2 heads
 CONFIG = clip_text_config(width=128, layers=2, intermediate_size=512)
@@ -55,7 +58,7 @@ def reference_clip(sd: dict[str, torch.Tensor], ids: torch.Tensor, heads: int) -
 
 
 def test_sd15_config_from_the_public_file_shapes():
-    rows = [line.rstrip("\n").split("\t") for line in open("tests/fixtures/sd15_keys.tsv")]
+    rows = [line.rstrip("\n").split("\t") for line in open(SD15_KEYS)]
     prefix = "cond_stage_model.transformer."
     sd = {
         k.removeprefix(prefix): torch.empty([int(s) for s in shape.strip("[]").split(",")], device="meta")

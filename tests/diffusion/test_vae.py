@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 from diffusers import AutoencoderKL as DiffusersAutoencoderKL
@@ -8,6 +10,7 @@ from hypothesis import strategies as st
 from diffusion.make_checkpoint import PRESETS, random_weights
 from diffusion.vae import AutoencoderKL, Downsample, VAEConfig, build_vae, vae_config_from_state_dict
 
+SD15_KEYS = Path(__file__).resolve().parents[1] / "fixtures" / "sd15_keys.tsv"
 PREFIX = "first_stage_model."
 TINY = PRESETS["tiny"].vae
 
@@ -44,7 +47,7 @@ def diffusers_vae(config: VAEConfig, checkpoint) -> DiffusersAutoencoderKL:
 
 
 def test_sd15_keys_and_shapes_match_the_public_file():
-    rows = [line.rstrip("\n").split("\t") for line in open("tests/fixtures/sd15_keys.tsv")]
+    rows = [line.rstrip("\n").split("\t") for line in open(SD15_KEYS)]
     want = {k.removeprefix(PREFIX): shape.replace(" ", "") for k, _, shape in rows if k.startswith(PREFIX)}
     got = {k: str(list(t.shape)).replace(" ", "") for k, t in meta_state_dict(VAEConfig()).items()}
     assert got == want
@@ -108,7 +111,7 @@ def test_downsampling_pads_right_and_bottom_only():
 
 def test_encode_returns_the_mean_unscaled():
     model = build_vae(strip(random_vae_weights(TINY)))
-    pixels = torch.rand(1, 3, 16, 16) * 2 - 1
+    pixels = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
     with torch.no_grad():
         moments = model.quant_conv(model.encoder(pixels))
         torch.testing.assert_close(model.encode(pixels), moments[:, :4])
@@ -118,9 +121,10 @@ def test_encode_returns_the_mean_unscaled():
 def test_half_precision_follows_the_input(dtype):
     weights = strip(random_vae_weights(TINY))
     reference, half = build_vae(weights), build_vae({k: v.to(dtype) for k, v in weights.items()})
-    latent = torch.randn(1, 4, 4, 4)
+    latent = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = reference.decode(latent)
         got = half.decode(latent.to(dtype))
     assert got.dtype == dtype
-    assert (got.float() - want).abs().max() < 0.05 * want.abs().max()
+    tolerance = {torch.float16: 0.02, torch.bfloat16: 0.1}[dtype]  # bf16 keeps 8 bits of mantissa
+    assert (got.float() - want).abs().max() < tolerance * want.abs().max()

@@ -13,11 +13,11 @@ HERE = Path(__file__).parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-from engine import Executor, NodeRegistry, RunReport, validate  # noqa: E402
-from engine.discovery import register_module  # noqa: E402
-
 import comfy_core_stub  # noqa: E402
 from toy_nodes import CallCounter, toy_registry  # noqa: E402
+
+from engine import Executor, NodeRegistry, RunReport, validate  # noqa: E402
+from engine.discovery import register_module  # noqa: E402
 
 
 @pytest.fixture

@@ -95,7 +95,8 @@ def test_identical_subchains_share_even_without_a_cache(registry, counter):
 
 
 def test_not_cacheable_nodes_always_run(runner, counter):
-    api = {"1": {"class_type": "Const", "inputs": {"value": 3}}, "2": {"class_type": "Sink", "inputs": {"value": ["1", 0]}}}
+    api = {"1": {"class_type": "Const", "inputs": {"value": 3}},
+           "2": {"class_type": "Sink", "inputs": {"value": ["1", 0]}}}
     runner(api)
     report = runner(api)
     assert report.executed == ["2"] and counter.calls == {"Const": 1, "Sink": 2}
@@ -104,7 +105,8 @@ def test_not_cacheable_nodes_always_run(runner, counter):
 
 def test_a_new_node_version_reruns(registry, counter):
     executor = Executor(registry, resources=counter)
-    api = {"1": {"class_type": "Const", "inputs": {"value": 3}}, "2": {"class_type": "Show", "inputs": {"value": ["1", 0]}}}
+    api = {"1": {"class_type": "Const", "inputs": {"value": 3}},
+           "2": {"class_type": "Show", "inputs": {"value": ["1", 0]}}}
     executor.run(validate(api, registry).graph)
     registry._nodes["Const"] = replace(registry.get("Const"), version="2")
     report = executor.run(validate(api, registry).graph)

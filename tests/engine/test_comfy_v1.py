@@ -179,6 +179,39 @@ def test_is_changed_without_classmethod_decorator():
     assert definition.fingerprint(None, x=4) == 40  # fingerprints receive the resources first
 
 
+def test_is_changed_may_name_only_some_inputs():
+    calls = []
+
+    class Partial:
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"path": ("STRING", {"default": "a.txt"}), "mode": (["r", "rb"],)}}
+
+        RETURN_TYPES = ()
+        FUNCTION = "run"
+        OUTPUT_NODE = True
+
+        @classmethod
+        def IS_CHANGED(cls, path):
+            return path
+
+        def VALIDATE_INPUTS(s, mode):  # without @classmethod: bound to None, its signature still counts
+            return mode == "r" or "use mode r"
+
+        def run(self, path, mode):
+            calls.append(path)
+            return ()
+
+    registry = _registry(Partial=Partial)
+    executor = Executor(registry)
+    api = {"1": {"class_type": "Partial", "inputs": {"mode": "r"}}}
+    _run(registry, api, executor)
+    _run(registry, api, executor)
+    assert calls == ["a.txt"]  # the fingerprint did not fail (which would mean "always changed")
+    bad = validate({"1": {"class_type": "Partial", "inputs": {"mode": "zip"}}}, registry)
+    assert [(e.code, e.message) for e in bad.errors] == [("custom_validation_failed", "use mode r")]
+
+
 def test_not_idempotent_means_not_cacheable():
     calls = []
 

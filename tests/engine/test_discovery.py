@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import NodeRegistry
-from engine import discovery
+from engine import NodeRegistry, discovery
 from engine.discovery import load_entry_points, load_pack_dir, load_packs, register_module
 
 NATIVE_PACK = '''
@@ -195,3 +194,86 @@ def test_load_packs_reads_every_folder_then_entry_points(tmp_path, monkeypatch):
     registry = NodeRegistry()
     assert load_packs(registry, [first, second]) == ["one", "two"]
     assert {"Triple", "Negate"} <= {d.name for d in registry}
+
+
+# -- the shipped example pack and the tutorial ----------------------------------------------------------------
+
+REPO = Path(__file__).parents[2]
+
+
+class _Folders:
+    def __init__(self, root: Path):
+        self.input = root
+
+
+class _Resources:
+    def __init__(self, root: Path):
+        self.folders = _Folders(root)
+
+
+@pytest.fixture
+def example_registry() -> NodeRegistry:
+    registry = NodeRegistry()
+    assert load_pack_dir(registry, REPO / "custom_nodes") == ["example"]
+    assert registry.load_errors == []
+    return registry
+
+
+def test_example_pack_loads_and_runs(example_registry, tmp_path):
+    from engine import Executor, validate
+    (tmp_path / "poem.txt").write_text("roses are red")
+    resources = _Resources(tmp_path)
+    assert {d.name for d in example_registry} == {"ExampleRepeatText", "ExampleWordCount", "ExampleShowText",
+                                                  "ExampleCountdown", "ExampleLoadText", "ExampleClamp"}
+    api = {"1": {"class_type": "ExampleLoadText", "inputs": {"name": "poem.txt"}},
+           "2": {"class_type": "ExampleRepeatText", "inputs": {"text": ["1", 0], "times": 3, "separator": " / "}},
+           "3": {"class_type": "ExampleWordCount", "inputs": {"text": ["2", 0]}},
+           "4": {"class_type": "ExampleClamp", "inputs": {"value": ["3", 0], "low": 0, "high": 5}},
+           "5": {"class_type": "ExampleShowText", "inputs": {"text": ["4", 0]}},
+           "6": {"class_type": "ExampleCountdown", "inputs": {"seconds": 2}},
+           "7": {"class_type": "ExampleShowText", "inputs": {"text": ["3", 1]}}}
+    result = validate(api, example_registry, resources=resources)
+    assert result.ok, [str(e) for e in result.errors]
+    events = []
+    executor = Executor(example_registry, resources=resources)
+    report = executor.run(result.graph, listeners=[events.append], extra={})
+    assert report.ui == {"5": {"text": ["5"]}, "7": {"text": [str(len("roses are red / " * 3) - 3)]}}
+    assert executor.run(result.graph).executed == []
+    (tmp_path / "poem.txt").write_text("violets are blue and so on")  # the fingerprint sees the edit
+    assert sorted(executor.run(result.graph).executed) == ["1", "2", "3", "4", "5", "7"]  # not the countdown
+    bad = dict(api, **{"4": {"class_type": "ExampleClamp", "inputs": {"value": ["3", 0], "low": 9, "high": 5}},
+                       "8": {"class_type": "ExampleLoadText", "inputs": {"name": "missing.txt"}}})
+    errors = [(e.code, e.node_id, e.message) for e in validate(bad, example_registry, resources=resources).errors]
+    assert errors[0] == ("custom_validation_failed", "4", "low (9) is above high (5); swap them")
+    assert errors[1][:2] == ("value_not_in_list", "8")
+
+
+def _python_blocks(text: str) -> list[str]:
+    blocks, inside, current = [], False, []
+    for line in text.splitlines():
+        if line.startswith("```"):
+            if inside:
+                blocks.append("\n".join(current))
+            inside, current = line == "```python" and not inside, []
+        elif inside:
+            current.append(line)
+    return blocks
+
+
+def test_the_tutorial_code_works(example_registry):
+    import json
+
+    from engine import Executor, validate
+    text = (REPO / "docs" / "custom-nodes.md").read_text()
+    blocks = _python_blocks(text)
+    assert len(blocks) == 4
+    namespace: dict = {}
+    for block in blocks:  # the declaration, the lazy switch, TYPES, the test: all run as written
+        exec(compile(block, "custom-nodes.md", "exec"), namespace)
+    example_registry.register(namespace["scale_number"])
+    graph = json.loads(text.split("```json")[1].split("```")[0])
+    result = validate(graph, example_registry)
+    assert result.ok
+    assert Executor(example_registry).run(result.graph).ui == {"2": {"text": ["6.0"]}}
+    too_big = validate({**graph, "1": {**graph["1"], "inputs": {"value": 1.5, "factor": 20}}}, example_registry)
+    assert str(too_big.errors[0]) in text  # the message the tutorial shows is the one users get

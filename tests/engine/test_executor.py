@@ -6,8 +6,17 @@ import gc
 
 import pytest
 
-from engine import (CancelToken, Executor, NodeFailed, NodeFinished, NodeStarted, OutputCache, Progress,
-                    RunInterrupted, validate)
+from engine import (
+    CancelToken,
+    Executor,
+    NodeFailed,
+    NodeFinished,
+    NodeStarted,
+    OutputCache,
+    Progress,
+    RunInterrupted,
+    validate,
+)
 from engine.cache import CachedOutput
 
 
@@ -182,7 +191,8 @@ def test_shorter_lists_repeat_their_last_element(runner):
 
 
 def test_input_is_list_receives_constants_as_lists(runner):
-    api = {"1": {"class_type": "Sum", "inputs": {"values": 5}}, "2": {"class_type": "Show", "inputs": {"value": ["1", 0]}}}
+    api = {"1": {"class_type": "Sum", "inputs": {"values": 5}},
+           "2": {"class_type": "Show", "inputs": {"value": ["1", 0]}}}
     assert runner(api).ui["2"] == {"text": ["5"]}
 
 
@@ -288,7 +298,27 @@ def test_context_carries_prompt_and_extra(registry):
 
 
 def test_failed_event_is_the_same_as_the_report(runner):
-    api = {"1": {"class_type": "Fail", "inputs": {"value": 1}}, "2": {"class_type": "Show", "inputs": {"value": ["1", 0]}}}
+    api = {"1": {"class_type": "Fail", "inputs": {"value": 1}},
+           "2": {"class_type": "Show", "inputs": {"value": ["1", 0]}}}
     report = runner(api)
     (failed,) = [e for e in runner.events if isinstance(e, NodeFailed)]
     assert failed is report.error
+
+
+def test_context_prompt_defaults_to_the_graph_in_api_form(registry):
+    from engine import Input, Result, node
+    seen = {}
+
+    @node("PeekPrompt", output_node=True, inputs=[Input("x", "*")], outputs=[])
+    def peek(ctx, x):
+        seen.update(dict(ctx.prompt))
+        return Result((), None)
+
+    registry.register(peek)
+    api = {"1": {"class_type": "Const", "inputs": {"value": "4"}, "_meta": {"title": "Four"}},
+           "2": {"class_type": "PeekPrompt", "inputs": {"x": {"__value__": [1, 2]}}},
+           "3": {"class_type": "Show", "inputs": {"value": ["1", 0]}}}
+    Executor(registry).run(validate(api, registry).graph)
+    assert seen == {"1": {"class_type": "Const", "inputs": {"value": 4}, "_meta": {"title": "Four"}},
+                    "2": {"class_type": "PeekPrompt", "inputs": {"x": {"__value__": [1, 2]}}},
+                    "3": {"class_type": "Show", "inputs": {"value": ["1", 0]}}}

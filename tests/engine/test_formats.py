@@ -10,8 +10,20 @@ from pathlib import Path
 
 import pytest
 
-from engine import (BOOLEAN, INT, STRING, Executor, GraphFormatError, Input, Output, apply_overrides,
-                    read_graph_file, to_api, validate, workflow_to_api)
+from engine import (
+    BOOLEAN,
+    INT,
+    STRING,
+    Executor,
+    GraphFormatError,
+    Input,
+    Output,
+    apply_overrides,
+    read_graph_file,
+    to_api,
+    validate,
+    workflow_to_api,
+)
 from engine import node as declare
 from engine.formats import png_text_chunks
 

@@ -9,8 +9,10 @@ import pytest
 from engine import INT, Input, LoadError, NodeDefinitionError, NodeRegistry, Output, node
 from engine.spec import PRIMITIVE_TYPES
 
+ONE_OUTPUT = (Output("v", INT),)
 
-def _make(name: str, *, inputs=(), outputs=(Output("v", INT),), aliases=(), source: str | None = None):
+
+def _make(name: str, *, inputs=(), outputs=ONE_OUTPUT, aliases=(), source: str | None = None):
     @node(name, inputs=list(inputs), outputs=list(outputs), aliases=aliases)
     def fn(ctx, **kwargs):
         return 0

@@ -10,8 +10,10 @@ import pytest
 from engine import BOOLEAN, COMBO, FLOAT, INT, STRING, Input, NodeDefinitionError, Output, Result, node
 from engine.spec import MISSING, NodeDef, accepted_kwargs, check_definition
 
+ONE_OUTPUT = (Output("out", INT),)
 
-def _declare(*inputs: Input, outputs=(Output("out", INT),), **kwargs) -> NodeDef:
+
+def _declare(*inputs: Input, outputs=ONE_OUTPUT, **kwargs) -> NodeDef:
     @node("Probe", inputs=list(inputs), outputs=list(outputs), **kwargs)
     def probe(ctx, **values):
         return 0

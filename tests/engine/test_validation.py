@@ -16,8 +16,8 @@ def _between(low, high):
     return True if low < high else f"low ({low}) must be below high ({high}); swap them"
 
 
-@node("Interval", category="toy", validate=_between, inputs=[Input("low", INT, default=0), Input("high", INT, default=1)],
-      outputs=[Output("width", INT)])
+@node("Interval", category="toy", validate=_between,
+      inputs=[Input("low", INT, default=0), Input("high", INT, default=1)], outputs=[Output("width", INT)])
 def interval(ctx, low, high):
     return high - low
 
@@ -210,6 +210,9 @@ def test_list_constants(reg):
     bad = validate({"1": {"class_type": "Const", "inputs": {"value": {"__value__": [1, 2]}}},
                     "2": {"class_type": "Show", "inputs": {"value": ["1", 0]}}}, reg)
     assert _codes(bad) == [("invalid_input_type", "1", "value")]
+    # an explicit constant for a linked type is taken as given (a custom widget's value, say)
+    explicit = validate({"1": {"class_type": "Unbox", "inputs": {"box": {"__value__": [1]}}}}, reg, targets=["1"])
+    assert explicit.ok and explicit.graph["1"].inputs["box"] == [1]
 
 
 def test_aliases_resolve_to_the_canonical_type(reg):
@@ -248,8 +251,10 @@ def test_frontend_upload_value_is_tolerated(sd_registry):
 def test_errors_render_and_serialise(reg):
     (error,) = validate({"1": {"class_type": "Const", "inputs": {"value": "x"}},
                          "2": {"class_type": "Show", "inputs": {"value": ["1", 0]}}}, reg).errors
-    assert str(error) == "node 1 (Const), input 'value': input 'value' expects a whole number, got 'x' " \
-                         "[invalid_input_type]"
+    assert str(error) == "node 1 (Const): input 'value' expects a whole number, got 'x' [invalid_input_type]"
+    missing = validate({"1": {"class_type": "Show", "inputs": {}}}, reg).errors[0]
+    assert str(missing) == "node 1 (Show), input 'value': required input 'value' (*) is missing; link it to an " \
+                           "output [required_input_missing]"
     assert error.as_dict() == {"code": "invalid_input_type", "message": error.message, "node_id": "1",
                                "node_type": "Const", "input_name": "value", "details": "",
                                "extra": {"received_value": "x"}}

@@ -10,7 +10,6 @@ from pathlib import Path
 from engine import BOOLEAN, COMBO, FLOAT, INT, STRING, Input, NodeRegistry, Output, Result, node
 from engine.files import atomic_write
 
-
 TYPES = {"BOX": "a toy object that can be weakly referenced (to watch values being released)"}
 
 

@@ -1,0 +1,109 @@
+"""Uploads and /view: naming rules, atomic writes, image checks, mask uploads, view variants."""
+
+from __future__ import annotations
+
+import io
+
+import aiohttp
+from PIL import Image
+from serverkit import Api, bomb_png, png, run, upload
+
+
+def test_upload_names_reuse_and_overwrite(shared):
+    async def scenario():
+        async with aiohttp.ClientSession() as session:
+            api = Api(session, shared.url)
+            red, blue = png((255, 0, 0, 255)), png((0, 0, 255, 255))
+            assert await upload(api, red, "pic.png") == (200, {"name": "pic.png", "subfolder": "", "type": "input"})
+            assert (await upload(api, red, "pic.png"))[1]["name"] == "pic.png"  # identical content: reused
+            assert (await upload(api, blue, "pic.png"))[1]["name"] == "pic (1).png"
+            assert (await upload(api, blue, "pic.png"))[1]["name"] == "pic (1).png"
+            assert (await upload(api, png((0, 255, 0, 255)), "pic.png"))[1]["name"] == "pic (2).png"
+            status, answer = await upload(api, blue, "pic.png", overwrite="true")
+            assert answer["name"] == "pic.png"
+            assert (shared.base / "input" / "pic.png").read_bytes() == blue
+            status, answer = await upload(api, red, "sub.png", subfolder="a/b", type="temp")
+            assert answer == {"name": "sub.png", "subfolder": "a/b", "type": "temp"}
+            status, body = await api.get("/view?filename=sub.png&subfolder=a/b&type=temp")
+            assert status == 200 and body == red
+            assert not [p for p in (shared.base / "input").rglob("*.part")]
+    run(scenario())
+
+
+def test_upload_checks(shared):
+    async def scenario():
+        async with aiohttp.ClientSession() as session:
+            api = Api(session, shared.url)
+            status, body = await upload(api, b"not an image at all", "fake.png")
+            assert status == 400 and body["error"]["type"] == "invalid_image"
+            status, body = await upload(api, bomb_png(100000, 100000), "bomb.png")
+            assert status == 400 and body["error"]["type"] == "image_too_large"
+            status, body = await upload(api, bomb_png(3000, 3000), "medium.png")  # over the 4 MP test budget
+            assert status == 400 and body["error"]["type"] == "image_too_large"
+            big = png(size=(900, 900), mode="RGB", color=(1, 2, 3))
+            buffer = io.BytesIO()
+            Image.new("RGB", (700, 700)).save(buffer, format="BMP")  # 1.4 MB uncompressed, over the 1 MB limit
+            status, body = await upload(api, buffer.getvalue(), "huge.bmp")
+            assert status == 413 and body["error"]["type"] == "upload_too_large"
+            assert (await upload(api, big, "fine.png"))[0] == 200
+            status, body = await upload(api, png(), "script.html")
+            assert status == 400 and body["error"]["type"] == "invalid_filename"
+            status, body = await upload(api, png(), "x.png", type="output")
+            assert status == 400 and body["error"]["type"] == "invalid_type"
+            form = aiohttp.FormData(default_to_multipart=True)
+            form.add_field("other", "x")
+            status, body = await api.post("/upload/image", data=form)
+            assert status == 400 and "'image'" in body["error"]["message"]
+            status, body = await api.post("/upload/image", {"image": "x"})
+            assert status == 415
+            for name in ("fake.png", "bomb.png", "medium.png", "huge.bmp", "script.html"):
+                assert not (shared.base / "input" / name).exists()
+    run(scenario())
+
+
+def test_mask_upload_applies_alpha(shared):
+    async def scenario():
+        async with aiohttp.ClientSession() as session:
+            api = Api(session, shared.url)
+            original = png((10, 20, 30, 255), size=(6, 6), workflow='{"nodes": []}')
+            assert (await upload(api, original, "paint.png"))[0] == 200
+            mask = png((0, 0, 0, 0), size=(6, 6))
+            ref = '{"filename": "paint.png", "subfolder": "", "type": "input"}'
+            status, answer = await upload(api, mask, "paint.png", route="/upload/mask", original_ref=ref)
+            assert status == 200 and answer["name"] == "paint (1).png"
+            status, body = await api.get(f"/view?filename={answer['name']}&type=input")
+            result = Image.open(io.BytesIO(body))
+            assert result.getpixel((0, 0)) == (10, 20, 30, 0) and result.text["workflow"] == '{"nodes": []}'
+            status, body = await upload(api, png(size=(3, 3)), "m.png", route="/upload/mask", original_ref=ref)
+            assert status == 400 and "must match" in body["error"]["message"]
+            missing = '{"filename": "nope.png", "type": "input"}'
+            assert (await upload(api, mask, "m.png", route="/upload/mask", original_ref=missing))[0] == 404
+            assert (await upload(api, mask, "m.png", route="/upload/mask"))[0] == 400
+    run(scenario())
+
+
+def test_view_variants_and_headers(shared):
+    async def scenario():
+        async with aiohttp.ClientSession() as session:
+            api = Api(session, shared.url)
+            await upload(api, png((200, 100, 50, 128), size=(5, 5)), "view.png")
+            async with session.get(f"{shared.url}/view?filename=view.png&type=input") as response:
+                assert response.status == 200 and response.headers["Content-Type"] == "image/png"
+                assert response.headers["X-Content-Type-Options"] == "nosniff"
+                assert "sandbox" in response.headers["Content-Security-Policy"]
+            status, body = await api.get("/view?filename=view.png&type=input&channel=rgb")
+            assert Image.open(io.BytesIO(body)).mode == "RGB"
+            status, body = await api.get("/view?filename=view.png&type=input&channel=a")
+            assert Image.open(io.BytesIO(body)).getpixel((0, 0)) == (0, 0, 0, 128)
+            async with session.get(f"{shared.url}/view?filename=view.png&type=input&preview=jpeg;50") as response:
+                assert response.headers["Content-Type"] == "image/jpeg"
+                assert Image.open(io.BytesIO(await response.read())).format == "JPEG"
+            assert (await api.get("/view?filename=view.png [input]"))[0] == 200
+            assert (await api.get("/view?filename=view.png&type=input&channel=xyz"))[0] == 400
+            assert (await api.get("/view?filename=absent.png"))[0] == 404
+            assert (await api.get("/view"))[0] == 400
+            (shared.base / "output" / "page.html").write_text("<script>alert(1)</script>")
+            async with session.get(f"{shared.url}/view?filename=page.html") as response:
+                assert response.headers["Content-Type"] == "application/octet-stream"
+                assert response.headers["Content-Disposition"].startswith("attachment")
+    run(scenario())

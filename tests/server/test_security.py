@@ -1,0 +1,326 @@
+"""Secure defaults: paths stay inside their roots, Host/Origin/token checks, content types, size limits."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import uuid
+
+import aiohttp
+import pytest
+from serverkit import SENTINEL, TOKEN, Api, chain, messages_until_done, png, run, slow, upload
+from yarl import URL
+
+import server as server_module
+
+
+def text_of(body) -> str:
+    return body.decode("utf-8", "replace") if isinstance(body, bytes) else json.dumps(body)
+
+
+@pytest.fixture(scope="module")
+def escape_hatches(shared):
+    """Symlinks inside input/ and output/ that point out of them."""
+    root = shared.base.parent
+    links = {shared.base / "input" / "link_out.png": root / "secret.txt",
+             shared.base / "input" / "dir_out": root, shared.base / "output" / "out_link": root}
+    for link, target in links.items():
+        if not link.is_symlink():
+            link.symlink_to(target)
+    return root
+
+
+VIEW_ATTEMPTS = [
+    {"filename": "../../secret.txt"},
+    {"filename": "secret.txt", "subfolder": "../.."},
+    {"filename": "../../secret.txt", "type": "input"},
+    {"filename": "..\\..\\secret.txt"},
+    {"filename": "secret.txt", "subfolder": "..\\.."},
+    {"filename": "../../secret.txt\x00.png"},
+    {"filename": "link_out.png", "type": "input"},
+    {"filename": "secret.txt", "subfolder": "dir_out", "type": "input"},
+    {"filename": "dir_out/secret.txt", "type": "input"},
+    {"filename": "secret.txt", "subfolder": "out_link"},
+    {"filename": "../../secret.txt [input]"},
+    {"filename": "secret.txt", "type": "../.."},
+]
+
+
+def test_view_refuses_every_way_out(shared, escape_hatches):
+    root = escape_hatches
+    attempts = VIEW_ATTEMPTS + [{"filename": str(root / "secret.txt")},
+                                {"filename": "secret.txt", "subfolder": str(root)}]
+    raw = ["/view?filename=..%2F..%2Fsecret.txt", "/view?filename=..%252F..%252Fsecret.txt",
+           "/view?filename=%2E%2E/%2E%2E/secret.txt&type=temp", "/view?filename=secret.txt&subfolder=%2E%2E%5C%2E%2E",
+           "/view/../../secret.txt", "/%2e%2e/%2e%2e/secret.txt", "/api/view?filename=..%2F..%2Fsecret.txt",
+           f"/view?filename={str(root / 'secret.txt').replace('/', '%2F')}"]
+
+    async def scenario():
+        async with aiohttp.ClientSession() as session:
+            api = Api(session, shared.url)
+            for query in attempts:
+                status, body = await api.get("/view", params=query)
+                assert status in (400, 404), (query, status)
+                assert SENTINEL not in text_of(body), query
+            for path in raw:
+                async with session.get(URL(shared.url + path, encoded=True)) as response:
+                    body = await response.read()
+                    assert response.status in (400, 404), (path, response.status)
+                    assert SENTINEL.encode() not in body, path
+            assert (await api.get("/view", params={"filename": "link_out.png", "type": "input"}))[1]["error"][
+                "type"] == "unsafe_path"
+    run(scenario())
+
+
+def test_uploads_refuse_every_way_out(shared, escape_hatches):
+    root = escape_hatches
+    names = ["../evil.png", "..\\evil.png", "/tmp/evil.png", str(root / "evil.png"), "ev\x00il.png",
+             "sub/../../evil.png", ".evil.png", ".."]
+    subfolders = ["..", "../..", "/tmp", str(root), "dir_out", "..\\..", "a/../../..", "sub\x00dir"]
+
+    async def scenario():
+        async with aiohttp.ClientSession() as session:
+            api = Api(session, shared.url)
+            for name in names:
+                status, body = await upload(api, png(), name)
+                assert status == 400, (name, body)
+            for subfolder in subfolders:
+                status, body = await upload(api, png(), "evil.png", subfolder=subfolder)
+                assert status == 400 and body["error"]["type"] == "unsafe_path", (subfolder, body)
+            ref = json.dumps({"filename": "link_out.png", "type": "input"})
+            status, body = await upload(api, png(), "m.png", route="/upload/mask", original_ref=ref)
+            assert status == 400 and SENTINEL not in text_of(body)
+    run(scenario())
+    assert not [p for p in root.rglob("*evil*")] and not os.path.exists("/tmp/evil.png")
+
+
+def test_load_image_names_stay_inside_input(shared, escape_hatches):
+    root = escape_hatches
+
+    async def scenario():
+        async with aiohttp.ClientSession() as session:
+            api = Api(session, shared.url)
+            for name in ("../../secret.txt", "..\\..\\secret.txt", str(root / "secret.txt"), "dir_out/secret.txt",
+                         "secret.txt\x00.png"):
+                prompt = {"1": {"class_type": "ToyLoadImage", "inputs": {"image": name}},
+                          "2": {"class_type": "Show", "inputs": {"value": ["1", 0]}}}
+                status, body = await api.post("/prompt", {"prompt": prompt})
+                assert status == 400 and body["node_errors"]["1"]["errors"][0]["type"] == "value_not_in_list"
+                assert SENTINEL not in text_of(body)
+            # a symlink inside input/ that points out is listed, but reading through it is refused
+            ws = await api.ws("loader")
+            prompt = {"1": {"class_type": "ToyLoadImage", "inputs": {"image": "link_out.png"}},
+                      "2": {"class_type": "Show", "inputs": {"value": ["1", 0]}}}
+            prompt_id = await api.queue(prompt, client_id="loader")
+            seen = await messages_until_done(ws, prompt_id)
+            await ws.close()
+            history = await api.history(prompt_id)
+            assert history["status"]["status_str"] == "error"
+            error = next(m["data"] for m in seen if isinstance(m, dict) and m["type"] == "execution_error")
+            assert error["exception_type"] == "UnsafePathError"
+            assert SENTINEL not in text_of(seen) and SENTINEL not in text_of(history)
+    run(scenario())
+
+
+def test_save_image_prefix_stays_inside_output(shared, escape_hatches):
+    root = escape_hatches
+    outside = f"/tmp/sdgraph-evil-{uuid.uuid4().hex}"
+    prefixes = ["../evil", "../../evil", outside, str(root / "evil"), "a/../../evil", "..\\..\\evil", "out_link/evil"]
+
+    async def scenario():
+        async with aiohttp.ClientSession() as session:
+            api = Api(session, shared.url)
+            ids = [await api.queue({"1": {"class_type": "ToySaveImage", "inputs": {"value": 1, "filename_prefix": p}}})
+                   for p in prefixes]
+            for prompt_id in ids:
+                history = await api.history(prompt_id)
+                assert history["status"]["status_str"] == "error", history
+            status, body = await api.post("/prompt", {"prompt": {"1": {"class_type": "ToySaveImage", "inputs": {
+                "value": 1, "filename_prefix": "ok/inside"}}}})
+            assert (await api.history(body["prompt_id"]))["outputs"]["1"]["images"][0]["subfolder"] == "ok"
+    run(scenario())
+    assert not [p for p in root.rglob("*evil*")] and not [p for p in (root.parent.glob("evil*"))]
+    assert not [p for p in os.listdir("/tmp") if p.startswith(os.path.basename(outside))]
+
+
+def test_real_load_image_refuses_paths_out(shared):
+    async def scenario():
+        async with aiohttp.ClientSession() as session:
+            api = Api(session, shared.url)
+            status, info = await api.get("/object_info/LoadImage")
+            if not info:
+                pytest.skip("the SD LoadImage node is not registered yet")
+            for name in ("../../secret.txt", "..\\..\\secret.txt", "/etc/passwd", "link_out.png\x00"):
+                prompt = {"1": {"class_type": "LoadImage", "inputs": {"image": name}},
+                          "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}}
+                status, body = await api.post("/prompt", {"prompt": prompt})
+                assert status == 400 and "1" in body["node_errors"] and SENTINEL not in text_of(body)
+    run(scenario())
+
+
+def test_cross_origin_state_changes_are_refused(shared):
+    async def scenario():
+        async with aiohttp.ClientSession() as session:
+            api = Api(session, shared.url)
+            for origin in ("http://evil.example", "null", "http://127.0.0.1.evil.example", "file://"):
+                headers = {"Origin": origin}
+                for path, body in (("/prompt", {"prompt": chain(1)}), ("/interrupt", {}), ("/queue", {"clear": True}),
+                                   ("/history", {"clear": True}), ("/free", {"unload_models": True})):
+                    status, answer = await api.post(path, body, headers=headers)
+                    assert status == 403 and answer["error"]["type"] == "forbidden_origin", (origin, path)
+                form = aiohttp.FormData()
+                form.add_field("image", png(), filename="x.png")
+                assert (await api.post("/upload/image", data=form, headers=headers))[0] == 403
+                with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                    await api.ws("cross", headers=headers)
+                assert refused.value.status == 403
+                assert (await api.request("OPTIONS", "/prompt", headers=headers))[0] == 403
+            async with session.get(shared.url + "/queue", headers={"Origin": "http://evil.example"}) as response:
+                assert "Access-Control-Allow-Origin" not in response.headers  # readable by no foreign page
+            same = {"Origin": shared.url}
+            assert (await api.post("/prompt", {"prompt": chain(1)}, headers=same))[0] == 200
+            ws = await api.ws("same-origin", headers=same)
+            await ws.close()
+    run(scenario())
+
+
+def test_forged_host_is_refused(shared):
+    async def scenario():
+        async with aiohttp.ClientSession() as session:
+            api = Api(session, shared.url)
+            port = shared.url.rsplit(":", 1)[1]
+            for host in ("evil.example", f"evil.example:{port}", f"127.0.0.1.nip.io:{port}", "192.168.1.10"):
+                status, body = await api.get("/queue", headers={"Host": host})
+                assert status == 403 and body["error"]["type"] == "forbidden_host", host
+                assert (await api.post("/prompt", {"prompt": chain(1)}, headers={"Host": host}))[0] == 403
+                with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                    await api.ws("rebind", headers={"Host": host})
+                assert refused.value.status == 403
+            assert (await api.get("/queue", headers={"Host": f"localhost:{port}"}))[0] == 200
+    run(scenario())
+
+
+def test_content_types_and_body_limits(shared):
+    async def scenario():
+        async with aiohttp.ClientSession() as session:
+            api = Api(session, shared.url)
+            text = json.dumps({"prompt": chain(1)})
+            status, body = await api.post("/prompt", data=text, headers={"Content-Type": "text/plain"})
+            assert status == 415 and body["error"]["type"] == "unsupported_media_type"
+            status, body = await api.post("/prompt", data="a=b", headers={
+                "Content-Type": "application/x-www-form-urlencoded"})
+            assert status == 400 and body["error"]["type"] == "invalid_json"
+            huge = {"prompt": {"1": {"class_type": "Show", "inputs": {"value": "x" * (2 << 20)}}}}
+            status, body = await api.post("/prompt", huge)
+            assert status == 413 and body["error"]["type"] == "request_too_large"
+
+            async def chunks():
+                for _ in range(40):
+                    yield b" " * 65536
+            status, body = await api.post("/prompt", data=chunks(), headers={"Content-Type": "application/json"})
+            assert status == 413
+            deep = "[" * 100000 + "]" * 100000
+            status, body = await api.post("/prompt", data=deep, headers={"Content-Type": "application/json"})
+            assert status == 400 and body["error"]["type"] == "invalid_json"
+            status, body = await api.post("/prompt", data='{"prompt": {"1": NaN}}',
+                                          headers={"Content-Type": "application/json"})
+            assert status == 400 and "NaN" in body["error"]["message"]
+            latent = {"1": {"class_type": "ToyLatent", "inputs": {"width": 2000, "height": 1000, "batch_size": 1}},
+                      "2": {"class_type": "Show", "inputs": {"value": ["1", 0]}}}
+            status, body = await api.post("/prompt", {"prompt": latent})
+            assert status == 400
+            assert body["node_errors"]["1"]["errors"][0]["type"] == "image_too_large"
+            latent["1"]["inputs"].update(width=500, batch_size=2)
+            assert (await api.post("/prompt", {"prompt": latent}))[0] == 200
+    run(scenario())
+
+
+def test_queue_length_and_prompt_size_limits(fresh):
+    server = fresh("--max-queue", "2", "--max-nodes", "5")
+
+    async def scenario():
+        async with aiohttp.ClientSession() as session:
+            api = Api(session, server.url)
+            status, body = await api.post("/prompt", {"prompt": {str(i): {"class_type": "Show", "inputs": {
+                "value": i}} for i in range(6)}})
+            assert status == 400 and body["error"]["type"] == "prompt_too_large" and body["node_errors"] == {}
+            running = await api.queue(slow(steps=200, delay=0.05))
+            while (await api.get(f"/v1/prompts/{running}"))[1]["state"] != "running":
+                await asyncio.sleep(0.05)
+            await api.queue(chain(1))
+            await api.queue(chain(2))
+            status, body = await api.post("/prompt", {"prompt": chain(3)})
+            assert status == 429 and body["error"]["type"] == "queue_full" and "--max-queue" in body["error"]["message"]
+            await api.post("/interrupt")
+    run(scenario())
+
+
+def test_token_is_checked_on_every_route(fresh):
+    server = fresh("--token", TOKEN)
+    routes = [(r.method, r.path.replace("{", "").replace("}", "")) for r in server_module.route_table().routes]
+
+    async def scenario():
+        async with aiohttp.ClientSession() as session:
+            anonymous, wrong, owner = (Api(session, server.url), Api(session, server.url, token="w" * 26),
+                                       Api(session, server.url, token=TOKEN))
+            for method, path in routes:
+                body = {} if method == "POST" else None
+                for prefix in ("", "/api"):
+                    for client in (anonymous, wrong):
+                        status, answer = await client.request(method, prefix + path, json=body)
+                        assert status == 401 and answer["error"]["type"] == "unauthorized", (method, path)
+                    status, _ = await owner.request(method, prefix + path, json=body)
+                    assert status != 401, (method, path)
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await anonymous.ws("me")
+            assert refused.value.status == 401
+            ws = await anonymous.session.ws_connect(f"{server.url}/ws?clientId=me&token={TOKEN}")
+            assert json.loads((await ws.receive(timeout=10)).data)["type"] == "status"
+            await ws.close()
+            ws = await owner.ws("me")
+            await ws.close()
+            assert (await anonymous.get(f"/view?filename=none.png&token={TOKEN}"))[0] == 404
+            assert (await anonymous.get("/view?filename=none.png&token=nope"))[0] == 401
+            status, stats = await owner.get("/system_stats")
+            assert TOKEN not in json.dumps(stats)  # argv is shown without the token
+    run(scenario())
+
+
+def test_token_from_environment(fresh):
+    server = fresh(env={"SDGRAPH_TOKEN": TOKEN})
+
+    async def scenario():
+        async with aiohttp.ClientSession() as session:
+            assert (await Api(session, server.url).get("/queue"))[0] == 401
+            assert (await Api(session, server.url, token=TOKEN).get("/queue"))[0] == 200
+    run(scenario())
+
+
+@pytest.mark.parametrize("args", [("--listen", "0.0.0.0"), ("--listen",), ("--listen", "127.0.0.1,192.0.2.1"),
+                                  ("--listen", "0.0.0.0", "--token", "short")])
+def test_non_loopback_bind_without_a_real_token_refuses_to_start(fresh, args):
+    server = fresh(*args, wait=False)
+    assert server.proc.wait(60) == 2
+    assert "token" in server.log()
+    assert "listening" not in server.out_path.read_text()
+
+
+def test_allowed_origins_open_the_door_for_a_front_end(fresh):
+    server = fresh("--allowed-origins", "http://localhost:5173")
+
+    async def scenario():
+        async with aiohttp.ClientSession() as session:
+            api = Api(session, server.url)
+            front = {"Origin": "http://localhost:5173"}
+            async with session.post(server.url + "/prompt", json={"prompt": chain(1)}, headers=front) as response:
+                assert response.status == 200
+                assert response.headers["Access-Control-Allow-Origin"] == "http://localhost:5173"
+            async with session.options(server.url + "/prompt", headers={
+                    **front, "Access-Control-Request-Method": "POST"}) as response:
+                assert response.status == 204 and "POST" in response.headers["Access-Control-Allow-Methods"]
+            ws = await api.ws("front", headers=front)
+            await ws.close()
+            assert (await api.post("/prompt", {"prompt": chain(1)}, headers={"Origin": "http://localhost:5174"}))[
+                0] == 403
+    run(scenario())

@@ -1,0 +1,186 @@
+"""In-process checks of the pieces: messages, the hub's slow-client handling, security rules, limits."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from engine import Executor, validate
+from service.core import pixel_budget_errors
+from service.hub import Hub
+from service.messages import RunMessages, validation_failure
+from service.security import Guard, bind_problem, normalise_origin
+
+_spec = importlib.util.spec_from_file_location(
+    "toy_nodes_for_server_tests", Path(__file__).resolve().parents[1] / "engine" / "toy_nodes.py")
+toy = sys.modules.setdefault(_spec.name, importlib.util.module_from_spec(_spec))
+_spec.loader.exec_module(toy)
+
+
+def run_messages(prompt: dict, executor: Executor) -> tuple[list, RunMessages]:
+    result = validate(prompt, executor.registry)
+    assert result.ok, result.errors
+    messages = RunMessages("p1")
+    out = []
+    report = executor.run(result.graph, listeners=[lambda e: out.extend(messages.translate(e))], run_id="p1")
+    out += messages.finish(report)
+    return out, messages
+
+
+def test_run_messages_follow_comfyui_order_and_payloads():
+    executor = Executor(toy.toy_registry())
+    prompt = {"1": {"class_type": "Const", "inputs": {"value": 2}},
+              "2": {"class_type": "Slow", "inputs": {"value": ["1", 0], "steps": 2}},
+              "3": {"class_type": "Show", "inputs": {"value": ["2", 0]}}}
+    out, messages = run_messages(prompt, executor)
+    kinds = [kind for kind, _ in out]
+    assert kinds == ["execution_start", "execution_cached", "executing", "executing", "progress", "progress",
+                     "executing", "executed", "execution_success", "executing"]
+    assert out[1][1]["nodes"] == []
+    assert out[4][1] == {"value": 1, "max": 2, "prompt_id": "p1", "node": "2"}
+    assert out[7][1]["output"] == {"text": ["2"]} and out[7][1]["node"] == "3"
+    assert out[-1][1] == {"node": None, "prompt_id": "p1"}
+    assert [kind for kind, _ in messages.recorded] == ["execution_start", "execution_cached", "execution_success"]
+
+    again, _ = run_messages(prompt, executor)  # everything cached: the output node shows its result again
+    assert [kind for kind, _ in again] == ["execution_start", "execution_cached", "executed", "execution_success",
+                                           "executing"]
+    assert sorted(again[1][1]["nodes"]) == ["1", "2", "3"]
+
+
+def test_failure_message_has_comfyui_fields():
+    executor = Executor(toy.toy_registry())
+    prompt = {"1": {"class_type": "Const", "inputs": {"value": 4}},
+              "2": {"class_type": "Fail", "inputs": {"value": ["1", 0]}},
+              "3": {"class_type": "Show", "inputs": {"value": ["2", 0]}}}
+    out, _ = run_messages(prompt, executor)
+    kind, data = out[-2]
+    assert kind == "execution_error"
+    assert data["node_id"] == "2" and data["node_type"] == "Fail" and data["executed"] == ["1"]
+    assert data["exception_type"] == "ValueError" and "toy failure on 4" in data["exception_message"]
+    assert isinstance(data["traceback"], list) and data["current_inputs"] == {"value": ["4"]}
+
+
+def test_validation_failure_shape():
+    registry = toy.toy_registry()
+    prompt = {"1": {"class_type": "Const", "inputs": {"value": "abc"}},
+              "2": {"class_type": "Add", "inputs": {"a": ["1", 0], "b": ["9", 0]}},
+              "3": {"class_type": "Show", "inputs": {"value": ["2", 0]}}}
+    result = validate(prompt, registry)
+    body = validation_failure(result.errors, prompt, ["3"])
+    assert body["error"]["type"] == "prompt_outputs_failed_validation"
+    assert set(body["error"]) == {"type", "message", "details", "extra_info"}
+    assert set(body["node_errors"]) == {"1", "2"}
+    entry = body["node_errors"]["1"]
+    assert entry["class_type"] == "Const" and entry["dependent_outputs"] == ["3"]
+    error = entry["errors"][0]
+    assert error["type"] == "invalid_input_type" and error["extra_info"]["input_name"] == "value"
+    assert body["node_errors"]["2"]["errors"][0]["type"] == "bad_linked_input"
+
+    whole = validation_failure(validate([1, 2], registry).errors, [1, 2], [])
+    assert whole["error"]["type"] == "invalid_prompt" and whole["node_errors"] == {}
+
+
+def test_pixel_budget_applies_to_any_node_with_width_and_height():
+    registry = toy.toy_registry()
+    from engine import INT, Input, Output, node
+
+    @node("Canvas", inputs=[Input("width", INT), Input("height", INT), Input("batch_size", INT, default=1)],
+          outputs=[Output("n", INT)])
+    def canvas(ctx, width, height, batch_size):
+        return 0
+
+    registry.register(canvas)
+    ok = validate({"1": {"class_type": "Canvas", "inputs": {"width": 100, "height": 100, "batch_size": 10}},
+                   "2": {"class_type": "Show", "inputs": {"value": ["1", 0]}}}, registry)
+    assert pixel_budget_errors(ok.graph, 100_000) == []
+    errors = pixel_budget_errors(ok.graph, 99_999)
+    assert [(e.code, e.node_id, e.input_name) for e in errors] == [("image_too_large", "1", "width")]
+    assert "100000 pixels" in errors[0].message and "--max-pixels" in errors[0].message
+
+
+class StuckSocket:
+    """A websocket whose peer never reads: every send waits forever."""
+
+    def __init__(self):
+        self.sent = 0
+
+    async def send_str(self, text):
+        self.sent += 1
+        await asyncio.Event().wait()
+
+    send_bytes = send_str
+
+
+def test_a_slow_client_is_dropped_and_never_blocks_the_publisher():
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        hub = Hub(loop, outbox_size=50)
+        aborted = []
+        slow = hub.attach("slow", StuckSocket(), abort=lambda: aborted.append(True))
+        received = []
+
+        class Fast:
+            async def send_str(self, text):
+                received.append(text)
+        hub.attach("fast", Fast(), abort=lambda: None)
+
+        def worker():  # the worker thread publishes at its own pace and never waits for a client
+            started = time.perf_counter()
+            for i in range(1000):
+                hub.publish("slow", f"m{i}")
+                hub.publish("fast", f"f{i}")
+                if i % 10 == 0:
+                    time.sleep(0.001)
+            return time.perf_counter() - started
+
+        elapsed = await asyncio.to_thread(worker)
+        await asyncio.sleep(0.2)
+        assert elapsed < 5
+        assert aborted == [True] and slow.dropped and hub.dropped_slow == 1
+        assert hub.count == 1  # only the fast client is left, and it got everything in order
+        assert received == [f"f{i}" for i in range(1000)]
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(("listen", "host", "ok"), [
+    (("127.0.0.1",), "127.0.0.1:8188", True),
+    (("127.0.0.1",), "localhost:8188", True),
+    (("127.0.0.1",), "[::1]:8188", True),
+    (("127.0.0.1",), "evil.example:8188", False),
+    (("127.0.0.1",), "127.0.0.1.nip.io", False),
+    (("127.0.0.1",), "192.168.1.5:8188", False),
+    (("127.0.0.1",), "", False),
+    (("127.0.0.1",), "127.0.0.1:notaport", False),
+    (("0.0.0.0",), "192.168.1.5:8188", True),
+    (("0.0.0.0",), "evil.example", False),
+    (("10.1.2.3",), "10.1.2.3:8188", True),
+])
+def test_host_allow_list(listen, host, ok):
+    assert Guard(listen=listen, token="x" * 16).host_ok(host) is ok
+
+
+def test_allowed_hosts_and_origins():
+    guard = Guard(listen=("127.0.0.1",), token=None, allowed_hosts=["studio.lan"],
+                  allowed_origins=["http://localhost:5173"])
+    assert guard.host_ok("studio.lan:8188")
+    assert guard.origin_ok("http://127.0.0.1:8188", "127.0.0.1:8188", "http")
+    assert guard.origin_ok("http://localhost:5173", "127.0.0.1:8188", "http")
+    assert not guard.origin_ok("http://localhost:5174", "127.0.0.1:8188", "http")
+    assert not guard.origin_ok("null", "127.0.0.1:8188", "http")
+    assert not guard.origin_ok("https://127.0.0.1:8188", "127.0.0.1:8188", "http")
+    assert not guard.origin_ok("http://evil.example", "127.0.0.1:8188", "http")
+    assert normalise_origin("HTTP://LocalHost") == "http://localhost:80"
+
+
+def test_bind_rules():
+    assert bind_problem(["127.0.0.1", "::1", "localhost"], None) is None
+    assert "without a token" in bind_problem(["0.0.0.0"], None)
+    assert "without a token" in bind_problem(["127.0.0.1", "192.168.1.5"], None)
+    assert "too short" in bind_problem(["0.0.0.0"], "short")
+    assert bind_problem(["0.0.0.0"], "a" * 32) is None
