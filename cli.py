@@ -69,7 +69,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--explain", action="store_true", help="say, for each node, whether it ran or came from "
                      "the cache, and why")
     run.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: best available)")
-    run.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="model precision")
+    run.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="model precision (default: "
+                     "fp16 on CUDA, bf16 on CPUs with native bf16, else fp32; fp32 reproduces ComfyUI's pixels)")
+    run.add_argument("--ram-budget", default=None, type=_size, metavar="SIZE", help="RAM that models and their "
+                     "working memory may take, e.g. 6G (default: what is available, less 1 GB)")
+    run.add_argument("--vram-budget", default=None, type=_size, metavar="SIZE", help="the same for the GPU "
+                     "(default: its free memory, less a reserve); bigger models are streamed block by block")
+    run.add_argument("--unload", action="store_true", help="unload each model as soon as no later node needs it "
+                     "(lowest peak memory)")
     run.add_argument("--unsafe-load-pickle", action="store_true", help="allow .ckpt/.pt model files "
                      "(loaded with weights_only=True)")
     run.set_defaults(handler=_cmd_run)
@@ -93,6 +100,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _size(text: str) -> int:
+    from engine.models import parse_bytes
+    try:
+        return parse_bytes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
 def _app(args: argparse.Namespace, *, output: str | None = None):
     from nodes import build_registry
     from nodes.folders import Folders
@@ -100,7 +115,9 @@ def _app(args: argparse.Namespace, *, output: str | None = None):
     folders = Folders.at(args.base_dir, output=output, trusted=True)
     registry = build_registry(pack_dirs=[folders.base / "custom_nodes", *args.nodes_dir])
     runtime = Runtime(folders, device=getattr(args, "device", None), dtype=getattr(args, "dtype", None),
-                      allow_pickle=getattr(args, "unsafe_load_pickle", False))
+                      allow_pickle=getattr(args, "unsafe_load_pickle", False),
+                      ram_budget=getattr(args, "ram_budget", None), vram_budget=getattr(args, "vram_budget", None),
+                      unload_after_use=getattr(args, "unload", False))
     return registry, runtime
 
 

@@ -1,4 +1,5 @@
-"""`sdgraph serve`: the ComfyUI-compatible HTTP + WebSocket server (routes here; the substance is in service/).
+"""`sdgraph serve`: the ComfyUI-compatible HTTP + WebSocket server. The routes are here; the substance is in
+service/ (queue, worker, messages, security, uploads).
 
 Exit codes: 0 after a clean stop (SIGTERM/SIGINT); 2 when it cannot start (a non-loopback address without a
 token, a database another server holds, a bad flag).
@@ -6,26 +7,26 @@ token, a database another server holds, a bad flag).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import os
 import signal
 import socket
 import sys
+import threading
 import uuid
 from collections.abc import Sequence
-from pathlib import Path
 
 from aiohttp import web
 
 from engine.schema import node_info, object_info
 from service import openapi, security, system, uploads
 from service.bodies import FreeRequest, HistoryRequest, InterruptRequest, PromptRequest, QueueRequest
-from service.config import MIB, Limits, ServerConfig
+from service.config import MIB, ServerConfig
 from service.core import Service
 from service.messages import status_text, ws_text
-from service.queue import DatabaseInUse
+from service.options import build_parser, config_from_args
+from service.queue import DatabaseInUse, json_text
 from service.routing import Param, RequestError, RouteTable, json_errors, json_response, query_int, raw_json
 
 SERVICE = web.AppKey("service", Service)
@@ -37,7 +38,7 @@ def _svc(request: web.Request) -> Service:
     return request.app[SERVICE]
 
 
-# -- prompts and queue ----------------------------------------------------------------------------------------
+# -- prompts and queue ------------------------------------------------------------------------------------------
 async def post_prompt(request: web.Request, body: PromptRequest) -> web.Response:
     status, answer = await _svc(request).submit(body)
     return json_response(answer, status=status)
@@ -45,12 +46,12 @@ async def post_prompt(request: web.Request, body: PromptRequest) -> web.Response
 
 async def get_prompt(request: web.Request) -> web.Response:
     svc = _svc(request)
-    return json_response({"exec_info": {"queue_remaining": await svc.db(svc.store.remaining)}})
+    return json_response({"exec_info": {"queue_remaining": await svc.call(svc.store.remaining)}})
 
 
 async def get_queue(request: web.Request) -> web.Response:
     svc = _svc(request)
-    return raw_json(await svc.db(svc.store.queue_json))
+    return raw_json(await svc.call(svc.store.queue_json))
 
 
 async def post_queue(request: web.Request, body: QueueRequest) -> web.Response:
@@ -61,32 +62,6 @@ async def post_interrupt(request: web.Request, body: InterruptRequest) -> web.Re
     return json_response({"interrupted": _svc(request).worker.interrupt(body.prompt_id)})
 
 
-# -- history ----------------------------------------------------------------------------------------------------
-async def get_history(request: web.Request) -> web.Response:
-    svc = _svc(request)
-    max_items, offset = query_int(request, "max_items"), query_int(request, "offset", minimum=-1)
-    return raw_json(await svc.db(svc.store.history_json, max_items=max_items, offset=offset))
-
-
-async def get_history_item(request: web.Request) -> web.Response:
-    svc, prompt_id = _svc(request), request.match_info["prompt_id"]
-    entry = await svc.db(svc.store.history_entry_json, prompt_id)
-    return raw_json("{}" if entry is None else f"{{{_quote(prompt_id)}:{entry}}}")
-
-
-async def get_history_item_v1(request: web.Request) -> web.Response:
-    svc, prompt_id = _svc(request), request.match_info["prompt_id"]
-    entry = await svc.db(svc.store.history_entry_json, prompt_id)
-    if entry is None:
-        raise RequestError(404, "not_found", f"prompt {prompt_id[:128]!r} has not finished (or was never queued, "
-                           "or was removed from the history); GET /v1/prompts/{id} says where it is")
-    return raw_json(f"{{{_quote(prompt_id)}:{entry}}}")
-
-
-async def post_history(request: web.Request, body: HistoryRequest) -> web.Response:
-    return json_response({"removed": await _svc(request).change_history(clear=body.clear, delete=body.delete)})
-
-
 async def get_prompt_state(request: web.Request) -> web.Response:
     prompt_id = request.match_info["prompt_id"]
     described = await _svc(request).describe(prompt_id)
@@ -95,19 +70,43 @@ async def get_prompt_state(request: web.Request) -> web.Response:
     return json_response(described)
 
 
+# -- history ----------------------------------------------------------------------------------------------------
+async def get_history(request: web.Request) -> web.Response:
+    svc = _svc(request)
+    max_items, offset = query_int(request, "max_items"), query_int(request, "offset", minimum=-1)
+    return raw_json(await svc.call(svc.store.history_json, max_items=max_items, offset=offset))
+
+
+async def get_history_item(request: web.Request) -> web.Response:
+    svc, prompt_id = _svc(request), request.match_info["prompt_id"]
+    entry = await svc.call(svc.store.history_entry_json, prompt_id)
+    return raw_json("{}" if entry is None else f"{{{json_text(prompt_id)}:{entry}}}")
+
+
+async def get_history_item_v1(request: web.Request) -> web.Response:
+    svc, prompt_id = _svc(request), request.match_info["prompt_id"]
+    entry = await svc.call(svc.store.history_entry_json, prompt_id)
+    if entry is None:
+        raise RequestError(404, "not_found", f"prompt {prompt_id[:128]!r} has not finished (or was never queued, "
+                           "or was removed from the history); GET /v1/prompts/{id} says where it is")
+    return raw_json(f"{{{json_text(prompt_id)}:{entry}}}")
+
+
+async def post_history(request: web.Request, body: HistoryRequest) -> web.Response:
+    return json_response({"removed": await _svc(request).change_history(clear=body.clear, delete=body.delete)})
+
+
 # -- nodes, models, system ------------------------------------------------------------------------------------
 async def get_object_info(request: web.Request) -> web.Response:
     svc = _svc(request)
-    info = await asyncio.to_thread(object_info, svc.registry, svc.runtime)
+    info = await svc.call(object_info, svc.registry, svc.runtime)
     return json_response(info, headers={"X-Sdgraph-Load-Errors": str(len(svc.registry.load_errors))})
 
 
 async def get_object_info_node(request: web.Request) -> web.Response:
     svc, name = _svc(request), request.match_info["node_class"]
     definition = svc.registry.get(name)
-    if definition is None:
-        return json_response({})
-    return json_response({name: await asyncio.to_thread(node_info, definition, svc.runtime)})
+    return json_response({} if definition is None else {name: await svc.call(node_info, definition, svc.runtime)})
 
 
 async def get_load_errors(request: web.Request) -> web.Response:
@@ -119,19 +118,21 @@ async def get_models(request: web.Request) -> web.Response:
 
 
 async def get_models_in(request: web.Request) -> web.Response:
-    folder = request.match_info["folder"]
-    found = await asyncio.to_thread(system.models_in, _svc(request).folders, folder)
+    svc, folder = _svc(request), request.match_info["folder"]
+    found = await svc.call(system.models_in, svc.folders, folder)
     if found is None:
         raise RequestError(404, "not_found", f"there is no model folder {folder[:60]!r}; GET /models lists them")
     return json_response(found)
 
 
 async def get_embeddings(request: web.Request) -> web.Response:
-    return json_response(await asyncio.to_thread(system.embeddings, _svc(request).folders))
+    svc = _svc(request)
+    return json_response(await svc.call(system.embeddings, svc.folders))
 
 
 async def get_system_stats(request: web.Request) -> web.Response:
-    return json_response(await asyncio.to_thread(system.system_stats, _svc(request).config))
+    svc = _svc(request)
+    return json_response(await svc.call(lambda: system.system_stats(svc.config, svc.counters())))
 
 
 async def get_features(request: web.Request) -> web.Response:
@@ -144,9 +145,8 @@ async def post_free(request: web.Request, body: FreeRequest) -> web.Response:
 
 
 async def get_openapi(request: web.Request) -> web.Response:
-    svc = _svc(request)
     return json_response(openapi.build(request.app[ROUTES].routes, version=system.version(),
-                                       token=svc.config.token is not None))
+                                       token=_svc(request).config.token is not None))
 
 
 async def get_root(request: web.Request) -> web.Response:
@@ -159,23 +159,22 @@ async def get_view(request: web.Request) -> web.StreamResponse:
     svc, query = _svc(request), request.query
     if "filename" not in query:
         raise RequestError(400, "invalid_query", "/view needs ?filename=NAME (and subfolder, type if not output)")
-    path = await asyncio.to_thread(uploads.resolve_view, svc.folders, query["filename"], query.get("subfolder", ""),
-                                   query.get("type", "output"))
+    path = await svc.call(uploads.resolve_view, svc.folders, query["filename"], query.get("subfolder", ""),
+                          query.get("type", "output"))
+    headers = uploads.file_headers(path)
     channel, preview = query.get("channel") or None, query.get("preview") or None
     if preview is None and channel in (None, "rgba"):
-        return web.FileResponse(path, headers=uploads.file_headers(path))
-    data, content_type = await asyncio.to_thread(uploads.view_variant, path, channel=channel, preview=preview,
-                                                 max_pixels=svc.limits.max_image_pixels)
-    headers = uploads.file_headers(path)
-    headers["Content-Type"] = content_type
+        return web.FileResponse(path, headers=headers)
+    data, headers["Content-Type"] = await svc.call(uploads.view_variant, path, channel=channel, preview=preview,
+                                                   max_pixels=svc.limits.max_image_pixels)
     return web.Response(body=data, headers=headers)
 
 
 async def post_upload_image(request: web.Request) -> web.Response:
     svc = _svc(request)
     form = await uploads.read_form(request, max_file_bytes=svc.limits.max_upload_bytes)
-    await asyncio.to_thread(uploads.open_image, form.data, svc.limits.max_image_pixels)
-    return json_response(await asyncio.to_thread(_store, svc, form, form.data))
+    await svc.call(uploads.open_image, form.data, svc.limits.max_image_pixels)
+    return json_response(await svc.call(_store, svc, form, form.data))
 
 
 async def post_upload_mask(request: web.Request) -> web.Response:
@@ -184,9 +183,9 @@ async def post_upload_mask(request: web.Request) -> web.Response:
     if "original_ref" not in form.fields:
         raise RequestError(400, "invalid_form", "a mask upload needs the field original_ref (JSON naming the image "
                            "the mask belongs to)")
-    data = await asyncio.to_thread(uploads.apply_mask, svc.folders, form.fields["original_ref"], form.data,
-                                   svc.limits.max_image_pixels)
-    return json_response(await asyncio.to_thread(_store, svc, form, data))
+    data = await svc.call(uploads.apply_mask, svc.folders, form.fields["original_ref"], form.data,
+                          svc.limits.max_image_pixels)
+    return json_response(await svc.call(_store, svc, form, data))
 
 
 def _store(svc: Service, form: uploads.UploadForm, data: bytes) -> dict[str, str]:
@@ -209,7 +208,7 @@ async def get_ws(request: web.Request) -> web.StreamResponse:
     transport = request.transport
     conn = svc.hub.attach(client_id, ws, abort=lambda: transport.abort() if transport is not None else None)
     try:
-        conn.outbox.put_nowait(status_text(await svc.db(svc.store.remaining), sid=client_id))
+        conn.outbox.put_nowait(status_text(await svc.call(svc.store.remaining), sid=client_id))
         running = svc.worker.running()
         if running is not None and running[1] == client_id and running[2] is not None:
             conn.outbox.put_nowait(ws_text("executing", {"node": running[2], "display_node": running[2],
@@ -223,12 +222,11 @@ async def get_ws(request: web.Request) -> web.StreamResponse:
 
 def route_table() -> RouteTable:
     table = RouteTable(body_limit=lambda request: request.app[SERVICE].limits.max_body_bytes)
-    r = table.route
-    bad = {400: "invalid request (error names the field)"}
+    r, bad = table.route, {200: "OK", 400: "invalid request (the error names the field)"}
     r("GET", "/", summary="what this server is", tag="system")(get_root)
-    r("GET", "/ws", summary="websocket: status and the events of this client's prompts", tag="events",
-      query=(Param("clientId", description="the client_id you queue prompts with"),
-             Param("token", description="the token, when the server needs one")),
+    r("GET", "/ws", summary="websocket: status, and the events of the prompts queued with this clientId",
+      tag="events", query=(Param("clientId", description="the client_id you queue prompts with"),
+                           Param("token", description="the token, when the server needs one")),
       responses={101: "switching protocols"})(get_ws)
     r("POST", "/prompt", summary="validate and queue a prompt", tag="prompts", body=PromptRequest,
       responses={200: "queued: {prompt_id, number, node_errors}", 400: "invalid: {error, node_errors}",
@@ -238,17 +236,18 @@ def route_table() -> RouteTable:
     r("GET", "/queue", summary="running and pending prompts", tag="prompts")(get_queue)
     r("POST", "/queue", summary="remove pending prompts", tag="prompts", body=QueueRequest, responses=bad)(post_queue)
     r("POST", "/interrupt", summary="stop the running prompt (only that one, given its id)", tag="prompts",
-      body=InterruptRequest)(post_interrupt)
+      body=InterruptRequest, responses=bad)(post_interrupt)
+    r("GET", "/v1/prompts/{prompt_id}", summary="where a prompt is (pending with position, running, success, "
+      "failed, interrupted) and its attempts", tag="prompts", responses={200: "OK", 404: "unknown"})(get_prompt_state)
     r("GET", "/history", summary="finished prompts, oldest first", tag="history",
       query=(Param("max_items", "integer", "at most this many (the newest, unless offset is given)"),
              Param("offset", "integer", "skip this many of the oldest")), responses=bad)(get_history)
     r("GET", "/history/{prompt_id}", summary="one finished prompt ({} when unknown, as ComfyUI)",
       tag="history")(get_history_item)
-    r("POST", "/history", summary="forget finished prompts", tag="history", body=HistoryRequest)(post_history)
     r("GET", "/v1/history/{prompt_id}", summary="one finished prompt (404 when unknown)", tag="history",
       responses={200: "OK", 404: "not finished or unknown"})(get_history_item_v1)
-    r("GET", "/v1/prompts/{prompt_id}", summary="where a prompt is: pending, running, success, failed, "
-      "interrupted; attempts", tag="prompts", responses={200: "OK", 404: "unknown"})(get_prompt_state)
+    r("POST", "/history", summary="forget finished prompts", tag="history", body=HistoryRequest,
+      responses=bad)(post_history)
     r("GET", "/object_info", summary="every node type", tag="nodes")(get_object_info)
     r("GET", "/object_info/{node_class}", summary="one node type ({} when unknown)", tag="nodes")(
         get_object_info_node)
@@ -266,8 +265,8 @@ def route_table() -> RouteTable:
       form={**form, "original_ref": "JSON {filename, subfolder, type} of the masked image"},
       responses={200: "{name, subfolder, type}", 400: "invalid", 404: "original not found"})(post_upload_mask)
     r("GET", "/system_stats", summary="memory, versions, devices", tag="system")(get_system_stats)
-    r("POST", "/free", summary="unload models / free memory (between prompts)", tag="system",
-      body=FreeRequest)(post_free)
+    r("POST", "/free", summary="unload models / free memory (between prompts)", tag="system", body=FreeRequest,
+      responses=bad)(post_free)
     r("GET", "/models", summary="model folder names", tag="models")(get_models)
     r("GET", "/models/{folder}", summary="model files in a folder", tag="models",
       responses={200: "OK", 404: "unknown folder"})(get_models_in)
@@ -289,71 +288,6 @@ def create_app(service: Service) -> web.Application:
     return app
 
 
-def _quote(text: str) -> str:
-    from service.queue import json_text
-    return json_text(text)
-
-
-# -- command line -----------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sdgraph serve", description="Serve the ComfyUI-compatible HTTP + WebSocket "
-                                "API. Binds 127.0.0.1 unless told otherwise; other addresses need a token.")
-    d = Limits()
-    p.add_argument("--listen", nargs="?", const="0.0.0.0", default="127.0.0.1", metavar="ADDR",
-                   help="address(es) to listen on, comma-separated (default 127.0.0.1; without a value: 0.0.0.0)")
-    p.add_argument("--port", type=int, default=8188, help="port (default 8188; 0 picks a free one)")
-    p.add_argument("--token", default=os.environ.get(security.TOKEN_ENV), help="require this token on every "
-                   f"route (default: ${security.TOKEN_ENV}); needed for any non-loopback address")
-    p.add_argument("--allowed-origins", action="append", default=[], metavar="ORIGIN",
-                   help="a browser origin (e.g. http://localhost:5173) allowed to queue prompts; repeatable")
-    p.add_argument("--allowed-hosts", action="append", default=[], metavar="NAME",
-                   help="a Host name clients may use besides loopback and the listen addresses; repeatable")
-    p.add_argument("--base-dir", default=None, help="folder with models/, input/, output/, custom_nodes/, user/ "
-                   "(default: the working directory)")
-    p.add_argument("--nodes-dir", action="append", default=[], metavar="DIR", help="also load node packs from DIR")
-    p.add_argument("--database", default=None, metavar="PATH", help="the queue and history (default: "
-                   "BASE/user/sdgraph.sqlite3)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: best available)")
-    p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"])
-    p.add_argument("--unsafe-load-pickle", action="store_true", help="allow .ckpt/.pt model files")
-    p.add_argument("--max-queue", type=int, default=d.max_queue, help="pending prompts before 429")
-    p.add_argument("--max-history", type=int, default=d.max_history, help="finished prompts kept")
-    p.add_argument("--max-attempts", type=int, default=d.max_attempts,
-                   help="starts of a prompt that keeps crashing the server before it is marked failed")
-    p.add_argument("--max-upload-size", type=float, default=d.max_upload_bytes / MIB, metavar="MB")
-    p.add_argument("--max-body-mb", type=float, default=d.max_body_bytes / MIB, metavar="MB")
-    p.add_argument("--max-nodes", type=int, default=d.max_nodes)
-    p.add_argument("--max-pixels", type=int, default=d.max_pixels, help="width x height x batch_size budget")
-    p.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels, help="uploaded/viewed image budget")
-    p.add_argument("--max-ws-clients", type=int, default=d.max_ws_clients)
-    p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S", help="on SIGTERM, how long the "
-                   "running prompt may take to finish before it is stopped and put back in the queue")
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    return p
-
-
-def config_from_args(args: argparse.Namespace) -> ServerConfig:
-    base = Path(args.base_dir or os.getcwd()).absolute()
-    limits = Limits(max_queue=args.max_queue, max_history=args.max_history, max_attempts=args.max_attempts,
-                    max_body_bytes=int(args.max_body_mb * MIB), max_nodes=args.max_nodes,
-                    max_upload_bytes=int(args.max_upload_size * MIB), max_image_pixels=args.max_image_pixels,
-                    max_pixels=args.max_pixels, max_ws_clients=args.max_ws_clients)
-    for name, value in vars(args).items():
-        if name.startswith("max_") and value <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    return ServerConfig(
-        base_dir=base, database=Path(args.database).absolute() if args.database else base / "user" / "sdgraph.sqlite3",
-        listen=tuple(h.strip() for h in args.listen.split(",") if h.strip()) or ("127.0.0.1",), port=args.port,
-        token=args.token or None, allowed_origins=frozenset(_split(args.allowed_origins)),
-        allowed_hosts=frozenset(_split(args.allowed_hosts)), nodes_dirs=tuple(Path(p) for p in args.nodes_dir),
-        device=args.device, dtype=args.dtype, allow_pickle=args.unsafe_load_pickle,
-        shutdown_timeout=args.shutdown_timeout, limits=limits)
-
-
-def _split(values: list[str]) -> list[str]:
-    return [part.strip() for value in values for part in value.split(",") if part.strip()]
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -367,17 +301,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     try:
-        return asyncio.run(serve(config))
+        code = asyncio.run(serve(config))
     except (DatabaseInUse, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    others = [t for t in threading.enumerate() if not t.daemon and t is not threading.main_thread()]
+    for thread in others:  # idle pool threads end at once; give busy ones a moment
+        thread.join(2 / len(others))
+    busy = [t.name for t in others if t.is_alive()]
+    if busy:  # the queue is committed and closed: do not wait forever for work that never returns
+        log.error("exiting although %d thread(s) are still busy (%s)", len(busy), ", ".join(busy))
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(code)
+    return code
 
 
 async def serve(config: ServerConfig) -> int:
-    """Run until SIGTERM or SIGINT; then stop taking prompts, let the running one finish (or requeue it), close."""
-    service = await asyncio.to_thread(Service.open, config)
-    loop = asyncio.get_running_loop()
-    service.start(loop)
+    """Run until SIGTERM or SIGINT; then take no more prompts, let the running one finish within
+    --shutdown-timeout (a second signal: at once) or put it back in the queue, and close."""
+    service = Service.open(config)
+    service.start(asyncio.get_running_loop())
     runner = web.AppRunner(create_app(service), access_log=None, handle_signals=False)
     await runner.setup()
     try:
@@ -392,19 +336,18 @@ async def serve(config: ServerConfig) -> int:
         raise
     stop = asyncio.Event()
 
-    def on_signal(signum: int) -> None:
-        if stop.is_set():  # a second signal: stop the running prompt now
+    def on_signal() -> None:
+        if stop.is_set():
             service.worker.stop_now()
         stop.set()
 
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_signal, signum)
+        asyncio.get_running_loop().add_signal_handler(signum, on_signal)
     await stop.wait()
     log.info("stopping: no new prompts; waiting up to %.0f s for the running one", config.shutdown_timeout)
-    service.accepting = False
     await service.stop(close_store=False)
     await runner.cleanup()
-    service.store.close()
+    service.close()
     log.info("stopped")
     return 0
 

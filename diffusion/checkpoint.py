@@ -7,6 +7,9 @@
 3. Modules are built on the meta device and tensors are read a chunk at a time (safetensors: memory-mapped with
    `safe_open`, reopened per chunk so mapped pages never pile up), converted one by one to the target dtype and
    device, then assigned: there is never a second full copy of the weights.
+
+`open_checkpoint` does steps 1-2 only and returns a `CheckpointLayout` whose parts are read on demand, one at a
+time (that is what the model manager's handles call); `load_checkpoint` reads all three at once.
 """
 
 import json
@@ -17,6 +20,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -252,13 +256,17 @@ def _check_part(path, part: str, expected, found: Mapping[str, str], meta, prefi
         raise CheckpointError(f"{path}: the {part} weights do not fit an SD1 {part}: {'; '.join(problems)}. {fix}")
 
 
-def _load_part(source: TensorFile, keys: Mapping[str, str], build: Callable, dtype, device):
-    """Read the part's tensors one by one, convert each to dtype/device as its own copy, and build the module."""
+def _load_part(source: TensorFile, keys: Mapping[str, str], build: Callable, dtype, device, *,
+               channels_last: bool = False):
+    """Read the part's tensors one by one, convert each to dtype/device as its own copy, and build the module.
+
+    With `channels_last`, 4-D (convolution) weights are stored NHWC, the layout oneDNN's kernels want."""
     file_to_part = {v: k for k, v in keys.items()}
     tensors = {}
     for file_key, t in source.read(keys.values()):
         target = dtype if t.is_floating_point() else t.dtype
-        tensors[file_to_part[file_key]] = t.to(device=device, dtype=target, copy=True)
+        layout = torch.channels_last if channels_last and t.ndim == 4 else torch.preserve_format
+        tensors[file_to_part[file_key]] = t.to(device=device, dtype=target, copy=True, memory_format=layout)
         del t
     return build(tensors)
 
@@ -300,24 +308,82 @@ def _open_vae(path, allow_pickle: bool) -> tuple[TensorFile, dict[str, str], VAE
     return source, keys, _check_vae(source, keys, prefix)
 
 
+def open_vae(path: str | os.PathLike, *, allow_pickle: bool = False) -> "PartLayout":
+    """A separate SD1 VAE file, checked from shapes alone; nothing read."""
+    identity = FileIdentity.of(path)
+    source, keys, config = _open_vae(path, allow_pickle)
+    return _part_layout("vae", source, identity, config, keys, allow_pickle)
+
+
 def load_vae(
     path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device="cpu", allow_pickle: bool = False
 ) -> AutoencoderKL:
     """An SD1 VAE from a separate file (models/vae/), keys `encoder.*`/`decoder.*` or `first_stage_model.*`."""
-    FileIdentity.of(path)
-    source, keys, _ = _open_vae(path, allow_pickle)
-    return _load_part(source, keys, build_vae, dtype, device)
+    return open_vae(path, allow_pickle=allow_pickle).load(dtype=dtype, device=device)
 
 
-def load_checkpoint(
-    path: str | os.PathLike,
-    *,
-    dtype: torch.dtype = torch.float32,
-    device="cpu",
-    allow_pickle: bool = False,
-    vae_path: str | os.PathLike | None = None,
-) -> SD1Checkpoint:
-    """UNet, VAE and text encoder of an SD1.x single-file checkpoint, in `dtype` on `device`, in eval mode.
+PARTS = ("unet", "text_encoder", "vae")
+_BUILDERS = {"unet": build_unet, "text_encoder": build_text_encoder, "vae": build_vae}
+
+
+@dataclass(frozen=True, eq=False)
+class PartLayout:
+    """One checked part of a checkpoint (or a separate VAE file) whose tensors have not been read yet: its config,
+    which file keys make it, and the file's identity. Small: this is what a model handle's loader keeps."""
+
+    part: str  # "unet", "text_encoder" or "vae"
+    file: FileIdentity
+    config: Any  # UNetConfig, CLIPTextConfig or VAEConfig
+    keys: Mapping[str, str]  # {key inside the part: key in the file}
+    elements: int  # floating-point elements (converted to the requested dtype)
+    other_bytes: int  # bytes of the other tensors (kept as they are)
+    allow_pickle: bool = False
+
+    def weight_bytes(self, dtype: torch.dtype) -> int:
+        """Bytes the part takes once loaded in `dtype`."""
+        return self.elements * torch.empty(0, dtype=dtype).element_size() + self.other_bytes
+
+    def load(self, *, dtype: torch.dtype = torch.float32, device="cpu", channels_last: bool = False) -> torch.nn.Module:
+        """Read the part into `dtype` on `device`, tensor by tensor, in eval mode.
+
+        Raises CheckpointError if the file changed since it was opened (its weights may no longer fit); open it
+        again."""
+        if FileIdentity.of(self.file.path) != self.file:
+            raise CheckpointError(f"{self.file.path} changed on disk since it was opened; load it again")
+        source = TensorFile(self.file.path, allow_pickle=self.allow_pickle)
+        return _load_part(source, self.keys, _BUILDERS[self.part], dtype, device, channels_last=channels_last)
+
+
+@dataclass(frozen=True, eq=False)
+class CheckpointLayout:
+    """A checked SD1 checkpoint, nothing read: its three parts, each loadable on its own."""
+
+    unet: PartLayout
+    text_encoder: PartLayout
+    vae: PartLayout
+
+    @property
+    def file(self) -> FileIdentity:
+        return self.unet.file
+
+    @property
+    def vae_file(self) -> FileIdentity | None:
+        """Set when the VAE comes from a separate file."""
+        return self.vae.file if self.vae.file != self.unet.file else None
+
+
+def _part_layout(part: str, source: TensorFile, identity: FileIdentity, config: Any, keys: Mapping[str, str],
+                 allow_pickle: bool) -> PartLayout:
+    tensors = [source.meta[k] for k in keys.values()]
+    elements = sum(t.numel() for t in tensors if t.is_floating_point())
+    other = sum(t.numel() * t.element_size() for t in tensors if not t.is_floating_point())
+    return PartLayout(part, identity, config, MappingProxyType(dict(keys)), elements, other, allow_pickle)
+
+
+def open_checkpoint(
+    path: str | os.PathLike, *, allow_pickle: bool = False, vae_path: str | os.PathLike | None = None
+) -> CheckpointLayout:
+    """Check an SD1.x single-file checkpoint (and a separate VAE file) from shapes alone, reading no weights.
 
     Keys outside the three parts (model_ema.*, alphas_cumprod, ...) are ignored. With `vae_path` the VAE comes
     from that file and the checkpoint's own VAE weights (if any) are not read.
@@ -366,18 +432,39 @@ def load_checkpoint(
             f"{vae_file.path if vae_file else path}: the VAE has {vae_config.latent_channels} latent channels but "
             f"the UNet predicts {unet_config.out_channels}; use a VAE made for SD1"
         )
+    return CheckpointLayout(
+        unet=_part_layout("unet", source, identity, unet_config, unet_keys, allow_pickle),
+        text_encoder=_part_layout("text_encoder", source, identity, text_config, text_keys, allow_pickle),
+        vae=_part_layout("vae", vae_source, vae_file or identity, vae_config, vae_keys, allow_pickle),
+    )
 
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device="cpu",
+    allow_pickle: bool = False,
+    vae_path: str | os.PathLike | None = None,
+) -> SD1Checkpoint:
+    """UNet, VAE and text encoder of an SD1.x single-file checkpoint, in `dtype` on `device`, in eval mode.
+
+    Keys outside the three parts (model_ema.*, alphas_cumprod, ...) are ignored. With `vae_path` the VAE comes
+    from that file and the checkpoint's own VAE weights (if any) are not read.
+    """
+    # 1-2. List, infer and check everything before reading any tensor.
+    layout = open_checkpoint(path, allow_pickle=allow_pickle, vae_path=vae_path)
     # 3. Read, convert and assign part by part.
-    unet = _load_part(source, unet_keys, build_unet, dtype, device)
-    text_encoder = _load_part(source, text_keys, build_text_encoder, dtype, device)
-    vae = _load_part(vae_source, vae_keys, build_vae, dtype, device)
+    unet = layout.unet.load(dtype=dtype, device=device)
+    text_encoder = layout.text_encoder.load(dtype=dtype, device=device)
+    vae = layout.vae.load(dtype=dtype, device=device)
     return SD1Checkpoint(
         unet=unet,
         vae=vae,
         text_encoder=text_encoder,
-        unet_config=unet_config,
+        unet_config=layout.unet.config,
         vae_config=vae.config,
-        text_config=text_config,
-        file=identity,
-        vae_file=vae_file,
+        text_config=layout.text_encoder.config,
+        file=layout.file,
+        vae_file=layout.vae_file,
     )

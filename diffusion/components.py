@@ -1,58 +1,106 @@
-"""The loaded parts of a checkpoint as they flow between nodes: MODEL, CLIP and VAE values.
+"""The parts of a checkpoint as they flow between nodes: MODEL, CLIP and VAE values.
 
-Each wraps a network with the device and precision it runs in, and offers the one operation nodes need
-(predict noise, encode a prompt, encode/decode pixels). Tensors crossing the boundary are float32 on the CPU
-side of the graph; the wrappers move and cast them.
+A value holds a `ModelHandle` (file, size, mtime, part, dtype, device) and the part's config, never the weights:
+the process's `ModelManager` loads, places and evicts the networks, and a node borrows one for the duration of a
+call (`with models.use(value.handle, working=...) as network`). So the output cache holding a MODEL value pins
+no memory, and `nbytes` reports what it does hold: the handle and the key list its loader keeps.
+
+Each value offers the operation nodes need (predict noise, encode a prompt, encode/decode pixels), given the
+borrowed network. Tensors crossing the boundary are float32 on the CPU side of the graph; the wrappers move and
+cast them (NCHW inputs go channels_last, the layout oneDNN's convolutions want).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import torch
-from transformers import CLIPTextModel
+from transformers import CLIPTextConfig
 
+from engine.models import ModelHandle
+
+from .checkpoint import CheckpointLayout, PartLayout
+from .device import Precision
 from .latent import CondEntry, Conditioning
 from .tokenizer import ClipTokenizer
-from .unet import UNetModel
-from .vae import AutoencoderKL
+from .unet import UNetConfig
+from .vae import VAEConfig
 
 VAE_DECODE_BATCH = 4
+# Working memory per latent element (B x 4 x h x w) and per byte of the compute dtype, measured as the peak RSS
+# increase over the weights during one call on the CPU (bench/sd15_step.py --calibrate, docs/performance.md),
+# with a margin. Attention is SDPA (flash on CPU and CUDA), so nothing grows with the square of the tokens.
+UNET_WORKING_PER_ELEMENT = 1100
+VAE_DECODE_WORKING_PER_ELEMENT = 24000
+VAE_ENCODE_WORKING_PER_PIXEL = 1200
 
 
 def parameter_bytes(module: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
+def _handle_bytes(layout: PartLayout) -> int:
+    """What a handle keeps alive: the part's key map (strings) and a few small objects."""
+    return 1024 + sum(len(k) + len(v) + 120 for k, v in layout.keys.items())
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty(0, dtype=dtype).element_size()
+
+
+def part_handle(layout: PartLayout, *, dtype: torch.dtype, device: torch.device, label: str,
+                streamable: bool) -> ModelHandle:
+    """A handle whose identity is the part's file (path, size, mtime), the part, its dtype and device."""
+    channels_last = layout.part in ("unet", "vae")
+    return ModelHandle(
+        origin=f"{layout.file.path}#{layout.part}",
+        version=(layout.file.size, layout.file.mtime_ns),
+        variant=(str(dtype).removeprefix("torch."), str(device)),
+        weight_bytes=layout.weight_bytes(dtype),
+        device=str(device),
+        load=partial(_load_part, layout, dtype, channels_last),
+        label=f"{label} of {layout.file.path.name}",
+        streamable=streamable,
+    )
+
+
+def _load_part(layout: PartLayout, dtype: torch.dtype, channels_last: bool, device: str) -> torch.nn.Module:
+    return layout.load(dtype=dtype, device=device, channels_last=channels_last)
+
+
 @dataclass(frozen=True, eq=False)
 class DiffusionModel:
     """MODEL: the UNet of an SD1 checkpoint, predicting noise (eps)."""
 
-    unet: UNetModel
+    handle: ModelHandle
+    config: UNetConfig
+    dtype: torch.dtype
     source: str
+    nbytes: int = 0
 
-    @property
-    def nbytes(self) -> int:
-        return parameter_bytes(self.unet)
+    def model_handles(self) -> tuple[ModelHandle, ...]:
+        return (self.handle,)
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
+    def working_bytes(self, latent_shape: tuple[int, ...], batch_multiplier: int = 2) -> int:
+        """Memory one UNet call needs beside its weights, for latents of `latent_shape` [B, C, h, w] run
+        `batch_multiplier` at a time (2 with CFG: cond and uncond batched together)."""
+        elements = math.prod(latent_shape) * batch_multiplier
+        return elements * UNET_WORKING_PER_ELEMENT * _element_size(self.dtype) // 4 + 64 * 1024 * 1024
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
-
-    def eps_function(self) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
-        """`eps(x, timesteps, context)` taking and returning tensors of the caller's device and dtype."""
-        unet, device, dtype = self.unet, self.device, self.dtype
+    def eps_function(self, unet: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+        """`eps(x, timesteps, context)` with the borrowed `unet`, taking and returning tensors of the caller's
+        device and dtype (the network computes in its own, channels_last)."""
+        device, dtype = torch.device(self.handle.device), self.dtype  # weights may be elsewhere when streamed
 
         def eps(x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
             with torch.inference_mode():
-                out = unet(x.to(device, dtype), timesteps.to(device), context.to(device, dtype))
-            return out.to(x.device, x.dtype)
+                x_in = x.to(device=device, dtype=dtype, memory_format=torch.channels_last)
+                out = unet(x_in, timesteps.to(device), context.to(device, dtype))
+                return out.to(device=x.device, dtype=x.dtype, memory_format=torch.contiguous_format)
 
         return eps
 
@@ -61,69 +109,108 @@ class DiffusionModel:
 class TextEncoder:
     """CLIP: the text model, its tokenizer, the layer whose output conditions (CLIP skip) and embeddings."""
 
-    text_model: CLIPTextModel
+    handle: ModelHandle
+    config: CLIPTextConfig
     tokenizer: ClipTokenizer
     source: str
     layer: int = -1
     embeddings_dir: Path | None = None
     allow_pickle: bool = False  # .pt/.bin textual inversions (loaded with weights_only=True)
+    nbytes: int = 0  # the tokenizer is shared by every CLIP value of the runtime, so it is not counted
+
+    def model_handles(self) -> tuple[ModelHandle, ...]:
+        return (self.handle,)
 
     @property
-    def nbytes(self) -> int:
-        return parameter_bytes(self.text_model)
+    def layers(self) -> int:
+        return self.config.num_hidden_layers
 
     def with_layer(self, layer: int) -> TextEncoder:
         """CLIPSetLastLayer: -1 is the last layer, -2 the one before ("clip skip 2")."""
         return replace(self, layer=layer)
 
-    def encode(self, text: str) -> Conditioning:
+    def encode(self, text: str, text_model: torch.nn.Module) -> Conditioning:
+        """Encode a prompt with the borrowed `text_model`; the conditioning is float32 on the CPU."""
         from .prompt import encode_prompt
 
         with torch.inference_mode():
-            context, pooled = encode_prompt(self.text_model, self.tokenizer, text, layer=self.layer,
+            context, pooled = encode_prompt(text_model, self.tokenizer, text, layer=self.layer,
                                             embeddings_dir=str(self.embeddings_dir) if self.embeddings_dir else None,
                                             allow_pickle=self.allow_pickle)
-        return Conditioning((CondEntry(context.float().cpu(), pooled.float().cpu()),))
+            return Conditioning((CondEntry(context.float().cpu(), pooled.float().cpu()),))
 
 
 @dataclass(frozen=True, eq=False)
 class ImageAutoencoder:
     """VAE: pixels [B,H,W,C] in 0..1 <-> unscaled latents [B,4,H/8,W/8]."""
 
-    vae: AutoencoderKL
+    handle: ModelHandle
+    config: VAEConfig
+    dtype: torch.dtype
     source: str
+    nbytes: int = 0
 
-    @property
-    def nbytes(self) -> int:
-        return parameter_bytes(self.vae)
+    def model_handles(self) -> tuple[ModelHandle, ...]:
+        return (self.handle,)
 
     @property
     def downscale(self) -> int:
-        return self.vae.config.downscale
+        return self.config.downscale
 
-    def _place(self) -> tuple[torch.device, torch.dtype]:
-        p = next(self.vae.parameters())
-        return p.device, p.dtype
+    def decode_working_bytes(self, latent_shape: tuple[int, ...]) -> int:
+        """Memory a decode needs beside the weights (batches of VAE_DECODE_BATCH at a time)."""
+        batch = min(latent_shape[0], VAE_DECODE_BATCH)
+        elements = batch * math.prod(latent_shape[1:])
+        return elements * VAE_DECODE_WORKING_PER_ELEMENT * _element_size(self.dtype) // 4 + 64 * 1024 * 1024
 
-    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+    def encode_working_bytes(self, pixel_shape: tuple[int, ...]) -> int:
+        batch = min(pixel_shape[0], VAE_DECODE_BATCH)
+        pixels = batch * pixel_shape[1] * pixel_shape[2]
+        return pixels * VAE_ENCODE_WORKING_PER_PIXEL * _element_size(self.dtype) // 4 + 64 * 1024 * 1024
+
+    def encode(self, pixels: torch.Tensor, vae: torch.nn.Module) -> torch.Tensor:
         """Encode RGB pixels (centre-cropped to a multiple of 8, as ComfyUI does) to the posterior mode."""
         pixels = crop_to_multiple(pixels[..., :3], self.downscale)
-        device, dtype = self._place()
+        device, dtype = torch.device(self.handle.device), self.dtype
         chunks = []
         with torch.inference_mode():
             for start in range(0, pixels.shape[0], VAE_DECODE_BATCH):
                 batch = pixels[start:start + VAE_DECODE_BATCH].movedim(-1, 1) * 2.0 - 1.0
-                chunks.append(self.vae.encode(batch.to(device, dtype)).float().cpu())
-        return torch.cat(chunks)
+                batch = batch.to(device=device, dtype=dtype, memory_format=torch.channels_last)
+                chunks.append(vae.encode(batch).to(device="cpu", dtype=torch.float32,
+                                                   memory_format=torch.contiguous_format))
+            return torch.cat(chunks)
 
-    def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        device, dtype = self._place()
+    def decode(self, latent: torch.Tensor, vae: torch.nn.Module) -> torch.Tensor:
+        device, dtype = torch.device(self.handle.device), self.dtype
         chunks = []
         with torch.inference_mode():
             for start in range(0, latent.shape[0], VAE_DECODE_BATCH):
-                out = self.vae.decode(latent[start:start + VAE_DECODE_BATCH].to(device, dtype)).float().cpu()
-                chunks.append(torch.clamp((out + 1.0) / 2.0, 0.0, 1.0).movedim(1, -1))
-        return torch.cat(chunks)
+                z = latent[start:start + VAE_DECODE_BATCH].to(device=device, dtype=dtype,
+                                                             memory_format=torch.channels_last)
+                out = vae.decode(z)
+                # NCHW channels_last is NHWC in memory: movedim gives a contiguous image without a copy
+                chunks.append(torch.clamp((out.float() + 1.0) / 2.0, 0.0, 1.0).movedim(1, -1).cpu())
+            return torch.cat(chunks) if len(chunks) > 1 else chunks[0].contiguous()
+
+
+def checkpoint_values(layout: CheckpointLayout, *, device: torch.device, precision: Precision,
+                      tokenizer: ClipTokenizer, embeddings_dir: Path | None = None,
+                      allow_pickle: bool = False) -> tuple[DiffusionModel, TextEncoder, ImageAutoencoder]:
+    """MODEL, CLIP and VAE values for a checked checkpoint; nothing is read until the manager loads a part."""
+    source = str(layout.file.path)
+    unet = part_handle(layout.unet, dtype=precision.unet, device=device, label="UNet", streamable=True)
+    text = part_handle(layout.text_encoder, dtype=precision.text, device=device, label="text encoder",
+                       streamable=False)  # prompt encoding reads embedding weights directly, not via forward
+    return (DiffusionModel(unet, layout.unet.config, precision.unet, source, _handle_bytes(layout.unet)),
+            TextEncoder(text, layout.text_encoder.config, tokenizer, source, embeddings_dir=embeddings_dir,
+                        allow_pickle=allow_pickle, nbytes=_handle_bytes(layout.text_encoder)),
+            vae_value(layout.vae, device=device, dtype=precision.vae))
+
+
+def vae_value(layout: PartLayout, *, device: torch.device, dtype: torch.dtype) -> ImageAutoencoder:
+    handle = part_handle(layout, dtype=dtype, device=device, label="VAE", streamable=True)
+    return ImageAutoencoder(handle, layout.config, dtype, str(layout.file.path), _handle_bytes(layout))
 
 
 def crop_to_multiple(pixels: torch.Tensor, multiple: int) -> torch.Tensor:

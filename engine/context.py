@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +39,8 @@ class RunContext:
     `resources` is whatever the application gave the executor (for Stable Diffusion: device, dtype policy,
     folders, the model manager); the engine never looks inside it. `prompt` is the API-format graph being run
     and `extra` the caller's extra data (ComfyUI's `extra_pnginfo` lives there), so a saver can embed them.
+    `upcoming()` is the plan's look-ahead: the values already computed that nodes still to run (other than this
+    one) will read, so an owner of scarce resources (the model manager) can keep what is about to be used.
     """
 
     run_id: str
@@ -49,6 +51,7 @@ class RunContext:
     emit: Callable[[Event], None]
     prompt: Mapping[str, Any] = field(default_factory=dict)
     extra: Mapping[str, Any] = field(default_factory=dict)
+    upcoming: Callable[[], Sequence[Any]] = field(default=lambda: (), repr=False)
 
     def progress(self, value: float, total: float, preview: Any = None) -> None:
         """Report progress (value of total) and stop here if the run was cancelled."""

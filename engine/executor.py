@@ -1,6 +1,11 @@
 """Runs a validated graph: plan, key, fetch from cache or compute, release, report.
 
 One `Executor` per process (the CLI's or the server's) owns the output cache; `run` is called once per graph.
+
+`around_node(definition, call[, ctx=...])` wraps every computation (`call()` returns the node's CachedOutput);
+it is given the node's RunContext when it accepts a `ctx` keyword. Without an explicit one, the resources' own
+`around_node` method is used if they have one: that is how the application's model manager retries a node that
+ran out of memory and sees the plan's look-ahead, whoever built the executor.
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ import math
 import time
 import traceback
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,7 +65,9 @@ class Executor:
         self.registry = registry
         self.cache = cache if cache is not None else OutputCache()
         self.resources = resources
-        self.around_node = around_node
+        self.around_node = around_node if around_node is not None else getattr(resources, "around_node", None)
+        self._around_takes_ctx = self.around_node is not None and "ctx" in accepted_kwargs(self.around_node,
+                                                                                            {"ctx": None})
         self._last_parts: dict[str, KeyParts] = {}
 
     def run(self, graph: Graph, *, listeners: Iterable[Listener] = (), cancel: CancelToken | None = None,
@@ -217,6 +225,12 @@ class _Run:
                 values[name] = [value]
         return values
 
+    def _upcoming(self, nid: str) -> list[Any]:
+        """Values computed so far that a node other than `nid` has still to read (the plan's look-ahead)."""
+        mine = Counter(link.source for _, link in self.links[nid])
+        return [value for src, result in self.results.items() if self.refcount.get(src, 0) - mine[src] > 0
+                for values in result.outputs for value in values]
+
     def _release_inputs(self, nid: str, wanted: set[str]) -> None:
         for _, link in self.links[nid]:
             src = link.source
@@ -228,12 +242,18 @@ class _Run:
         run_id, nid = self.report.run_id, inst.id
         self.emit(NodeStarted(run_id, nid, definition.name))
         ctx = RunContext(run_id, nid, definition.name, self.ex.resources, self.cancel, self.emit, self.prompt,
-                         self.extra)
+                         self.extra, upcoming=lambda: self._upcoming(nid))
         inputs = self._input_lists(inst, wanted)
         started = time.perf_counter()
         try:
             call = lambda: _call_node(definition, ctx, inputs, self.ex.registry)  # noqa: E731
-            result = self.ex.around_node(definition, call) if self.ex.around_node else call()
+            around = self.ex.around_node
+            if around is None:
+                result = call()
+            elif self.ex._around_takes_ctx:
+                result = around(definition, call, ctx=ctx)
+            else:
+                result = around(definition, call)
         except Interrupted:
             raise
         except Exception as exc:

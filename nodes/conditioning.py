@@ -12,7 +12,8 @@ from engine import INT, STRING, Input, Output, node
               Input("clip", "CLIP")],
       outputs=[Output("CONDITIONING", "CONDITIONING")])
 def clip_text_encode(ctx, text, clip):
-    return clip.encode(text)
+    with ctx.resources.models.use(clip.handle) as text_model:
+        return clip.encode(text, text_model)
 
 
 @node("CLIPSetLastLayer", category="conditioning", display_name="CLIP Set Last Layer",
@@ -20,7 +21,7 @@ def clip_text_encode(ctx, text, clip):
       inputs=[Input("clip", "CLIP"), Input("stop_at_clip_layer", INT, default=-1, min=-24, max=-1, step=1)],
       outputs=[Output("CLIP", "CLIP")])
 def clip_set_last_layer(ctx, clip, stop_at_clip_layer):
-    layers = clip.text_model.config.num_hidden_layers
+    layers = clip.layers
     if -stop_at_clip_layer > layers:
         raise ValueError(f"stop_at_clip_layer {stop_at_clip_layer} goes past the first layer: this text encoder "
                          f"has {layers} layers, so use a value from -1 to -{layers}")

@@ -36,7 +36,14 @@ def empty_latent_image(ctx, width, height, batch_size):
 @node("VAEDecode", category="latent", display_name="VAE Decode", description="Latents to pixels.",
       inputs=[Input("samples", "LATENT"), Input("vae", "VAE")], outputs=[Output("IMAGE", "IMAGE")])
 def vae_decode(ctx, samples, vae):
-    return vae.decode(samples.samples)
+    working = vae.decode_working_bytes(tuple(samples.samples.shape))
+    with ctx.resources.models.use(vae.handle, working=working) as network:
+        return vae.decode(samples.samples, network)
+
+
+def _encode(ctx, vae, pixels):
+    with ctx.resources.models.use(vae.handle, working=vae.encode_working_bytes(tuple(pixels.shape))) as network:
+        return vae.encode(pixels, network)
 
 
 @node("VAEEncode", category="latent", display_name="VAE Encode",
@@ -44,7 +51,7 @@ def vae_decode(ctx, samples, vae):
       inputs=[Input("pixels", "IMAGE"), Input("vae", "VAE")], outputs=[Output("LATENT", "LATENT")])
 def vae_encode(ctx, pixels, vae):
     from diffusion.latent import Latent
-    return Latent(vae.encode(pixels))
+    return Latent(_encode(ctx, vae, pixels))
 
 
 @node("VAEEncodeForInpaint", category="latent/inpaint", display_name="VAE Encode (for Inpainting)",
@@ -70,7 +77,7 @@ def vae_encode_for_inpaint(ctx, pixels, vae, mask, grow_mask_by):
     grown = torch.clamp(F.conv2d(mask.round(), kernel, padding=grow_mask_by), 0, 1).round()
     keep = (1.0 - mask.round()).movedim(1, -1)
     pixels = (pixels - 0.5) * keep + 0.5
-    return Latent(vae.encode(pixels), noise_mask=grown)
+    return Latent(_encode(ctx, vae, pixels), noise_mask=grown)
 
 
 @node("SetLatentNoiseMask", category="latent/inpaint", display_name="Set Latent Noise Mask",

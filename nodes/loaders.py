@@ -1,4 +1,8 @@
-"""Loading checkpoints and VAEs from the models/ folders."""
+"""Loading checkpoints and VAEs from the models/ folders.
+
+A loader checks the file from its header and returns values holding model handles; the weights are read when a
+node first uses them (through the runtime's model manager), one part at a time.
+"""
 
 from __future__ import annotations
 
@@ -36,22 +40,15 @@ def _vae_identity(resources, vae_name):
                     tooltip="a file in models/checkpoints")],
       outputs=[Output("MODEL", "MODEL"), Output("CLIP", "CLIP"), Output("VAE", "VAE")])
 def checkpoint_loader(ctx, ckpt_name):
-    from diffusion.checkpoint import load_checkpoint
-    from diffusion.components import DiffusionModel, ImageAutoencoder, TextEncoder
-    from diffusion.device import pick_device, pick_dtype, pick_vae_dtype
-    from diffusion.tokenizer import ClipTokenizer
+    from diffusion.checkpoint import open_checkpoint
+    from diffusion.components import checkpoint_values
 
     runtime = ctx.resources
     path = runtime.folders.model_path("checkpoints", ckpt_name)
-    device = pick_device(runtime.device)
-    checkpoint = load_checkpoint(path, dtype=pick_dtype(device, runtime.dtype), device=device,
-                                 allow_pickle=runtime.allow_pickle)
-    vae = checkpoint.vae.to(dtype=pick_vae_dtype(device, runtime.dtype))
-    source = str(path)
-    return (DiffusionModel(checkpoint.unet, source),
-            TextEncoder(checkpoint.text_encoder, ClipTokenizer(), source,
-                        embeddings_dir=runtime.folders.models("embeddings"), allow_pickle=runtime.allow_pickle),
-            ImageAutoencoder(vae, source))
+    device, precision = runtime.placement()
+    layout = open_checkpoint(path, allow_pickle=runtime.allow_pickle)  # checked from the header; nothing read
+    return checkpoint_values(layout, device=device, precision=precision, tokenizer=runtime.tokenizer(),
+                             embeddings_dir=runtime.folders.models("embeddings"), allow_pickle=runtime.allow_pickle)
 
 
 @node("VAELoader", category="loaders", display_name="Load VAE",
@@ -60,16 +57,13 @@ def checkpoint_loader(ctx, ckpt_name):
       inputs=[Input("vae_name", COMBO, options=_vae_names, tooltip="a file in models/vae")],
       outputs=[Output("VAE", "VAE")])
 def vae_loader(ctx, vae_name):
-    from diffusion.checkpoint import load_vae
-    from diffusion.components import ImageAutoencoder
-    from diffusion.device import pick_device, pick_vae_dtype
+    from diffusion.checkpoint import open_vae
+    from diffusion.components import vae_value
 
     runtime = ctx.resources
     path = runtime.folders.model_path("vae", vae_name)
-    device = pick_device(runtime.device)
-    vae = load_vae(path, dtype=pick_vae_dtype(device, runtime.dtype), device=device,
-                   allow_pickle=runtime.allow_pickle)
-    return ImageAutoencoder(vae, str(path))
+    device, precision = runtime.placement()
+    return vae_value(open_vae(path, allow_pickle=runtime.allow_pickle), device=device, dtype=precision.vae)
 
 
 NODES = [checkpoint_loader, vae_loader]

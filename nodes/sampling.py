@@ -27,6 +27,9 @@ def _common_inputs(seed_name: str) -> list[Input]:
 
 
 def _run(ctx, model, latent_image, positive, negative, **settings):
+    import math
+
+    from diffusion.latent import Conditioning, Latent
     from diffusion.sampling import sample
 
     total = settings["steps"]
@@ -34,7 +37,14 @@ def _run(ctx, model, latent_image, positive, negative, **settings):
     def report(step, _total, *_rest):
         ctx.progress(step + 1, _total or total)
 
-    return sample(model.eps_function(), latent_image, positive, negative, callback=report, **settings)
+    # The UNet is borrowed from the model manager for the whole loop, with room made for one call's working
+    # memory: every conditioning entry is batched into that call (cond and uncond together under CFG).
+    shape = tuple(Latent.from_value(latent_image).samples.shape)
+    entries = len(Conditioning.from_value(positive).entries)
+    if not math.isclose(settings["cfg"], 1.0):
+        entries += len(Conditioning.from_value(negative).entries)
+    with ctx.resources.models.use(model.handle, working=model.working_bytes(shape, max(entries, 1))) as unet:
+        return sample(model.eps_function(unet), latent_image, positive, negative, callback=report, **settings)
 
 
 @node("KSampler", category="sampling",

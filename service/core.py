@@ -7,9 +7,11 @@ worker; `stop()` stops taking work, lets the running prompt finish (or puts it b
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from engine import Executor, NodeRegistry, ValidationError, validate
@@ -39,6 +41,7 @@ class Service:
         self.executor = Executor(registry, resources=runtime)
         self.store = store
         self.accepting = True
+        self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="sdgraph-io")
         self.hub: Hub | None = None
         self.worker: Worker | None = None
 
@@ -72,11 +75,17 @@ class Service:
         if self.hub is not None:
             await self.hub.close_all()
         if close_store:
-            self.store.close()
+            self.close()
 
-    async def db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run a store call off the event loop (a commit waits for fsync)."""
-        return await asyncio.to_thread(fn, *args, **kwargs)
+    def close(self) -> None:
+        """Close the store; work still stuck in a thread (a node's option list that never returns) is abandoned."""
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.store.close()
+
+    async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run blocking work (a commit waits for fsync; node option lists read folders; images decode) in the
+        service's own threads, off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, functools.partial(fn, *args, **kwargs))
 
     def status_changed(self) -> None:
         """Tell every websocket client the queue length (from any thread)."""
@@ -95,7 +104,7 @@ class Service:
                                    f"most {self.limits.max_nodes} (--max-nodes)", node_errors={})
         targets = body.partial_execution_targets
         try:
-            result = await asyncio.to_thread(validate, prompt, self.registry, targets=targets, resources=self.runtime)
+            result = await self.call(validate, prompt, self.registry, targets=targets, resources=self.runtime)
         except (Exception, RecursionError) as exc:  # a bug in a check must not become a 500 or reach the worker
             log.exception("validating a prompt raised")
             return 400, error_body("exception_during_validation", f"checking the prompt failed with "
@@ -108,14 +117,14 @@ class Service:
             extra_data["client_id"] = body.client_id
         prompt_id = body.prompt_id or str(uuid.uuid4())
         try:
-            number = await self.db(self.store.put, prompt_id=prompt_id, prompt=prompt, extra_data=extra_data,
+            number = await self.call(self.store.put, prompt_id=prompt_id, prompt=prompt, extra_data=extra_data,
                                    outputs=list(result.graph.outputs), client_id=body.client_id or None,
                                    number=body.number, front=body.front, max_pending=self.limits.max_queue)
         except StoreError as error:
             status = 429 if error.kind == "queue_full" else 409
             return status, error_body(error.kind, error.message, node_errors={})
         self.worker.wake()
-        await asyncio.to_thread(self.status_changed)
+        await self.call(self.status_changed)
         return 200, {"prompt_id": prompt_id, "number": number_json(number), "node_errors": {}}
 
     def _output_nodes(self, prompt: dict[str, Any]) -> list[str]:
@@ -129,20 +138,29 @@ class Service:
 
     # -- queue and history --------------------------------------------------------------------------------
     async def change_queue(self, *, clear: bool, delete: list[str]) -> int:
-        removed = await self.db(self.store.clear_pending) if clear else 0
+        removed = await self.call(self.store.clear_pending) if clear else 0
         if delete:
-            removed += await self.db(self.store.delete_pending, delete)
-        await asyncio.to_thread(self.status_changed)
+            removed += await self.call(self.store.delete_pending, delete)
+        await self.call(self.status_changed)
         return removed
 
     async def change_history(self, *, clear: bool, delete: list[str]) -> int:
-        removed = await self.db(self.store.clear_history) if clear else 0
+        removed = await self.call(self.store.clear_history) if clear else 0
         if delete:
-            removed += await self.db(self.store.delete_history, delete)
+            removed += await self.call(self.store.delete_history, delete)
         return removed
 
+    def counters(self) -> dict[str, Any]:
+        """What /system_stats adds under "sdgraph": cache size, queue, clients, prompts run since start."""
+        cache = self.executor.cache
+        return {"cache_entries": len(cache), "cache_bytes": cache.nbytes, "cache_budget_bytes": cache.max_bytes,
+                "queue_remaining": self.store.remaining(), "prompts_run": self.worker.completed if self.worker else 0,
+                "worker_alive": self.worker.alive if self.worker else False,
+                "websocket_clients": self.hub.count if self.hub else 0,
+                "slow_clients_dropped": self.hub.dropped_slow if self.hub else 0}
+
     async def describe(self, prompt_id: str) -> dict[str, Any] | None:
-        described = await self.db(self.store.describe, prompt_id)
+        described = await self.call(self.store.describe, prompt_id)
         running = self.worker.running() if self.worker else None
         if described is not None and running is not None and running[0] == prompt_id:
             described["node"] = running[2]

@@ -67,13 +67,15 @@ def redact(argv: list[str], secret: str | None) -> list[str]:
     return [arg.replace(secret, "<token>") for arg in argv]
 
 
-def system_stats(config: ServerConfig) -> dict[str, Any]:
+def system_stats(config: ServerConfig, server: dict[str, Any]) -> dict[str, Any]:
+    """ComfyUI's {system, devices}, and under "sdgraph" this server's own counters (`server`)."""
     total, free = _memory()
     return {
         "system": {"os": os.name, "ram_total": total, "ram_free": free, "comfyui_version": f"sdgraph {version()}",
                    "python_version": sys.version, "pytorch_version": _torch_version(), "embedded_python": False,
                    "argv": redact(sys.argv, config.token)},
         "devices": _devices(config.device),
+        "sdgraph": server,
     }
 
 

@@ -27,9 +27,10 @@ log = logging.getLogger("sdgraph.server")
 
 @runtime_checkable
 class FreesMemory(Protocol):
-    """What the application's resources offer for POST /free: drop loaded models and free what can be freed."""
+    """What the application's resources offer for POST /free: drop loaded models (`unload_models`) and give
+    freed memory back (`free_memory`)."""
 
-    def free_memory(self, unload_models: bool) -> None: ...
+    def free_memory(self, unload_models: bool, free_memory: bool) -> None: ...
 
 
 @dataclass
@@ -119,6 +120,7 @@ class Worker:
     # -- the thread ---------------------------------------------------------------------------------------
     def _loop(self) -> None:
         while not self._stopping:
+            self._wake.clear()  # before looking: a prompt queued from now on wakes the wait below
             self._apply_free()
             try:
                 item = self.store.claim()
@@ -127,8 +129,8 @@ class Worker:
                 time.sleep(1)
                 continue
             if item is None:
-                self._wake.wait(1.0)
-                self._wake.clear()
+                if not self._stopping:
+                    self._wake.wait(1.0)
                 continue
             self.on_queue_change()
             try:
@@ -223,7 +225,7 @@ class Worker:
             self.executor.cache.clear()  # cached outputs hold the loaded models
         resources = self.executor.resources
         if isinstance(resources, FreesMemory):
-            resources.free_memory(unload)
+            resources.free_memory(unload_models=unload, free_memory=free)
         gc.collect()
         log.info("freed memory (unload_models=%s, free_memory=%s)", unload, free)
 

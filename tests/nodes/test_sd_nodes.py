@@ -137,22 +137,31 @@ def test_vae_encode_crops_to_multiple_of_8_and_round_trips_shape(tiny_base):
     assert float(image.min()) >= 0.0 and float(image.max()) <= 1.0
 
 
-def test_vae_encode_for_inpaint_greys_masked_pixels_and_grows_mask():
+def test_vae_encode_for_inpaint_greys_masked_pixels_and_grows_mask(tmp_path):
+    from types import SimpleNamespace
+
+    from engine.models import ModelHandle
     from nodes.latent import vae_encode_for_inpaint
 
     seen = {}
 
     class FakeVae:
         downscale = 8
+        handle = ModelHandle("fake-vae", load=lambda device: torch.nn.Identity())
 
-        def encode(self, pixels):
-            seen["pixels"] = pixels
+        def encode_working_bytes(self, shape):
+            return 0
+
+        def encode(self, pixels, network):
+            seen["pixels"], seen["network"] = pixels, network
             return torch.zeros(pixels.shape[0], 4, pixels.shape[1] // 8, pixels.shape[2] // 8)
 
     pixels = torch.zeros(1, 16, 16, 3)
     mask = torch.zeros(1, 16, 16)
     mask[0, 8, 8] = 1.0
-    latent = vae_encode_for_inpaint.fn(None, pixels, FakeVae(), mask, 2)
+    ctx = SimpleNamespace(resources=Runtime(Folders.at(tmp_path)))
+    latent = vae_encode_for_inpaint.fn(ctx, pixels, FakeVae(), mask, 2)
+    assert isinstance(seen["network"], torch.nn.Identity)  # borrowed from the runtime's model manager
     assert float(seen["pixels"][0, 8, 8, 0]) == 0.5 and float(seen["pixels"][0, 0, 0, 0]) == 0.0
     grown = latent.noise_mask[0, 0]
     assert grown.shape == (16, 16)

@@ -220,6 +220,7 @@ def test_models_embeddings_stats_features(shared):
             status, stats = await api.get("/system_stats")
             assert {"os", "ram_total", "ram_free", "python_version"} <= set(stats["system"])
             assert stats["devices"] and "vram_total" in stats["devices"][0]
+            assert stats["sdgraph"]["worker_alive"] is True and stats["sdgraph"]["cache_entries"] >= 0
             status, features = await api.get("/features")
             assert features["max_upload_size"] == 1 << 20 and features["sdgraph"]["max_pixels"] == 1000000
     run(scenario())

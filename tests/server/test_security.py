@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import uuid
 
 import aiohttp
 import pytest
+from PIL import Image
 from serverkit import SENTINEL, TOKEN, Api, chain, messages_until_done, png, run, slow, upload
 from yarl import URL
 
@@ -21,10 +23,13 @@ def text_of(body) -> str:
 
 @pytest.fixture(scope="module")
 def escape_hatches(shared):
-    """Symlinks inside input/ and output/ that point out of them."""
+    """Symlinks inside input/ and output/ that point out of them (the folder they point to holds the sentinel too;
+    it does not contain the base dir, since a symlink loop hangs nodes.folders' listing, see docs/server.md)."""
     root = shared.base.parent
+    (root / "outside").mkdir(exist_ok=True)
+    (root / "outside" / "secret.txt").write_text(SENTINEL)
     links = {shared.base / "input" / "link_out.png": root / "secret.txt",
-             shared.base / "input" / "dir_out": root, shared.base / "output" / "out_link": root}
+             shared.base / "input" / "dir_out": root / "outside", shared.base / "output" / "out_link": root / "outside"}
     for link, target in links.items():
         if not link.is_symlink():
             link.symlink_to(target)
@@ -144,19 +149,37 @@ def test_save_image_prefix_stays_inside_output(shared, escape_hatches):
     assert not [p for p in os.listdir("/tmp") if p.startswith(os.path.basename(outside))]
 
 
-def test_real_load_image_refuses_paths_out(shared):
+def test_real_load_and_save_image_stay_inside_their_folders(shared, escape_hatches):
+    """The SD LoadImage and SaveImage nodes (nodes/image_io.py) under the same attacks, and a real round trip:
+    upload -> LoadImage -> SaveImage -> /history -> /view."""
+    root = escape_hatches
+
+    def graph(image: str, prefix: str = "ok") -> dict:
+        return {"1": {"class_type": "LoadImage", "inputs": {"image": image}},
+                "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": prefix}}}
+
     async def scenario():
         async with aiohttp.ClientSession() as session:
             api = Api(session, shared.url)
-            status, info = await api.get("/object_info/LoadImage")
-            if not info:
-                pytest.skip("the SD LoadImage node is not registered yet")
-            for name in ("../../secret.txt", "..\\..\\secret.txt", "/etc/passwd", "link_out.png\x00"):
-                prompt = {"1": {"class_type": "LoadImage", "inputs": {"image": name}},
-                          "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}}
-                status, body = await api.post("/prompt", {"prompt": prompt})
-                assert status == 400 and "1" in body["node_errors"] and SENTINEL not in text_of(body)
+            if not (await api.get("/object_info/SaveImage"))[1]:
+                pytest.skip("the SD image nodes are not registered")
+            assert (await upload(api, png((9, 8, 7, 255), size=(8, 8), mode="RGB"), "real.png"))[0] == 200
+            for name in ("../../secret.txt", "..\\..\\secret.txt", str(root / "secret.txt"), "dir_out/secret.txt",
+                         "real.png\x00"):
+                status, body = await api.post("/prompt", {"prompt": graph(name)})
+                assert status == 400 and "1" in body["node_errors"] and SENTINEL not in text_of(body), name
+            for prefix in ("../evil", "..\\..\\evil", "/tmp/evil", str(root / "evil"), "a/../../evil", "x\x00y", ""):
+                status, body = await api.post("/prompt", {"prompt": graph("real.png", prefix)})
+                assert status == 400 and "2" in body["node_errors"], (prefix, body)
+            through_link = await api.queue(graph("real.png", "out_link/evil"))  # fine as text; refused when run
+            assert (await api.history(through_link, timeout=120))["status"]["status_str"] == "error"
+            saved = await api.queue(graph("real.png", "roundtrip/img"))
+            image = (await api.history(saved, timeout=120))["outputs"]["2"]["images"][0]
+            assert image["subfolder"] == "roundtrip" and image["type"] == "output"
+            status, body = await api.get("/view", params=image)
+            assert status == 200 and Image.open(io.BytesIO(body)).getpixel((0, 0)) == (9, 8, 7)
     run(scenario())
+    assert not [p for p in root.rglob("*evil*")] and not os.path.exists("/tmp/evil")
 
 
 def test_cross_origin_state_changes_are_refused(shared):

@@ -120,7 +120,7 @@ class StuckSocket:
 def test_a_slow_client_is_dropped_and_never_blocks_the_publisher():
     async def scenario():
         loop = asyncio.get_running_loop()
-        hub = Hub(loop, outbox_size=50)
+        hub = Hub(loop, outbox_size=300)
         aborted = []
         slow = hub.attach("slow", StuckSocket(), abort=lambda: aborted.append(True))
         received = []
@@ -135,7 +135,7 @@ def test_a_slow_client_is_dropped_and_never_blocks_the_publisher():
             for i in range(1000):
                 hub.publish("slow", f"m{i}")
                 hub.publish("fast", f"f{i}")
-                if i % 10 == 0:
+                if i % 5 == 0:
                     time.sleep(0.001)
             return time.perf_counter() - started
 
@@ -184,3 +184,43 @@ def test_bind_rules():
     assert "without a token" in bind_problem(["127.0.0.1", "192.168.1.5"], None)
     assert "too short" in bind_problem(["0.0.0.0"], "short")
     assert bind_problem(["0.0.0.0"], "a" * 32) is None
+
+
+def test_free_reaches_the_runtime_and_clears_the_cache(tmp_path):
+    from service.queue import QueueStore
+    from service.worker import FreesMemory, Worker
+
+    class Runtime:
+        def __init__(self):
+            self.calls = []
+
+        def free_memory(self, unload_models: bool, free_memory: bool) -> None:
+            self.calls.append((unload_models, free_memory))
+
+    async def scenario():
+        runtime = Runtime()
+        assert isinstance(runtime, FreesMemory)
+        executor = Executor(toy.toy_registry(), resources=runtime)
+        store = QueueStore(tmp_path / "q.sqlite3")
+        worker = Worker(store=store, executor=executor, registry=executor.registry,
+                        hub=Hub(asyncio.get_running_loop()))
+        worker.start()
+        prompt = {"1": {"class_type": "Const", "inputs": {"value": 3}}, "2": {"class_type": "Show",
+                                                                           "inputs": {"value": ["1", 0]}}}
+        store.put(prompt_id="a", prompt=prompt, extra_data={}, outputs=["2"], client_id=None, number=None,
+                  front=False, max_pending=10)
+        worker.wake()
+        while store.describe("a")["state"] != "success":
+            await asyncio.sleep(0.01)
+        assert len(executor.cache) == 2
+        worker.request_free(unload_models=False, free_memory=True)
+        while not runtime.calls:
+            await asyncio.sleep(0.01)
+        assert runtime.calls == [(False, True)] and len(executor.cache) == 2
+        worker.request_free(unload_models=True, free_memory=False)
+        while len(runtime.calls) < 2:
+            await asyncio.sleep(0.01)
+        assert runtime.calls == [(False, True), (True, False)] and len(executor.cache) == 0
+        assert worker.stop(5)
+        store.close()
+    asyncio.run(scenario())

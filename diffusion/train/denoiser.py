@@ -1,0 +1,128 @@
+"""Stage 2: the conditional UNet and the CLIP text encoder, trained jointly from scratch on frozen-VAE latents.
+
+SD1's objective: latents x0 = 0.18215 * VAE mean, t uniform in 0..999 on SD1's scaled-linear table,
+x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, and the UNet predicts eps from (x_t, t, text). Captions are
+dropped (replaced by the empty prompt) 10% of the time so that classifier-free guidance works. The text goes
+through exactly the tokenisation and `run_text_model` path that inference uses. An exponential moving average
+of the weights is what gets exported.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import CLIPTextModel
+
+from diffusion.prompt import run_text_model, tokenize_prompt
+from diffusion.schedules import scaled_linear_betas
+from diffusion.tokenizer import ClipTokenizer
+from diffusion.train import dataset
+from diffusion.train.models import LATENT_SCALE, DemoArchitecture, new_denoiser
+from diffusion.train.state import load_snapshot, save_snapshot, step_generator, warmup_lr
+from diffusion.unet import UNetModel
+from diffusion.vae import AutoencoderKL
+
+
+@dataclass(frozen=True)
+class DenoiserSchedule:
+    steps: int = 5000
+    batch_size: int = 64
+    lr: float = 5e-4
+    warmup: int = 200
+    caption_dropout: float = 0.1
+    ema_decay: float = 0.999
+    data_seed: int = 3
+    init_seed: int = 4
+    save_every: int = 250
+    bf16: bool = True
+
+
+def alphas_cumprod() -> torch.Tensor:
+    return torch.cumprod(1.0 - scaled_linear_betas(), dim=0).float()
+
+
+def caption_ids(tokenizer: ClipTokenizer, captions: list[str], cache: dict[str, list[int]]) -> torch.Tensor:
+    """Token ids [B, 77] as CLIPTextEncode builds them (start, tokens, end, end-token padding)."""
+    rows = []
+    for text in captions:
+        if text not in cache:
+            cache[text] = [token for token, _ in tokenize_prompt(tokenizer, text).chunks[0]]
+        rows.append(cache[text])
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def diffusion_loss(unet: UNetModel, text: CLIPTextModel, latents: torch.Tensor, ids: torch.Tensor,
+                   generator: torch.Generator, table: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """The eps-prediction MSE on one batch of scaled latents."""
+    t = torch.randint(0, len(table), (latents.shape[0],), generator=generator)
+    noise = torch.randn(latents.shape, generator=generator)
+    abar = table[t][:, None, None, None]
+    noisy = abar.sqrt() * latents + (1 - abar).sqrt() * noise
+    context, _ = run_text_model(text, ids, [], layer=-1, eos_id=eos_id)
+    return F.mse_loss(unet(noisy, t.float(), context).float(), noise)
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1.0 - decay)
+
+
+@torch.no_grad()
+def encode_latents(vae: AutoencoderKL, pixels: torch.Tensor) -> torch.Tensor:
+    return vae.encode(pixels) * LATENT_SCALE
+
+
+def drop_captions(captions: list[str], generator: torch.Generator, rate: float) -> list[str]:
+    keep = torch.rand(len(captions), generator=generator) >= rate
+    return [c if k else "" for c, k in zip(captions, keep.tolist())]
+
+
+def train_denoiser(arch: DemoArchitecture, vae: AutoencoderKL, snapshot_path, schedule: DenoiserSchedule,
+                   progress: Callable[[int, dict], None] | None = None) -> tuple[UNetModel, CLIPTextModel, int]:
+    """Train (or resume) the UNet and text encoder; returns their EMA copies (eval mode) and the step reached."""
+    unet, text = new_denoiser(arch, schedule.init_seed)
+    ema_unet, ema_text = copy.deepcopy(unet), copy.deepcopy(text)
+    params = list(unet.parameters()) + list(text.parameters())
+    optimiser = torch.optim.AdamW(params, lr=schedule.lr, weight_decay=0.0, betas=(0.9, 0.99))
+    state = load_snapshot(snapshot_path)
+    step = 0
+    if state is not None:
+        unet.load_state_dict(state["unet"])
+        text.load_state_dict(state["text"])
+        ema_unet.load_state_dict(state["ema_unet"])
+        ema_text.load_state_dict(state["ema_text"])
+        optimiser.load_state_dict(state["optimizer"])
+        step = state["step"]
+    tokenizer, cache, table = ClipTokenizer(), {}, alphas_cumprod()
+    unet.train()
+    text.train()
+    while step < schedule.steps:
+        for group in optimiser.param_groups:
+            group["lr"] = warmup_lr(schedule.lr, step, schedule.warmup)
+        generator = step_generator(schedule.data_seed, step)
+        pixels, captions = dataset.batch(schedule.data_seed, step * schedule.batch_size, schedule.batch_size)
+        latents = encode_latents(vae, torch.from_numpy(pixels))
+        ids = caption_ids(tokenizer, drop_captions(captions, generator, schedule.caption_dropout), cache)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=schedule.bf16):
+            loss = diffusion_loss(unet, text, latents, ids, generator, table, tokenizer.eos_id)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimiser.step()
+        decay = min(schedule.ema_decay, (1 + step) / (10 + step))
+        update_ema(ema_unet, unet, decay)
+        update_ema(ema_text, text, decay)
+        step += 1
+        if progress:
+            progress(step, {"loss": loss.item()})
+        if step % schedule.save_every == 0 or step == schedule.steps:
+            save_snapshot(snapshot_path, {
+                "unet": unet.state_dict(), "text": text.state_dict(), "ema_unet": ema_unet.state_dict(),
+                "ema_text": ema_text.state_dict(), "optimizer": optimiser.state_dict(), "step": step,
+            })
+    return ema_unet.eval().requires_grad_(False), ema_text.eval().requires_grad_(False), step

@@ -1,0 +1,109 @@
+"""Architectures of the demo model (and a micro one for tests), and its export to the SD1 single-file layout.
+
+The networks are the project's own (`diffusion.unet`, `diffusion.vae`, a transformers CLIPTextModel), so a
+state dict with SD1's prefixes is all the export needs: `load_checkpoint` reads the architecture back from the
+shapes. The UNet keeps SD1's 8 attention heads, which is what `unet_config_from_state_dict` assumes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from diffusion.checkpoint import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
+from diffusion.text_encoder import POSITION_IDS, clip_text_config, expected_text_weights
+from diffusion.unet import UNetConfig, UNetModel
+from diffusion.vae import AutoencoderKL, VAEConfig
+from engine.files import atomic_write
+
+LATENT_SCALE = 0.18215  # SD1's factor, applied by the sampler; the exported VAE is rescaled to match it
+
+
+@dataclass(frozen=True)
+class DemoArchitecture:
+    unet: UNetConfig
+    vae: VAEConfig
+    text: CLIPTextConfig
+
+
+def demo_architecture() -> DemoArchitecture:
+    """The shipped model: about 24 MB in fp16, most of it the 49,408 x 128 token embedding."""
+    return DemoArchitecture(
+        unet=UNetConfig(model_channels=64, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(0, 1),
+                        context_dim=128),
+        vae=VAEConfig(base_channels=32, channel_mult=(1, 1, 2, 2), num_res_blocks=1),
+        text=clip_text_config(width=128, layers=2, intermediate_size=512),
+    )  # fmt: skip
+
+
+def micro_architecture() -> DemoArchitecture:
+    """For tests: the same layout with the narrowest widths the GroupNorms allow."""
+    return DemoArchitecture(
+        unet=UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(0, 1),
+                        context_dim=64),
+        vae=VAEConfig(base_channels=32, channel_mult=(1, 1, 1, 1), num_res_blocks=1),
+        text=clip_text_config(width=64, layers=1, intermediate_size=128),
+    )  # fmt: skip
+
+
+ARCHITECTURES = {"demo": demo_architecture, "micro": micro_architecture}
+
+
+def new_vae(arch: DemoArchitecture, seed: int) -> AutoencoderKL:
+    torch.manual_seed(seed)
+    return AutoencoderKL(arch.vae)
+
+
+def new_denoiser(arch: DemoArchitecture, seed: int) -> tuple[UNetModel, CLIPTextModel]:
+    torch.manual_seed(seed)
+    unet = UNetModel(arch.unet)
+    text = CLIPTextModel(arch.text)
+    return unet, text
+
+
+def text_state(text: CLIPTextModel) -> dict[str, torch.Tensor]:
+    """The text model's weights keyed as SD1 files key them under `cond_stage_model.transformer.text_model.`."""
+    return expected_text_weights(text)
+
+
+def load_text_state(text: CLIPTextModel, state: Mapping[str, torch.Tensor]) -> None:
+    prefix = "text_model." if hasattr(text, "text_model") else ""
+    text.load_state_dict({prefix + k: v for k, v in state.items()}, strict=False)
+
+
+def rescale_vae(vae: AutoencoderKL, factor: float) -> None:
+    """Multiply the latent space by `factor` without changing what the VAE computes end to end: the encoder's
+    mean (and standard deviation) scale up, `post_quant_conv` divides its input back."""
+    channels = vae.config.latent_channels
+    with torch.no_grad():
+        vae.quant_conv.weight[:channels] *= factor
+        vae.quant_conv.bias[:channels] *= factor
+        vae.quant_conv.bias[channels:] += 2 * torch.log(torch.tensor(factor))
+        vae.post_quant_conv.weight /= factor
+
+
+def sd1_state_dict(unet: UNetModel, vae: AutoencoderKL, text: CLIPTextModel,
+                   dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    """All three parts under SD1's prefixes, floats in `dtype`, plus the int64 position ids SD1 files carry."""
+    parts = {UNET_PREFIX: unet.state_dict(), VAE_PREFIX: vae.state_dict()}
+    text_weights = text_state(text)
+    positions = text_weights.pop(POSITION_IDS, None)
+    parts[TEXT_PREFIX + "text_model."] = text_weights
+    out = {prefix + k: v.detach().to(dtype).contiguous() for prefix, sd in parts.items() for k, v in sd.items()}
+    length = text.config.max_position_embeddings
+    ids = positions if positions is not None else torch.arange(length)[None]
+    out[f"{TEXT_PREFIX}text_model.{POSITION_IDS}"] = ids.to(torch.int64).reshape(1, length).contiguous()
+    return dict(sorted(out.items()))
+
+
+def export_checkpoint(path: str | os.PathLike, unet: UNetModel, vae: AutoencoderKL, text: CLIPTextModel,
+                      metadata: Mapping[str, str] | None = None) -> Path:
+    """Write the SD1 single-file checkpoint (fp16) atomically; returns its path."""
+    data = save(sd1_state_dict(unet, vae, text), metadata={"format": "pt", **(metadata or {})})
+    return atomic_write(path, data)

@@ -1,0 +1,527 @@
+"""One owner for device memory: which models are loaded, on which device, in which dtype, and what they take.
+
+Generic over torch modules: torch is imported only inside `TorchMemory`'s methods, so `import engine` stays
+torch-free, and the manager itself only calls `parameters()`, `buffers()`, `children()` and forward hooks.
+Nodes never move weights; they ask for a model for the duration of a call:
+
+    with manager.use(handle, working=bytes_the_computation_needs) as module:
+        ...
+
+Policies, in the order they apply:
+
+1. **Identity.** A `ModelHandle` is (origin, version, variant), e.g. the file and part, the file's size and
+   modification time, the dtype. Values passed between nodes hold handles, not weights, so a cached MODEL value
+   pins no memory. When a handle arrives whose origin is loaded under another version, the file was replaced:
+   the stale weights are dropped at once and the new ones are read (ComfyUI keeps serving the stale ones).
+2. **Lazy loading.** Nothing is read until a model is used; the handle's `load(device)` builds it there.
+3. **Budgets.** room(device) = min(budget - bytes of models held there, free bytes now - reserve). Budgets are
+   optional per device or device type (`--ram-budget`, `--vram-budget`); free bytes come from `DeviceMemory`
+   (`torch.cuda.mem_get_info` on CUDA, MemAvailable on the CPU).
+4. **Eviction.** Until a request (model + working memory) fits: the least recently used idle model on that device
+   goes first, but models that nodes still to run will use (`lookahead`) go last. From an accelerator a model is
+   offloaded to the CPU if the CPU has room (else dropped); from the CPU it is dropped, because its loader can
+   read it again from the (memory-mapped) file.
+5. **Streaming (lowvram).** A model that cannot fit whole on an accelerator stays on the CPU and runs with its
+   blocks moved to the accelerator one at a time. On the CPU there is nowhere else to stream from: the model is
+   loaded whole after every idle model has been evicted, and a warning says the budget is exceeded.
+6. **Out of memory.** `guard(call)` catches an out-of-memory error, unloads every idle model, releases caches
+   and calls once more; a second failure raises `OutOfMemory` saying what was needed and what was free. Nothing
+   stays marked in use, so the next call starts clean.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import gc
+import itertools
+import logging
+import os
+import re
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+log = logging.getLogger("sdgraph.models")
+
+MiB = 1 << 20
+GiB = 1 << 30
+# Kept free on each device type for what the manager does not account for (allocator slack, other processes).
+DEFAULT_RESERVES = {"cpu": 1 * GiB, "cuda": 768 * MiB}
+_ALLOCATION = re.compile(r"(?:tried to allocate|allocate)\s+([\d.]+)\s*(bytes|[KMG]i?B)", re.IGNORECASE)
+_UNITS = {"bytes": 1, "kb": 1 << 10, "kib": 1 << 10, "mb": MiB, "mib": MiB, "gb": GiB, "gib": GiB}
+
+
+class OutOfMemory(RuntimeError):
+    """A computation did not fit in memory even after every idle model was unloaded and it was tried again."""
+
+
+@dataclass(frozen=True)
+class ModelHandle:
+    """What a node value holds instead of weights. Equal handles are the same model in the same form.
+
+    origin: what the weights come from, e.g. "/models/a.safetensors#unet".
+    version: what changes when the origin is replaced, e.g. the file's (size, mtime_ns).
+    variant: how the weights are materialised, e.g. ("bfloat16",); other variants are other copies.
+    weight_bytes: bytes of the loaded weights (from the file's header, before loading).
+    device: where it computes ("cpu", "cuda:0").
+    load: builds the module on a torch device ("cpu", "cuda:0"); called by the manager only.
+    streamable: its computation goes through submodule forwards, so blocks can be streamed (lowvram).
+    """
+
+    origin: str
+    version: tuple = ()
+    variant: tuple = ()
+    weight_bytes: int = field(default=0, compare=False)
+    device: str = field(default="cpu", compare=False)
+    load: Callable[[str], Any] | None = field(default=None, compare=False, repr=False)
+    label: str = field(default="", compare=False)
+    streamable: bool = field(default=False, compare=False)
+
+    @property
+    def name(self) -> str:
+        return self.label or self.origin
+
+
+def handles_in(values: Iterable[Any]) -> set[ModelHandle]:
+    """Handles held by node values: a ModelHandle itself, or any object with a `model_handles()` method."""
+    found: set[ModelHandle] = set()
+    for value in values:
+        if isinstance(value, ModelHandle):
+            found.add(value)
+        elif callable(getattr(value, "model_handles", None)):
+            found.update(value.model_handles())
+        elif isinstance(value, list | tuple):
+            found.update(handles_in(value))
+    return found
+
+
+class DeviceMemory(Protocol):
+    """The manager's view of the hardware; tests substitute a fake that only keeps accounts."""
+
+    def free(self, device: str) -> int:
+        """Bytes that could be allocated on `device` now."""
+
+    def move(self, module: Any, device: str, *, recurse: bool = True) -> None:
+        """Move a module's weights (only its own, not its children's, when recurse is False) to `device`."""
+
+    def release(self, device: str) -> None:
+        """Give memory freed by dropped weights back (garbage collection, allocator caches)."""
+
+
+class TorchMemory:
+    """Real devices: CUDA from `torch.cuda.mem_get_info` (plus what torch's allocator holds unused), the CPU
+    from /proc/meminfo's MemAvailable."""
+
+    def free(self, device: str) -> int:
+        if device.startswith("cuda"):
+            import torch
+
+            dev = torch.device(device)
+            free, _total = torch.cuda.mem_get_info(dev)
+            return int(free + torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev))
+        if device == "cpu":
+            return available_ram()
+        return 1 << 62  # other accelerators: no free-memory query; budgets (if given) still apply
+
+    def move(self, module: Any, device: str, *, recurse: bool = True) -> None:
+        if recurse:
+            module.to(device)
+        else:
+            module._apply(lambda t: t.to(device), recurse=False)
+
+    def release(self, device: str) -> None:
+        gc.collect()
+        if device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
+        elif device == "cpu":
+            trim_heap()
+
+
+def available_ram() -> int:
+    """MemAvailable (what can be allocated without swapping), or free physical pages where /proc is missing."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def trim_heap() -> None:
+    """Return freed heap pages to the OS (glibc keeps freed blocks below 32 MB for reuse otherwise)."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        if libc is not None and hasattr(libc, "malloc_trim"):
+            libc.malloc_trim(0)
+    except OSError:
+        pass
+
+
+def module_bytes(module: Any) -> int:
+    """Bytes of a module's parameters and buffers (0 for objects that are not torch modules)."""
+    tensors = itertools.chain(getattr(module, "parameters", list)(), getattr(module, "buffers", list)())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _direct_bytes(module: Any) -> int:
+    tensors = itertools.chain(module.parameters(recurse=False), module.buffers(recurse=False))
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch's OutOfMemoryError (CUDA), its CPU allocator's failures, and MemoryError."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(
+        phrase in text for phrase in ("out of memory", "not enough memory", "can't allocate memory"))
+
+
+def format_bytes(n: float) -> str:
+    return f"{n / GiB:.2f} GB" if abs(n) >= GiB else f"{n / MiB:.0f} MB"
+
+
+def parse_bytes(text: str) -> int:
+    """'6G', '6GB', '512M', '1.5g', '1000000' -> bytes (binary units)."""
+    match = re.fullmatch(r"\s*([\d.]+)\s*([kmgt]?)i?b?\s*", text.lower())
+    if not match:
+        raise ValueError(f"not a size: {text!r}; write e.g. 6G, 512M or a number of bytes")
+    number, unit = match.groups()
+    return int(float(number) * {"": 1, "k": 1 << 10, "m": MiB, "g": GiB, "t": 1 << 40}[unit])
+
+
+def _normalise(device: str) -> str:
+    return "cuda:0" if device == "cuda" else device
+
+
+@dataclass
+class _Entry:
+    handle: ModelHandle
+    module: Any = None
+    device: str | None = None  # where its weights are; None: not loaded
+    nbytes: int = 0
+    users: int = 0
+    tick: int = 0
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    name: str
+    device: str
+    nbytes: int
+    in_use: bool
+
+
+@dataclass
+class _Request:
+    handle: ModelHandle
+    device: str
+    working: int
+
+
+class ModelManager:
+    """Places models for the whole process (one per Runtime). Thread-safe; calls are short except loading."""
+
+    def __init__(self, memory: DeviceMemory | None = None, *, budgets: Mapping[str, int | None] | None = None,
+                 reserves: Mapping[str, int] | None = None, offload_device: str = "cpu"):
+        self.memory: DeviceMemory = memory if memory is not None else TorchMemory()
+        self.budgets = {_normalise(k): v for k, v in (budgets or {}).items() if v is not None}
+        self.reserves = {**DEFAULT_RESERVES, **(reserves or {})}
+        self.offload_device = offload_device
+        self.stats: Counter[str] = Counter()  # loads, moves, offloads, drops, streamed, oom_retries
+        self._entries: dict[ModelHandle, _Entry] = {}
+        self._ticks = itertools.count(1)
+        self._upcoming: frozenset[ModelHandle] = frozenset()
+        self._request: _Request | None = None
+        self._lock = threading.RLock()
+
+    # -- accounts ---------------------------------------------------------------------------------------------
+    def budget(self, device: str) -> int | None:
+        device = _normalise(device)
+        return self.budgets.get(device, self.budgets.get(device.split(":")[0]))
+
+    def reserve(self, device: str) -> int:
+        device = _normalise(device)
+        return self.reserves.get(device, self.reserves.get(device.split(":")[0], 0))
+
+    def held(self, device: str) -> int:
+        """Bytes of the models whose weights are on `device`."""
+        device = _normalise(device)
+        return sum(e.nbytes for e in self._entries.values() if e.device == device)
+
+    def room(self, device: str) -> int:
+        """What may still be placed on `device`: within its budget and within what is really free."""
+        device = _normalise(device)
+        free = self.memory.free(device) - self.reserve(device)
+        budget = self.budget(device)
+        return free if budget is None else min(free, budget - self.held(device))
+
+    def loaded(self) -> list[LoadedModel]:
+        """Loaded models, most recently used first."""
+        with self._lock:
+            entries = sorted((e for e in self._entries.values() if e.device is not None), key=lambda e: -e.tick)
+            return [LoadedModel(e.handle.name, e.device, e.nbytes, e.users > 0) for e in entries]
+
+    def where(self, handle: ModelHandle) -> str | None:
+        entry = self._entries.get(handle)
+        return entry.device if entry is not None else None
+
+    # -- the one way in ------------------------------------------------------------------------------------------
+    @contextmanager
+    def use(self, handle: ModelHandle, *, working: int = 0) -> Iterator[Any]:
+        """The handle's module, placed on its device for the duration of the block (loaded first if need be),
+        with `working` bytes free beside it; streamed block by block if it cannot fit whole."""
+        device = _normalise(handle.device)
+        with self._lock:
+            entry = self._admit(handle)
+            self._request = _Request(handle, device, working)
+            streamer = self._place(entry, device, max(0, working))
+            entry.users += 1
+        try:
+            if streamer is None:
+                yield entry.module
+            else:
+                with streamer:
+                    yield entry.module
+        finally:
+            with self._lock:
+                entry.users -= 1
+                entry.tick = next(self._ticks)
+
+    @contextmanager
+    def lookahead(self, handles: Iterable[ModelHandle]) -> Iterator[None]:
+        """While the block runs, evict `handles` (what nodes still to run will use) only as a last resort."""
+        with self._lock:
+            previous, self._upcoming = self._upcoming, frozenset(handles)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._upcoming = previous
+
+    def guard(self, call: Callable[[], Any], *, what: str = "the computation") -> Any:
+        """`call()`; after an out-of-memory error, unload every idle model and try once more."""
+        try:
+            return call()
+        except Exception as exc:  # noqa: BLE001 - classified just below
+            if not is_out_of_memory(exc):
+                raise
+            first = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            # leave the except block before retrying, so the failed attempt's frames (and tensors) are freed
+        log.warning("out of memory in %s (%s); unloading idle models and trying once more", what, first)
+        self.stats["oom_retries"] += 1
+        self.unload_all()
+        try:
+            return call()
+        except Exception as exc:  # noqa: BLE001
+            if not is_out_of_memory(exc):
+                raise
+            message = self._out_of_memory_message(what, exc)
+        self.unload_all()
+        raise OutOfMemory(message)
+
+    def run_node(self, call: Callable[[], Any], *, ctx: Any, unload_after: bool = False) -> Any:
+        """The executor's `around_node` body: the plan's look-ahead (`ctx.upcoming()`) while the node runs, one
+        retry after running out of memory, and with `unload_after` every model no later node needs unloaded."""
+        upcoming = handles_in(ctx.upcoming())
+        with self.lookahead(upcoming):
+            result = self.guard(call, what=f"node {ctx.node_id} ({ctx.node_type})")
+        if unload_after:
+            self.unload_except(upcoming)
+        return result
+
+    # -- freeing ----------------------------------------------------------------------------------------------
+    def unload(self, handle: ModelHandle) -> bool:
+        with self._lock:
+            entry = self._entries.get(handle)
+            if entry is None or entry.users:
+                return False
+            self._drop(entry)
+            return True
+
+    def unload_all(self) -> int:
+        """Drop every model not in use; returns the bytes released."""
+        return self.unload_except(())
+
+    def unload_except(self, keep: Iterable[ModelHandle]) -> int:
+        keep = set(keep)
+        with self._lock:
+            idle = [e for e in self._entries.values() if e.device is not None and e.users == 0
+                    and e.handle not in keep]
+            devices = {e.device for e in idle}
+            released = sum(e.nbytes for e in idle)
+            for entry in idle:
+                self._drop(entry, release=False)
+            for device in devices:
+                self.memory.release(device)
+            return released
+
+    def release(self) -> None:
+        """Give freed memory back (allocator caches, heap) on every device models have used."""
+        with self._lock:
+            for device in {"cpu", *(e.device for e in self._entries.values() if e.device)}:
+                self.memory.release(device)
+
+    # -- placement ----------------------------------------------------------------------------------------------
+    def _admit(self, handle: ModelHandle) -> _Entry:
+        entry = self._entries.get(handle)
+        if entry is not None:
+            return entry
+        for stale in [e for h, e in self._entries.items() if h.origin == handle.origin and h.version != handle.version
+                      and e.users == 0]:
+            log.info("%s changed on disk; dropping the weights loaded from the old file", stale.handle.name)
+            self.stats["stale"] += 1
+            self._drop(stale)
+        entry = self._entries[handle] = _Entry(handle, nbytes=handle.weight_bytes)
+        return entry
+
+    def _place(self, entry: _Entry, device: str, working: int) -> _Streamer | None:
+        keep = frozenset({id(entry)})
+        if entry.device == device:
+            self._make_room(device, working, keep)
+            return None
+        need = entry.nbytes + working
+        self._make_room(device, need, keep)
+        room = self.room(device)
+        if room >= need or device == self.offload_device or not entry.handle.streamable:
+            if room < need:
+                log.warning("%s needs %s on %s (with %s working memory) but only %s is within budget; loading "
+                            "it anyway", entry.handle.name, format_bytes(entry.nbytes), device,
+                            format_bytes(working), format_bytes(max(room, 0)))
+                self.stats["over_budget"] += 1
+            self._put(entry, device)
+            return None
+        # an accelerator that cannot hold it whole: keep the weights on the CPU, stream blocks to the device
+        if entry.device != self.offload_device:
+            self._make_room(self.offload_device, entry.nbytes, keep)
+            self._put(entry, self.offload_device)
+        self.stats["streamed"] += 1
+        limit = max((room - working) // 2, 1)
+        log.info("%s does not fit on %s (%s free for it); streaming its blocks", entry.handle.name, device,
+                 format_bytes(max(room - working, 0)))
+        return _Streamer(self.memory, entry.module, home=self.offload_device, device=device, limit=limit)
+
+    def _put(self, entry: _Entry, device: str) -> None:
+        if entry.module is None:
+            if entry.handle.load is None:
+                raise RuntimeError(f"{entry.handle.name} has no loader")
+            entry.module = entry.handle.load(device)
+            entry.nbytes = module_bytes(entry.module) or entry.handle.weight_bytes
+            self.stats["loads"] += 1
+        else:
+            self.stats["moves"] += 1
+        self.memory.move(entry.module, device)
+        entry.device = device
+
+    def _make_room(self, device: str, need: int, keep: frozenset[int]) -> None:
+        """Evict idle models from `device` (never those whose id is in `keep`) until `need` bytes fit."""
+        evicted = False
+        while self.room(device) < need:
+            idle = [e for e in self._entries.values() if e.device == device and e.users == 0 and id(e) not in keep]
+            if not idle:
+                break
+            victim = min(idle, key=lambda e: (e.handle in self._upcoming, e.tick))
+            self._evict(victim, keep)
+            evicted = True
+        if evicted:
+            self.memory.release(device)
+
+    def _evict(self, entry: _Entry, keep: frozenset[int]) -> None:
+        offload = self.offload_device
+        if entry.device != offload:
+            self._make_room(offload, entry.nbytes, keep | {id(entry)})
+            if self.room(offload) >= entry.nbytes:
+                log.info("offloading %s from %s to %s", entry.handle.name, entry.device, offload)
+                self.memory.move(entry.module, offload)
+                entry.device = offload
+                self.stats["offloads"] += 1
+                return
+        self._drop(entry, release=False)
+
+    def _drop(self, entry: _Entry, *, release: bool = True) -> None:
+        device = entry.device
+        entry.module, entry.device = None, None
+        self._entries.pop(entry.handle, None)
+        self.stats["drops"] += 1
+        if release and device is not None:
+            self.memory.release(device)
+
+    def _out_of_memory_message(self, what: str, exc: BaseException) -> str:
+        request = self._request
+        allocation = _ALLOCATION.search(str(exc))
+        failed = ""
+        if allocation:
+            number, unit = allocation.groups()
+            failed = f"; the allocation that failed was {format_bytes(float(number) * _UNITS[unit.lower()])}"
+        if request is None:
+            return f"out of memory in {what}, also after unloading every idle model and trying again{failed}"
+        device, weights = request.device, request.handle.weight_bytes
+        free = self.memory.free(device)
+        budget = self.budget(device)
+        within = f" (budget {format_bytes(budget)})" if budget is not None else ""
+        return (f"out of memory on {device} in {what}, also after unloading every idle model and trying again: it "
+                f"needed about {format_bytes(weights + request.working)} ({request.handle.name} "
+                f"{format_bytes(weights)} + {format_bytes(request.working)} working memory){failed}, and "
+                f"{format_bytes(free)} was free{within}. Use a smaller image or batch, a budget that fits "
+                f"(--ram-budget/--vram-budget), or a precision with fewer bytes (--dtype)")
+
+
+class _Streamer:
+    """Runs a module whose weights live on `home` with its blocks moved to `device` one at a time.
+
+    Units are the largest submodules of at most `limit` bytes (a bigger leaf is a unit of its own); a module too
+    big to be a unit has its own parameters (not its children's) moved around its forward call.
+    """
+
+    def __init__(self, memory: DeviceMemory, module: Any, *, home: str, device: str, limit: int):
+        self.memory, self.module, self.home, self.device, self.limit = memory, module, home, device, limit
+        self._hooks: list[Any] = []
+
+    def units(self) -> list[tuple[Any, bool]]:
+        """(module, recurse) pairs covering every weight once."""
+        found: list[tuple[Any, bool]] = []
+
+        def visit(m: Any) -> None:
+            children = list(m.children())
+            if not children or module_bytes(m) <= self.limit:
+                if module_bytes(m):
+                    found.append((m, True))
+                return
+            if _direct_bytes(m):
+                found.append((m, False))
+            for child in children:
+                visit(child)
+
+        visit(self.module)
+        return found
+
+    def __enter__(self) -> _Streamer:
+        for unit, recurse in self.units():
+            self._hooks.append(unit.register_forward_pre_hook(self._to(self.device, recurse)))
+            self._hooks.append(unit.register_forward_hook(self._back(recurse), always_call=True))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        self.memory.move(self.module, self.home)
+
+    def _to(self, device: str, recurse: bool) -> Callable[..., None]:
+        def hook(module: Any, args: Any) -> None:
+            self.memory.move(module, device, recurse=recurse)
+        return hook
+
+    def _back(self, recurse: bool) -> Callable[..., None]:
+        def hook(module: Any, args: Any, output: Any) -> None:
+            self.memory.move(module, self.home, recurse=recurse)
+        return hook

@@ -1,0 +1,74 @@
+"""`sdgraph serve`'s flags (ComfyUI's names where ComfyUI has one: --listen, --port, --max-upload-size) and the
+ServerConfig they make."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from .config import MIB, Limits, ServerConfig
+from .security import TOKEN_ENV
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sdgraph serve", description="Serve the ComfyUI-compatible HTTP + WebSocket "
+                                "API. Binds 127.0.0.1 unless told otherwise; other addresses need a token.")
+    d = Limits()
+    p.add_argument("--listen", nargs="?", const="0.0.0.0", default="127.0.0.1", metavar="ADDR",
+                   help="address(es) to listen on, comma-separated (default 127.0.0.1; without a value: 0.0.0.0)")
+    p.add_argument("--port", type=int, default=8188, help="port (default 8188; 0 picks a free one)")
+    p.add_argument("--token", default=os.environ.get(TOKEN_ENV), help="require this token on every route "
+                   f"(default: ${TOKEN_ENV}); needed for any non-loopback address")
+    p.add_argument("--allowed-origins", action="append", default=[], metavar="ORIGIN",
+                   help="a browser origin (e.g. http://localhost:5173) allowed to queue prompts; repeatable")
+    p.add_argument("--allowed-hosts", action="append", default=[], metavar="NAME",
+                   help="a Host name clients may use besides loopback and the listen addresses; repeatable")
+    p.add_argument("--base-dir", default=None, help="folder with models/, input/, output/, custom_nodes/, user/ "
+                   "(default: the working directory)")
+    p.add_argument("--nodes-dir", action="append", default=[], metavar="DIR", help="also load node packs from DIR")
+    p.add_argument("--database", default=None, metavar="PATH", help="the queue and history (default: "
+                   "BASE/user/sdgraph.sqlite3)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: best available)")
+    p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--unsafe-load-pickle", action="store_true", help="allow .ckpt/.pt model files")
+    p.add_argument("--max-queue", type=int, default=d.max_queue, help="pending prompts before 429")
+    p.add_argument("--max-history", type=int, default=d.max_history, help="finished prompts kept")
+    p.add_argument("--max-attempts", type=int, default=d.max_attempts,
+                   help="starts of a prompt that keeps crashing the server before it is marked failed")
+    p.add_argument("--max-upload-size", type=float, default=d.max_upload_bytes / MIB, metavar="MB")
+    p.add_argument("--max-body-mb", type=float, default=d.max_body_bytes / MIB, metavar="MB",
+                   help="largest JSON request body")
+    p.add_argument("--max-nodes", type=int, default=d.max_nodes, help="nodes in one prompt")
+    p.add_argument("--max-pixels", type=int, default=d.max_pixels, help="width x height x batch_size budget")
+    p.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels, help="uploaded/viewed image budget")
+    p.add_argument("--max-ws-clients", type=int, default=d.max_ws_clients)
+    p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S", help="on SIGTERM, how long the "
+                   "running prompt may take to finish before it is stopped and put back in the queue")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """Raises ValueError naming the flag when a value cannot work."""
+    for name, value in vars(args).items():
+        if name.startswith("max_") and value <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be between 0 and 65535, got {args.port}")
+    base = Path(args.base_dir or os.getcwd()).absolute()
+    limits = Limits(max_queue=args.max_queue, max_history=args.max_history, max_attempts=args.max_attempts,
+                    max_body_bytes=int(args.max_body_mb * MIB), max_nodes=args.max_nodes,
+                    max_upload_bytes=int(args.max_upload_size * MIB), max_image_pixels=args.max_image_pixels,
+                    max_pixels=args.max_pixels, max_ws_clients=args.max_ws_clients)
+    database = Path(args.database).absolute() if args.database else base / "user" / "sdgraph.sqlite3"
+    return ServerConfig(
+        base_dir=base, database=database, port=args.port, token=args.token or None,
+        listen=tuple(h.strip() for h in args.listen.split(",") if h.strip()) or ("127.0.0.1",),
+        allowed_origins=frozenset(_split(args.allowed_origins)), allowed_hosts=frozenset(_split(args.allowed_hosts)),
+        nodes_dirs=tuple(Path(p) for p in args.nodes_dir), device=args.device, dtype=args.dtype,
+        allow_pickle=args.unsafe_load_pickle, shutdown_timeout=args.shutdown_timeout, limits=limits)
+
+
+def _split(values: list[str]) -> list[str]:
+    return [part.strip() for value in values for part in value.split(",") if part.strip()]
