@@ -2,6 +2,7 @@
 VENV := .venv
 BIN := $(VENV)/bin
 DEFAULT_CHECKPOINT := models/checkpoints/sdgraph-tiny.safetensors
+DEMO_CHECKPOINT := models/checkpoints/sdgraph-demo.safetensors
 
 .PHONY: demo test setup lint bench parity
 
@@ -18,7 +19,8 @@ $(VENV)/.installed: pyproject.toml
 $(DEFAULT_CHECKPOINT): | $(VENV)/.installed
 	$(BIN)/sdgraph make-checkpoint $@ --preset tiny --seed 0
 
-demo: $(VENV)/.installed $(DEFAULT_CHECKPOINT)
+# The demo model is committed (docs/demo-model.md; `sdgraph train-demo` retrains it): nothing is generated here.
+demo: $(VENV)/.installed $(DEMO_CHECKPOINT)
 	$(BIN)/sdgraph run graphs/txt2img.json
 
 lint: $(VENV)/.installed

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 DEFAULT_BUDGET_BYTES = 8 << 30
+DEFAULT_MAX_ENTRIES = 50_000  # bounds a long-running server whose entries are small
 
 
 @dataclass(frozen=True)
@@ -84,10 +85,11 @@ class CachedOutput:
 
 
 class OutputCache:
-    """Results by key, least recently used first out, within `max_bytes`."""
+    """Results by key, least recently used first out, within `max_bytes` and `max_entries`."""
 
-    def __init__(self, max_bytes: int = DEFAULT_BUDGET_BYTES):
+    def __init__(self, max_bytes: int = DEFAULT_BUDGET_BYTES, max_entries: int = DEFAULT_MAX_ENTRIES):
         self.max_bytes = max_bytes
+        self.max_entries = max_entries
         self._entries: OrderedDict[str, CachedOutput] = OrderedDict()
         self.nbytes = 0
 
@@ -111,7 +113,7 @@ class OutputCache:
             self.nbytes -= old.nbytes
         self._entries[key] = entry
         self.nbytes += entry.nbytes
-        while self.nbytes > self.max_bytes:
+        while self.nbytes > self.max_bytes or len(self._entries) > self.max_entries:
             _, evicted = self._entries.popitem(last=False)
             self.nbytes -= evicted.nbytes
 

@@ -111,9 +111,11 @@ class _Run:
             self.emit(NodesCached(run_id, cached))
         # 3. Consumers per node, so values are released after their last use.
         self.refcount = {nid: 0 for nid in order}
+        self.output_refs: Counter[tuple[str, int]] = Counter()  # the same per output, for the look-ahead
         for nid in order:
             for _, link in self.links[nid]:
                 self.refcount[link.source] += 1
+                self.output_refs[link.source, link.output] += 1
         # 4. Demand-driven evaluation from the outputs.
         try:
             self._evaluate(parts)
@@ -227,14 +229,15 @@ class _Run:
 
     def _upcoming(self, nid: str) -> list[Any]:
         """Values computed so far that a node other than `nid` has still to read (the plan's look-ahead)."""
-        mine = Counter(link.source for _, link in self.links[nid])
-        return [value for src, result in self.results.items() if self.refcount.get(src, 0) - mine[src] > 0
-                for values in result.outputs for value in values]
+        mine = Counter((link.source, link.output) for _, link in self.links[nid])
+        return [value for (src, output), count in self.output_refs.items() if count - mine[src, output] > 0
+                and src in self.results for value in self.results[src].outputs[output]]
 
     def _release_inputs(self, nid: str, wanted: set[str]) -> None:
         for _, link in self.links[nid]:
             src = link.source
             self.refcount[src] -= 1
+            self.output_refs[src, link.output] -= 1
             if self.refcount[src] == 0 and src not in self.graph.outputs:
                 self.results.pop(src, None)
 

@@ -333,7 +333,7 @@ def _step_outputs(nodes: Mapping[str, NodeInstance], registry: NodeRegistry, tar
 
 
 def _id_order(node_id: str) -> tuple:
-    return (0, int(node_id), "") if node_id.isdigit() else (1, 0, node_id)
+    return (0, int(node_id), "") if node_id.isascii() and node_id.isdecimal() else (1, 0, node_id)
 
 
 def plan_ids(graph: Graph) -> set[str]:

@@ -77,10 +77,10 @@ class Folders:
         return roots[kind]
 
     def list_models(self, kind: str) -> list[str]:
-        return _list_files(self.models(kind), MODEL_EXTENSIONS)
+        return _list_files(self.models(kind), MODEL_EXTENSIONS, confine=False)
 
     def list_inputs(self) -> list[str]:
-        return _list_files(self.input, IMAGE_EXTENSIONS)
+        return _list_files(self.input, IMAGE_EXTENSIONS, confine=not self.trusted)
 
     def inside(self, kind: str, name: str, *, what: str = "file") -> Path:
         """A path in the output, input or temp folder, checked by this folder set's symlink policy."""
@@ -100,12 +100,26 @@ class Folders:
         return path
 
 
-def _list_files(root: Path, extensions: tuple[str, ...]) -> list[str]:
+def _list_files(root: Path, extensions: tuple[str, ...], *, confine: bool) -> list[str]:
+    """Files under `root` with one of `extensions`, following symlinked folders once each (a link loop ends the
+    descent). With `confine`, anything that resolves outside `root` is left out, as it could not be opened."""
     if not root.is_dir():
         return []
+    base = root.resolve()
     found = []
-    for dirpath, _dirnames, filenames in os.walk(root, followlinks=True):
+    visited: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in visited or (confine and not _within(base, real)):
+            dirnames[:] = []
+            continue
+        visited.add(real)
         for filename in filenames:
-            if filename.lower().endswith(extensions):
-                found.append(os.path.relpath(os.path.join(dirpath, filename), root).replace(os.sep, "/"))
+            path = os.path.join(dirpath, filename)
+            if filename.lower().endswith(extensions) and (not confine or _within(base, os.path.realpath(path))):
+                found.append(os.path.relpath(path, root).replace(os.sep, "/"))
     return sorted(found)
+
+
+def _within(base: Path, real: str) -> bool:
+    return real == str(base) or real.startswith(str(base) + os.sep)

@@ -159,14 +159,21 @@ class Worker:
             return
         extra = {"extra_pnginfo": item.extra_data.get("extra_pnginfo") or {}, "client_id": item.client_id,
                  "prompt_id": item.prompt_id}
-        report = self.executor.run(result.graph, listeners=[self._listener(current, messages)], cancel=current.token,
-                                   run_id=item.prompt_id, prompt=item.prompt, extra=extra)
+        try:
+            report = self.executor.run(result.graph, listeners=[self._listener(current, messages)],
+                                       cancel=current.token, run_id=item.prompt_id, prompt=item.prompt, extra=extra)
+        except Exception as exc:  # the engine itself failed (a node's failure is in the report, not raised)
+            log.exception("prompt %s: the executor raised", item.prompt_id)
+            self._record_failure(item, messages, type(exc).__name__, f"the executor failed: {exc}",
+                                 node_id=current.node)
+            return
         if report.status == "interrupted" and current.for_shutdown:
             self.store.requeue(item.prompt_id, forget_attempt=True)
             log.info("prompt %s: stopped by shutdown, back in the queue", item.prompt_id)
             return
-        self._send(item, messages.finish(report))
-        self._record(item, report, messages)
+        out = messages.finish(report)
+        self._record(item, report, messages)  # first: a client told "done" must find the history entry
+        self._send(item, out)
         log.info("prompt %s: %s in %.2f s (%d ran, %d cached)", item.prompt_id, report.status,
                  time.perf_counter() - started, len(report.executed), len(report.cached))
 
@@ -209,11 +216,11 @@ class Worker:
         out.append(messages.error(None, [], node_id=node_id, node_type=node_type, exception_type=exception_type,
                                   message=message))
         out.append(("executing", {"node": None, "prompt_id": item.prompt_id}))
-        self._send(item, out)
         entry = history_entry(number=item.number, prompt_id=item.prompt_id, prompt=item.prompt,
                               extra_data=item.extra_data, outputs=item.outputs, ui={}, status_str="error",
                               completed=False, messages=messages.recorded)
         self.store.finish(item.prompt_id, number=item.number, status="failed", attempts=item.attempts, entry=entry)
+        self._send(item, out)
 
     def _apply_free(self) -> None:
         with self._lock:

@@ -136,7 +136,7 @@ def render(s: Scene) -> tuple[Image.Image, list[np.ndarray]]:
     image = Image.new("RGB", (SIZE, SIZE), COLOURS[s.background])
     draw = ImageDraw.Draw(image)
     masks = []
-    for thing, (dx, dy) in zip(s.objects, s.offsets):
+    for thing, (dx, dy) in zip(s.objects, s.offsets, strict=True):
         cx, cy = POSITIONS[thing.position]
         side = SIZES[thing.size]
         draw_shape(draw, thing.shape, cx + dx, cy + dy, side, COLOURS[thing.colour])

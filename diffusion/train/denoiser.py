@@ -1,10 +1,10 @@
 """Stage 2: the conditional UNet and the CLIP text encoder, trained jointly from scratch on frozen-VAE latents.
 
-SD1's objective: latents x0 = 0.18215 * VAE mean, t uniform in 0..999 on SD1's scaled-linear table,
-x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, and the UNet predicts eps from (x_t, t, text). Captions are
-dropped (replaced by the empty prompt) 10% of the time so that classifier-free guidance works. The text goes
-through exactly the tokenisation and `run_text_model` path that inference uses. An exponential moving average
-of the weights is what gets exported.
+SD1's objective: latents x0 = 0.18215 * VAE mean (of a pool of scenes encoded once), t uniform in 0..999
+on SD1's scaled-linear table, x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, and the UNet predicts eps from
+(x_t, t, text). Captions are dropped (replaced by the empty prompt) 10% of the time so that classifier-free
+guidance works. The text goes through exactly the tokenisation and `run_text_model` path that inference uses.
+An exponential moving average of the weights is what gets exported.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -29,16 +30,17 @@ from diffusion.vae import AutoencoderKL
 
 @dataclass(frozen=True)
 class DenoiserSchedule:
-    steps: int = 5000
+    steps: int = 2000
     batch_size: int = 64
-    lr: float = 5e-4
-    warmup: int = 200
+    lr: float = 6e-4
+    warmup: int = 100
     caption_dropout: float = 0.1
-    ema_decay: float = 0.999
+    ema_decay: float = 0.995
     data_seed: int = 3
     init_seed: int = 4
-    save_every: int = 250
+    save_every: int = 100
     bf16: bool = True
+    pool_size: int = 8192  # scenes encoded once by the frozen VAE; batches are drawn from them at random
 
 
 def alphas_cumprod() -> torch.Tensor:
@@ -68,7 +70,7 @@ def diffusion_loss(unet: UNetModel, text: CLIPTextModel, latents: torch.Tensor, 
 
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    for e, p in zip(ema.parameters(), model.parameters()):
+    for e, p in zip(ema.parameters(), model.parameters(), strict=True):
         e.lerp_(p, 1.0 - decay)
 
 
@@ -77,9 +79,25 @@ def encode_latents(vae: AutoencoderKL, pixels: torch.Tensor) -> torch.Tensor:
     return vae.encode(pixels) * LATENT_SCALE
 
 
+def latent_pool(vae: AutoencoderKL, seed: int, size: int, path, chunk: int = 64) -> tuple[torch.Tensor, list[str]]:
+    """Scaled latents and captions of training scenes 0..size-1 of stream `seed`, cached at `path`."""
+    key = (seed, size, float(vae.quant_conv.weight.double().sum()))  # a retrained VAE invalidates the cache
+    cached = load_snapshot(path)
+    if cached is not None and cached["key"] == key:
+        return cached["latents"], cached["captions"]
+    latents, captions = [], []
+    for start in range(0, size, chunk):
+        pixels, texts = dataset.batch(seed, start, min(chunk, size - start))
+        latents.append(encode_latents(vae, torch.from_numpy(pixels)))
+        captions += texts
+    pool = torch.cat(latents)
+    save_snapshot(path, {"key": key, "latents": pool, "captions": captions})
+    return pool, captions
+
+
 def drop_captions(captions: list[str], generator: torch.Generator, rate: float) -> list[str]:
     keep = torch.rand(len(captions), generator=generator) >= rate
-    return [c if k else "" for c, k in zip(captions, keep.tolist())]
+    return [c if k else "" for c, k in zip(captions, keep.tolist(), strict=True)]
 
 
 def train_denoiser(arch: DemoArchitecture, vae: AutoencoderKL, snapshot_path, schedule: DenoiserSchedule,
@@ -99,14 +117,16 @@ def train_denoiser(arch: DemoArchitecture, vae: AutoencoderKL, snapshot_path, sc
         optimiser.load_state_dict(state["optimizer"])
         step = state["step"]
     tokenizer, cache, table = ClipTokenizer(), {}, alphas_cumprod()
+    pool, pool_captions = latent_pool(vae, schedule.data_seed, schedule.pool_size,
+                                      Path(snapshot_path).with_name("latents.pt"))
     unet.train()
     text.train()
     while step < schedule.steps:
         for group in optimiser.param_groups:
             group["lr"] = warmup_lr(schedule.lr, step, schedule.warmup)
         generator = step_generator(schedule.data_seed, step)
-        pixels, captions = dataset.batch(schedule.data_seed, step * schedule.batch_size, schedule.batch_size)
-        latents = encode_latents(vae, torch.from_numpy(pixels))
+        picks = torch.randint(0, len(pool), (schedule.batch_size,), generator=generator)
+        latents, captions = pool[picks], [pool_captions[i] for i in picks.tolist()]
         ids = caption_ids(tokenizer, drop_captions(captions, generator, schedule.caption_dropout), cache)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=schedule.bf16):
             loss = diffusion_loss(unet, text, latents, ids, generator, table, tokenizer.eos_id)

@@ -171,5 +171,6 @@ def generate(base: Path, ckpt_name: str, prompts: Sequence[str], *, seed: int = 
 
 def evaluate_scenes(images: Sequence[np.ndarray], scenes: Sequence[dataset.Scene]) -> dict[str, float]:
     templates = shape_templates()
-    return accuracies(score(analyse(img, templates), s.objects[0], s.background) for img, s in zip(images, scenes))
+    pairs = zip(images, scenes, strict=True)
+    return accuracies(score(analyse(img, templates), s.objects[0], s.background) for img, s in pairs)
 

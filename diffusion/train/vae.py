@@ -23,12 +23,12 @@ from diffusion.vae import AutoencoderKL
 
 @dataclass(frozen=True)
 class VAESchedule:
-    steps: int = 600
-    batch_size: int = 16
+    steps: int = 370
+    batch_size: int = 8
     lr: float = 2e-3
     warmup: int = 30
     crop: int = 32  # pixels per side while training, until the last `full_steps` (whole 64x64 scenes)
-    full_steps: int = 60
+    full_steps: int = 20
     kl_weight: float = 1e-4
     data_seed: int = 1
     init_seed: int = 2
@@ -51,7 +51,7 @@ def crop(pixels: torch.Tensor, size: int, generator: torch.Generator) -> torch.T
         return pixels
     cells = (pixels.shape[-1] - size) // 8 + 1
     offsets = torch.randint(0, cells, (pixels.shape[0], 2), generator=generator) * 8
-    return torch.stack([p[:, y:y + size, x:x + size] for p, (y, x) in zip(pixels, offsets.tolist())])
+    return torch.stack([p[:, y:y + size, x:x + size] for p, (y, x) in zip(pixels, offsets.tolist(), strict=True)])
 
 
 @torch.no_grad()

@@ -177,7 +177,7 @@ def test_cli_memory_flags(base):
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["status"] == "success"
-    bad = subprocess.run([*command[:-3], "--ram-budget", "lots"], capture_output=True, text=True, timeout=60,
+    bad = subprocess.run([*command[:-4], "--ram-budget", "lots"], capture_output=True, text=True, timeout=60,
                          cwd=ROOT)
     assert bad.returncode == 2 and "not a size: 'lots'" in bad.stderr
 

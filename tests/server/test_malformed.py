@@ -174,9 +174,8 @@ def test_random_graphs_never_break_the_server(client, graph):
         assert_refused(status, answer, node_level=False)
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: validation._id_order trusts str.isdigit() ('\u00b2'.isdigit() "
-                   "is True) and int() then raises, so validate() crashes; the server still answers 400")
 def test_unicode_digit_node_ids_get_node_errors(client):
+    """'\u00b2'.isdigit() is True but int() refuses it: node ids are ordered without trusting isdigit."""
     graph = {"0": {"class_type": "Const", "inputs": {}}, "\u00b2": {"class_type": "Const", "inputs": {"a": None}}}
     status, answer = client.post("/prompt", json.dumps({"prompt": graph}).encode())
     assert status == 400  # holds today: a crash in validation is still a 400, never a 500

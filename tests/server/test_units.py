@@ -224,3 +224,43 @@ def test_free_reaches_the_runtime_and_clears_the_cache(tmp_path):
         assert worker.stop(5)
         store.close()
     asyncio.run(scenario())
+
+
+def test_history_is_written_before_the_client_is_told_the_prompt_is_done(tmp_path):
+    """ComfyUI's client flow reads /history/{id} as soon as `executing` with node null arrives."""
+    import json
+
+    from service.queue import QueueStore
+    from service.worker import Worker
+
+    store = QueueStore(tmp_path / "q.sqlite3")
+    found_at_end: dict[str, bool] = {}
+
+    class RecordingHub:
+        def publish(self, client_id, message):
+            data = json.loads(message)
+            if data["type"] == "executing" and data["data"]["node"] is None:
+                prompt_id = data["data"]["prompt_id"]
+                found_at_end[prompt_id] = store.history_entry_json(prompt_id) is not None
+
+        def publish_all(self, message):
+            pass
+
+    executor = Executor(toy.toy_registry())
+    worker = Worker(store=store, executor=executor, registry=executor.registry, hub=RecordingHub())
+    worker.start()
+    ok = {"1": {"class_type": "Const", "inputs": {"value": 3}}, "2": {"class_type": "Show",
+                                                                   "inputs": {"value": ["1", 0]}}}
+    failing = {"1": {"class_type": "Fail", "inputs": {"value": 3}}, "2": {"class_type": "Sink",
+                                                                        "inputs": {"value": ["1", 0]}}}
+    stale = {"1": {"class_type": "NoLongerInstalled", "inputs": {}}}  # fails the worker's re-validation
+    for prompt_id, prompt in (("ok", ok), ("failing", failing), ("stale", stale)):
+        store.put(prompt_id=prompt_id, prompt=prompt, extra_data={}, outputs=["2"], client_id="me", number=None,
+                  front=False, max_pending=10)
+    worker.wake()
+    deadline = time.monotonic() + 10
+    while len(found_at_end) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert worker.stop(5)
+    store.close()
+    assert found_at_end == {"ok": True, "failing": True, "stale": True}

@@ -11,8 +11,14 @@ from diffusion.checkpoint import load_checkpoint
 from diffusion.prompt import encode_prompt
 from diffusion.tokenizer import ClipTokenizer
 from diffusion.train import dataset, models
-from diffusion.train.denoiser import (DenoiserSchedule, alphas_cumprod, caption_ids, diffusion_loss,
-                                      encode_latents, train_denoiser)
+from diffusion.train.denoiser import (
+    DenoiserSchedule,
+    alphas_cumprod,
+    caption_ids,
+    diffusion_loss,
+    encode_latents,
+    train_denoiser,
+)
 from diffusion.train.state import step_generator
 from diffusion.train.vae import VAESchedule, train_vae, vae_loss
 
@@ -29,15 +35,14 @@ def _two_threads():
 
 def _fit(loss_fn, params, steps: int, lr: float) -> tuple[float, float]:
     optimiser = torch.optim.Adam(params, lr=lr)
-    first = last = None
+    first = None
     for _ in range(steps):
         loss = loss_fn()
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
-        first = float(loss) if first is None else first
-        last = float(loss)
-    return first, float(loss_fn())
+        first = loss.item() if first is None else first
+    return first, loss_fn().item()
 
 
 def test_vae_steps_reduce_the_reconstruction_loss():
@@ -83,7 +88,8 @@ def test_rescaled_vae_computes_the_same_pictures_from_scaled_latents():
 
 def _schedules(steps: int) -> tuple[VAESchedule, DenoiserSchedule]:
     vae = VAESchedule(steps=2, batch_size=2, warmup=1, full_steps=1, save_every=1)
-    denoiser = dataclasses.replace(DenoiserSchedule(), steps=steps, batch_size=2, warmup=1, save_every=1, bf16=False)
+    denoiser = dataclasses.replace(DenoiserSchedule(), steps=steps, batch_size=2, warmup=1, save_every=1, bf16=False,
+                                   pool_size=6)
     return vae, denoiser
 
 
@@ -99,14 +105,14 @@ def test_resume_continues_from_the_saved_step_exactly(tmp_path):
     resumed_unet, resumed_text, step = train_denoiser(ARCH, vae, tmp_path / "resumed.pt", three,
                                                       progress=lambda s, _: reached.append(s))
     assert step == 3 and reached == [3]
-    for a, b in zip(straight_unet.state_dict().values(), resumed_unet.state_dict().values()):
+    for a, b in zip(straight_unet.state_dict().values(), resumed_unet.state_dict().values(), strict=True):
         assert torch.equal(a, b)
-    for a, b in zip(straight_text.state_dict().values(), resumed_text.state_dict().values()):
+    for a, b in zip(straight_text.state_dict().values(), resumed_text.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     # A finished VAE snapshot is loaded as it is, without training again.
     again = train_vae(ARCH, tmp_path / "vae.pt", vae_schedule, progress=lambda s, _: reached.append(-s))
     assert reached == [3]
-    assert all(torch.equal(a, b) for a, b in zip(vae.state_dict().values(), again.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(vae.state_dict().values(), again.state_dict().values(), strict=True))
 
 
 def test_export_loads_with_load_checkpoint_unchanged(tmp_path):

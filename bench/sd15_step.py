@@ -1,0 +1,328 @@
+"""sdgraph against diffusers on a full-size generated SD1.5 checkpoint, in the same run: seconds per sampling
+step (CFG on) at 256x256 and 512x512, VAE decode time, checkpoint load time and peak RSS.
+
+Each configuration runs in a fresh subprocess (its own peak RSS, nothing warm from another):
+
+  sdgraph-fp32      our nodes (loader, CLIPTextEncode x2, KSampler euler, VAEDecode) through the executor, --dtype fp32
+  sdgraph-default   the same in the default dtype (bf16 on CPUs with native bf16)
+  diffusers-fp32    diffusers' StableDiffusionPipeline on the same weights (converted in memory), fp32
+  diffusers-bf16    the same in bf16 with channels_last (equal precision to sdgraph-default here)
+
+A step is one sampler iteration (one UNet call on the cond+uncond batch of 2); its time is the median of the
+iterations after the first. `cpu` columns are process CPU seconds per step (all threads): on a shared machine
+wall time depends on the other processes' load, CPU time much less, so both are printed with the load average.
+
+    .venv/bin/python bench/sd15_step.py [--checkpoint PATH] [--steps 4] [--sizes 256 512] [--configs ...]
+
+Without --checkpoint it uses models/checkpoints/sd15_random_seed1.safetensors (the parity kit's file) or
+generates that file (`sdgraph make-checkpoint --preset sd15 --seed 1`) into ~/.cache/sdgraph-bench.
+`--calibrate` prints the working memory (peak RSS above the weights) of one UNet call and one decode per size,
+which the estimates in diffusion/components.py are derived from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CONFIGS = ("sdgraph-fp32", "sdgraph-default", "diffusers-fp32", "diffusers-bf16")
+PROMPT, NEGATIVE, CFG, SEED = "a photograph of an astronaut riding a horse", "blurry, low quality", 7.0, 42
+
+
+# --- measurement helpers (run inside the worker) -------------------------------------------------------------------
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith(field)).split()[1]) * 1024
+
+
+def reset_peak() -> None:
+    """Reset VmHWM to the current RSS (Linux: clear_refs 5), so a phase's own peak can be read."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_rss() -> int:
+    return _status("VmHWM:")
+
+
+def rss() -> int:
+    return _status("VmRSS:")
+
+
+class StepClock:
+    """Wall and CPU time at each step boundary."""
+
+    def __init__(self):
+        self.marks: list[tuple[float, float]] = []
+
+    def start(self):
+        self.marks = [(time.perf_counter(), time.process_time())]
+
+    def tick(self):
+        self.marks.append((time.perf_counter(), time.process_time()))
+
+    def per_step(self) -> dict[str, float]:
+        walls = [b[0] - a[0] for a, b in zip(self.marks, self.marks[1:], strict=False)]
+        cpus = [b[1] - a[1] for a, b in zip(self.marks, self.marks[1:], strict=False)]
+        later = slice(1, None) if len(walls) > 1 else slice(None)
+        return {"step_s": statistics.median(walls[later]), "step_cpu_s": statistics.median(cpus[later]),
+                "first_step_s": walls[0]}
+
+
+# --- sdgraph ----------------------------------------------------------------------------------------------------------
+
+def run_sdgraph(checkpoint: Path, dtype: str | None, sizes: list[int], steps: int, calibrate: bool) -> dict:
+    from engine import Executor, NodeFinished, Progress, validate
+    from nodes import build_registry
+    from nodes.folders import Folders
+    from nodes.runtime import Runtime
+
+    base = Path(tempfile.mkdtemp(prefix="sdgraph-bench-"))
+    (base / "models" / "checkpoints").mkdir(parents=True)
+    (base / "models" / "checkpoints" / checkpoint.name).symlink_to(checkpoint.resolve())
+    runtime = Runtime(Folders.at(base, output=str(base / "output")), dtype=dtype)
+    registry = build_registry(entry_points=False)
+    executor = Executor(registry, resources=runtime)
+    result: dict = {"rss_baseline": rss()}
+
+    # 1. Load: the loader checks the header; the parts are read when first used.
+    from types import SimpleNamespace
+
+    from nodes.loaders import checkpoint_loader
+    start = time.perf_counter()
+    values = checkpoint_loader.fn(SimpleNamespace(resources=runtime), checkpoint.name)
+    for value in values:
+        with runtime.models.use(value.handle):
+            pass
+    result["load_s"] = time.perf_counter() - start
+    result["weights_bytes"] = runtime.models.held(str(runtime.placement()[0]))
+    result["dtype"] = runtime.placement()[1].names
+
+    # 2. txt2img per size through the real nodes, steps timed from the progress events.
+    for size in sizes:
+        api = {
+            "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint.name}},
+            "2": {"class_type": "CLIPTextEncode", "inputs": {"text": PROMPT, "clip": ["1", 1]}},
+            "3": {"class_type": "CLIPTextEncode", "inputs": {"text": NEGATIVE, "clip": ["1", 1]}},
+            "4": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
+            "5": {"class_type": "KSampler", "inputs": {
+                "seed": SEED, "steps": steps, "cfg": CFG, "sampler_name": "euler", "scheduler": "normal",
+                "denoise": 1.0, "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0],
+                "latent_image": ["4", 0]}},
+            "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
+        }
+        clock, decode = StepClock(), {}
+        peaks: dict[str, int] = {}
+
+        def listen(event, clock=clock, decode=decode, peaks=peaks):
+            if type(event).__name__ == "NodeStarted" and event.node_id == "5":
+                if calibrate:
+                    peaks["before_unet"] = rss()
+                    reset_peak()
+                clock.start()
+            elif isinstance(event, Progress) and event.node_id == "5":
+                clock.tick()
+            elif isinstance(event, NodeFinished) and event.node_id == "5" and calibrate:
+                peaks["unet"] = peak_rss() - peaks["before_unet"]
+                peaks["before_decode"] = rss()
+                reset_peak()
+            elif isinstance(event, NodeFinished) and event.node_id == "6":
+                decode["s"] = event.seconds
+                if calibrate:
+                    peaks["decode"] = peak_rss() - peaks["before_decode"]
+
+        graph = validate(api, registry, targets=["6"], resources=runtime).graph
+        report = executor.run(graph, listeners=[listen])
+        if not report.ok:
+            raise RuntimeError(report.error.traceback)
+        image = report.outputs["6"][0][0]
+        result[str(size)] = {**clock.per_step(), "decode_s": decode["s"], "image_std": float(image.std())}
+        if calibrate:
+            result[str(size)]["working_unet"] = peaks["unet"]
+            result[str(size)]["working_decode"] = peaks["decode"]
+        del image, report
+    result["peak_rss"] = peak_rss()
+    return result
+
+
+# --- diffusers --------------------------------------------------------------------------------------------------------
+
+def run_diffusers(checkpoint: Path, dtype_name: str, sizes: list[int], steps: int) -> dict:
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+
+    from diffusion.checkpoint import UNET_PREFIX, VAE_PREFIX, TensorFile, open_checkpoint
+    from diffusion.prompt import encode_prompt
+    from diffusion.tokenizer import ClipTokenizer
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    result: dict = {"rss_baseline": rss(), "dtype": dtype_name}
+    unet_config = dict(
+        sample_size=64, in_channels=4, out_channels=4, down_block_types=(
+            "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768, attention_head_dim=8,
+        flip_sin_to_cos=True, freq_shift=0, norm_num_groups=32, norm_eps=1e-5)
+    vae_config = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                      up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
+                      layers_per_block=2, latent_channels=4, norm_num_groups=32, sample_size=512)
+
+    # 1. Load: the file's tensors in `dtype`, converted to diffusers' layout, assigned into meta-built models
+    #    (what from_single_file does with accelerate installed, minus the config download).
+    start = time.perf_counter()
+    source = TensorFile(checkpoint)
+    wanted = [k for k in source.meta if k.startswith((UNET_PREFIX, VAE_PREFIX))]
+    state = {k: t.to(dtype, copy=True) if t.is_floating_point() else t.clone() for k, t in source.read(wanted)}
+    with torch.device("meta"):
+        unet, vae = UNet2DConditionModel(**unet_config), AutoencoderKL(**vae_config)
+    unet.load_state_dict(convert_ldm_unet_checkpoint(state, unet_config), strict=True, assign=True)
+    vae.load_state_dict(convert_ldm_vae_checkpoint(state, vae_config), strict=True, assign=True)
+    del state
+    text_encoder = open_checkpoint(checkpoint).text_encoder.load(dtype=dtype)
+    unet.eval().requires_grad_(False)
+    vae.eval().requires_grad_(False)
+    if dtype == torch.bfloat16:
+        unet.to(memory_format=torch.channels_last)
+        vae.to(memory_format=torch.channels_last)
+    result["load_s"] = time.perf_counter() - start
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       num_train_timesteps=1000, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=None, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    tokenizer = ClipTokenizer()
+    with torch.inference_mode():
+        positive = encode_prompt(text_encoder, tokenizer, PROMPT)[0].to(dtype)
+        negative = encode_prompt(text_encoder, tokenizer, NEGATIVE)[0].to(dtype)
+
+    # 2. txt2img per size; the latents are decoded separately so that decode is timed on its own.
+    for size in sizes:
+        clock = StepClock()
+
+        def on_step(pipe, i, t, kwargs, clock=clock):
+            clock.tick()
+            return kwargs
+
+        generator = torch.Generator().manual_seed(SEED)
+        with torch.inference_mode():
+            clock.start()
+            latents = pipe(prompt_embeds=positive, negative_prompt_embeds=negative, height=size, width=size,
+                           num_inference_steps=steps, guidance_scale=CFG, generator=generator, output_type="latent",
+                           callback_on_step_end=on_step).images
+            start = time.perf_counter()
+            image = vae.decode(latents / vae.config.scaling_factor).sample
+            decode_s = time.perf_counter() - start
+        result[str(size)] = {**clock.per_step(), "decode_s": decode_s, "image_std": float(image.float().std())}
+    result["peak_rss"] = peak_rss()
+    return result
+
+
+# --- driver -----------------------------------------------------------------------------------------------------------
+
+def worker(args: argparse.Namespace) -> None:
+    config = args.worker
+    if config.startswith("sdgraph"):
+        dtype = "fp32" if config.endswith("fp32") else None
+        out = run_sdgraph(Path(args.checkpoint), dtype, args.sizes, args.steps, args.calibrate)
+    else:
+        out = run_diffusers(Path(args.checkpoint), config.split("-")[1], args.sizes, args.steps)
+    print("RESULT " + json.dumps(out))
+
+
+def default_checkpoint() -> Path:
+    parity = ROOT / "models" / "checkpoints" / "sd15_random_seed1.safetensors"
+    if parity.exists():
+        return parity
+    cached = Path.home() / ".cache" / "sdgraph-bench" / "sd15_random_seed1.safetensors"
+    if not cached.exists():
+        from diffusion.make_checkpoint import make_checkpoint
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        make_checkpoint(cached, preset="sd15", seed=1)
+    return cached
+
+
+def load_average() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", default=None)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
+    parser.add_argument("--calibrate", action="store_true", help="also measure working memory (sdgraph)")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker(args)
+        return 0
+    checkpoint = Path(args.checkpoint) if args.checkpoint else default_checkpoint()
+    print(f"checkpoint {checkpoint} ({checkpoint.stat().st_size / 1e9:.2f} GB), {args.steps} steps, CFG {CFG}, "
+          f"{os.cpu_count()} CPUs, torch threads default", flush=True)
+    results: dict[str, dict] = {}
+    for config in args.configs:
+        before = load_average()
+        command = [sys.executable, __file__, "--worker", config, "--checkpoint", str(checkpoint), "--steps",
+                   str(args.steps), "--sizes", *map(str, args.sizes), *(["--calibrate"] if args.calibrate else [])]
+        done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+        line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if done.returncode or line is None:
+            print(f"{config}: failed\n{done.stderr[-3000:]}", file=sys.stderr)
+            continue
+        results[config] = json.loads(line[len("RESULT "):])
+        results[config]["load_average"] = f"{before} -> {load_average()}"
+        print(f"{config:16s} done (load average {results[config]['load_average']})", flush=True)
+    print(table(results, args.sizes))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+def table(results: dict[str, dict], sizes: list[int]) -> str:
+    rows = []
+    header = ["config", "load s"] + [f"{s}² s/step (cpu)" for s in sizes] + [f"decode {s}² s" for s in sizes] + \
+             ["peak RSS GB", "load average"]
+    rows.append(header)
+    for name, r in results.items():
+        row = [name, f"{r['load_s']:.1f}"]
+        row += [f"{r[str(s)]['step_s']:.2f} ({r[str(s)]['step_cpu_s']:.2f})" for s in sizes]
+        row += [f"{r[str(s)]['decode_s']:.2f}" for s in sizes]
+        row += [f"{r['peak_rss'] / 1e9:.2f}", r["load_average"]]
+        rows.append(row)
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    for ours in ("sdgraph-fp32", "sdgraph-default"):
+        for theirs in ("diffusers-fp32", "diffusers-bf16"):
+            if ours in results and theirs in results:
+                a, b = results[ours], results[theirs]
+                parts = [f"{s}² step x{b[str(s)]['step_s'] / a[str(s)]['step_s']:.2f} "
+                         f"(cpu x{b[str(s)]['step_cpu_s'] / a[str(s)]['step_cpu_s']:.2f})" for s in sizes]
+                parts += [f"decode {s}² x{b[str(s)]['decode_s'] / a[str(s)]['decode_s']:.2f}" for s in sizes]
+                parts += [f"load x{b['load_s'] / a['load_s']:.2f}", f"peak RSS x{b['peak_rss'] / a['peak_rss']:.2f}"]
+                lines.append(f"{ours} vs {theirs} (x>1: sdgraph faster/smaller): " + ", ".join(parts))
+    if "sdgraph-default" in results:
+        extra = results["sdgraph-default"]
+        if "256" in extra and "working_unet" in extra["256"]:
+            for s in sizes:
+                lines.append(f"working memory {s}²: UNet call {extra[str(s)]['working_unet'] / 2**20:.0f} MB, "
+                             f"decode {extra[str(s)]['working_decode'] / 2**20:.0f} MB")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""The shipped demo model through the real node graphs: it follows prompts, and inpainting keeps the rest.
+
+The bars here are lower than bench/demo_eval.py's targets (fewer prompts, so more noise); the benchmark prints
+the full figures.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from diffusion.checkpoint import load_checkpoint
+from diffusion.train import evaluate, showcase
+
+ROOT = Path(__file__).resolve().parents[3]
+CHECKPOINT = ROOT / "models" / "checkpoints" / "sdgraph-demo.safetensors"
+BARS = {"colour": 0.6, "background": 0.6, "position": 0.5, "shape": 0.35}
+
+
+def test_shipped_file_is_small_and_loads_as_an_sd1_checkpoint():
+    assert CHECKPOINT.stat().st_size < 30_000_000
+    checkpoint = load_checkpoint(CHECKPOINT)
+    assert checkpoint.text_config.vocab_size == 49408
+    assert checkpoint.vae_config.downscale == 8 and checkpoint.vae_config.latent_channels == 4
+    assert checkpoint.unet_config.context_dim == checkpoint.text_config.hidden_size
+
+
+def test_generated_pictures_follow_their_prompts():
+    scenes = evaluate.single_object_scenes(4242, 16, held_out=False)
+    images = evaluate.generate(ROOT, CHECKPOINT.name, [s.caption for s in scenes], seed=0, steps=20, cfg=5.0)
+    accuracy = evaluate.evaluate_scenes(images, scenes)
+    missed = {a: accuracy[a] for a, bar in BARS.items() if accuracy[a] < bar}
+    assert not missed, accuracy
+
+
+def test_inpaint_graph_changes_only_pixels_inside_the_mask():
+    api = json.loads((ROOT / "graphs" / "inpaint.json").read_text())
+    check = showcase.inpaint_check(api, ROOT)
+    assert check["outside_pixels"] > 3000
+    assert check["outside_changed"] == 0
+    assert check["inside_changed"] > check["inside_pixels"] // 2

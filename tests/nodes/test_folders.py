@@ -1,0 +1,45 @@
+"""Folder listing and path confinement."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from nodes.folders import Folders, UnsafePathError, resolve_inside
+
+
+def test_listing_survives_symlink_loops_and_hides_outside_files(tmp_path):
+    base = tmp_path / "base"
+    (base / "input" / "sub").mkdir(parents=True)
+    (base / "input" / "sub" / "a.png").write_bytes(b"x")
+    os.symlink(base / "input", base / "input" / "sub" / "loop")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.png").write_bytes(b"x")
+    os.symlink(outside / "secret.png", base / "input" / "linked.png")
+    served = Folders.at(base)
+    assert served.list_inputs() == ["sub/a.png"]
+    assert "linked.png" in Folders.at(base, trusted=True).list_inputs()
+    with pytest.raises(UnsafePathError):
+        served.input_path("linked.png")
+    assert Folders.at(base, trusted=True).input_path("linked.png").name == "linked.png"
+
+
+@pytest.mark.parametrize("name", ["../x.png", "/etc/passwd", "a/../../x", "..\\x.png", "x\0.png", "C:evil", ""])
+def test_names_that_leave_their_folder_are_refused(tmp_path, name):
+    with pytest.raises(UnsafePathError):
+        resolve_inside(tmp_path, name)
+    with pytest.raises(UnsafePathError):
+        resolve_inside(tmp_path, name, follow_links=False)
+
+
+def test_model_files_may_be_symlinks(tmp_path):
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "m.safetensors").write_bytes(b"x")
+    folders = Folders.at(tmp_path / "base")
+    folders.models("checkpoints").mkdir(parents=True)
+    os.symlink(store / "m.safetensors", folders.models("checkpoints") / "m.safetensors")
+    assert folders.list_models("checkpoints") == ["m.safetensors"]
+    assert folders.model_path("checkpoints", "m.safetensors").is_file()
