@@ -31,12 +31,15 @@ from .unet import UNetConfig
 from .vae import VAEConfig
 
 VAE_DECODE_BATCH = 4
-# Working memory per latent element (B x 4 x h x w) and per byte of the compute dtype, measured as the peak RSS
-# increase over the weights during one call on the CPU (bench/sd15_step.py --calibrate, docs/performance.md),
-# with a margin. Attention is SDPA (flash on CPU and CUDA), so nothing grows with the square of the tokens.
-UNET_WORKING_PER_ELEMENT = 1100
-VAE_DECODE_WORKING_PER_ELEMENT = 24000
-VAE_ENCODE_WORKING_PER_PIXEL = 1200
+# Working memory (bytes in fp32; halved for 2-byte dtypes) per latent element of one call (B x 4 x h x w, the
+# CFG batch included) or per pixel encoded, plus WORKING_MARGIN: the peak RSS above the weights during one call
+# of full-size SD1.5 on the CPU at 256 and 512 px, rounded up (docs/performance.md; bench/sd15_step.py
+# --calibrate). fp32, 512 px: UNet call (batch 2) 261 MB, decode 768 MB, encode 640 MB. Attention is SDPA (flash
+# on CPU and CUDA), so nothing grows with the square of the token count.
+UNET_WORKING_PER_ELEMENT = 8000
+VAE_DECODE_WORKING_PER_ELEMENT = 45000
+VAE_ENCODE_WORKING_PER_PIXEL = 2800
+WORKING_MARGIN = 64 * 1024 * 1024
 
 
 def parameter_bytes(module: torch.nn.Module) -> int:
@@ -69,7 +72,11 @@ def part_handle(layout: PartLayout, *, dtype: torch.dtype, device: torch.device,
 
 
 def _load_part(layout: PartLayout, dtype: torch.dtype, channels_last: bool, device: str) -> torch.nn.Module:
-    return layout.load(dtype=dtype, device=device, channels_last=channels_last)
+    """Read a part; on the CPU, its convolutions are packed for oneDNN once (diffusion/onednn.py)."""
+    from .onednn import pack_for_cpu
+
+    module = layout.load(dtype=dtype, device=device, channels_last=channels_last)
+    return pack_for_cpu(module) if channels_last and torch.device(device).type == "cpu" else module
 
 
 @dataclass(frozen=True, eq=False)
@@ -89,7 +96,7 @@ class DiffusionModel:
         """Memory one UNet call needs beside its weights, for latents of `latent_shape` [B, C, h, w] run
         `batch_multiplier` at a time (2 with CFG: cond and uncond batched together)."""
         elements = math.prod(latent_shape) * batch_multiplier
-        return elements * UNET_WORKING_PER_ELEMENT * _element_size(self.dtype) // 4 + 64 * 1024 * 1024
+        return elements * UNET_WORKING_PER_ELEMENT * _element_size(self.dtype) // 4 + WORKING_MARGIN
 
     def eps_function(self, unet: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
         """`eps(x, timesteps, context)` with the borrowed `unet`, taking and returning tensors of the caller's
@@ -161,12 +168,12 @@ class ImageAutoencoder:
         """Memory a decode needs beside the weights (batches of VAE_DECODE_BATCH at a time)."""
         batch = min(latent_shape[0], VAE_DECODE_BATCH)
         elements = batch * math.prod(latent_shape[1:])
-        return elements * VAE_DECODE_WORKING_PER_ELEMENT * _element_size(self.dtype) // 4 + 64 * 1024 * 1024
+        return elements * VAE_DECODE_WORKING_PER_ELEMENT * _element_size(self.dtype) // 4 + WORKING_MARGIN
 
     def encode_working_bytes(self, pixel_shape: tuple[int, ...]) -> int:
         batch = min(pixel_shape[0], VAE_DECODE_BATCH)
         pixels = batch * pixel_shape[1] * pixel_shape[2]
-        return pixels * VAE_ENCODE_WORKING_PER_PIXEL * _element_size(self.dtype) // 4 + 64 * 1024 * 1024
+        return pixels * VAE_ENCODE_WORKING_PER_PIXEL * _element_size(self.dtype) // 4 + WORKING_MARGIN
 
     def encode(self, pixels: torch.Tensor, vae: torch.nn.Module) -> torch.Tensor:
         """Encode RGB pixels (centre-cropped to a multiple of 8, as ComfyUI does) to the posterior mode."""

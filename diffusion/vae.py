@@ -58,10 +58,13 @@ class ResnetBlock(nn.Module):
             self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
+        # Without autograd, activations and the residual sum reuse the tensors just computed: at 512x512 the
+        # decoder's tensors are 64-256 MB each, so this lowers the peak as much as it saves time.
+        inplace = not torch.is_grad_enabled()
+        h = self.conv1(F.silu(self.norm1(x), inplace=inplace))
+        h = self.conv2(F.silu(self.norm2(h), inplace=inplace))
         shortcut = self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x
-        return shortcut + h
+        return h.add_(shortcut) if inplace else shortcut + h
 
 
 class AttnBlock(nn.Module):
@@ -151,7 +154,7 @@ class Encoder(nn.Module):
         h = self.conv_in(x)
         for level in self.down:
             h = level(h)
-        return self.conv_out(F.silu(self.norm_out(self.mid(h))))
+        return self.conv_out(F.silu(self.norm_out(self.mid(h)), inplace=not torch.is_grad_enabled()))
 
 
 class Decoder(nn.Module):
@@ -172,7 +175,7 @@ class Decoder(nn.Module):
         h = self.mid(self.conv_in(z))
         for level in reversed(self.up):
             h = level(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(h), inplace=not torch.is_grad_enabled()))
 
 
 class AutoencoderKL(nn.Module):

@@ -35,13 +35,14 @@ class DemoArchitecture:
 def demo_architecture() -> DemoArchitecture:
     """The shipped model: about 24 MB in fp16, most of it the 49,408 x 128 token embedding.
 
-    The VAE is 64 wide at full resolution, not 32: every GroupNorm has 32 groups, and with one channel per group
-    the decoder's last norm erases the absolute level of each channel, so a flat region cannot keep its colour.
+    The VAE is 32 wide at full resolution, the narrowest SD1's 32-group GroupNorms allow. With one channel per
+    group the decoder's last norm removes each channel's mean level, so flat colours are slow to learn; wider is
+    better but costs 4x per step on 2 cores (see docs/demo-model.md).
     """
     return DemoArchitecture(
         unet=UNetConfig(model_channels=64, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(0, 1),
                         context_dim=128),
-        vae=VAEConfig(base_channels=64, channel_mult=(1, 1, 1, 2), num_res_blocks=1),
+        vae=VAEConfig(base_channels=32, channel_mult=(1, 1, 2, 2), num_res_blocks=1),
         text=clip_text_config(width=128, layers=2, intermediate_size=512),
     )  # fmt: skip
 

@@ -23,12 +23,12 @@ from diffusion.vae import AutoencoderKL
 
 @dataclass(frozen=True)
 class VAESchedule:
-    steps: int = 370
-    batch_size: int = 8
+    steps: int = 2000
+    batch_size: int = 16
     lr: float = 2e-3
     warmup: int = 30
     crop: int = 32  # pixels per side while training, until the last `full_steps` (whole 64x64 scenes)
-    full_steps: int = 20
+    full_steps: int = 60
     kl_weight: float = 1e-4
     data_seed: int = 1
     init_seed: int = 2

@@ -1,0 +1,164 @@
+"""How far each reduced-precision choice moves results from fp32: the evidence behind diffusion/device.py.
+
+For each checkpoint (the parity kit's full-size random SD1.5 file, and the bundled demo model when it exists):
+
+  1. one UNet call (CFG batch of 2, t=500) at 256 and 512 px: relative L2 error of bf16 against fp32;
+  2. the text encoder: relative error of the conditioning (context) in bf16 against fp32;
+  3. VAE decode of an fp32-sampled latent: PSNR of a bf16 decode against the fp32 decode;
+  4. txt2img through the nodes (euler, --steps, CFG 7): PSNR against the all-fp32 image for the default
+     precision and for the variants that keep the text encoder and/or the VAE in fp32.
+
+    .venv/bin/python bench/precision.py [--checkpoint PATH ...] [--size 256] [--steps 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from diffusion.checkpoint import open_checkpoint  # noqa: E402
+from diffusion.device import Precision  # noqa: E402
+
+PROMPT, NEGATIVE = "a photograph of an astronaut riding a horse", "blurry, low quality"
+F32, BF16 = torch.float32, torch.bfloat16
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float() - want.float()).norm() / want.float().norm()).item()
+
+
+def psnr(got: torch.Tensor, want: torch.Tensor) -> float:
+    """PSNR of 8-bit images (values 0..1 rounded as a PNG would store them)."""
+    a, b = (got.float() * 255).round(), (want.float() * 255).round()
+    mse = (a - b).pow(2).mean().item()
+    return 99.0 if mse == 0 else 10 * math.log10(255**2 / mse)
+
+
+def unet_error(path: Path, size: int) -> float:
+    layout = open_checkpoint(path).unet
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, size // 8, size // 8, generator=g)
+    context = torch.randn(2, 77, layout.config.context_dim, generator=g)
+    t = torch.tensor([500.0, 500.0])
+    outputs = {}
+    for dtype in (F32, BF16):
+        from diffusion.onednn import pack_for_cpu
+        unet = pack_for_cpu(layout.load(dtype=dtype, channels_last=True))
+        with torch.inference_mode():
+            outputs[dtype] = unet(x.to(dtype).contiguous(memory_format=torch.channels_last), t,
+                                  context.to(dtype)).float()
+        del unet
+    return relative_error(outputs[BF16], outputs[F32])
+
+
+def text_error(path: Path) -> float:
+    from diffusion.prompt import encode_prompt
+    from diffusion.tokenizer import ClipTokenizer
+
+    layout, tokenizer = open_checkpoint(path).text_encoder, ClipTokenizer()
+    contexts = {}
+    for dtype in (F32, BF16):
+        with torch.inference_mode():
+            contexts[dtype] = encode_prompt(layout.load(dtype=dtype), tokenizer, PROMPT)[0].float()
+    return relative_error(contexts[BF16], contexts[F32])
+
+
+def txt2img(path: Path, precision: Precision, size: int, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image, latent) of a txt2img through the nodes with the given precision."""
+    from engine import Executor, validate
+    from nodes import build_registry
+    from nodes.folders import Folders
+    from nodes.runtime import Runtime
+
+    base = Path(tempfile.mkdtemp(prefix="sdgraph-precision-"))
+    (base / "models" / "checkpoints").mkdir(parents=True)
+    (base / "models" / "checkpoints" / path.name).symlink_to(path.resolve())
+    runtime = Runtime(Folders.at(base))
+    runtime._placement = (torch.device("cpu"), precision)  # the variant under test instead of the policy
+    api = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": path.name}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": PROMPT, "clip": ["1", 1]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": NEGATIVE, "clip": ["1", 1]}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
+        "5": {"class_type": "KSampler", "inputs": {"seed": 42, "steps": steps, "cfg": 7.0, "sampler_name": "euler",
+                                                   "scheduler": "normal", "denoise": 1.0, "model": ["1", 0],
+                                                   "positive": ["2", 0], "negative": ["3", 0],
+                                                   "latent_image": ["4", 0]}},
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
+    }
+    registry = build_registry(entry_points=False)
+    report = Executor(registry, resources=runtime).run(validate(api, registry, targets=["6"],
+                                                                resources=runtime).graph)
+    if not report.ok:
+        raise RuntimeError(report.error.traceback)
+    return report.outputs["6"][0][0], runtime
+
+
+def decode(path: Path, latent: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    from diffusion.components import vae_value
+    from diffusion.onednn import pack_for_cpu
+
+    layout = open_checkpoint(path).vae
+    value = vae_value(layout, device=torch.device("cpu"), dtype=dtype)
+    return value.decode(latent, pack_for_cpu(layout.load(dtype=dtype, channels_last=True)))
+
+
+def sample_latent(path: Path, size: int, steps: int) -> torch.Tensor:
+    """An fp32 latent from the sampler, for the decode comparison."""
+    from diffusion.components import checkpoint_values
+    from diffusion.sampling import sample
+    from diffusion.tokenizer import ClipTokenizer
+
+    layout = open_checkpoint(path)
+    model, clip, _ = checkpoint_values(layout, device=torch.device("cpu"), precision=Precision(F32, F32, F32),
+                                       tokenizer=ClipTokenizer())
+    text = layout.text_encoder.load(dtype=F32)
+    positive, negative = clip.encode(PROMPT, text), clip.encode(NEGATIVE, text)
+    unet = layout.unet.load(dtype=F32, channels_last=True)
+    with torch.inference_mode():
+        latent = torch.zeros(1, 4, size // 8, size // 8)
+        return sample(model.eps_function(unet), latent, positive, negative, seed=42, steps=steps, cfg=7.0,
+                      sampler_name="euler", scheduler="normal").samples
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", nargs="+", default=None)
+    parser.add_argument("--size", type=int, default=256, help="txt2img and decode size (px)")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--skip-txt2img", action="store_true")
+    args = parser.parse_args(argv)
+    paths = [Path(p) for p in args.checkpoint] if args.checkpoint else [
+        p for p in (ROOT / "models/checkpoints/sd15_random_seed1.safetensors",
+                    ROOT / "models/checkpoints/sdgraph-demo.safetensors") if p.exists()]
+    for path in paths:
+        print(f"== {path.name}")
+        print(f"UNet call, bf16 vs fp32, relative error: 256 px {unet_error(path, 256):.4%}, "
+              f"512 px {unet_error(path, 512):.4%}", flush=True)
+        print(f"text encoder context, bf16 vs fp32, relative error: {text_error(path):.4%}", flush=True)
+        latent = sample_latent(path, args.size, args.steps)
+        reference = decode(path, latent, F32)
+        print(f"VAE decode ({args.size} px), bf16 vs fp32: PSNR {psnr(decode(path, latent, BF16), reference):.1f} dB "
+              f"(fp32 image std {reference.std():.3f})", flush=True)
+        if args.skip_txt2img:
+            continue
+        want, _ = txt2img(path, Precision(F32, F32, F32), args.size, args.steps)
+        for name, precision in (("default (bf16 UNet, text, VAE)", Precision(BF16, BF16, BF16)),
+                                ("bf16 UNet and text, fp32 VAE", Precision(BF16, BF16, F32)),
+                                ("bf16 UNet, fp32 text and VAE", Precision(BF16, F32, F32))):
+            got, _ = txt2img(path, precision, args.size, args.steps)
+            print(f"txt2img {args.size} px {args.steps} steps, {name} vs fp32: PSNR {psnr(got, want):.1f} dB",
+                  flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
