@@ -29,6 +29,8 @@ from diffusion.device import Precision  # noqa: E402
 
 PROMPT, NEGATIVE = "a photograph of an astronaut riding a horse", "blurry, low quality"
 F32, BF16 = torch.float32, torch.bfloat16
+DEFAULT = Precision(BF16, BF16, BF16, unet_output_fp32=True)  # what diffusion/device.py picks on this CPU
+ALL_BF16 = Precision(BF16, BF16, BF16, unet_output_fp32=False)
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -42,21 +44,25 @@ def psnr(got: torch.Tensor, want: torch.Tensor) -> float:
     return 99.0 if mse == 0 else 10 * math.log10(255**2 / mse)
 
 
-def unet_error(path: Path, size: int) -> float:
-    layout = open_checkpoint(path).unet
+def unet_error(path: Path, size: int, precision: Precision) -> float:
+    """Relative error of one UNet call (through the MODEL value's eps function, as sampling calls it)."""
+    from diffusion.components import checkpoint_values
+    from diffusion.tokenizer import ClipTokenizer
+
+    layout = open_checkpoint(path)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, size // 8, size // 8, generator=g)
-    context = torch.randn(2, 77, layout.config.context_dim, generator=g)
+    context = torch.randn(2, 77, layout.unet.config.context_dim, generator=g)
     t = torch.tensor([500.0, 500.0])
-    outputs = {}
-    for dtype in (F32, BF16):
-        from diffusion.onednn import pack_for_cpu
-        unet = pack_for_cpu(layout.load(dtype=dtype, channels_last=True))
+    outputs = []
+    for variant in (Precision(F32, F32, F32), precision):
+        model, _, _ = checkpoint_values(layout, device=torch.device("cpu"), precision=variant,
+                                        tokenizer=ClipTokenizer())
+        unet = model.handle.load("cpu")
         with torch.inference_mode():
-            outputs[dtype] = unet(x.to(dtype).contiguous(memory_format=torch.channels_last), t,
-                                  context.to(dtype)).float()
+            outputs.append(model.eps_function(unet)(x, t, context))
         del unet
-    return relative_error(outputs[BF16], outputs[F32])
+    return relative_error(outputs[1], outputs[0])
 
 
 def text_error(path: Path) -> float:
@@ -123,8 +129,10 @@ def sample_latent(path: Path, size: int, steps: int) -> torch.Tensor:
     text = layout.text_encoder.load(dtype=F32)
     positive, negative = clip.encode(PROMPT, text), clip.encode(NEGATIVE, text)
     unet = layout.unet.load(dtype=F32, channels_last=True)
+    from diffusion.latent import Latent
+
     with torch.inference_mode():
-        latent = torch.zeros(1, 4, size // 8, size // 8)
+        latent = Latent(torch.zeros(1, 4, size // 8, size // 8))
         return sample(model.eps_function(unet), latent, positive, negative, seed=42, steps=steps, cfg=7.0,
                       sampler_name="euler", scheduler="normal").samples
 
@@ -141,8 +149,9 @@ def main(argv: list[str] | None = None) -> int:
                     ROOT / "models/checkpoints/sdgraph-demo.safetensors") if p.exists()]
     for path in paths:
         print(f"== {path.name}")
-        print(f"UNet call, bf16 vs fp32, relative error: 256 px {unet_error(path, 256):.4%}, "
-              f"512 px {unet_error(path, 512):.4%}", flush=True)
+        for name, precision in (("default (bf16, final level fp32)", DEFAULT), ("all bf16", ALL_BF16)):
+            print(f"UNet call, {name} vs fp32, relative error: 256 px {unet_error(path, 256, precision):.4%}, "
+                  f"512 px {unet_error(path, 512, precision):.4%}", flush=True)
         print(f"text encoder context, bf16 vs fp32, relative error: {text_error(path):.4%}", flush=True)
         latent = sample_latent(path, args.size, args.steps)
         reference = decode(path, latent, F32)
@@ -151,9 +160,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.skip_txt2img:
             continue
         want, _ = txt2img(path, Precision(F32, F32, F32), args.size, args.steps)
-        for name, precision in (("default (bf16 UNet, text, VAE)", Precision(BF16, BF16, BF16)),
-                                ("bf16 UNet and text, fp32 VAE", Precision(BF16, BF16, F32)),
-                                ("bf16 UNet, fp32 text and VAE", Precision(BF16, F32, F32))):
+        for name, precision in (("default (bf16 UNet with fp32 final level, bf16 text, bf16 VAE)", DEFAULT),
+                                ("all bf16 (no fp32 final level)", ALL_BF16),
+                                ("default with an fp32 text encoder", Precision(BF16, F32, BF16, True)),
+                                ("default with an fp32 VAE", Precision(BF16, BF16, F32, True))):
             got, _ = txt2img(path, precision, args.size, args.steps)
             print(f"txt2img {args.size} px {args.steps} steps, {name} vs fp32: PSNR {psnr(got, want):.1f} dB",
                   flush=True)

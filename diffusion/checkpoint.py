@@ -17,7 +17,7 @@ import os
 import pickle
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -257,16 +257,20 @@ def _check_part(path, part: str, expected, found: Mapping[str, str], meta, prefi
 
 
 def _load_part(source: TensorFile, keys: Mapping[str, str], build: Callable, dtype, device, *,
-               channels_last: bool = False):
+               channels_last: bool = False, overrides: Mapping[str, torch.dtype] | None = None):
     """Read the part's tensors one by one, convert each to dtype/device as its own copy, and build the module.
 
-    With `channels_last`, 4-D (convolution) weights are stored NHWC, the layout oneDNN's kernels want."""
+    With `channels_last`, 4-D (convolution) weights are stored NHWC, the layout oneDNN's kernels want.
+    `overrides` maps key prefixes (inside the part) to another floating-point dtype for those weights."""
     file_to_part = {v: k for k, v in keys.items()}
     tensors = {}
+    overrides = dict(overrides or {})
     for file_key, t in source.read(keys.values()):
-        target = dtype if t.is_floating_point() else t.dtype
+        key = file_to_part[file_key]
+        wanted = next((d for prefix, d in overrides.items() if key.startswith(prefix)), dtype)
+        target = wanted if t.is_floating_point() else t.dtype
         layout = torch.channels_last if channels_last and t.ndim == 4 else torch.preserve_format
-        tensors[file_to_part[file_key]] = t.to(device=device, dtype=target, copy=True, memory_format=layout)
+        tensors[key] = t.to(device=device, dtype=target, copy=True, memory_format=layout)
         del t
     return build(tensors)
 
@@ -338,20 +342,31 @@ class PartLayout:
     elements: int  # floating-point elements (converted to the requested dtype)
     other_bytes: int  # bytes of the other tensors (kept as they are)
     allow_pickle: bool = False
+    float_elements: Mapping[str, int] = field(default_factory=dict)  # {file key: elements} of float tensors
 
-    def weight_bytes(self, dtype: torch.dtype) -> int:
-        """Bytes the part takes once loaded in `dtype`."""
-        return self.elements * torch.empty(0, dtype=dtype).element_size() + self.other_bytes
+    def weight_bytes(self, dtype: torch.dtype, overrides: Mapping[str, torch.dtype] | None = None) -> int:
+        """Bytes the part takes once loaded in `dtype` (with `overrides`: {key prefix: dtype})."""
+        if not overrides:
+            return self.elements * torch.empty(0, dtype=dtype).element_size() + self.other_bytes
+        total = self.other_bytes
+        for key, file_key in self.keys.items():
+            if file_key in self.float_elements:
+                wanted = next((d for prefix, d in overrides.items() if key.startswith(prefix)), dtype)
+                total += self.float_elements[file_key] * torch.empty(0, dtype=wanted).element_size()
+        return total
 
-    def load(self, *, dtype: torch.dtype = torch.float32, device="cpu", channels_last: bool = False) -> torch.nn.Module:
-        """Read the part into `dtype` on `device`, tensor by tensor, in eval mode.
+    def load(self, *, dtype: torch.dtype = torch.float32, device="cpu", channels_last: bool = False,
+             overrides: Mapping[str, torch.dtype] | None = None) -> torch.nn.Module:
+        """Read the part into `dtype` on `device`, tensor by tensor, in eval mode; weights whose key starts with
+        a prefix in `overrides` get that prefix's dtype instead.
 
         Raises CheckpointError if the file changed since it was opened (its weights may no longer fit); open it
         again."""
         if FileIdentity.of(self.file.path) != self.file:
             raise CheckpointError(f"{self.file.path} changed on disk since it was opened; load it again")
         source = TensorFile(self.file.path, allow_pickle=self.allow_pickle)
-        return _load_part(source, self.keys, _BUILDERS[self.part], dtype, device, channels_last=channels_last)
+        return _load_part(source, self.keys, _BUILDERS[self.part], dtype, device, channels_last=channels_last,
+                          overrides=overrides)
 
 
 @dataclass(frozen=True, eq=False)
@@ -374,10 +389,11 @@ class CheckpointLayout:
 
 def _part_layout(part: str, source: TensorFile, identity: FileIdentity, config: Any, keys: Mapping[str, str],
                  allow_pickle: bool) -> PartLayout:
-    tensors = [source.meta[k] for k in keys.values()]
-    elements = sum(t.numel() for t in tensors if t.is_floating_point())
-    other = sum(t.numel() * t.element_size() for t in tensors if not t.is_floating_point())
-    return PartLayout(part, identity, config, MappingProxyType(dict(keys)), elements, other, allow_pickle)
+    tensors = {k: source.meta[k] for k in keys.values()}
+    floats = {k: t.numel() for k, t in tensors.items() if t.is_floating_point()}
+    other = sum(t.numel() * t.element_size() for t in tensors.values() if not t.is_floating_point())
+    return PartLayout(part, identity, config, MappingProxyType(dict(keys)), sum(floats.values()), other, allow_pickle,
+                      MappingProxyType(floats))
 
 
 def open_checkpoint(

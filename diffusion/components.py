@@ -27,7 +27,7 @@ from .checkpoint import CheckpointLayout, PartLayout
 from .device import Precision
 from .latent import CondEntry, Conditioning
 from .tokenizer import ClipTokenizer
-from .unet import UNetConfig
+from .unet import UNetConfig, full_resolution_output_prefixes
 from .vae import VAEConfig
 
 VAE_DECODE_BATCH = 4
@@ -55,27 +55,30 @@ def _element_size(dtype: torch.dtype) -> int:
     return torch.empty(0, dtype=dtype).element_size()
 
 
-def part_handle(layout: PartLayout, *, dtype: torch.dtype, device: torch.device, label: str,
-                streamable: bool) -> ModelHandle:
-    """A handle whose identity is the part's file (path, size, mtime), the part, its dtype and device."""
+def part_handle(layout: PartLayout, *, dtype: torch.dtype, device: torch.device, label: str, streamable: bool,
+                overrides: dict[str, torch.dtype] | None = None) -> ModelHandle:
+    """A handle whose identity is the part's file (path, size, mtime), the part, its dtype(s) and device."""
     channels_last = layout.part in ("unet", "vae")
+    overrides = overrides or {}
+    kept = tuple(sorted((prefix, str(d).removeprefix("torch.")) for prefix, d in overrides.items()))
     return ModelHandle(
         origin=f"{layout.file.path}#{layout.part}",
         version=(layout.file.size, layout.file.mtime_ns),
-        variant=(str(dtype).removeprefix("torch."), str(device)),
-        weight_bytes=layout.weight_bytes(dtype),
+        variant=(str(dtype).removeprefix("torch."), str(device), kept),
+        weight_bytes=layout.weight_bytes(dtype, overrides),
         device=str(device),
-        load=partial(_load_part, layout, dtype, channels_last),
+        load=partial(_load_part, layout, dtype, channels_last, overrides),
         label=f"{label} of {layout.file.path.name}",
         streamable=streamable,
     )
 
 
-def _load_part(layout: PartLayout, dtype: torch.dtype, channels_last: bool, device: str) -> torch.nn.Module:
+def _load_part(layout: PartLayout, dtype: torch.dtype, channels_last: bool, overrides: dict[str, torch.dtype],
+               device: str) -> torch.nn.Module:
     """Read a part; on the CPU, its convolutions are packed for oneDNN once (diffusion/onednn.py)."""
     from .onednn import pack_for_cpu
 
-    module = layout.load(dtype=dtype, device=device, channels_last=channels_last)
+    module = layout.load(dtype=dtype, device=device, channels_last=channels_last, overrides=overrides)
     return pack_for_cpu(module) if channels_last and torch.device(device).type == "cpu" else module
 
 
@@ -206,7 +209,10 @@ def checkpoint_values(layout: CheckpointLayout, *, device: torch.device, precisi
                       allow_pickle: bool = False) -> tuple[DiffusionModel, TextEncoder, ImageAutoencoder]:
     """MODEL, CLIP and VAE values for a checked checkpoint; nothing is read until the manager loads a part."""
     source = str(layout.file.path)
-    unet = part_handle(layout.unet, dtype=precision.unet, device=device, label="UNet", streamable=True)
+    kept = {prefix: torch.float32 for prefix in full_resolution_output_prefixes(layout.unet.config)} \
+        if precision.unet_output_fp32 else {}
+    unet = part_handle(layout.unet, dtype=precision.unet, device=device, label="UNet", streamable=True,
+                       overrides=kept)
     text = part_handle(layout.text_encoder, dtype=precision.text, device=device, label="text encoder",
                        streamable=False)  # prompt encoding reads embedding weights directly, not via forward
     return (DiffusionModel(unet, layout.unet.config, precision.unet, source, _handle_bytes(layout.unet)),

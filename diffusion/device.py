@@ -4,16 +4,17 @@ Device: CUDA when available, else the CPU (`--device` overrides).
 
 Precision (`--dtype` overrides all three parts at once):
 
-| device                              | UNet | text encoder | VAE                                   |
-|-------------------------------------|------|--------------|---------------------------------------|
-| CUDA                                | fp16 | fp16         | bf16 where supported, else fp32       |
-| CPU with native bf16 (AVX512-BF16, AMX) | bf16 | bf16     | bf16                                  |
-| other CPUs                          | fp32 | fp32         | fp32                                  |
+| device                                  | UNet                      | text encoder | VAE                         |
+|-----------------------------------------|---------------------------|--------------|-----------------------------|
+| CUDA                                    | fp16                      | fp16         | bf16 if supported, else fp32 |
+| CPU with native bf16 (AVX512-BF16, AMX) | bf16, final level in fp32 | bf16         | bf16                        |
+| other CPUs                              | fp32                      | fp32         | fp32                        |
 
 fp16 VAEs overflow into black images, so the VAE is never fp16 unless asked for. On CPUs without native bf16
-instructions, bf16 is emulated and slower than fp32, so fp32 stays. The bf16 choices for the CPU were measured,
-not assumed (docs/performance.md): one UNet call of full-size SD1.5 in bf16 is within 1% relative error of fp32,
-images decode above 35 dB PSNR against fp32, and a step is several times faster.
+instructions bf16 is emulated and slower than fp32, so fp32 stays. The CPU's bf16 choices were measured, not
+assumed (docs/performance.md, bench/precision.py): an all-bf16 UNet call of full-size SD1.5 is 1.35% from fp32;
+keeping the blocks after the last upsampling and the output layer in fp32 (Precision.unet_output_fp32) brings
+it to 0.86% for 20% more time per step, still ~2x faster than fp32.
 """
 
 from __future__ import annotations
@@ -29,11 +30,14 @@ NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 @dataclass(frozen=True)
 class Precision:
-    """The dtype each part of a checkpoint computes in."""
+    """The dtype each part of a checkpoint computes in. With `unet_output_fp32`, the UNet's blocks at full
+    latent resolution after the last upsampling, and its output layer, stay in fp32 (bf16 UNets only: that is
+    where rounding moves a UNet call's result most; it keeps one call within 1% of fp32)."""
 
     unet: torch.dtype
     text: torch.dtype
     vae: torch.dtype
+    unet_output_fp32: bool = False
 
     @property
     def names(self) -> tuple[str, str, str]:
@@ -108,5 +112,6 @@ def pick_vae_dtype(device: torch.device, requested: str | None = None) -> torch.
 
 
 def pick_precision(device: torch.device, requested: str | None = None) -> Precision:
-    return Precision(pick_dtype(device, requested), pick_text_dtype(device, requested),
-                     pick_vae_dtype(device, requested))
+    unet = pick_dtype(device, requested)
+    return Precision(unet, pick_text_dtype(device, requested), pick_vae_dtype(device, requested),
+                     unet_output_fp32=unet is torch.bfloat16)

@@ -57,12 +57,10 @@ def pack_for_cpu(module: nn.Module) -> nn.Module:
 
     Does nothing where oneDNN cannot (other dtypes, no bf16 support). Each weight is replaced as it is packed,
     so memory never holds two copies of more than one layer."""
-    first = next(module.parameters(), None)
-    if first is None or first.device.type != "cpu" or not packing_available(first.dtype):
-        return module
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Conv2d) and child.kernel_size != (1, 1) and child.padding_mode == "zeros" \
-                    and not isinstance(child.padding, str):
+                    and not isinstance(child.padding, str) and child.weight.device.type == "cpu" \
+                    and packing_available(child.weight.dtype):
                 setattr(parent, name, PackedConv2d(child))
     return module

@@ -6,6 +6,7 @@ output_blocks..., time_embed..., out...), so loading needs no key map. `unet_con
 architecture back from tensor shapes alone.
 """
 
+import itertools
 import math
 import re
 from collections.abc import Mapping
@@ -266,21 +267,46 @@ class UNetModel(nn.Module):
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """Predict the noise in latents x [B, C, H, W] at timesteps [B] (float, 0..999) given context [B, T, D].
 
-        Works for any H, W (upsampling matches each skip's size). Computes in x's dtype on x's device.
+        Works for any H, W (upsampling matches each skip's size). Runs on x's device; each block computes in the
+        dtype of its own weights (all one dtype, unless the loader kept some blocks in fp32: see
+        `full_resolution_output_prefixes`), and the output has the dtype of the last block.
         """
         timesteps = torch.as_tensor(timesteps, device=x.device).reshape(-1).expand(x.shape[0])
-        emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(x.dtype))
-        context = context.to(x.dtype)
+        time_dtype = weight_dtype(self.time_embed, x.dtype)
+        emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(time_dtype))
+        embs: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def cast(block: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            dtype = weight_dtype(block, x.dtype)
+            if dtype not in embs:
+                embs[dtype] = (emb.to(dtype), context.to(dtype))
+            return (h.to(dtype), *embs[dtype])
+
         skips = []
         h = x
         for block in self.input_blocks:
-            h = block(h, emb, context)
+            h = block(*cast(block, h))
             skips.append(h)
-        h = self.middle_block(h, emb, context)
+        h = self.middle_block(*cast(self.middle_block, h))
         for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)
-            h = block(h, emb, context, skips[-1].shape[-2:] if skips else None)
-        return self.out(h)
+            h = block(*cast(block, h), skips[-1].shape[-2:] if skips else None)
+        return self.out(h.to(weight_dtype(self.out, h.dtype)))
+
+
+def weight_dtype(module: nn.Module, default: torch.dtype) -> torch.dtype:
+    """The dtype of a module's first floating-point weight (parameter or buffer), else `default`."""
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return default
+
+
+def full_resolution_output_prefixes(config: UNetConfig) -> tuple[str, ...]:
+    """Key prefixes of the blocks after the last upsampling (the output blocks at full latent resolution) and of
+    the output layer: where bf16 rounding moves a UNet call's result the most (docs/performance.md)."""
+    count = len(config.channel_mult) * (config.num_res_blocks + 1)
+    return tuple(f"output_blocks.{i}." for i in range(count - config.num_res_blocks - 1, count)) + ("out.",)
 
 
 def _shape(state_dict: Mapping[str, torch.Tensor], key: str) -> tuple[int, ...]:

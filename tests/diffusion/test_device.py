@@ -31,8 +31,8 @@ def fake_cuda(monkeypatch):
     return support
 
 
-def test_cpu_with_native_bf16_defaults_to_bf16_everywhere(native_bf16):
-    assert pick_precision(CPU) == Precision(torch.bfloat16, torch.bfloat16, torch.bfloat16)
+def test_cpu_with_native_bf16_defaults_to_bf16_with_an_fp32_final_unet_level(native_bf16):
+    assert pick_precision(CPU) == Precision(torch.bfloat16, torch.bfloat16, torch.bfloat16, unet_output_fp32=True)
 
 
 def test_cpu_without_native_bf16_stays_fp32(no_bf16):
@@ -54,6 +54,7 @@ def test_flags_without_onednn_support_are_not_enough(monkeypatch):
 def test_dtype_flag_overrides_every_part(native_bf16):
     assert pick_precision(CPU, "fp32") == Precision(torch.float32, torch.float32, torch.float32)
     assert pick_precision(CPU, "fp16").vae == torch.float16  # asked for explicitly
+    assert pick_precision(CPU, "bf16").unet_output_fp32 and not pick_precision(CPU, "fp16").unet_output_fp32
     with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
         pick_dtype(CPU, "fp8")
 

@@ -175,3 +175,29 @@ def test_config_is_frozen_and_hashable():
     with pytest.raises(dataclasses.FrozenInstanceError):
         TINY.model_channels = 64
     assert hash(TINY) == hash(dataclasses.replace(TINY))
+
+
+def test_full_resolution_output_prefixes_are_the_last_level():
+    from diffusion.unet import full_resolution_output_prefixes
+
+    assert full_resolution_output_prefixes(UNetConfig()) == ("output_blocks.9.", "output_blocks.10.",
+                                                             "output_blocks.11.", "out.")
+    assert full_resolution_output_prefixes(TINY) == ("output_blocks.2.", "output_blocks.3.", "out.")
+
+
+def test_blocks_compute_in_their_own_dtype():
+    from diffusion.unet import full_resolution_output_prefixes, weight_dtype
+
+    weights = strip(random_unet_weights(SMALL_SD15_LIKE))
+    kept = full_resolution_output_prefixes(SMALL_SD15_LIKE)
+    mixed = build_unet({k: v if k.startswith(kept) else v.to(torch.bfloat16) for k, v in weights.items()})
+    reference = build_unet(weights)
+    assert weight_dtype(mixed.output_blocks[-1], None) == torch.float32
+    assert weight_dtype(mixed.output_blocks[0], None) == torch.bfloat16
+    g = torch.Generator().manual_seed(0)
+    x, context = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 7, SMALL_SD15_LIKE.context_dim, generator=g)
+    with torch.no_grad():
+        got = mixed(x.to(torch.bfloat16), torch.tensor([400.0, 20.0]), context)
+        want = reference(x, torch.tensor([400.0, 20.0]), context)
+    assert got.dtype == torch.float32  # the output layer's dtype
+    assert (got - want).abs().max() < 0.1 * want.abs().max()

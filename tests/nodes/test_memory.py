@@ -59,6 +59,20 @@ def test_a_loader_reads_no_weights_until_a_node_uses_them(base):
     assert runtime.models.stats["loads"] == 3  # each part read once, although the graph ran three times
 
 
+def test_handles_declare_the_bytes_their_models_take(base):
+    from types import SimpleNamespace
+
+    from engine.models import module_bytes
+    from nodes.loaders import checkpoint_loader
+
+    for dtype in (None, "fp32", "bf16"):
+        runtime = Runtime(Folders.at(base), dtype=dtype)
+        for value in checkpoint_loader.fn(SimpleNamespace(resources=runtime), DEFAULT_CHECKPOINT):
+            with runtime.models.use(value.handle) as module:
+                # (the text encoder's position ids, 77 int64s, are rebuilt rather than read from the file)
+                assert abs(module_bytes(module) - value.handle.weight_bytes) <= 1024, (dtype, value.handle.name)
+
+
 def test_cached_model_values_pin_no_weights(base):
     runtime = Runtime(Folders.at(base))
     registry = build_registry(entry_points=False)
