@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 DEFAULT_CHECKPOINT := models/checkpoints/sdgraph-tiny.safetensors
 DEMO_CHECKPOINT := models/checkpoints/sdgraph-demo.safetensors
 
-.PHONY: demo test setup lint bench parity
+.PHONY: demo test setup lint bench bench-memory bench-precision parity
 
 setup: $(VENV)/.installed
 
@@ -29,5 +29,19 @@ lint: $(VENV)/.installed
 test: $(VENV)/.installed lint
 	$(BIN)/pytest
 
+# ComfyUI's reference images were made in fp32; the default precision on CPUs with native bf16 is bf16 (about
+# 3x faster, within 1% of fp32 per UNet call but not pixel-identical), so the kit runs with --dtype fp32.
 parity: $(VENV)/.installed
-	$(BIN)/python ../shared/reference/parity/check.py
+	$(BIN)/python ../shared/reference/parity/check.py --cmd "$(BIN)/sdgraph run {workflow} --out {out} --dtype fp32"
+
+# Full-size SD1.5 (generated weights): sdgraph fp32 / default vs diffusers fp32 / bf16, seconds per step,
+# decode, load and peak RSS (several minutes; docs/performance.md).
+bench: $(VENV)/.installed
+	$(BIN)/python bench/engine_overhead.py
+	$(BIN)/python bench/sd15_step.py
+
+bench-memory: $(VENV)/.installed
+	$(BIN)/python bench/memory.py
+
+bench-precision: $(VENV)/.installed
+	$(BIN)/python bench/precision.py

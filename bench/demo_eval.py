@@ -54,11 +54,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seen", type=int, default=64, help="prompts with (colour, shape) pairs seen in training")
     parser.add_argument("--held-out", type=int, default=32, help="prompts with held-out (colour, shape) pairs")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--cfg", type=float, default=5.0)
+    parser.add_argument("--cfg", type=float, default=3.0)
     parser.add_argument("--seed", type=int, default=0, help="noise seed of the first prompt (then +1 each)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (1 is faster on a busy machine)")
     parser.add_argument("--grid", type=Path, help="save the generated pictures as one sheet (seen, then held-out)")
     args = parser.parse_args(argv)
 
+    import torch
+
+    torch.set_num_threads(args.threads)
     started = time.monotonic()
     rows, pictures = {}, []
     for label, held_out, count in (("seen", False, args.seen), ("held-out", True, args.held_out)):

@@ -7,6 +7,8 @@ retries a node once after an out-of-memory error. Creating a Runtime does not im
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,10 +54,12 @@ class Runtime:
 
     def around_node(self, definition: Any, call: Callable[[], Any], *, ctx: Any) -> Any:
         """Wraps every node the executor runs: inference mode (as ComfyUI runs nodes), look-ahead for the manager,
-        one retry after running out of memory, and with `unload_after_use` unloading what no later node needs."""
-        import torch
+        one retry after running out of memory, and with `unload_after_use` unloading what no later node needs.
 
-        with torch.inference_mode():
+        Inference mode only once torch is loaded: a graph of nodes that never use it does not import it."""
+        torch = sys.modules.get("torch")
+        mode = torch.inference_mode() if torch is not None else contextlib.nullcontext()
+        with mode:
             return self.models.run_node(call, ctx=ctx, unload_after=self.unload_after_use)
 
     def free_memory(self, unload_models: bool = False, free_memory: bool = True) -> None:

@@ -30,7 +30,7 @@ from diffusion.vae import AutoencoderKL
 
 @dataclass(frozen=True)
 class DenoiserSchedule:
-    steps: int = 2000
+    steps: int = 1300
     batch_size: int = 64
     lr: float = 6e-4
     warmup: int = 100

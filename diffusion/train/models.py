@@ -111,4 +111,6 @@ def export_checkpoint(path: str | os.PathLike, unet: UNetModel, vae: Autoencoder
                       metadata: Mapping[str, str] | None = None) -> Path:
     """Write the SD1 single-file checkpoint (fp16) atomically; returns its path."""
     data = save(sd1_state_dict(unet, vae, text), metadata={"format": "pt", **(metadata or {})})
-    return atomic_write(path, data)
+    path = atomic_write(path, data)
+    path.chmod(0o644)  # a file to commit and share, not a private temporary
+    return path
