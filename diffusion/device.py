@@ -2,7 +2,11 @@
 
 Device: CUDA when available, else the CPU (`--device` overrides).
 
-Precision (`--dtype` overrides all three parts at once):
+Precision (`--dtype` overrides all three parts at once). The CPU default is fp32, which reproduces ComfyUI's
+pixels (its parity kit runs the default command); `--dtype auto` picks the fastest precision the hardware
+computes natively. On CUDA the default is the `auto` row.
+
+`auto`:
 
 | device                                  | UNet                      | text encoder | VAE                         |
 |-----------------------------------------|---------------------------|--------------|-----------------------------|
@@ -74,8 +78,16 @@ def cpu_has_native_bf16() -> bool:
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+AUTO = "auto"
+
+
+def _fast_cpu(device: torch.device, requested: str | None) -> bool:
+    """The native-bf16 CPU path is taken only when asked for (`auto`): the default reproduces ComfyUI."""
+    return device.type == "cpu" and requested == AUTO and cpu_has_native_bf16()
+
+
 def _requested(device: torch.device, requested: str | None) -> torch.dtype | None:
-    if not requested:
+    if not requested or requested == AUTO:
         return None
     if requested not in DTYPES:
         raise ValueError(f"unknown dtype {requested!r}; use one of {', '.join(DTYPES)}")
@@ -92,7 +104,7 @@ def pick_dtype(device: torch.device, requested: str | None = None) -> torch.dtyp
         return dtype
     if device.type == "cuda":
         return torch.float16
-    return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else torch.float32
+    return torch.bfloat16 if _fast_cpu(device, requested) else torch.float32
 
 
 def pick_text_dtype(device: torch.device, requested: str | None = None) -> torch.dtype:
@@ -108,7 +120,7 @@ def pick_vae_dtype(device: torch.device, requested: str | None = None) -> torch.
         return dtype
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else torch.float32
+    return torch.bfloat16 if _fast_cpu(device, requested) else torch.float32
 
 
 def pick_precision(device: torch.device, requested: str | None = None) -> Precision:

