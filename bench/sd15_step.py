@@ -4,9 +4,9 @@ step (CFG on) at 256x256 and 512x512, VAE decode time, checkpoint load time and 
 Each configuration runs in a fresh subprocess (its own peak RSS, nothing warm from another):
 
   sdgraph-fp32      our nodes (loader, CLIPTextEncode x2, KSampler euler, VAEDecode) through the executor, --dtype fp32
-  sdgraph-default   the same in the default dtype (bf16 on CPUs with native bf16)
+  sdgraph-auto      the same with --dtype auto (bf16 on CPUs with native bf16; the CPU default is fp32)
   diffusers-fp32    diffusers' StableDiffusionPipeline on the same weights (converted in memory), fp32
-  diffusers-bf16    the same in bf16 with channels_last (equal precision to sdgraph-default here)
+  diffusers-bf16    the same in bf16 with channels_last (equal precision to sdgraph-auto here)
 
 A step is one sampler iteration (one UNet call on the cond+uncond batch of 2); its time is the median of the
 iterations after the first. `cpu` columns are process CPU seconds per step (all threads): on a shared machine
@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-CONFIGS = ("sdgraph-fp32", "sdgraph-default", "diffusers-fp32", "diffusers-bf16")
+CONFIGS = ("sdgraph-fp32", "sdgraph-auto", "diffusers-fp32", "diffusers-bf16")
 PROMPT, NEGATIVE, CFG, SEED = "a photograph of an astronaut riding a horse", "blurry, low quality", 7.0, 42
 
 
@@ -240,7 +240,7 @@ def worker(args: argparse.Namespace) -> None:
         import torch
         torch.set_num_threads(args.threads)
     if config.startswith("sdgraph"):
-        dtype = "fp32" if config.endswith("fp32") else None
+        dtype = "fp32" if config.endswith("fp32") else "auto"
         out = run_sdgraph(Path(args.checkpoint), dtype, args.sizes, args.steps, args.calibrate)
     else:
         out = run_diffusers(Path(args.checkpoint), config.split("-")[1], args.sizes, args.steps)
@@ -332,7 +332,7 @@ def table(results: dict[str, dict], sizes: list[int]) -> str:
         rows.append(row)
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
-    for ours in ("sdgraph-fp32", "sdgraph-default"):
+    for ours in ("sdgraph-fp32", "sdgraph-auto"):
         for theirs in ("diffusers-fp32", "diffusers-bf16"):
             if ours in results and theirs in results:
                 a, b = results[ours], results[theirs]
@@ -341,8 +341,8 @@ def table(results: dict[str, dict], sizes: list[int]) -> str:
                 parts += [f"decode {s}² x{b[str(s)]['decode_s'] / a[str(s)]['decode_s']:.2f}" for s in sizes]
                 parts += [f"load x{b['load_s'] / a['load_s']:.2f}", f"peak RSS x{b['peak_rss'] / a['peak_rss']:.2f}"]
                 lines.append(f"{ours} vs {theirs} (x>1: sdgraph faster/smaller): " + ", ".join(parts))
-    if "sdgraph-default" in results:
-        extra = results["sdgraph-default"]
+    if "sdgraph-auto" in results:
+        extra = results["sdgraph-auto"]
         if "256" in extra and "working_unet" in extra["256"]:
             for s in sizes:
                 lines.append(f"working memory {s}²: UNet call {extra[str(s)]['working_unet'] / 2**20:.0f} MB, "
