@@ -1,6 +1,6 @@
 """Does torch.compile pay back within one typical run? Compile time against per-step gain for the full-size UNet.
 
-Compares, in one process, the UNet as sdgraph runs it by default on this CPU (eager, bf16 with an fp32 last
+Compares, in one process, the UNet as sdgraph runs it with --dtype auto on this CPU (eager, bf16 with an fp32 last
 level, convolutions prepacked for oneDNN) with `torch.compile` of the same network unpacked (inductor with
 freezing, which prepacks weights and fuses pointwise ops itself). Compile time is measured with an empty
 inductor cache (a fresh directory) and again with the cache warm (a second process would see that).
@@ -37,8 +37,9 @@ def worker(size: int, checkpoint: Path, cache: str) -> None:
 
     inductor.freezing = True
     layout = open_checkpoint(checkpoint)
-    model, _, _ = checkpoint_values(layout, device=torch.device("cpu"), precision=pick_precision(torch.device("cpu")),
-                                    tokenizer=ClipTokenizer())
+    cpu = torch.device("cpu")
+    precision = pick_precision(cpu, "auto")
+    model, _, _ = checkpoint_values(layout, device=cpu, precision=precision, tokenizer=ClipTokenizer())
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, size // 8, size // 8, generator=g)
     context, t = torch.randn(2, 77, 768, generator=g), torch.tensor([500.0, 500.0])

@@ -2,8 +2,8 @@
 process's baseline plus the budget (which covers the models and their working memory)?
 
 Runs txt2img (256 px, 2 steps, CFG) with checkpoint A, B, A, B through the nodes in one process, in a fresh
-subprocess with `--ram-budget` set to one checkpoint's weights (default dtype) plus the largest working-memory
-estimate of the run, and for contrast in another without a budget.
+subprocess with `--ram-budget` set to one checkpoint's weights (in --dtype, default auto) plus the largest
+working-memory estimate of the run, and for contrast in another without a budget.
 
     .venv/bin/python bench/memory.py [--size 256] [--steps 2]
 
@@ -47,13 +47,14 @@ def checkpoints() -> tuple[Path, Path]:
     return a, b
 
 
-def graph(name: str, size: int, steps: int) -> dict:
+def graph(name: str, size: int, steps: int, round_: int) -> dict:
+    """txt2img whose prompt and seed change every round, so nothing comes from the output cache."""
     return {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": name}},
-        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red circle", "clip": ["1", 1]}},
-        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": f"a red circle, take {round_}", "clip": ["1", 1]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": f"blurry {round_}", "clip": ["1", 1]}},
         "4": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
-        "5": {"class_type": "KSampler", "inputs": {"seed": 1, "steps": steps, "cfg": 7.0, "sampler_name": "euler",
+        "5": {"class_type": "KSampler", "inputs": {"seed": round_, "steps": steps, "cfg": 7.0, "sampler_name": "euler",
                                                    "scheduler": "normal", "denoise": 1.0, "model": ["1", 0],
                                                    "positive": ["2", 0], "negative": ["3", 0],
                                                    "latent_image": ["4", 0]}},
@@ -61,7 +62,7 @@ def graph(name: str, size: int, steps: int) -> dict:
     }
 
 
-def worker(a: Path, b: Path, size: int, steps: int, budgeted: bool) -> dict:
+def worker(a: Path, b: Path, size: int, steps: int, budgeted: bool, dtype: str | None) -> dict:
     from types import SimpleNamespace
 
     from engine import Executor, validate
@@ -75,27 +76,28 @@ def worker(a: Path, b: Path, size: int, steps: int, budgeted: bool) -> dict:
     for path in (a, b):
         (base / "models" / "checkpoints" / path.name).symlink_to(path.resolve())
     folders = Folders.at(base)
-    # the budget: one checkpoint's weights in the default dtype + the largest working memory of the run
-    probe = Runtime(folders)
+    # the budget: one checkpoint's weights in the chosen dtype + the largest working memory of the run
+    probe = Runtime(folders, dtype=dtype)
     model, clip, vae = checkpoint_loader.fn(SimpleNamespace(resources=probe), a.name)
     weights = sum(v.handle.weight_bytes for v in (model, clip, vae))
     latent = (1, 4, size // 8, size // 8)
     working = max(model.working_bytes(latent, 2), vae.decode_working_bytes(latent))
     budget = weights + working if budgeted else None
-    runtime = Runtime(folders, ram_budget=budget)
+    runtime = Runtime(folders, dtype=dtype, ram_budget=budget)
     registry = build_registry(entry_points=False)
     executor = Executor(registry, resources=runtime)
     baseline = _status("VmRSS:")
     rounds = []
-    for name in (a.name, b.name, a.name, b.name):
+    for round_, name in enumerate((a.name, b.name, a.name, b.name)):
         start = time.perf_counter()
-        report = executor.run(validate(graph(name, size, steps), registry, targets=["6"], resources=runtime).graph)
+        api = graph(name, size, steps, round_)
+        report = executor.run(validate(api, registry, targets=["6"], resources=runtime).graph)
         if not report.ok:
             raise RuntimeError(report.error.traceback)
         rounds.append({"checkpoint": name, "seconds": time.perf_counter() - start, "peak_rss": _status("VmHWM:"),
                        "rss": _status("VmRSS:"), "held": runtime.models.held("cpu")})
     return {"budget": budget, "weights": weights, "working": working, "baseline_rss": baseline, "rounds": rounds,
-            "stats": dict(runtime.models.stats)}
+            "stats": dict(runtime.models.stats), "dtype": runtime.placement()[1].names}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,12 +105,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--no-contrast", action="store_true", help="skip the run without a budget")
+    parser.add_argument("--dtype", default="auto", help="as sdgraph run --dtype (default auto: bf16 on CPUs with "
+                        "native bf16)")
     parser.add_argument("--worker", choices=["budget", "none"], default=None, help=argparse.SUPPRESS)
     parser.add_argument("--a")
     parser.add_argument("--b")
     args = parser.parse_args(argv)
     if args.worker:
-        out = worker(Path(args.a), Path(args.b), args.size, args.steps, args.worker == "budget")
+        out = worker(Path(args.a), Path(args.b), args.size, args.steps, args.worker == "budget", args.dtype)
         print("RESULT " + json.dumps(out))
         return 0
     a, b = checkpoints()
@@ -116,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     for mode in ("budget",) if args.no_contrast else ("budget", "none"):
         load = Path("/proc/loadavg").read_text().split()[:3]
         done = subprocess.run([sys.executable, __file__, "--worker", mode, "--a", str(a), "--b", str(b), "--size",
-                               str(args.size), "--steps", str(args.steps)], capture_output=True, text=True, cwd=ROOT)
+                               str(args.size), "--steps", str(args.steps), "--dtype", args.dtype], capture_output=True,
+                              text=True, cwd=ROOT)
         line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
         if done.returncode or line is None:
             print(done.stderr[-3000:], file=sys.stderr)
@@ -127,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         if r["budget"]:
             title = f"budget {r['budget'] / gb:.2f} GB (weights {r['weights'] / gb:.2f} + working " \
                     f"{r['working'] / gb:.2f})"
-        print(f"== {title}; baseline RSS {r['baseline_rss'] / gb:.2f} GB; load average {' '.join(load)}")
+        print(f"== {title}; dtypes {'/'.join(r['dtype'])}; baseline RSS {r['baseline_rss'] / gb:.2f} GB; "
+              f"load average {' '.join(load)}")
         for i, step in enumerate(r["rounds"], 1):
             print(f"  {i}. {step['checkpoint']:32s} {step['seconds']:6.1f} s  models held {step['held'] / gb:.2f} GB"
                   f"  RSS {step['rss'] / gb:.2f} GB  peak so far {step['peak_rss'] / gb:.2f} GB")

@@ -8,7 +8,10 @@ For each checkpoint (the parity kit's full-size random SD1.5 file, and the bundl
   4. txt2img through the nodes (euler, --steps, CFG 7): PSNR against the all-fp32 image for the default
      precision and for the variants that keep the text encoder and/or the VAE in fp32.
 
-    .venv/bin/python bench/precision.py [--checkpoint PATH ...] [--size 256] [--steps 8]
+    .venv/bin/python bench/precision.py [--checkpoint PATH ...] [--size 256] [--steps 8] [--unet-sizes 256 512]
+    .venv/bin/python bench/precision.py --checkpoint models/checkpoints/sdgraph-demo.safetensors --size 64 \
+        --steps 20 --unet-sizes 64 --seeds 1 2 3 --prompt "a small red circle at the top on a blue background" \
+        --prompt "a large green star on the left and a small white square on the right on a black background"
 """
 
 from __future__ import annotations
@@ -29,8 +32,8 @@ from diffusion.device import Precision  # noqa: E402
 
 PROMPT, NEGATIVE = "a photograph of an astronaut riding a horse", "blurry, low quality"
 F32, BF16 = torch.float32, torch.bfloat16
-DEFAULT = Precision(BF16, BF16, BF16, unet_output_fp32=True)  # what diffusion/device.py picks on this CPU
-ALL_BF16 = Precision(BF16, BF16, BF16, unet_output_fp32=False)
+DEFAULT = Precision(BF16, F32, BF16, unet_output_fp32=True)  # --dtype auto on CPUs with native bf16
+ALL_BF16 = Precision(BF16, BF16, BF16, unet_output_fp32=False)  # --dtype bf16
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -77,7 +80,8 @@ def text_error(path: Path) -> float:
     return relative_error(contexts[BF16], contexts[F32])
 
 
-def txt2img(path: Path, precision: Precision, size: int, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+def txt2img(path: Path, precision: Precision, size: int, steps: int, prompt: str = PROMPT,
+            seed: int = 42) -> tuple[torch.Tensor, torch.Tensor]:
     """(image, latent) of a txt2img through the nodes with the given precision."""
     from engine import Executor, validate
     from nodes import build_registry
@@ -91,10 +95,10 @@ def txt2img(path: Path, precision: Precision, size: int, steps: int) -> tuple[to
     runtime._placement = (torch.device("cpu"), precision)  # the variant under test instead of the policy
     api = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": path.name}},
-        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": PROMPT, "clip": ["1", 1]}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": prompt, "clip": ["1", 1]}},
         "3": {"class_type": "CLIPTextEncode", "inputs": {"text": NEGATIVE, "clip": ["1", 1]}},
         "4": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
-        "5": {"class_type": "KSampler", "inputs": {"seed": 42, "steps": steps, "cfg": 7.0, "sampler_name": "euler",
+        "5": {"class_type": "KSampler", "inputs": {"seed": seed, "steps": steps, "cfg": 7.0, "sampler_name": "euler",
                                                    "scheduler": "normal", "denoise": 1.0, "model": ["1", 0],
                                                    "positive": ["2", 0], "negative": ["3", 0],
                                                    "latent_image": ["4", 0]}},
@@ -142,16 +146,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", nargs="+", default=None)
     parser.add_argument("--size", type=int, default=256, help="txt2img and decode size (px)")
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--unet-sizes", type=int, nargs="+", default=[256, 512], help="sizes of the UNet-call check")
     parser.add_argument("--skip-txt2img", action="store_true")
+    parser.add_argument("--prompt", action="append", default=None, help="txt2img prompt (repeatable)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42])
     args = parser.parse_args(argv)
     paths = [Path(p) for p in args.checkpoint] if args.checkpoint else [
         p for p in (ROOT / "models/checkpoints/sd15_random_seed1.safetensors",
                     ROOT / "models/checkpoints/sdgraph-demo.safetensors") if p.exists()]
     for path in paths:
         print(f"== {path.name}")
-        for name, precision in (("default (bf16, final level fp32)", DEFAULT), ("all bf16", ALL_BF16)):
-            print(f"UNet call, {name} vs fp32, relative error: 256 px {unet_error(path, 256, precision):.4%}, "
-                  f"512 px {unet_error(path, 512, precision):.4%}", flush=True)
+        for name, precision in (("auto (bf16, final level fp32)", DEFAULT), ("all bf16", ALL_BF16)):
+            errors = ", ".join(f"{size} px {unet_error(path, size, precision):.4%}" for size in args.unet_sizes)
+            print(f"UNet call, {name} vs fp32, relative error: {errors}", flush=True)
         print(f"text encoder context, bf16 vs fp32, relative error: {text_error(path):.4%}", flush=True)
         latent = sample_latent(path, args.size, args.steps)
         reference = decode(path, latent, F32)
@@ -159,14 +166,16 @@ def main(argv: list[str] | None = None) -> int:
               f"(fp32 image std {reference.std():.3f})", flush=True)
         if args.skip_txt2img:
             continue
-        want, _ = txt2img(path, Precision(F32, F32, F32), args.size, args.steps)
-        for name, precision in (("default (bf16 UNet with fp32 final level, bf16 text, bf16 VAE)", DEFAULT),
-                                ("all bf16 (no fp32 final level)", ALL_BF16),
-                                ("default with an fp32 text encoder", Precision(BF16, F32, BF16, True)),
-                                ("default with an fp32 VAE", Precision(BF16, BF16, F32, True))):
-            got, _ = txt2img(path, precision, args.size, args.steps)
-            print(f"txt2img {args.size} px {args.steps} steps, {name} vs fp32: PSNR {psnr(got, want):.1f} dB",
-                  flush=True)
+        cases = [(prompt, seed) for prompt in (args.prompt or [PROMPT]) for seed in args.seeds]
+        wants = [txt2img(path, Precision(F32, F32, F32), args.size, args.steps, p, s)[0] for p, s in cases]
+        for name, precision in (("auto (bf16 UNet with fp32 final level, fp32 text, bf16 VAE)", DEFAULT),
+                                ("all bf16 (--dtype bf16)", ALL_BF16),
+                                ("auto with a bf16 text encoder", Precision(BF16, BF16, BF16, True)),
+                                ("auto with an fp32 VAE", Precision(BF16, F32, F32, True))):
+            values = [psnr(txt2img(path, precision, args.size, args.steps, p, s)[0], want)
+                      for (p, s), want in zip(cases, wants, strict=True)]
+            print(f"txt2img {args.size} px {args.steps} steps, {name} vs fp32: PSNR min {min(values):.1f} dB, "
+                  f"median {sorted(values)[len(values) // 2]:.1f} dB over {len(values)} images", flush=True)
     return 0
 
 

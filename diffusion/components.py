@@ -27,19 +27,23 @@ from .checkpoint import CheckpointLayout, PartLayout
 from .device import Precision
 from .latent import CondEntry, Conditioning
 from .tokenizer import ClipTokenizer
-from .unet import UNetConfig, full_resolution_output_prefixes
+from .unet import UNetConfig, full_resolution_output_prefixes, set_attention_dtype
 from .vae import VAEConfig
 
 VAE_DECODE_BATCH = 4
-# Working memory (bytes in fp32; halved for 2-byte dtypes) per latent element of one call (B x 4 x h x w, the
-# CFG batch included) or per pixel encoded, plus WORKING_MARGIN: the peak RSS above the weights during one call
-# of full-size SD1.5 on the CPU at 256 and 512 px, rounded up (docs/performance.md; bench/sd15_step.py
-# --calibrate). fp32, 512 px: UNet call (batch 2) 261 MB, decode 768 MB, encode 640 MB. Attention is SDPA (flash
-# on CPU and CUDA), so nothing grows with the square of the token count.
-UNET_WORKING_PER_ELEMENT = 8000
-VAE_DECODE_WORKING_PER_ELEMENT = 45000
-VAE_ENCODE_WORKING_PER_PIXEL = 2800
-WORKING_MARGIN = 64 * 1024 * 1024
+# Working memory per latent element of one call (B x 4 x h x w, the CFG batch included) or per pixel encoded,
+# plus a margin: fitted to the peak RSS increase over a whole node (KSampler of 4 steps, VAEDecode, VAEEncode) of
+# full-size SD1.5 on the CPU at 256 and 512 px, in fp32 and in `auto` (bench/sd15_step.py --calibrate;
+# docs/performance.md), rounded up. Measured at 512 px: KSampler 514 MB (fp32) / 462 MB (auto), VAEDecode 876 /
+# 519 MB, one VAE encode 640 / 320 MB. The UNet's does not shrink with the dtype (its last level and the
+# attention's softmax run in fp32 either way); the VAE's does, by TWO_BYTE_FACTOR. Attention is SDPA (flash on
+# CPU and CUDA), so nothing grows with the square of the token count.
+UNET_WORKING_PER_ELEMENT = 16_000
+UNET_WORKING_MARGIN = 64 << 20
+VAE_DECODE_WORKING_PER_ELEMENT = 50_000
+VAE_ENCODE_WORKING_PER_PIXEL = 3_000
+VAE_WORKING_MARGIN = 128 << 20
+TWO_BYTE_FACTOR = 0.65
 
 
 def parameter_bytes(module: torch.nn.Module) -> int:
@@ -51,8 +55,8 @@ def _handle_bytes(layout: PartLayout) -> int:
     return 1024 + sum(len(k) + len(v) + 120 for k, v in layout.keys.items())
 
 
-def _element_size(dtype: torch.dtype) -> int:
-    return torch.empty(0, dtype=dtype).element_size()
+def _vae_factor(dtype: torch.dtype) -> float:
+    return 1.0 if torch.empty(0, dtype=dtype).element_size() >= 4 else TWO_BYTE_FACTOR
 
 
 def part_handle(layout: PartLayout, *, dtype: torch.dtype, device: torch.device, label: str, streamable: bool,
@@ -75,10 +79,14 @@ def part_handle(layout: PartLayout, *, dtype: torch.dtype, device: torch.device,
 
 def _load_part(layout: PartLayout, dtype: torch.dtype, channels_last: bool, overrides: dict[str, torch.dtype],
                device: str) -> torch.nn.Module:
-    """Read a part; on the CPU, its convolutions are packed for oneDNN once (diffusion/onednn.py)."""
+    """Read a part; on the CPU, its convolutions are packed for oneDNN once (diffusion/onednn.py). A UNet's
+    attention computes in the part's dtype even in blocks whose weights `overrides` keep in fp32: that moves
+    a call's result by 0.001% and makes those blocks' attention 2x faster on the CPU (diffusion/attention.py)."""
     from .onednn import pack_for_cpu
 
     module = layout.load(dtype=dtype, device=device, channels_last=channels_last, overrides=overrides)
+    if layout.part == "unet":
+        set_attention_dtype(module, dtype)
     return pack_for_cpu(module) if channels_last and torch.device(device).type == "cpu" else module
 
 
@@ -99,7 +107,7 @@ class DiffusionModel:
         """Memory one UNet call needs beside its weights, for latents of `latent_shape` [B, C, h, w] run
         `batch_multiplier` at a time (2 with CFG: cond and uncond batched together)."""
         elements = math.prod(latent_shape) * batch_multiplier
-        return elements * UNET_WORKING_PER_ELEMENT * _element_size(self.dtype) // 4 + WORKING_MARGIN
+        return elements * UNET_WORKING_PER_ELEMENT + UNET_WORKING_MARGIN
 
     def eps_function(self, unet: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
         """`eps(x, timesteps, context)` with the borrowed `unet`, taking and returning tensors of the caller's
@@ -171,12 +179,12 @@ class ImageAutoencoder:
         """Memory a decode needs beside the weights (batches of VAE_DECODE_BATCH at a time)."""
         batch = min(latent_shape[0], VAE_DECODE_BATCH)
         elements = batch * math.prod(latent_shape[1:])
-        return elements * VAE_DECODE_WORKING_PER_ELEMENT * _element_size(self.dtype) // 4 + WORKING_MARGIN
+        return int(elements * VAE_DECODE_WORKING_PER_ELEMENT * _vae_factor(self.dtype)) + VAE_WORKING_MARGIN
 
     def encode_working_bytes(self, pixel_shape: tuple[int, ...]) -> int:
         batch = min(pixel_shape[0], VAE_DECODE_BATCH)
         pixels = batch * pixel_shape[1] * pixel_shape[2]
-        return pixels * VAE_ENCODE_WORKING_PER_PIXEL * _element_size(self.dtype) // 4 + WORKING_MARGIN
+        return int(pixels * VAE_ENCODE_WORKING_PER_PIXEL * _vae_factor(self.dtype)) + VAE_WORKING_MARGIN
 
     def encode(self, pixels: torch.Tensor, vae: torch.nn.Module) -> torch.Tensor:
         """Encode RGB pixels (centre-cropped to a multiple of 8, as ComfyUI does) to the posterior mode."""

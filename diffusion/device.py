@@ -2,23 +2,25 @@
 
 Device: CUDA when available, else the CPU (`--device` overrides).
 
-Precision (`--dtype` overrides all three parts at once). The CPU default is fp32, which reproduces ComfyUI's
-pixels (its parity kit runs the default command); `--dtype auto` picks the fastest precision the hardware
-computes natively. On CUDA the default is the `auto` row.
-
-`auto`:
+Precision (`--dtype` overrides all three parts at once; `--dtype auto` is the default, spelled out):
 
 | device                                  | UNet                      | text encoder | VAE                         |
 |-----------------------------------------|---------------------------|--------------|-----------------------------|
 | CUDA                                    | fp16                      | fp16         | bf16 if supported, else fp32 |
-| CPU with native bf16 (AVX512-BF16, AMX) | bf16, final level in fp32 | bf16         | bf16                        |
+| CPU with native bf16 (AVX512-BF16, AMX) | bf16, final level in fp32 | fp32         | bf16                        |
 | other CPUs                              | fp32                      | fp32         | fp32                        |
 
+`--dtype fp32` reproduces ComfyUI's pixels (its references are fp32; `make parity` runs the kit that way).
 fp16 VAEs overflow into black images, so the VAE is never fp16 unless asked for. On CPUs without native bf16
 instructions bf16 is emulated and slower than fp32, so fp32 stays. The CPU's bf16 choices were measured, not
-assumed (docs/performance.md, bench/precision.py): an all-bf16 UNet call of full-size SD1.5 is 1.35% from fp32;
-keeping the blocks after the last upsampling and the output layer in fp32 (Precision.unet_output_fp32) brings
-it to 0.86% for 20% more time per step, still ~2x faster than fp32.
+assumed (docs/performance.md, bench/precision.py, bench/sd15_step.py):
+- UNet: about 2x faster than fp32 at 512x512. An all-bf16 call of full-size SD1.5 is 1.36% from fp32; keeping
+  the blocks after the last upsampling and the output layer in fp32 (Precision.unet_output_fp32) brings it to
+  0.86% for ~20% more time per 512x512 step (their attention still computes in bf16: diffusion/attention.py).
+- text encoder: fp32, because the conditioning steers the whole trajectory: with a bf16 text encoder the bundled
+  demo model's 20-step txt2img lands 13 dB PSNR from fp32 (another picture), with fp32 49 dB. It costs 0.25 GB
+  more for SD1.5 and no measurable time (77 tokens).
+- VAE: bf16 decodes 46-52 dB PSNR from fp32, twice as fast, half the memory.
 """
 
 from __future__ import annotations
@@ -82,8 +84,8 @@ AUTO = "auto"
 
 
 def _fast_cpu(device: torch.device, requested: str | None) -> bool:
-    """The native-bf16 CPU path is taken only when asked for (`auto`): the default reproduces ComfyUI."""
-    return device.type == "cpu" and requested == AUTO and cpu_has_native_bf16()
+    """The native-bf16 CPU path: the default (`auto`) on CPUs that compute bf16 natively."""
+    return device.type == "cpu" and requested in (None, AUTO) and cpu_has_native_bf16()
 
 
 def _requested(device: torch.device, requested: str | None) -> torch.dtype | None:
@@ -108,8 +110,11 @@ def pick_dtype(device: torch.device, requested: str | None = None) -> torch.dtyp
 
 
 def pick_text_dtype(device: torch.device, requested: str | None = None) -> torch.dtype:
-    """The text encoder's precision: the UNet's."""
-    return pick_dtype(device, requested)
+    """The text encoder's precision: the UNet's, except fp32 where the UNet is bf16 by the CPU policy."""
+    dtype = pick_dtype(device, requested)
+    if dtype is torch.bfloat16 and _fast_cpu(device, requested):
+        return torch.float32
+    return dtype
 
 
 def pick_vae_dtype(device: torch.device, requested: str | None = None) -> torch.dtype:

@@ -18,7 +18,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from engine.models import trim_heap
+
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
+TRIM_EVERY = 64 << 20  # give freed heap memory back to the system after this many bytes of replaced weights
 EXAMPLE_HW = (64, 64)  # the spatial size weights are packed for; 3x3 layouts do not depend on it (measured)
 
 
@@ -60,8 +63,16 @@ def pack_for_cpu(module: nn.Module) -> nn.Module:
     names = [name for name, child in module.named_modules() if isinstance(child, nn.Conv2d)
              and child.kernel_size != (1, 1) and child.padding_mode == "zeros" and not isinstance(child.padding, str)
              and child.weight.device.type == "cpu" and packing_available(child.weight.dtype)]
+    freed = 0
     for name in names:  # only names are held, so each replaced convolution's weight is freed at once
         parent_name, _, attr = name.rpartition(".")
         parent = module.get_submodule(parent_name)
-        setattr(parent, attr, PackedConv2d(getattr(parent, attr)))
+        conv = getattr(parent, attr)
+        freed += conv.weight.numel() * conv.weight.element_size()
+        setattr(parent, attr, PackedConv2d(conv))
+        del conv
+        if freed >= TRIM_EVERY:  # freed weights below glibc's mmap threshold stay in its heap until trimmed
+            trim_heap()
+            freed = 0
+    trim_heap()
     return module

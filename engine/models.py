@@ -32,7 +32,6 @@ Policies, in the order they apply:
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import gc
 import itertools
 import logging
@@ -164,14 +163,14 @@ def available_ram() -> int:
 
 
 def trim_heap() -> None:
-    """Return freed heap pages to the OS (glibc keeps freed blocks below 32 MB for reuse otherwise)."""
-    name = ctypes.util.find_library("c")
+    """Return freed heap pages to the OS (glibc keeps freed blocks below 32 MB for reuse otherwise); a no-op
+    where the C library has no malloc_trim."""
     try:
-        libc = ctypes.CDLL(name) if name else None
-        if libc is not None and hasattr(libc, "malloc_trim"):
-            libc.malloc_trim(0)
+        trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # the process's own symbols: glibc's, if linked
     except OSError:
-        pass
+        return
+    if trim is not None:
+        trim(0)
 
 
 def module_bytes(module: Any) -> int:

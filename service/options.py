@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--database", default=None, metavar="PATH", help="the queue and history (default: "
                    "BASE/user/sdgraph.sqlite3)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: best available)")
-    p.add_argument("--dtype", default=None, choices=["auto", "fp32", "fp16", "bf16"])
+    p.add_argument("--dtype", default=None, choices=["auto", "fp32", "fp16", "bf16"], help="model precision, as for "
+                   "sdgraph run (default auto; fp32 reproduces ComfyUI's pixels)")
     p.add_argument("--unsafe-load-pickle", action="store_true", help="allow .ckpt/.pt model files")
     p.add_argument("--max-queue", type=int, default=d.max_queue, help="pending prompts before 429")
     p.add_argument("--max-history", type=int, default=d.max_history, help="finished prompts kept")

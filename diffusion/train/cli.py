@@ -52,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vae-steps", type=int, default=VAESchedule.steps)
     parser.add_argument("--steps", type=int, default=DenoiserSchedule.steps, help="UNet + text encoder steps")
     parser.add_argument("--batch-size", type=int, default=DenoiserSchedule.batch_size)
+    parser.add_argument("--layout-from", type=int, default=DenoiserSchedule.layout_from,
+                        help="UNet step from which high-noise timesteps weigh more (see --layout-weight-cap)")
+    parser.add_argument("--layout-weight-cap", type=float, default=DenoiserSchedule.layout_weight_cap,
+                        help="loss weight 1/SNR(t) clamped to [1, cap] from --layout-from on (1: plain eps loss)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--no-bf16", action="store_true", help="train the UNet in float32 instead of bf16 autocast")
     parser.add_argument("--log-every", type=int, default=50)
@@ -72,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     arch = ARCHITECTURES[args.arch]()
     vae_schedule = VAESchedule(steps=args.vae_steps)
     denoiser_schedule = dataclasses.replace(DenoiserSchedule(), steps=args.steps, batch_size=args.batch_size,
-                                            bf16=not args.no_bf16)
+                                            bf16=not args.no_bf16, layout_from=args.layout_from,
+                                            layout_weight_cap=args.layout_weight_cap)
     started = time.monotonic()
 
     # 1. The autoencoder (loaded as is when its snapshot is complete).

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from transformers import CLIPTextModel
 
 from diffusion.prompt import run_text_model, tokenize_prompt
@@ -41,6 +40,11 @@ class DenoiserSchedule:
     save_every: int = 100
     bf16: bool = True
     pool_size: int = 8192  # scenes encoded once by the frozen VAE; batches are drawn from them at random
+    # From step `layout_from` on, each sample's loss is weighted by 1/SNR(t) clamped to [1, layout_weight_cap]
+    # (normalised over the batch): the eps objective barely penalises a wrong layout at high noise, where SNR is
+    # small, and position is decided there (docs/demo-model.md).
+    layout_from: int = 2200
+    layout_weight_cap: float = 5.0
 
 
 def alphas_cumprod() -> torch.Tensor:
@@ -57,15 +61,24 @@ def caption_ids(tokenizer: ClipTokenizer, captions: list[str], cache: dict[str, 
     return torch.tensor(rows, dtype=torch.long)
 
 
+def layout_weights(table: torch.Tensor, cap: float) -> torch.Tensor:
+    """Per-timestep loss weights: 1/SNR(t) = (1 - abar) / abar, clamped to [1, cap] (all ones for cap <= 1)."""
+    return ((1 - table) / table).clamp(min=1.0, max=max(cap, 1.0))
+
+
 def diffusion_loss(unet: UNetModel, text: CLIPTextModel, latents: torch.Tensor, ids: torch.Tensor,
-                   generator: torch.Generator, table: torch.Tensor, eos_id: int) -> torch.Tensor:
-    """The eps-prediction MSE on one batch of scaled latents."""
+                   generator: torch.Generator, table: torch.Tensor, eos_id: int,
+                   weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The eps-prediction MSE on one batch of scaled latents; with per-timestep `weights`, each sample's MSE is
+    weighted by its timestep's weight (normalised so that the weights of the batch sum to one)."""
     t = torch.randint(0, len(table), (latents.shape[0],), generator=generator)
     noise = torch.randn(latents.shape, generator=generator)
     abar = table[t][:, None, None, None]
     noisy = abar.sqrt() * latents + (1 - abar).sqrt() * noise
     context, _ = run_text_model(text, ids, [], layer=-1, eos_id=eos_id)
-    return F.mse_loss(unet(noisy, t.float(), context).float(), noise)
+    per_sample = (unet(noisy, t.float(), context).float() - noise).square().flatten(1).mean(1)
+    w = torch.ones_like(per_sample) if weights is None else weights[t]
+    return (w * per_sample).sum() / w.sum()
 
 
 @torch.no_grad()
@@ -117,6 +130,7 @@ def train_denoiser(arch: DemoArchitecture, vae: AutoencoderKL, snapshot_path, sc
         optimiser.load_state_dict(state["optimizer"])
         step = state["step"]
     tokenizer, cache, table = ClipTokenizer(), {}, alphas_cumprod()
+    layout = layout_weights(table, schedule.layout_weight_cap)
     pool, pool_captions = latent_pool(vae, schedule.data_seed, schedule.pool_size,
                                       Path(snapshot_path).with_name("latents.pt"))
     unet.train()
@@ -128,8 +142,9 @@ def train_denoiser(arch: DemoArchitecture, vae: AutoencoderKL, snapshot_path, sc
         picks = torch.randint(0, len(pool), (schedule.batch_size,), generator=generator)
         latents, captions = pool[picks], [pool_captions[i] for i in picks.tolist()]
         ids = caption_ids(tokenizer, drop_captions(captions, generator, schedule.caption_dropout), cache)
+        weights = layout if step >= schedule.layout_from else None
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=schedule.bf16):
-            loss = diffusion_loss(unet, text, latents, ids, generator, table, tokenizer.eos_id)
+            loss = diffusion_loss(unet, text, latents, ids, generator, table, tokenizer.eos_id, weights)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -31,14 +31,16 @@ def fake_cuda(monkeypatch):
     return support
 
 
-def test_cpu_with_native_bf16_auto_is_bf16_with_an_fp32_final_unet_level(native_bf16):
-    assert pick_precision(CPU, "auto") == Precision(torch.bfloat16, torch.bfloat16, torch.bfloat16,
+def test_cpu_with_native_bf16_auto_is_bf16_with_an_fp32_final_unet_level_and_text_encoder(native_bf16):
+    assert pick_precision(CPU, "auto") == Precision(torch.bfloat16, torch.float32, torch.bfloat16,
                                                     unet_output_fp32=True)
+    assert pick_precision(CPU, "bf16").text == torch.bfloat16  # asked for explicitly
 
 
-def test_cpu_default_is_fp32_even_with_native_bf16(native_bf16):
-    """The default reproduces ComfyUI's pixels; the fast path is opt-in."""
-    assert pick_precision(CPU) == Precision(torch.float32, torch.float32, torch.float32)
+def test_cpu_default_is_auto_with_native_bf16(native_bf16):
+    """The fast path is the default; --dtype fp32 reproduces ComfyUI's pixels."""
+    assert pick_precision(CPU) == pick_precision(CPU, "auto")
+    assert pick_precision(CPU, "fp32") == Precision(torch.float32, torch.float32, torch.float32)
 
 
 def test_cpu_without_native_bf16_stays_fp32(no_bf16):
@@ -89,7 +91,7 @@ def test_cpu_flags_reads_the_flags_line(tmp_path):
 
 
 def test_this_machine_reports_its_own_choice():
-    # whatever the hardware, auto is one of the two CPU policies and agrees with the flags; the default is fp32
+    # whatever the hardware, auto (the default) is one of the two CPU policies and agrees with the flags
     expected = torch.bfloat16 if policy.cpu_has_native_bf16() else torch.float32
     assert pick_dtype(CPU, "auto") == expected
-    assert pick_dtype(CPU) == torch.float32
+    assert pick_dtype(CPU) == expected

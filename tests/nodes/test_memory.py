@@ -65,7 +65,7 @@ def test_handles_declare_the_bytes_their_models_take(base):
     from engine.models import module_bytes
     from nodes.loaders import checkpoint_loader
 
-    for dtype in (None, "fp32", "bf16"):
+    for dtype in (None, "auto", "fp32", "bf16"):
         runtime = Runtime(Folders.at(base), dtype=dtype)
         for value in checkpoint_loader.fn(SimpleNamespace(resources=runtime), DEFAULT_CHECKPOINT):
             with runtime.models.use(value.handle) as module:
