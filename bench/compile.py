@@ -1,9 +1,10 @@
 """Does torch.compile pay back within one typical run? Compile time against per-step gain for the full-size UNet.
 
-Compares, in one process, the UNet as sdgraph runs it with --dtype auto on this CPU (eager, bf16 with an fp32 last
-level, convolutions prepacked for oneDNN) with `torch.compile` of the same network unpacked (inductor with
-freezing, which prepacks weights and fuses pointwise ops itself). Compile time is measured with an empty
-inductor cache (a fresh directory) and again with the cache warm (a second process would see that).
+Compares, in one process, the UNet as sdgraph runs it by default on this CPU (eager, bf16 with an fp32 last
+level, convolutions prepacked for oneDNN, sliced bf16 attention) with `torch.compile` of the same network
+unpacked (inductor with freezing, which prepacks weights and fuses pointwise ops itself). Compile time is
+measured with an empty inductor cache (a fresh directory) and again with the cache warm (a second process would
+see that).
 
     .venv/bin/python bench/compile.py [--size 512] [--steps 20]
 
@@ -33,12 +34,12 @@ def worker(size: int, checkpoint: Path, cache: str) -> None:
     from diffusion.components import checkpoint_values
     from diffusion.device import pick_precision
     from diffusion.tokenizer import ClipTokenizer
-    from diffusion.unet import full_resolution_output_prefixes
+    from diffusion.unet import full_resolution_output_prefixes, set_attention_dtype
 
     inductor.freezing = True
     layout = open_checkpoint(checkpoint)
     cpu = torch.device("cpu")
-    precision = pick_precision(cpu, "auto")
+    precision = pick_precision(cpu)
     model, _, _ = checkpoint_values(layout, device=cpu, precision=precision, tokenizer=ClipTokenizer())
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, size // 8, size // 8, generator=g)
@@ -57,6 +58,7 @@ def worker(size: int, checkpoint: Path, cache: str) -> None:
         packed.clear()  # free it before loading the copy to compile
         overrides = {prefix: torch.float32 for prefix in full_resolution_output_prefixes(layout.unet.config)}
         plain = layout.unet.load(dtype=torch.bfloat16, channels_last=True, overrides=overrides)
+        set_attention_dtype(plain, torch.bfloat16)  # the same network as the eager one, unpacked
         compiled = torch.compile(plain)
         x_in = x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
         start = time.perf_counter()
