@@ -29,7 +29,7 @@ from diffusion.vae import AutoencoderKL
 
 @dataclass(frozen=True)
 class DenoiserSchedule:
-    steps: int = 1300
+    steps: int = 3400
     batch_size: int = 64
     lr: float = 6e-4
     warmup: int = 100
