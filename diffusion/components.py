@@ -33,11 +33,11 @@ from .vae import VAEConfig
 VAE_DECODE_BATCH = 4
 # Working memory per latent element of one call (B x 4 x h x w, the CFG batch included) or per pixel encoded,
 # plus a margin: fitted to the peak RSS increase over a whole node (KSampler of 4 steps, VAEDecode, VAEEncode) of
-# full-size SD1.5 on the CPU at 256 and 512 px, in fp32 and in `auto` (bench/sd15_step.py --calibrate;
-# docs/performance.md), rounded up. Measured at 512 px: KSampler 514 MB (fp32) / 462 MB (auto), VAEDecode 876 /
-# 519 MB, one VAE encode 640 / 320 MB. The UNet's does not shrink with the dtype (its last level and the
-# attention's softmax run in fp32 either way); the VAE's does, by TWO_BYTE_FACTOR. Attention is SDPA (flash on
-# CPU and CUDA), so nothing grows with the square of the token count.
+# full-size SD1.5 on the CPU at 256 and 512 px, in fp32 and in the default bf16 policy (bench/sd15_step.py
+# --calibrate; docs/performance.md), rounded up. Measured at 512 px: KSampler 514 MB (fp32) / 408 MB (bf16),
+# VAEDecode 876 / 566 MB, one VAE encode 640 / 320 MB. The UNet's barely shrinks with the dtype (its last level
+# runs in fp32); the VAE's does, by TWO_BYTE_FACTOR. Attention is SDPA (flash) or, for long bf16 attention on
+# the CPU, sliced (diffusion/attention.py), so nothing grows with the square of the token count.
 UNET_WORKING_PER_ELEMENT = 16_000
 UNET_WORKING_MARGIN = 64 << 20
 VAE_DECODE_WORKING_PER_ELEMENT = 50_000
