@@ -17,6 +17,7 @@ from diffusion.train.denoiser import (
     caption_ids,
     diffusion_loss,
     encode_latents,
+    layout_weights,
     train_denoiser,
 )
 from diffusion.train.state import step_generator
@@ -68,6 +69,46 @@ def test_denoiser_steps_reduce_the_eps_loss():
     assert after < 0.9 * before
 
 
+def test_layout_weights_are_one_over_snr_clamped():
+    table = alphas_cumprod()
+    weights = layout_weights(table, cap=5.0)
+    inverse_snr = (1 - table) / table
+    low, high = inverse_snr < 1, inverse_snr > 5
+    assert low[:100].all() and high[-100:].all() and (~low & ~high).any()
+    assert (weights[low] == 1).all() and (weights[high] == 5).all()
+    torch.testing.assert_close(weights[~low & ~high], inverse_snr[~low & ~high])
+    assert (layout_weights(table, cap=0.5) == 1).all()  # a cap below 1 means the plain eps loss
+
+
+def test_weighted_loss_is_the_weighted_mean_of_per_sample_losses():
+    torch.manual_seed(0)
+    unet, text = models.new_denoiser(ARCH, 0)
+    latents = torch.randn(3, 4, 8, 8)
+    tokenizer = ClipTokenizer()
+    ids = caption_ids(tokenizer, ["a red circle", "", "a blue star"], {})
+    table = alphas_cumprod()
+
+    def loss(weights=None):
+        with torch.no_grad():
+            return diffusion_loss(unet, text, latents, ids, step_generator(0, 0), table, tokenizer.eos_id, weights)
+
+    plain = loss()
+    torch.testing.assert_close(loss(torch.full((1000,), 7.0)), plain)  # only relative weights matter
+    t = torch.randint(0, len(table), (3,), generator=step_generator(0, 0))  # the timesteps the loss draws first
+    assert len(set(t.tolist())) == 3
+
+    def one_hot(i: int, value: float = 1.0) -> torch.Tensor:
+        w = torch.full((1000,), 1e-12)
+        w[t[i]] = value
+        return w
+
+    each = torch.stack([loss(one_hot(i)) for i in range(3)])  # each sample's own loss
+    torch.testing.assert_close(plain, each.mean())
+    doubled = torch.ones(1000)
+    doubled[t[0]] = 2.0
+    torch.testing.assert_close(loss(doubled), (2 * each[0] + each[1] + each[2]) / 4)
+
+
 def test_caption_ids_match_the_inference_tokenisation():
     tokenizer = ClipTokenizer()
     ids = caption_ids(tokenizer, ["a small red circle at the top on a blue background", ""], {})
@@ -89,7 +130,7 @@ def test_rescaled_vae_computes_the_same_pictures_from_scaled_latents():
 def _schedules(steps: int) -> tuple[VAESchedule, DenoiserSchedule]:
     vae = VAESchedule(steps=2, batch_size=2, warmup=1, full_steps=1, save_every=1)
     denoiser = dataclasses.replace(DenoiserSchedule(), steps=steps, batch_size=2, warmup=1, save_every=1, bf16=False,
-                                   pool_size=6)
+                                   pool_size=6, layout_from=2)  # resumption also crosses the switch of loss
     return vae, denoiser
 
 
