@@ -34,7 +34,7 @@ def worker(size: int, checkpoint: Path, cache: str) -> None:
     from diffusion.components import checkpoint_values
     from diffusion.device import pick_precision
     from diffusion.tokenizer import ClipTokenizer
-    from diffusion.unet import full_resolution_output_prefixes, set_attention_dtype
+    from diffusion.unet import precision_sensitive_prefixes, set_attention_dtype
 
     inductor.freezing = True
     layout = open_checkpoint(checkpoint)
@@ -56,7 +56,7 @@ def worker(size: int, checkpoint: Path, cache: str) -> None:
         packed = [model.eps_function(model.handle.load("cpu"))]  # what sdgraph runs
         eager_s, want = timed(lambda: packed[0](x, t, context))
         packed.clear()  # free it before loading the copy to compile
-        overrides = {prefix: torch.float32 for prefix in full_resolution_output_prefixes(layout.unet.config)}
+        overrides = {prefix: torch.float32 for prefix in precision_sensitive_prefixes(layout.unet.config)}
         plain = layout.unet.load(dtype=torch.bfloat16, channels_last=True, overrides=overrides)
         set_attention_dtype(plain, torch.bfloat16)  # the same network as the eager one, unpacked
         compiled = torch.compile(plain)

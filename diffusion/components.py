@@ -27,7 +27,7 @@ from .checkpoint import CheckpointLayout, PartLayout
 from .device import Precision
 from .latent import CondEntry, Conditioning
 from .tokenizer import ClipTokenizer
-from .unet import UNetConfig, full_resolution_output_prefixes, set_attention_dtype
+from .unet import UNetConfig, precision_sensitive_prefixes, set_attention_dtype
 from .vae import VAEConfig
 
 VAE_DECODE_BATCH = 4
@@ -217,7 +217,7 @@ def checkpoint_values(layout: CheckpointLayout, *, device: torch.device, precisi
                       allow_pickle: bool = False) -> tuple[DiffusionModel, TextEncoder, ImageAutoencoder]:
     """MODEL, CLIP and VAE values for a checked checkpoint; nothing is read until the manager loads a part."""
     source = str(layout.file.path)
-    kept = {prefix: torch.float32 for prefix in full_resolution_output_prefixes(layout.unet.config)} \
+    kept = {prefix: torch.float32 for prefix in precision_sensitive_prefixes(layout.unet.config)} \
         if precision.unet_output_fp32 else {}
     unet = part_handle(layout.unet, dtype=precision.unet, device=device, label="UNet", streamable=True,
                        overrides=kept)

@@ -177,22 +177,29 @@ def test_config_is_frozen_and_hashable():
     assert hash(TINY) == hash(dataclasses.replace(TINY))
 
 
-def test_full_resolution_output_prefixes_are_the_last_level():
-    from diffusion.unet import full_resolution_output_prefixes
+def test_precision_sensitive_prefixes_are_in_the_last_level():
+    from diffusion.unet import precision_sensitive_prefixes
 
-    assert full_resolution_output_prefixes(UNetConfig()) == ("output_blocks.9.", "output_blocks.10.",
-                                                             "output_blocks.11.", "out.")
-    assert full_resolution_output_prefixes(TINY) == ("output_blocks.2.", "output_blocks.3.", "out.")
+    sd15 = precision_sensitive_prefixes(UNetConfig())
+    assert sd15[:3] == ("output_blocks.9.0.", "output_blocks.10.0.", "output_blocks.11.0.") and sd15[-1] == "out."
+    assert "output_blocks.11.1.proj_out." in sd15 and "output_blocks.9.1.norm." in sd15 and len(sd15) == 13
+    keys = UNetModel(SMALL_SD15_LIKE).state_dict()
+    kept = precision_sensitive_prefixes(SMALL_SD15_LIKE)
+    assert all(any(k.startswith(p) for k in keys) for p in kept)  # every prefix names real weights
+    assert not any(k.startswith(kept) for k in keys if ".transformer_blocks." in k)  # attention and FF stay
+    no_attention = dataclasses.replace(TINY, attention_levels=(1,))
+    assert precision_sensitive_prefixes(no_attention) == ("output_blocks.2.0.", "output_blocks.3.0.", "out.")
 
 
-def test_blocks_compute_in_their_own_dtype():
-    from diffusion.unet import full_resolution_output_prefixes, weight_dtype
+def test_layers_compute_in_their_own_dtype():
+    from diffusion.unet import precision_sensitive_prefixes, weight_dtype
 
     weights = strip(random_unet_weights(SMALL_SD15_LIKE))
-    kept = full_resolution_output_prefixes(SMALL_SD15_LIKE)
+    kept = precision_sensitive_prefixes(SMALL_SD15_LIKE)
     mixed = build_unet({k: v if k.startswith(kept) else v.to(torch.bfloat16) for k, v in weights.items()})
     reference = build_unet(weights)
     assert weight_dtype(mixed.output_blocks[-1], None) == torch.float32
+    assert weight_dtype(mixed.output_blocks[-1][1].transformer_blocks, None) == torch.bfloat16
     assert weight_dtype(mixed.output_blocks[0], None) == torch.bfloat16
     g = torch.Generator().manual_seed(0)
     x, context = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 7, SMALL_SD15_LIKE.context_dim, generator=g)
