@@ -32,7 +32,7 @@ from diffusion.device import Precision  # noqa: E402
 
 PROMPT, NEGATIVE = "a photograph of an astronaut riding a horse", "blurry, low quality"
 F32, BF16 = torch.float32, torch.bfloat16
-DEFAULT = Precision(BF16, F32, BF16, unet_output_fp32=True)  # --dtype auto on CPUs with native bf16
+DEFAULT = Precision(BF16, F32, BF16, unet_output_fp32=True)  # the default on CPUs with native bf16
 ALL_BF16 = Precision(BF16, BF16, BF16, unet_output_fp32=False)  # --dtype bf16
 
 
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                     ROOT / "models/checkpoints/sdgraph-demo.safetensors") if p.exists()]
     for path in paths:
         print(f"== {path.name}")
-        for name, precision in (("auto (bf16, final level fp32)", DEFAULT), ("all bf16", ALL_BF16)):
+        for name, precision in (("default (bf16, sensitive last-level layers fp32)", DEFAULT), ("all bf16", ALL_BF16)):
             errors = ", ".join(f"{size} px {unet_error(path, size, precision):.4%}" for size in args.unet_sizes)
             print(f"UNet call, {name} vs fp32, relative error: {errors}", flush=True)
         print(f"text encoder context, bf16 vs fp32, relative error: {text_error(path):.4%}", flush=True)
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         cases = [(prompt, seed) for prompt in (args.prompt or [PROMPT]) for seed in args.seeds]
         wants = [txt2img(path, Precision(F32, F32, F32), args.size, args.steps, p, s)[0] for p, s in cases]
-        for name, precision in (("auto (bf16 UNet with fp32 final level, fp32 text, bf16 VAE)", DEFAULT),
+        for name, precision in (("default (bf16 UNet with fp32 sensitive layers, fp32 text, bf16 VAE)", DEFAULT),
                                 ("all bf16 (--dtype bf16)", ALL_BF16),
                                 ("auto with a bf16 text encoder", Precision(BF16, BF16, BF16, True)),
                                 ("auto with an fp32 VAE", Precision(BF16, F32, F32, True))):

@@ -4,19 +4,20 @@ Device: CUDA when available, else the CPU (`--device` overrides).
 
 Precision (`--dtype` overrides all three parts at once; `--dtype auto` is the default, spelled out):
 
-| device                                  | UNet                      | text encoder | VAE                         |
-|-----------------------------------------|---------------------------|--------------|-----------------------------|
-| CUDA                                    | fp16                      | fp16         | bf16 if supported, else fp32 |
-| CPU with native bf16 (AVX512-BF16, AMX) | bf16, final level in fp32 | fp32         | bf16                        |
-| other CPUs                              | fp32                      | fp32         | fp32                        |
+| device                                  | UNet                              | text encoder | VAE                |
+|-----------------------------------------|-----------------------------------|--------------|--------------------|
+| CUDA                                    | fp16                              | fp16         | bf16, else fp32    |
+| CPU with native bf16 (AVX512-BF16, AMX) | bf16, some last-level layers fp32 | fp32         | bf16               |
+| other CPUs                              | fp32                              | fp32         | fp32               |
 
 `--dtype fp32` reproduces ComfyUI's pixels (its references are fp32; `make parity` runs the kit that way).
 fp16 VAEs overflow into black images, so the VAE is never fp16 unless asked for. On CPUs without native bf16
 instructions bf16 is emulated and slower than fp32, so fp32 stays. The CPU's bf16 choices were measured, not
 assumed (docs/performance.md, bench/precision.py, bench/sd15_step.py):
-- UNet: about 2x faster than fp32 at 512x512. An all-bf16 call of full-size SD1.5 is 1.36% from fp32; keeping
-  the blocks after the last upsampling and the output layer in fp32 (Precision.unet_output_fp32) brings it to
-  0.86% for ~20% more time per 512x512 step (their attention still computes in bf16: diffusion/attention.py).
+- UNet: about 2.3x faster than fp32 at 512x512. An all-bf16 call of full-size SD1.5 is 1.36% from fp32.
+  Keeping the precision-sensitive layers of the last level in fp32 (Precision.unet_output_fp32) brings it to
+  0.87%, for ~8% more time per 512x512 step. Those layers are the ResBlocks, the transformers' norm and
+  projections, and the output layer, while attention and feed-forward stay bf16.
 - text encoder: fp32, because the conditioning steers the whole trajectory. With a bf16 text encoder, the first
   demo model's 20-step txt2img of one prompt landed 13 dB PSNR from fp32 (another picture); the shipped model
   is less sensitive (47.5 dB minimum over 9 pictures either way), and SD1.5's context moves by 0.91%. fp32
@@ -38,9 +39,10 @@ NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 @dataclass(frozen=True)
 class Precision:
-    """The dtype each part of a checkpoint computes in. With `unet_output_fp32`, the UNet's blocks at full
-    latent resolution after the last upsampling, and its output layer, stay in fp32 (bf16 UNets only: that is
-    where rounding moves a UNet call's result most; it keeps one call within 1% of fp32)."""
+    """The dtype each part of a checkpoint computes in. With `unet_output_fp32`, the UNet's most
+    precision-sensitive layers (`diffusion.unet.precision_sensitive_prefixes`) stay in fp32. These are the
+    ResBlocks, transformer norms and projections of the last level, and the output layer. This applies to bf16
+    UNets only, and it keeps one call within 1% of fp32."""
 
     unet: torch.dtype
     text: torch.dtype
