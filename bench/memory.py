@@ -24,12 +24,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import proc_status, txt2img_api  # noqa: E402
+
 CACHE = Path.home() / ".cache" / "sdgraph-bench"
-
-
-def _status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(next(line for line in f if line.startswith(field)).split()[1]) * 1024
 
 
 def checkpoints() -> tuple[Path, Path]:
@@ -49,17 +46,7 @@ def checkpoints() -> tuple[Path, Path]:
 
 def graph(name: str, size: int, steps: int, round_: int) -> dict:
     """txt2img whose prompt and seed change every round, so nothing comes from the output cache."""
-    return {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": name}},
-        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": f"a red circle, take {round_}", "clip": ["1", 1]}},
-        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": f"blurry {round_}", "clip": ["1", 1]}},
-        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
-        "5": {"class_type": "KSampler", "inputs": {"seed": round_, "steps": steps, "cfg": 7.0, "sampler_name": "euler",
-                                                   "scheduler": "normal", "denoise": 1.0, "model": ["1", 0],
-                                                   "positive": ["2", 0], "negative": ["3", 0],
-                                                   "latent_image": ["4", 0]}},
-        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
-    }
+    return txt2img_api(name, f"a red circle, take {round_}", f"blurry {round_}", size=size, steps=steps, seed=round_)
 
 
 def worker(a: Path, b: Path, size: int, steps: int, budgeted: bool, dtype: str | None) -> dict:
@@ -86,7 +73,7 @@ def worker(a: Path, b: Path, size: int, steps: int, budgeted: bool, dtype: str |
     runtime = Runtime(folders, dtype=dtype, ram_budget=budget)
     registry = build_registry(entry_points=False)
     executor = Executor(registry, resources=runtime)
-    baseline = _status("VmRSS:")
+    baseline = proc_status("VmRSS:")
     rounds = []
     for round_, name in enumerate((a.name, b.name, a.name, b.name)):
         start = time.perf_counter()
@@ -94,8 +81,8 @@ def worker(a: Path, b: Path, size: int, steps: int, budgeted: bool, dtype: str |
         report = executor.run(validate(api, registry, targets=["6"], resources=runtime).graph)
         if not report.ok:
             raise RuntimeError(report.error.traceback)
-        rounds.append({"checkpoint": name, "seconds": time.perf_counter() - start, "peak_rss": _status("VmHWM:"),
-                       "rss": _status("VmRSS:"), "held": runtime.models.held("cpu")})
+        rounds.append({"checkpoint": name, "seconds": time.perf_counter() - start, "peak_rss": proc_status("VmHWM:"),
+                       "rss": proc_status("VmRSS:"), "held": runtime.models.held("cpu")})
     return {"budget": budget, "weights": weights, "working": working, "baseline_rss": baseline, "rounds": rounds,
             "stats": dict(runtime.models.stats), "dtype": runtime.placement()[1].names}
 

@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from bench.common import txt2img_api  # noqa: E402
 from diffusion.checkpoint import open_checkpoint  # noqa: E402
 from diffusion.device import Precision  # noqa: E402
 
@@ -93,17 +94,7 @@ def txt2img(path: Path, precision: Precision, size: int, steps: int, prompt: str
     (base / "models" / "checkpoints" / path.name).symlink_to(path.resolve())
     runtime = Runtime(Folders.at(base))
     runtime._placement = (torch.device("cpu"), precision)  # the variant under test instead of the policy
-    api = {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": path.name}},
-        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": prompt, "clip": ["1", 1]}},
-        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": NEGATIVE, "clip": ["1", 1]}},
-        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
-        "5": {"class_type": "KSampler", "inputs": {"seed": seed, "steps": steps, "cfg": 7.0, "sampler_name": "euler",
-                                                   "scheduler": "normal", "denoise": 1.0, "model": ["1", 0],
-                                                   "positive": ["2", 0], "negative": ["3", 0],
-                                                   "latent_image": ["4", 0]}},
-        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
-    }
+    api = txt2img_api(path.name, prompt, NEGATIVE, size=size, steps=steps, seed=seed)
     registry = build_registry(entry_points=False)
     report = Executor(registry, resources=runtime).run(validate(api, registry, targets=["6"],
                                                                 resources=runtime).graph)
@@ -170,8 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         wants = [txt2img(path, Precision(F32, F32, F32), args.size, args.steps, p, s)[0] for p, s in cases]
         for name, precision in (("default (bf16 UNet with fp32 sensitive layers, fp32 text, bf16 VAE)", DEFAULT),
                                 ("all bf16 (--dtype bf16)", ALL_BF16),
-                                ("auto with a bf16 text encoder", Precision(BF16, BF16, BF16, True)),
-                                ("auto with an fp32 VAE", Precision(BF16, F32, F32, True))):
+                                ("default with a bf16 text encoder", Precision(BF16, BF16, BF16, True)),
+                                ("default with an fp32 VAE", Precision(BF16, F32, F32, True))):
             values = [psnr(txt2img(path, precision, args.size, args.steps, p, s)[0], want)
                       for (p, s), want in zip(cases, wants, strict=True)]
             print(f"txt2img {args.size} px {args.steps} steps, {name} vs fp32: PSNR min {min(values):.1f} dB, "

@@ -39,6 +39,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import PeakMeter, proc_status, txt2img_api  # noqa: E402
+
 CONFIGS = ("sdgraph-fp32", "sdgraph-default", "diffusers-fp32", "diffusers-bf16")
 TARGET_STEP_S, TARGET_VS_DIFFUSERS_FP32 = 1.5, 4.5  # issue #5, at 512x512 in the default dtype
 PROMPT, NEGATIVE, CFG, SEED = "a photograph of an astronaut riding a horse", "blurry, low quality", 7.0, 42
@@ -46,33 +48,8 @@ PROMPT, NEGATIVE, CFG, SEED = "a photograph of an astronaut riding a horse", "bl
 
 # --- measurement helpers (run inside the worker) -------------------------------------------------------------------
 
-def _status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(next(line for line in f if line.startswith(field)).split()[1]) * 1024
-
-
-_EARLIER_PEAK = [0]  # the highest VmHWM seen before a reset, so the process's true peak is still reported
-
-
-def reset_peak(forget: bool = False) -> None:
-    """Reset VmHWM to the current RSS (Linux: clear_refs 5), so a phase's own peak can be read; with `forget`,
-    the process's peak restarts from here too."""
-    _EARLIER_PEAK[0] = 0 if forget else max(_EARLIER_PEAK[0], _status("VmHWM:"))
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def peak_rss() -> int:
-    """The current phase's peak (since the last reset_peak)."""
-    return _status("VmHWM:")
-
-
-def process_peak_rss() -> int:
-    return max(_EARLIER_PEAK[0], _status("VmHWM:"))
-
-
 def rss() -> int:
-    return _status("VmRSS:")
+    return proc_status("VmRSS:")
 
 
 class StepClock:
@@ -113,6 +90,7 @@ def run_sdgraph(checkpoint: Path, dtype: str | None, sizes: list[int], steps: in
     registry = build_registry(entry_points=False)
     executor = Executor(registry, resources=runtime)
     result: dict = {"rss_baseline": rss()}
+    meter = PeakMeter()
 
     # 1. Load: the loader checks the header; the parts are read when first used.
     from types import SimpleNamespace
@@ -126,24 +104,14 @@ def run_sdgraph(checkpoint: Path, dtype: str | None, sizes: list[int], steps: in
     result["load_s"] = time.perf_counter() - start
     result["weights_bytes"] = runtime.models.held(str(runtime.placement()[0]))
     result["dtype"] = runtime.placement()[1].names
-    result["load_peak_rss"] = peak_rss()
+    result["load_peak_rss"] = meter.phase()
     if unload:  # as `sdgraph run --unload` starts: nothing loaded before the graph runs; peak RSS is the graph's
         runtime.models.unload_all()
-        reset_peak(forget=True)
+        meter.reset(forget=True)
 
     # 2. txt2img per size through the real nodes, steps timed from the progress events.
     for size in sizes:
-        api = {
-            "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint.name}},
-            "2": {"class_type": "CLIPTextEncode", "inputs": {"text": PROMPT, "clip": ["1", 1]}},
-            "3": {"class_type": "CLIPTextEncode", "inputs": {"text": NEGATIVE, "clip": ["1", 1]}},
-            "4": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
-            "5": {"class_type": "KSampler", "inputs": {
-                "seed": SEED, "steps": steps, "cfg": CFG, "sampler_name": "euler", "scheduler": "normal",
-                "denoise": 1.0, "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0],
-                "latent_image": ["4", 0]}},
-            "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
-        }
+        api = txt2img_api(checkpoint.name, PROMPT, NEGATIVE, size=size, steps=steps, seed=SEED, cfg=CFG)
         clock, decode = StepClock(), {}
         peaks: dict[str, int] = {}
 
@@ -151,18 +119,18 @@ def run_sdgraph(checkpoint: Path, dtype: str | None, sizes: list[int], steps: in
             if type(event).__name__ == "NodeStarted" and event.node_id == "5":
                 if calibrate:
                     peaks["before_unet"] = rss()
-                    reset_peak()
+                    meter.reset()
                 clock.start()
             elif isinstance(event, Progress) and event.node_id == "5":
                 clock.tick()
             elif isinstance(event, NodeFinished) and event.node_id == "5" and calibrate:
-                peaks["unet"] = peak_rss() - peaks["before_unet"]
+                peaks["unet"] = meter.phase() - peaks["before_unet"]
                 peaks["before_decode"] = rss()
-                reset_peak()
+                meter.reset()
             elif isinstance(event, NodeFinished) and event.node_id == "6":
                 decode["s"] = event.seconds
                 if calibrate:
-                    peaks["decode"] = peak_rss() - peaks["before_decode"]
+                    peaks["decode"] = meter.phase() - peaks["before_decode"]
 
         graph = validate(api, registry, targets=["6"], resources=runtime).graph
         report = executor.run(graph, listeners=[listen])
@@ -174,7 +142,7 @@ def run_sdgraph(checkpoint: Path, dtype: str | None, sizes: list[int], steps: in
             result[str(size)]["working_unet"] = peaks["unet"]
             result[str(size)]["working_decode"] = peaks["decode"]
         del image, report
-    result["peak_rss"] = process_peak_rss()
+    result["peak_rss"] = meter.process()
     return result
 
 
@@ -248,7 +216,7 @@ def run_diffusers(checkpoint: Path, dtype_name: str, sizes: list[int], steps: in
             image = vae.decode(latents / vae.config.scaling_factor).sample
             decode_s = time.perf_counter() - start
         result[str(size)] = {**clock.per_step(), "decode_s": decode_s, "image_std": float(image.float().std())}
-    result["peak_rss"] = process_peak_rss()
+    result["peak_rss"] = PeakMeter().process()  # never reset in this process: VmHWM is its peak
     return result
 
 
