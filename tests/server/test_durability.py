@@ -20,6 +20,17 @@ async def wait_state(api: Api, prompt_id: str, state: str, timeout: float = 30) 
     raise TimeoutError(f"{prompt_id} never reached {state}")
 
 
+def queue_running(server, prompt: dict) -> str:
+    """Queue `prompt` on `server` and return its id once it is running."""
+    async def go():
+        async with aiohttp.ClientSession() as session:
+            api = Api(session, server.url)
+            prompt_id = await api.queue(prompt)
+            await wait_state(api, prompt_id, "running")
+            return prompt_id
+    return run(go())
+
+
 def test_kill_during_a_prompt_then_restart(fresh):
     first = fresh()
 
@@ -93,15 +104,7 @@ def test_a_poison_prompt_is_marked_failed_after_bounded_crashes(fresh):
 
 def test_sigterm_lets_the_running_prompt_finish(fresh):
     server = fresh()
-
-    async def start_one():
-        async with aiohttp.ClientSession() as session:
-            api = Api(session, server.url)
-            prompt_id = await api.queue(slow(7, steps=20, delay=0.05))
-            await wait_state(api, prompt_id, "running")
-            return prompt_id
-
-    prompt_id = run(start_one())
+    prompt_id = queue_running(server, slow(7, steps=20, delay=0.05))
     server.proc.send_signal(signal.SIGTERM)
 
     async def refused_while_stopping():
@@ -124,15 +127,7 @@ def test_sigterm_lets_the_running_prompt_finish(fresh):
 
 def test_sigterm_requeues_a_prompt_that_takes_too_long(fresh):
     server = fresh("--shutdown-timeout", "0.3")
-
-    async def start_one():
-        async with aiohttp.ClientSession() as session:
-            api = Api(session, server.url)
-            prompt_id = await api.queue(slow(8, steps=400, delay=0.05))
-            await wait_state(api, prompt_id, "running")
-            return prompt_id
-
-    prompt_id = run(start_one())
+    prompt_id = queue_running(server, slow(8, steps=400, delay=0.05))
     assert server.stop(signal.SIGTERM, timeout=30) == 0
     assert "back in the queue" in server.log()
     again = fresh()
