@@ -1,25 +1,10 @@
-"""What several benchmarks share: the txt2img graph they run through the nodes, and /proc memory readings.
+"""What several benchmarks share: /proc memory readings. (The txt2img graph they run through the nodes is
+`diffusion.train.evaluate.txt2img_graph`, graphs/txt2img.json's layout.)
 
 Imported by the bench scripts as `bench.common` (each script puts the repository root on sys.path).
 """
 
 from __future__ import annotations
-
-
-def txt2img_api(checkpoint: str, prompt: str, negative: str, *, size: int, steps: int, seed: int,
-                cfg: float = 7.0) -> dict:
-    """API-format txt2img (euler/normal) whose VAEDecode is node "6" and KSampler node "5"."""
-    return {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}},
-        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": prompt, "clip": ["1", 1]}},
-        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": negative, "clip": ["1", 1]}},
-        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
-        "5": {"class_type": "KSampler", "inputs": {
-            "seed": seed, "steps": steps, "cfg": cfg, "sampler_name": "euler", "scheduler": "normal",
-            "denoise": 1.0, "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0],
-            "latent_image": ["4", 0]}},
-        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
-    }
 
 
 def proc_status(field: str) -> int:

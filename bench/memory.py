@@ -24,7 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import proc_status, txt2img_api  # noqa: E402
+from bench.common import proc_status  # noqa: E402
+from diffusion.train.evaluate import txt2img_graph  # noqa: E402
 
 CACHE = Path.home() / ".cache" / "sdgraph-bench"
 
@@ -46,7 +47,8 @@ def checkpoints() -> tuple[Path, Path]:
 
 def graph(name: str, size: int, steps: int, round_: int) -> dict:
     """txt2img whose prompt and seed change every round, so nothing comes from the output cache."""
-    return txt2img_api(name, f"a red circle, take {round_}", f"blurry {round_}", size=size, steps=steps, seed=round_)
+    return txt2img_graph(name, f"a red circle, take {round_}", negative=f"blurry {round_}", size=size, steps=steps,
+                         seed=round_, cfg=7.0)
 
 
 def worker(a: Path, b: Path, size: int, steps: int, budgeted: bool, dtype: str | None) -> dict:
@@ -78,7 +80,7 @@ def worker(a: Path, b: Path, size: int, steps: int, budgeted: bool, dtype: str |
     for round_, name in enumerate((a.name, b.name, a.name, b.name)):
         start = time.perf_counter()
         api = graph(name, size, steps, round_)
-        report = executor.run(validate(api, registry, targets=["6"], resources=runtime).graph)
+        report = executor.run(validate(api, registry, targets=["8"], resources=runtime).graph)
         if not report.ok:
             raise RuntimeError(report.error.traceback)
         rounds.append({"checkpoint": name, "seconds": time.perf_counter() - start, "peak_rss": proc_status("VmHWM:"),

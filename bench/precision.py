@@ -27,9 +27,9 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from bench.common import txt2img_api  # noqa: E402
 from diffusion.checkpoint import open_checkpoint  # noqa: E402
 from diffusion.device import Precision  # noqa: E402
+from diffusion.train.evaluate import txt2img_graph  # noqa: E402
 
 PROMPT, NEGATIVE = "a photograph of an astronaut riding a horse", "blurry, low quality"
 F32, BF16 = torch.float32, torch.bfloat16
@@ -94,13 +94,13 @@ def txt2img(path: Path, precision: Precision, size: int, steps: int, prompt: str
     (base / "models" / "checkpoints" / path.name).symlink_to(path.resolve())
     runtime = Runtime(Folders.at(base))
     runtime._placement = (torch.device("cpu"), precision)  # the variant under test instead of the policy
-    api = txt2img_api(path.name, prompt, NEGATIVE, size=size, steps=steps, seed=seed)
+    api = txt2img_graph(path.name, prompt, negative=NEGATIVE, size=size, steps=steps, seed=seed, cfg=7.0)
     registry = build_registry(entry_points=False)
-    report = Executor(registry, resources=runtime).run(validate(api, registry, targets=["6"],
+    report = Executor(registry, resources=runtime).run(validate(api, registry, targets=["8"],
                                                                 resources=runtime).graph)
     if not report.ok:
         raise RuntimeError(report.error.traceback)
-    return report.outputs["6"][0][0], runtime
+    return report.outputs["8"][0][0], runtime
 
 
 def decode(path: Path, latent: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -39,10 +39,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import PeakMeter, proc_status, txt2img_api  # noqa: E402
+from bench.common import PeakMeter, proc_status  # noqa: E402
+from diffusion.train.evaluate import txt2img_graph  # noqa: E402
 
 CONFIGS = ("sdgraph-fp32", "sdgraph-default", "diffusers-fp32", "diffusers-bf16")
 TARGET_STEP_S, TARGET_VS_DIFFUSERS_FP32 = 1.5, 4.5  # issue #5, at 512x512 in the default dtype
+SAMPLER, DECODE = "3", "8"  # node ids in txt2img_graph
 PROMPT, NEGATIVE, CFG, SEED = "a photograph of an astronaut riding a horse", "blurry, low quality", 7.0, 42
 
 
@@ -111,32 +113,32 @@ def run_sdgraph(checkpoint: Path, dtype: str | None, sizes: list[int], steps: in
 
     # 2. txt2img per size through the real nodes, steps timed from the progress events.
     for size in sizes:
-        api = txt2img_api(checkpoint.name, PROMPT, NEGATIVE, size=size, steps=steps, seed=SEED, cfg=CFG)
+        api = txt2img_graph(checkpoint.name, PROMPT, negative=NEGATIVE, size=size, steps=steps, seed=SEED, cfg=CFG)
         clock, decode = StepClock(), {}
         peaks: dict[str, int] = {}
 
         def listen(event, clock=clock, decode=decode, peaks=peaks):
-            if type(event).__name__ == "NodeStarted" and event.node_id == "5":
+            if type(event).__name__ == "NodeStarted" and event.node_id == SAMPLER:
                 if calibrate:
                     peaks["before_unet"] = rss()
                     meter.reset()
                 clock.start()
-            elif isinstance(event, Progress) and event.node_id == "5":
+            elif isinstance(event, Progress) and event.node_id == SAMPLER:
                 clock.tick()
-            elif isinstance(event, NodeFinished) and event.node_id == "5" and calibrate:
+            elif isinstance(event, NodeFinished) and event.node_id == SAMPLER and calibrate:
                 peaks["unet"] = meter.phase() - peaks["before_unet"]
                 peaks["before_decode"] = rss()
                 meter.reset()
-            elif isinstance(event, NodeFinished) and event.node_id == "6":
+            elif isinstance(event, NodeFinished) and event.node_id == DECODE:
                 decode["s"] = event.seconds
                 if calibrate:
                     peaks["decode"] = meter.phase() - peaks["before_decode"]
 
-        graph = validate(api, registry, targets=["6"], resources=runtime).graph
+        graph = validate(api, registry, targets=[DECODE], resources=runtime).graph
         report = executor.run(graph, listeners=[listen])
         if not report.ok:
             raise RuntimeError(report.error.traceback)
-        image = report.outputs["6"][0][0]
+        image = report.outputs[DECODE][0][0]
         result[str(size)] = {**clock.per_step(), "decode_s": decode["s"], "image_std": float(image.std())}
         if calibrate:
             result[str(size)]["working_unet"] = peaks["unet"]

@@ -129,13 +129,14 @@ def accuracies(scores: Iterable[dict[str, bool]]) -> dict[str, float]:
 
 
 def txt2img_graph(ckpt_name: str, prompt: str, *, seed: int, steps: int, cfg: float, sampler: str = "euler",
-                  scheduler: str = "normal", negative: str = "") -> dict:
-    """The API graph of graphs/txt2img.json with these settings (64x64), ending at VAEDecode (node 8)."""
+                  scheduler: str = "normal", negative: str = "", size: int = 64) -> dict:
+    """The API graph of graphs/txt2img.json with these settings: KSampler is node 3, VAEDecode node 8.
+    The benchmarks run it too (bench/)."""
     return {
         "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt_name}},
         "6": {"class_type": "CLIPTextEncode", "inputs": {"text": prompt, "clip": ["4", 1]}},
         "7": {"class_type": "CLIPTextEncode", "inputs": {"text": negative, "clip": ["4", 1]}},
-        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
         "3": {"class_type": "KSampler", "inputs": {
             "seed": seed, "steps": steps, "cfg": cfg, "sampler_name": sampler, "scheduler": scheduler,
             "denoise": 1.0, "model": ["4", 0], "positive": ["6", 0], "negative": ["7", 0],
