@@ -13,7 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.models import DeviceMemory, ModelManager
+from engine.memory import DeviceMemory
+from engine.models import ModelManager
 
 from .folders import Folders
 
