@@ -92,8 +92,7 @@ def txt2img(path: Path, precision: Precision, size: int, steps: int, prompt: str
     base = Path(tempfile.mkdtemp(prefix="sdgraph-precision-"))
     (base / "models" / "checkpoints").mkdir(parents=True)
     (base / "models" / "checkpoints" / path.name).symlink_to(path.resolve())
-    runtime = Runtime(Folders.at(base))
-    runtime._placement = (torch.device("cpu"), precision)  # the variant under test instead of the policy
+    runtime = Runtime(Folders.at(base), device="cpu", precision=precision)  # the variant, not the policy
     api = txt2img_graph(path.name, prompt, negative=NEGATIVE, size=size, steps=steps, seed=seed, cfg=7.0)
     registry = build_registry(entry_points=False)
     report = Executor(registry, resources=runtime).run(validate(api, registry, targets=["8"],

@@ -24,6 +24,7 @@ class Runtime:
     folders: Folders
     device: str | None = None  # "cpu", "cuda", "cuda:1"; None picks the best available
     dtype: str | None = None  # "fp32", "fp16", "bf16"; None follows the device's policy (diffusion/device.py)
+    precision: Any = None  # a diffusion.device.Precision to use instead of `dtype` (per-part dtypes, benchmarks)
     allow_pickle: bool = False  # load .ckpt/.pt files (weights_only) only when the user asks
     ram_budget: int | None = None  # bytes models and working memory may take in RAM; None: what is available
     vram_budget: int | None = None  # the same on CUDA devices; None: mem_get_info minus a reserve
@@ -42,7 +43,7 @@ class Runtime:
             from diffusion.device import pick_device, pick_precision
 
             device = pick_device(self.device)
-            self._placement = (device, pick_precision(device, self.dtype))
+            self._placement = (device, self.precision or pick_precision(device, self.dtype))
         return self._placement
 
     def tokenizer(self) -> Any:

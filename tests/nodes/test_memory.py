@@ -73,6 +73,21 @@ def test_handles_declare_the_bytes_their_models_take(base):
                 assert abs(module_bytes(module) - value.handle.weight_bytes) <= 1024, (dtype, value.handle.name)
 
 
+def test_an_explicit_precision_overrides_the_dtype_policy(base):
+    from types import SimpleNamespace
+
+    import torch
+
+    from diffusion.device import Precision
+    from nodes.loaders import checkpoint_loader
+
+    mixed = Precision(torch.bfloat16, torch.float32, torch.float32)
+    runtime = Runtime(Folders.at(base), device="cpu", dtype="fp16", precision=mixed)
+    assert runtime.placement() == (torch.device("cpu"), mixed)
+    model, clip, vae = checkpoint_loader.fn(SimpleNamespace(resources=runtime), DEFAULT_CHECKPOINT)
+    assert (model.dtype, clip.handle.variant[0], vae.handle.variant[0]) == (torch.bfloat16, "float32", "float32")
+
+
 def test_cached_model_values_pin_no_weights(base):
     runtime = Runtime(Folders.at(base))
     registry = build_registry(entry_points=False)
