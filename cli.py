@@ -102,7 +102,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _size(text: str) -> int:
-    from engine.memory import parse_bytes
+    from runtime.memory import parse_bytes
     try:
         return parse_bytes(text)
     except ValueError as exc:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from transformers import CLIPTextConfig
 
-from engine.models import ModelHandle
+from runtime.models import ModelHandle
 
 from .checkpoint import CheckpointLayout, PartLayout
 from .device import Precision

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.memory import trim_heap
+from runtime.memory import trim_heap
 
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 TRIM_EVERY = 64 << 20  # give freed heap memory back to the system after this many bytes of replaced weights

@@ -13,8 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.memory import DeviceMemory
-from engine.models import ModelManager
+from runtime.memory import DeviceMemory
+from runtime.models import ModelManager
 
 from .folders import Folders
 

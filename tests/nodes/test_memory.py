@@ -62,7 +62,7 @@ def test_a_loader_reads_no_weights_until_a_node_uses_them(base):
 def test_handles_declare_the_bytes_their_models_take(base):
     from types import SimpleNamespace
 
-    from engine.memory import module_bytes
+    from runtime.memory import module_bytes
     from nodes.loaders import checkpoint_loader
 
     for dtype in (None, "auto", "fp32", "bf16"):

@@ -1,6 +1,6 @@
 """Device memory as the model manager sees it: how much is free, moving weights, giving freed memory back, and
 sizes in bytes. `DeviceMemory` is the manager's port to the hardware (tests substitute a fake);
-`TorchMemory` is the real one. torch is imported only inside its methods, so `import engine` stays torch-free.
+`TorchMemory` is the real one. torch is imported only inside its methods, so `import runtime` stays torch-free.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """One owner for device memory: which models are loaded, on which device, in which dtype, and what they take.
 
-Generic over torch modules: torch is imported only inside `TorchMemory`'s methods (engine/memory.py), so
-`import engine` stays torch-free, and the manager itself only calls `parameters()`, `buffers()`, `children()`
+Generic over torch modules: torch is imported only inside `TorchMemory`'s methods (runtime/memory.py), so
+`import runtime` stays torch-free, and the manager itself only calls `parameters()`, `buffers()`, `children()`
 and forward hooks. Nodes never move weights; they ask for a model for the duration of a call:
 
     with manager.use(handle, working=bytes_the_computation_needs) as module:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from engine import Executor, Input, NodeRegistry, Output, Result, node, validate
-from engine.memory import GiB, MiB, TorchMemory, is_out_of_memory, parse_bytes
-from engine.models import ModelHandle, ModelManager, OutOfMemory, handles_in
+from runtime.memory import GiB, MiB, TorchMemory, is_out_of_memory, parse_bytes
+from runtime.models import ModelHandle, ModelManager, OutOfMemory, handles_in
 
 MODEL = 60 * MiB  # every fake model; budgets below fit one (100 MB) or two (150 MB), never more
 
