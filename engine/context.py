@@ -1,17 +1,24 @@
-"""What a node sees while it runs: its identity, the application's resources, progress and cancellation."""
+"""What a node sees while it runs: its identity, the application's resources, progress and cancellation; and
+the typed hook through which the application wraps every node computation."""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from .events import Event, Progress
 
+if TYPE_CHECKING:
+    from .cache import CachedOutput
+    from .spec import NodeDef
+
 
 class Interrupted(Exception):
-    """The run was cancelled; raised at the next check (between nodes or when a node reports progress)."""
+    """The run was cancelled; raised at the next check (between nodes or when a node reports progress).
+
+    Only a cancelled run ends "interrupted": a node that raises this while nobody cancelled the run has failed."""
 
 
 class CancelToken:
@@ -32,13 +39,36 @@ class CancelToken:
             raise Interrupted("the run was interrupted")
 
 
+class AroundNode(Protocol):
+    """Wraps every node computation. `call()` computes the node and returns its `CachedOutput`; the hook returns
+    that (or raises). Arguments are keyword-only, as in Hamilton's lifecycle hooks: a hook names what it reads,
+    and the engine can add arguments without breaking hooks that take `**_`."""
+
+    def __call__(self, *, definition: NodeDef, call: Callable[[], CachedOutput], ctx: RunContext) -> CachedOutput:
+        ...
+
+
+@runtime_checkable
+class Resources(Protocol):
+    """What the engine itself uses of the application's resources: the node hook (`around_node`, an `AroundNode`).
+
+    The engine passes the resources on untouched: nodes receive the application's concrete object as
+    `ctx.resources` (for Stable Diffusion `nodes.runtime.Runtime`: folders, device and dtype, the model manager)
+    and fingerprints receive it as their first argument. Resources without an `around_node` (plain data, test
+    doubles) are accepted too: nodes are then called directly."""
+
+    def around_node(self, *, definition: NodeDef, call: Callable[[], CachedOutput], ctx: RunContext) -> CachedOutput:
+        ...
+
+
 @dataclass(frozen=True)
 class RunContext:
     """Passed as the first argument to every node function.
 
-    `resources` is whatever the application gave the executor (for Stable Diffusion: device, dtype policy,
-    folders, the model manager); the engine never looks inside it. `prompt` is the API-format graph being run
-    and `extra` the caller's extra data (ComfyUI's `extra_pnginfo` lives there), so a saver can embed them.
+    `resources` is what the application gave the executor (for Stable Diffusion `nodes.runtime.Runtime`: device,
+    dtype policy, folders, the model manager). It is typed with what the engine uses (`Resources`); a node knows
+    its application and uses the concrete type. `prompt` is the API-format graph being run and `extra` the
+    caller's extra data (ComfyUI's `extra_pnginfo` lives there), so a saver can embed them.
     `upcoming()` is the plan's look-ahead: the values already computed that nodes still to run (other than this
     one) will read, so an owner of scarce resources (the model manager) can keep what is about to be used.
     """
@@ -46,7 +76,7 @@ class RunContext:
     run_id: str
     node_id: str
     node_type: str
-    resources: Any
+    resources: Resources | None
     cancel: CancelToken
     emit: Callable[[Event], None]
     prompt: Mapping[str, Any] = field(default_factory=dict)

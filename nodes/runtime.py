@@ -1,8 +1,9 @@
 """The resources every node receives through its run context: folders, device and dtype choices, models.
 
 One Runtime per process (the CLI's or the server's); nothing here is module-level state. It owns the process's
-`ModelManager`, and its `around_node` (which the executor picks up) gives the manager the plan's look-ahead and
-retries a node once after an out-of-memory error. Creating a Runtime does not import torch.
+`ModelManager`, and its `around_node` (the engine's node hook, `engine.context.Resources`, which the executor
+picks up) gives the manager the plan's look-ahead and retries a node once after an out-of-memory error.
+Creating a Runtime does not import torch.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine import NodeDef, RunContext
+from engine.cache import CachedOutput
 from runtime.memory import DeviceMemory
 from runtime.models import ModelManager
 
@@ -54,7 +57,7 @@ class Runtime:
             self._tokenizer = ClipTokenizer()
         return self._tokenizer
 
-    def around_node(self, definition: Any, call: Callable[[], Any], *, ctx: Any) -> Any:
+    def around_node(self, *, definition: NodeDef, call: Callable[[], CachedOutput], ctx: RunContext) -> CachedOutput:
         """Wraps every node the executor runs: inference mode (as ComfyUI runs nodes), look-ahead for the manager,
         one retry after running out of memory, and with `unload_after_use` unloading what no later node needs.
 

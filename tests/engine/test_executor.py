@@ -271,7 +271,7 @@ def test_type_adapters_run_on_outputs(registry):
 def test_around_node_wraps_every_computation(registry):
     seen = []
 
-    def around(definition, call):
+    def around(*, definition, call, ctx):
         seen.append(definition.name)
         result = call()
         assert isinstance(result, CachedOutput)

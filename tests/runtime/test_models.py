@@ -337,7 +337,7 @@ class Resources:
     def __init__(self, models: ModelManager):
         self.models = models
 
-    def around_node(self, definition, call, *, ctx):
+    def around_node(self, *, definition, call, ctx):
         return self.models.run_node(call, ctx=ctx)
 
 
@@ -401,7 +401,7 @@ def test_without_the_plan_lru_would_have_read_a_twice(model_graph):
     models = manager(cpu=150 * MiB)
 
     class NoLookahead(Resources):
-        def around_node(self, definition, call):
+        def around_node(self, *, definition, call, ctx):
             return call()
 
     report = Executor(registry, resources=NoLookahead(models)).run(
