@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import math
 import uuid
-from collections import deque
 from collections.abc import Container, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
 from .cache import KeyParts, describe_change, make_key
-from .graph import Graph, Link, NodeInstance, ancestors
+from .graph import Graph, Link, NodeInstance
 from .registry import NodeRegistry
 from .spec import NodeDef, accepted_kwargs
 
@@ -53,10 +52,9 @@ class KeyHistory:
         return describe_change(previous, parts)
 
 
-@dataclass(frozen=True)
-class Step:
+class Step(NamedTuple):
     """One planned node. `why` says why it would have to run if it is not (or no longer) in the cache: what
-    changed since it last ran."""
+    changed since it last ran. (A named tuple: immutable, and cheap enough for 100,000-node plans.)"""
 
     node: NodeInstance
     definition: NodeDef
@@ -113,82 +111,76 @@ def compile_plan(graph: Graph, registry: NodeRegistry, cache: Container[str], *,
     """Plan a run of `graph.outputs`. Pure: no node function is called, nothing is changed.
 
     `cache` only needs to answer `key in cache`; `resources` is what fingerprints receive; `history` (the
-    executor's) says what changed since each node last ran."""
+    executor's) says what changed since each node last ran. Two passes, so 100,000-node graphs plan quickly."""
     history = history if history is not None else KeyHistory()
-    # 1. Which nodes: the outputs and their ancestors, in topological order.
-    order = topological_order(graph)
+    # 1. Which nodes (the outputs and their ancestors), each after its inputs, with its linked inputs.
+    order, links = needed_in_order(graph)
     # 2. Keys, upstream first: content addresses made of type, version, constants, fingerprint, input keys.
+    definitions: dict[str, NodeDef] = {}
     keys: dict[str, str] = {}
     parts: dict[str, KeyParts] = {}
     for nid in order:
-        inst = graph[nid]
-        definition = registry.get(inst.type)
-        constants = {name: repr(value) for name, value in inst.inputs.items() if not isinstance(value, Link)}
-        inputs = {name: f"{keys[link.source]}:{link.output}" for name, link in inst.links()}
-        part = KeyParts(definition.name, definition.version, constants, inputs,
-                        fingerprint(definition, inst, resources))
-        parts[nid] = part
+        inst = graph.nodes[nid]
+        definition = definitions.get(inst.type) or definitions.setdefault(inst.type, registry.get(inst.type))
+        constants = {name: repr(value) for name, value in inst.inputs.items() if value.__class__ is not Link}
+        inputs = {name: f"{keys[link.source]}:{link.output}" for name, link in links[nid]}
+        part = parts[nid] = KeyParts(definition.name, definition.version, constants, inputs,
+                                     fingerprint(definition, inst, resources))
         keys[nid] = make_key(part)
-    # 3. What is needed: walking from the outputs, a cached node's inputs are not; lazy inputs maybe.
-    in_cache = {nid: keys[nid] in cache for nid in order}
-    demand = _demand(graph, registry, order, in_cache)
-    # 4. Consumers of each output, for releasing values and for the look-ahead.
+    # 3. Consumers before their sources: what a run needs (walking from the outputs, not a cached node's inputs;
+    #    lazy inputs maybe), the steps, and each output's consumers (for releasing values and the look-ahead).
+    lazy = {name: frozenset(spec.name for spec in d.inputs if spec.lazy) for name, d in definitions.items()}
+    demand = dict.fromkeys(graph.outputs, RUN)
     readers: dict[OutputRef, list[str]] = {}
     steps: dict[str, Step] = {}
-    for nid in order:
-        inst = graph[nid]
-        definition = registry.get(inst.type)
-        links = tuple(inst.links())
-        for _, link in links:
-            readers.setdefault((link.source, link.output), []).append(nid)
+    for nid in reversed(order):
+        inst = graph.nodes[nid]
+        definition, node_lazy, in_cache = definitions[inst.type], lazy[inst.type], keys[nid] in cache
         need = demand.get(nid)
-        status = SKIP if need is None else CACHED if in_cache[nid] else need
-        steps[nid] = Step(inst, definition, keys[nid], parts[nid], status, in_cache[nid],
-                          history.why_run(nid, parts[nid], definition.cacheable), links,
-                          frozenset(spec.name for spec in definition.inputs if spec.lazy))
+        for name, link in links[nid]:
+            readers.setdefault((link.source, link.output), []).append(nid)
+            if need is None or in_cache:
+                continue
+            if need == RUN and name not in node_lazy:
+                demand[link.source] = RUN
+            else:
+                demand.setdefault(link.source, LAZY)
+        status = SKIP if need is None else CACHED if in_cache else need
+        steps[nid] = Step(inst, definition, keys[nid], parts[nid], status, in_cache,
+                          history.why_run(nid, parts[nid], definition.cacheable), links[nid], node_lazy)
     return Plan(tuple(graph.outputs), tuple(order), MappingProxyType(steps),
                 MappingProxyType({ref: tuple(ids) for ref, ids in readers.items()}))
 
 
-def topological_order(graph: Graph) -> list[str]:
-    """The outputs and every node they depend on, each after its inputs (Kahn's algorithm, in the graph's order
-    where there is a choice; iterative, so long chains need no recursion)."""
-    needed = ancestors(graph.nodes, graph.outputs)
-    waiting = {nid: 0 for nid in graph.nodes if nid in needed}
-    consumers: dict[str, list[str]] = {}
-    for nid in waiting:
-        for _, link in graph[nid].links():
-            waiting[nid] += 1
-            consumers.setdefault(link.source, []).append(nid)
-    ready = deque(nid for nid, count in waiting.items() if count == 0)
+Links = dict[str, tuple[tuple[str, Link], ...]]
+
+
+def needed_in_order(graph: Graph) -> tuple[list[str], Links]:
+    """The outputs and every node they depend on, each after its inputs (an iterative depth-first walk, so long
+    chains need no recursion), and each one's linked inputs."""
+    nodes = graph.nodes
+    links: Links = {}
     order: list[str] = []
-    while ready:
-        nid = ready.popleft()
-        order.append(nid)
-        for consumer in consumers.get(nid, ()):
-            waiting[consumer] -= 1
-            if waiting[consumer] == 0:
-                ready.append(consumer)
-    if len(order) != len(waiting):
-        raise ValueError("the graph has a cycle; validate it first (validation reports cycles with their nodes)")
-    return order
-
-
-def _demand(graph: Graph, registry: NodeRegistry, order: list[str], in_cache: Mapping[str, bool]) -> dict[str, str]:
-    """RUN or LAZY for each node a run needs, from the outputs upstream (consumers before their sources)."""
-    demand = dict.fromkeys(graph.outputs, RUN)
-    for nid in reversed(order):
-        need = demand.get(nid)
-        if need is None or in_cache[nid]:
-            continue
-        inst = graph[nid]
-        lazy = {spec.name for spec in registry.get(inst.type).inputs if spec.lazy}
-        for name, link in inst.links():
-            if need == RUN and name not in lazy:
-                demand[link.source] = RUN
-            else:
-                demand.setdefault(link.source, LAZY)
-    return demand
+    done: set[str] = set()
+    stack = [nid for nid in reversed(graph.outputs) if nid in nodes]
+    while stack:
+        nid = stack[-1]
+        if nid in done:
+            stack.pop()
+        elif nid in links:  # back on top: its inputs are done
+            stack.pop()
+            done.add(nid)
+            order.append(nid)
+        else:
+            mine = links[nid] = tuple([(name, value) for name, value in nodes[nid].inputs.items()
+                                       if value.__class__ is Link])
+            for _, link in reversed(mine):
+                if link.source not in links:
+                    stack.append(link.source)
+                elif link.source not in done:  # still waiting for its own inputs, one of which is this node
+                    raise ValueError(f"the graph has a cycle through node {nid}; validate it first (validation "
+                                     "reports cycles with their nodes)")
+    return order, links
 
 
 def fingerprint(definition: NodeDef, inst: NodeInstance, resources: Any) -> str:

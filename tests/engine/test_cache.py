@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from engine import Executor, OutputCache, validate
+from engine import Executor, NodeRegistry, OutputCache, validate
 from engine.cache import CachedOutput, KeyParts, describe_change, estimate_nbytes, make_key
 
 
@@ -108,8 +108,12 @@ def test_a_new_node_version_reruns(registry, counter):
     api = {"1": {"class_type": "Const", "inputs": {"value": 3}},
            "2": {"class_type": "Show", "inputs": {"value": ["1", 0]}}}
     executor.run(validate(api, registry).graph)
-    registry._nodes["Const"] = replace(registry.get("Const"), version="2")
-    report = executor.run(validate(api, registry).graph)
+    newer = NodeRegistry()  # the same nodes, Const in a new version
+    for definition in registry:
+        newer.register(replace(definition, version="2") if definition.name == "Const" else definition,
+                       declare_types=True)
+    executor.registry = newer
+    report = executor.run(validate(api, newer).graph)
     assert report.executed == ["1", "2"]
     assert report.explain["1"] == "ran: node type/version changed (Const v1 -> Const v2)"
 
@@ -156,23 +160,29 @@ def test_executor_evicts_least_recently_used_results(registry, counter):
     assert again.executed == ["2", "3"] and again.cached == ["1"]
 
 
+def _parts(**changes) -> KeyParts:
+    fields = {"node_type": "Add", "version": "1", "constants": {"b": "1"}, "inputs": {"a": "k1:0"}, "fingerprint": ""}
+    return KeyParts(**{**fields, **changes})
+
+
 def test_make_key_depends_on_every_part():
-    base = KeyParts("Add", "1", {"b": "1"}, {"a": "k1:0"}, "")
-    variants = [replace(base, node_type="Mul"), replace(base, version="2"), replace(base, constants={"b": "2"}),
-                replace(base, inputs={"a": "k2:0"}), replace(base, inputs={"a": "k1:1"}),
-                replace(base, fingerprint="x")]
+    base = _parts()
+    variants = [_parts(node_type="Mul"), _parts(version="2"), _parts(constants={"b": "2"}),
+                _parts(inputs={"a": "k2:0"}), _parts(inputs={"a": "k1:1"}), _parts(fingerprint="x")]
     keys = {make_key(base)} | {make_key(v) for v in variants}
     assert len(keys) == 7
     assert make_key(base) == make_key(KeyParts("Add", "1", {"b": "1"}, {"a": "k1:0"}, ""))
 
 
 def test_describe_change():
-    before = KeyParts("Add", "1", {"b": "1", "text": "'" + "x" * 60 + "'"}, {"a": "k1:0"}, "f")
-    assert describe_change(before, replace(before, constants={"b": "2", "text": before.constants["text"]})) == \
+    text = "'" + "x" * 60 + "'"
+    before = _parts(constants={"b": "1", "text": text}, fingerprint="f")
+    assert describe_change(before, _parts(constants={"b": "2", "text": text}, fingerprint="f")) == \
         "input 'b' changed (1 -> 2)"
-    assert describe_change(before, replace(before, constants={"b": "1"})).startswith(
+    assert describe_change(before, _parts(constants={"b": "1"}, fingerprint="f")).startswith(
         "input 'text' changed ('xxxxxxxxx")
-    assert describe_change(before, replace(before, inputs={"a": "k9:0"})) == "input 'a' changed upstream"
+    assert describe_change(before, _parts(constants={"b": "1", "text": text}, inputs={"a": "k9:0"},
+                                          fingerprint="f")) == "input 'a' changed upstream"
     assert describe_change(before, before) == "its cached result was evicted"
 
 
