@@ -232,8 +232,7 @@ class _PlanRun:
         if isinstance(exc, Interrupted):
             message = f"{message} (the node raised Interrupted, but the run was not cancelled)"
         elif not isinstance(exc, Exception):
-            message = (f"the node raised {type(exc).__name__}{f' {message!r}' if message else ''}; a node must not "
-                       "stop the process: the run failed and the process goes on")
+            message = f"the node raised {exc!r}; a node must not stop the process: the run failed, the process goes on"
         return _NodeFailure(NodeFailed(self.report.run_id, step.node_id, step.definition.name, type(exc).__name__,
                                        doing + message, traceback.format_exc(), shown))
 

@@ -322,3 +322,87 @@ def test_context_prompt_defaults_to_the_graph_in_api_form(registry):
     assert seen == {"1": {"class_type": "Const", "inputs": {"value": 4}, "_meta": {"title": "Four"}},
                     "2": {"class_type": "PeekPrompt", "inputs": {"x": {"__value__": [1, 2]}}},
                     "3": {"class_type": "Show", "inputs": {"value": ["1", 0]}}}
+
+
+def test_the_node_hook_receives_keyword_arguments_only(registry):
+    """Issue #11: the hook protocol (`engine.Resources.around_node`) is called with keywords, ctx included."""
+    from engine import Resources, RunContext
+
+    seen = []
+
+    class Hooked:
+        def around_node(self, *, definition, call, ctx):
+            assert isinstance(ctx, RunContext) and ctx.resources is self
+            seen.append((definition.name, ctx.node_id))
+            return call()
+
+    resources = Hooked()
+    assert isinstance(resources, Resources)
+    report = Executor(registry, resources=resources).run(validate(_sum_graph(), registry).graph)
+    assert report.ok, report.error
+    assert sorted(seen) == [("Add", "3"), ("Const", "1"), ("Const", "2"), ("Show", "4")]
+
+
+@pytest.mark.parametrize("raised", [SystemExit, KeyboardInterrupt, GeneratorExit])
+def test_a_node_that_exits_fails_the_run_and_the_executor_goes_on(registry, counter, raised):
+    """Issue #11: SystemExit, KeyboardInterrupt (any BaseException) from a node never escape Executor.run."""
+    from engine import INT, Input, Output, node
+
+    @node("Exit", inputs=[Input("box", "BOX")], outputs=[Output("value", INT)])
+    def exit_node(ctx, box):
+        raise raised(3)
+
+    registry.register(exit_node)
+    executor = Executor(registry, cache=OutputCache(max_bytes=0), resources=counter)
+    api = {"1": {"class_type": "MakeBox", "inputs": {"value": 4}},
+           "2": {"class_type": "Exit", "inputs": {"box": ["1", 0]}},
+           "3": {"class_type": "Show", "inputs": {"value": ["2", 0]}}}
+    events = []
+    report = executor.run(validate(api, registry).graph, listeners=[events.append])
+    assert report.status == "failed" and report.executed == ["1"]
+    error = report.error
+    assert (error.node_id, error.node_type, error.exception_type) == ("2", "Exit", raised.__name__)
+    assert error.message.startswith(f"the node raised {raised.__name__}(3); a node must not stop the process")
+    assert [e.kind for e in events][-2:] == ["node_failed", "run_finished"] and events[-1].status == "failed"
+    gc.collect()
+    assert counter.boxes[0]() is None  # the run's values are gone
+    assert executor.run(validate(_sum_graph(), registry).graph).ok
+
+
+def test_a_node_raising_interrupted_when_nobody_cancelled_has_failed(registry):
+    """Issue #11: only a cancelled run is "interrupted"; a node raising Interrupted on its own fails."""
+    from engine import INT, Input, Interrupted, Output, node
+
+    @node("GiveUp", inputs=[Input("value", INT)], outputs=[Output("value", INT)])
+    def give_up(ctx, value):
+        raise Interrupted("giving up")
+
+    registry.register(give_up)
+    api = {"1": {"class_type": "GiveUp", "inputs": {"value": 1}},
+           "2": {"class_type": "Show", "inputs": {"value": ["1", 0]}}}
+    events = []
+    report = Executor(registry).run(validate(api, registry).graph, listeners=[events.append])
+    assert report.status == "failed"
+    assert (report.error.node_id, report.error.exception_type) == ("1", "Interrupted")
+    assert report.error.message == "giving up (the node raised Interrupted, but the run was not cancelled)"
+    assert [e.kind for e in events][-2:] == ["node_failed", "run_finished"]
+
+
+def test_a_lazy_check_that_exits_fails_the_node(registry):
+    """Issue #11: the node's lazy check is the node's code too."""
+    from engine import INT, Input, Output, node
+
+    def leave(**values):
+        raise SystemExit("bye")
+
+    @node("Leaving", output_node=True, check_lazy=leave, inputs=[Input("a", INT, lazy=True)],
+          outputs=[Output("a", INT)])
+    def leaving(ctx, a):
+        return a
+
+    registry.register(leaving)
+    result = validate({"1": {"class_type": "Const", "inputs": {}},
+                       "2": {"class_type": "Leaving", "inputs": {"a": ["1", 0]}}}, registry)
+    report = Executor(registry).run(result.graph)
+    assert report.status == "failed" and (report.error.node_id, report.error.exception_type) == ("2", "SystemExit")
+    assert report.error.message.startswith("while choosing its lazy inputs: the node raised SystemExit('bye')")
