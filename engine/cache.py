@@ -105,6 +105,10 @@ class OutputCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def items(self) -> list[tuple[str, CachedOutput]]:
+        """(key, result) pairs, least recently used first; looking does not count as a use."""
+        return list(self._entries.items())
+
     def put(self, key: str, entry: CachedOutput) -> None:
         if entry.nbytes > self.max_bytes:
             return

@@ -124,11 +124,13 @@ def test_lru_eviction_under_a_byte_budget():
     cache.put("a", entry(40))
     cache.put("b", entry(40))
     assert cache.nbytes == 80 and len(cache) == 2
+    assert [key for key, _ in cache.items()] == ["a", "b"]
     assert cache.get("a") is not None  # a is now the most recently used
+    assert [key for key, _ in cache.items()] == ["b", "a"]
     cache.put("c", entry(40))  # over budget: the least recently used (b) goes
     assert "b" not in cache and "a" in cache and "c" in cache and cache.nbytes == 80
     cache.put("d", entry(90))  # needs everything else gone
-    assert list(cache._entries) == ["d"] and cache.nbytes == 90
+    assert [key for key, _ in cache.items()] == ["d"] and cache.nbytes == 90
     cache.put("huge", entry(101))  # larger than the budget: never stored
     assert "huge" not in cache and "d" in cache
     cache.put("d", entry(10))  # replacing an entry updates the byte count

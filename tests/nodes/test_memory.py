@@ -62,8 +62,8 @@ def test_a_loader_reads_no_weights_until_a_node_uses_them(base):
 def test_handles_declare_the_bytes_their_models_take(base):
     from types import SimpleNamespace
 
-    from runtime.memory import module_bytes
     from nodes.loaders import checkpoint_loader
+    from runtime.memory import module_bytes
 
     for dtype in (None, "auto", "fp32", "bf16"):
         runtime = Runtime(Folders.at(base), dtype=dtype)
@@ -93,7 +93,7 @@ def test_cached_model_values_pin_no_weights(base):
     registry = build_registry(entry_points=False)
     executor = Executor(registry, resources=runtime)
     run(runtime, txt2img(), executor)
-    loader_outputs = next(entry for entry in executor.cache._entries.values()
+    loader_outputs = next(entry for _, entry in executor.cache.items()
                           if entry.outputs and type(entry.outputs[0][0]).__name__ == "DiffusionModel")
     weights = sum(m.nbytes for m in runtime.models.loaded())
     assert loader_outputs.nbytes < 200_000 < weights  # the cache holds handles, the manager holds the weights

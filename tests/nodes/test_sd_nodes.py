@@ -140,8 +140,8 @@ def test_vae_encode_crops_to_multiple_of_8_and_round_trips_shape(tiny_base):
 def test_vae_encode_for_inpaint_greys_masked_pixels_and_grows_mask(tmp_path):
     from types import SimpleNamespace
 
-    from runtime.models import ModelHandle
     from nodes.latent import vae_encode_for_inpaint
+    from runtime.models import ModelHandle
 
     seen = {}
 
