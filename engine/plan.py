@@ -148,7 +148,7 @@ def compile_plan(graph: Graph, registry: NodeRegistry, cache: Container[str], *,
         status = SKIP if need is None else CACHED if in_cache else need
         steps[nid] = Step(inst, definition, keys[nid], parts[nid], status, in_cache,
                           history.why_run(nid, parts[nid], definition.cacheable), links[nid], node_lazy)
-    return Plan(tuple(graph.outputs), tuple(order), MappingProxyType(steps),
+    return Plan(tuple(graph.outputs), tuple(order), MappingProxyType({nid: steps[nid] for nid in order}),
                 MappingProxyType({ref: tuple(ids) for ref, ids in readers.items()}))
 
 
