@@ -6,25 +6,17 @@ import os
 from dataclasses import replace
 
 import numpy as np
+from toy_nodes import two_branches
 
 from engine import Executor, NodeRegistry, OutputCache, validate
 from engine.cache import CachedOutput, KeyParts, describe_change, estimate_nbytes, make_key
 
 
-def _two_branches(left=1, right=2):
-    return {"1": {"class_type": "Const", "inputs": {"value": left}},
-            "2": {"class_type": "Add", "inputs": {"a": ["1", 0], "b": 10}},
-            "3": {"class_type": "Const", "inputs": {"value": right}},
-            "4": {"class_type": "Mul", "inputs": {"a": ["3", 0], "b": 10}},
-            "5": {"class_type": "Add", "inputs": {"a": ["2", 0], "b": ["4", 0]}},
-            "6": {"class_type": "Show", "inputs": {"value": ["5", 0]}}}
-
-
 def test_rerunning_an_unchanged_graph_executes_nothing(runner, counter):
-    first = runner(_two_branches())
+    first = runner(two_branches())
     assert first.ui["6"] == {"text": ["31"]}
     calls = dict(counter.calls)
-    second = runner(_two_branches())
+    second = runner(two_branches())
     assert second.executed == [] and second.cached == ["6"]  # the output came from the cache: nothing else needed
     assert counter.calls == calls
     assert second.ui["6"] == {"text": ["31"]}
@@ -33,8 +25,8 @@ def test_rerunning_an_unchanged_graph_executes_nothing(runner, counter):
 
 
 def test_changing_a_constant_reruns_that_node_and_what_depends_on_it(runner):
-    runner(_two_branches())
-    report = runner(_two_branches(left=5))
+    runner(two_branches())
+    report = runner(two_branches(left=5))
     assert report.executed == ["1", "2", "5", "6"]
     assert report.cached == ["4"]  # the other branch is reused
     assert report.ui["6"] == {"text": ["35"]}
@@ -45,8 +37,8 @@ def test_changing_a_constant_reruns_that_node_and_what_depends_on_it(runner):
 
 
 def test_changing_a_downstream_constant_keeps_upstream_results(runner, counter):
-    runner(_two_branches())
-    api = _two_branches()
+    runner(two_branches())
+    api = two_branches()
     api["4"]["inputs"]["b"] = 100
     report = runner(api)
     assert report.executed == ["4", "5", "6"] and sorted(report.cached) == ["2", "3"]

@@ -7,20 +7,12 @@ import dataclasses
 import time
 
 import pytest
+from toy_nodes import two_branches
 
 from engine import INT, Executor, Input, KeyHistory, Output, OutputCache, compile_plan, node, validate
 from engine.cache import KeyParts
 from engine.graph import Graph, Link, NodeInstance
 from engine.plan import CACHED, LAZY, RUN, SKIP, needed_in_order
-
-
-def _two_branches(left=1, right=2):
-    return {"1": {"class_type": "Const", "inputs": {"value": left}},
-            "2": {"class_type": "Add", "inputs": {"a": ["1", 0], "b": 10}},
-            "3": {"class_type": "Const", "inputs": {"value": right}},
-            "4": {"class_type": "Mul", "inputs": {"a": ["3", 0], "b": 10}},
-            "5": {"class_type": "Add", "inputs": {"a": ["2", 0], "b": ["4", 0]}},
-            "6": {"class_type": "Show", "inputs": {"value": ["5", 0]}}}
 
 
 def _graph(api, registry, **kwargs):
@@ -30,7 +22,7 @@ def _graph(api, registry, **kwargs):
 
 
 def test_a_first_plan_runs_everything_and_calls_no_node(registry, counter):
-    plan = compile_plan(_graph(_two_branches(), registry), registry, OutputCache(), resources=counter)
+    plan = compile_plan(_graph(two_branches(), registry), registry, OutputCache(), resources=counter)
     assert counter.calls == {}
     assert plan.order[-1] == "6" and set(plan.order) == {"1", "2", "3", "4", "5", "6"}
     assert plan.with_status(RUN) == plan.order and plan.in_cache == ()
@@ -40,9 +32,9 @@ def test_a_first_plan_runs_everything_and_calls_no_node(registry, counter):
 
 def test_after_a_run_the_plan_says_what_is_cached_and_why_the_rest_runs(registry, counter):
     executor = Executor(registry, resources=counter)
-    executor.run(_graph(_two_branches(), registry))
+    executor.run(_graph(two_branches(), registry))
     calls = dict(counter.calls)
-    plan = executor.plan(_graph(_two_branches(left=5), registry))
+    plan = executor.plan(_graph(two_branches(left=5), registry))
     assert counter.calls == calls  # planning computed nothing
     assert {nid: step.status for nid, step in plan.steps.items()} == \
         {"1": RUN, "2": RUN, "3": SKIP, "4": CACHED, "5": RUN, "6": RUN}
@@ -52,15 +44,15 @@ def test_after_a_run_the_plan_says_what_is_cached_and_why_the_rest_runs(registry
     explained = plan.explain()
     assert explained["4"] == "cached" and explained["3"].startswith("skipped:")
     # the run then does what the plan said, and explains it in the same words
-    report = executor.run(_graph(_two_branches(left=5), registry))
+    report = executor.run(_graph(two_branches(left=5), registry))
     assert sorted(report.executed) == list(plan.with_status(RUN))
     assert report.explain["1"] == "ran: input 'value' changed (1 -> 5)"
 
 
 def test_an_unchanged_graph_plans_only_its_cached_output(registry, counter):
     executor = Executor(registry, resources=counter)
-    executor.run(_graph(_two_branches(), registry))
-    plan = executor.plan(_graph(_two_branches(), registry))
+    executor.run(_graph(two_branches(), registry))
+    plan = executor.plan(_graph(two_branches(), registry))
     assert plan.with_status(CACHED) == ("6",) and len(plan.with_status(SKIP)) == 5
     assert plan["6"].why == "its cached result was evicted"  # what a run would say if it had to compute it
 
@@ -97,7 +89,7 @@ def test_identical_subchains_share_a_key(registry):
 
 
 def test_the_plan_is_immutable(registry):
-    plan = compile_plan(_graph(_two_branches(), registry), registry, OutputCache())
+    plan = compile_plan(_graph(two_branches(), registry), registry, OutputCache())
     with pytest.raises(dataclasses.FrozenInstanceError):
         plan.order = ()
     with pytest.raises(TypeError):
@@ -107,7 +99,7 @@ def test_the_plan_is_immutable(registry):
 
 
 def test_history_is_what_the_plan_compares_with(registry):
-    graph = _graph(_two_branches(), registry)
+    graph = _graph(two_branches(), registry)
     history = KeyHistory()
     assert compile_plan(graph, registry, OutputCache(), history=history)["1"].why == "no earlier result for this node"
     history.record("1", KeyParts("Const", "1", {"value": "7"}, {}, ""))

@@ -197,3 +197,13 @@ def toy_registry() -> NodeRegistry:
     for definition in TOY_NODES:
         registry.register(definition)
     return registry
+
+
+def two_branches(left: int = 1, right: int = 2) -> dict:
+    """An API graph: (left + 10) + (right * 10), shown. Changing `left` leaves the right branch cached."""
+    return {"1": {"class_type": "Const", "inputs": {"value": left}},
+            "2": {"class_type": "Add", "inputs": {"a": ["1", 0], "b": 10}},
+            "3": {"class_type": "Const", "inputs": {"value": right}},
+            "4": {"class_type": "Mul", "inputs": {"a": ["3", 0], "b": 10}},
+            "5": {"class_type": "Add", "inputs": {"a": ["2", 0], "b": ["4", 0]}},
+            "6": {"class_type": "Show", "inputs": {"value": ["5", 0]}}}
