@@ -51,6 +51,7 @@ class TorchMemory:
         if recurse:
             module.to(device)
         else:
+            # torch has no public call for "this module's own tensors only"; `_apply` is what `Module.to` uses
             module._apply(lambda t: t.to(device), recurse=False)
 
     def release(self, device: str) -> None:
