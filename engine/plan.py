@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import math
 import uuid
+from collections import OrderedDict
 from collections.abc import Container, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
-from .cache import KeyParts, describe_change, make_key
+from .cache import DEFAULT_MAX_ENTRIES, KeyParts, describe_change, make_key
 from .graph import Graph, Link, NodeInstance
 from .registry import NodeRegistry
 from .spec import NodeDef, accepted_kwargs
@@ -32,16 +33,21 @@ OutputRef = tuple[str, int]  # (node id, output index)
 class KeyHistory:
     """The key parts each node id had when it last ran: the one owner of "what changed since the last run".
 
-    One per executor. `why_run` says why a node must run now, `record` notes what it ran with."""
+    One per executor. `why_run` says why a node must run now, `record` notes what it ran with; the node ids
+    recorded longest ago are forgotten beyond `max_entries` (a long-running server sees many graphs)."""
 
-    def __init__(self) -> None:
-        self._parts: dict[str, KeyParts] = {}
+    def __init__(self, max_entries: int = DEFAULT_MAX_ENTRIES) -> None:
+        self.max_entries = max_entries
+        self._parts: OrderedDict[str, KeyParts] = OrderedDict()
 
     def last(self, node_id: str) -> KeyParts | None:
         return self._parts.get(node_id)
 
     def record(self, node_id: str, parts: KeyParts) -> None:
         self._parts[node_id] = parts
+        self._parts.move_to_end(node_id)
+        if len(self._parts) > self.max_entries:
+            self._parts.popitem(last=False)
 
     def why_run(self, node_id: str, parts: KeyParts, cacheable: bool) -> str:
         if not cacheable:

@@ -81,6 +81,7 @@ class _PlanRun:
         self.results: dict[str, CachedOutput] = {}
         self.by_key: dict[str, str] = {}  # key -> the node that computed it in this run
         self.current: str | None = None
+        self.outputs = frozenset(plan.outputs)  # kept to the end of the run, for the report
         # Consumers still to run, per output (the look-ahead) and per node (release after the last one).
         self.output_refs: Counter[tuple[str, int]] = Counter({ref: len(ids) for ref, ids in plan.readers.items()})
         self.refcount: Counter[str] = Counter()
@@ -196,7 +197,7 @@ class _PlanRun:
             source = link.source
             self.refcount[source] -= 1
             self.output_refs[source, link.output] -= 1
-            if self.refcount[source] == 0 and source not in self.plan.outputs:
+            if self.refcount[source] == 0 and source not in self.outputs:
                 self.results.pop(source, None)
 
     def _compute(self, step: Step) -> CachedOutput:

@@ -107,6 +107,13 @@ def test_history_is_what_the_plan_compares_with(registry):
     assert again["1"].why == "input 'value' changed (7 -> 1)" and history.last("2") is None
 
 
+def test_history_forgets_the_node_ids_recorded_longest_ago():
+    history = KeyHistory(max_entries=2)
+    for nid in ("1", "2", "1", "3"):
+        history.record(nid, KeyParts("Const", "1", {"value": nid}, {}, ""))
+    assert history.last("2") is None and history.last("1").constants == {"value": "1"} and history.last("3")
+
+
 @pytest.mark.parametrize("raised", [ValueError("no file"), SystemExit(2), KeyboardInterrupt()])
 def test_a_failing_fingerprint_means_always_run_and_does_not_stop_planning(registry, raised):
     """Issue #11: whatever a node's code raises (SystemExit too) must not escape the engine."""
