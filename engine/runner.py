@@ -81,7 +81,7 @@ class _PlanRun:
         self.results: dict[str, CachedOutput] = {}
         self.by_key: dict[str, str] = {}  # key -> the node that computed it in this run
         self.current: str | None = None
-        self.outputs = frozenset(plan.outputs)  # kept to the end of the run, for the report
+        self.outputs = frozenset(plan.outputs)  # never released during the run: the report returns them
         # Consumers still to run, per output (the look-ahead) and per node (release after the last one).
         self.output_refs: Counter[tuple[str, int]] = Counter({ref: len(ids) for ref, ids in plan.readers.items()})
         self.refcount: Counter[str] = Counter()
