@@ -431,3 +431,21 @@ def test_a_node_that_keeps_running_out_of_memory_fails_clearly_and_the_next_run_
     assert "the allocation that failed was 2.00 GB" in report.error.message
     again = executor.run(validate(_uses(("Flaky", "a")), registry).graph)
     assert again.ok, again.error
+
+
+def test_a_node_that_exits_while_using_a_model_leaves_nothing_in_use(model_graph):
+    """Issue #11: a node raising SystemExit fails its run, and the manager's state is clean afterwards."""
+    registry, loads, _ = model_graph
+
+    @node("Exits", output_node=True, cacheable=False, inputs=[Input("model", "FAKE_MODEL")], outputs=[])
+    def exits(ctx, model):
+        with ctx.resources.models.use(model):
+            raise SystemExit(1)
+
+    registry.register(exits)
+    models = manager(cpu=1 * GiB)
+    executor = Executor(registry, resources=Resources(models))
+    report = executor.run(validate(_uses(("Exits", "a")), registry).graph)
+    assert report.status == "failed" and report.error.exception_type == "SystemExit"
+    assert [(m.name, m.in_use) for m in models.loaded()] == [("a", False)]
+    assert executor.run(validate(_uses(("Use", "a")), registry).graph).ok
