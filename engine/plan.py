@@ -33,7 +33,7 @@ OutputRef = tuple[str, int]  # (node id, output index)
 class KeyHistory:
     """The key parts each node id had when it last ran: the one owner of "what changed since the last run".
 
-    One per executor. `why_run` says why a node must run now, `record` notes what it ran with; the node ids
+    One per executor. `last` is what a node id last ran with, `record` notes it; the node ids
     recorded longest ago are forgotten beyond `max_entries` (a long-running server sees many graphs)."""
 
     def __init__(self, max_entries: int = DEFAULT_MAX_ENTRIES) -> None:
@@ -49,18 +49,10 @@ class KeyHistory:
         if len(self._parts) > self.max_entries:
             self._parts.popitem(last=False)
 
-    def why_run(self, node_id: str, parts: KeyParts, cacheable: bool) -> str:
-        if not cacheable:
-            return "not cacheable (it has side effects)"
-        previous = self._parts.get(node_id)
-        if previous is None:
-            return "no earlier result for this node"
-        return describe_change(previous, parts)
 
 
 class Step(NamedTuple):
-    """One planned node. `why` says why it would have to run if it is not (or no longer) in the cache: what
-    changed since it last ran. (A named tuple: immutable, and cheap enough for 100,000-node plans.)"""
+    """One planned node. (A named tuple: immutable, and cheap enough for 100,000-node plans.)"""
 
     node: NodeInstance
     definition: NodeDef
@@ -68,13 +60,22 @@ class Step(NamedTuple):
     parts: KeyParts
     status: str  # CACHED | RUN | LAZY | SKIP
     in_cache: bool
-    why: str
     links: tuple[tuple[str, Link], ...]  # (input name, link), in input order
     lazy: frozenset[str]  # the names of its lazy inputs
+    previous: KeyParts | None  # what this node id last ran with (the executor's KeyHistory), if it ran
 
     @property
     def node_id(self) -> str:
         return self.node.id
+
+    @property
+    def why(self) -> str:
+        """Why it would have to run if it is not (or no longer) in the cache: what changed since it last ran."""
+        if not self.definition.cacheable:
+            return "not cacheable (it has side effects)"
+        if self.previous is None:
+            return "no earlier result for this node"
+        return describe_change(self.previous, self.parts)
 
     def describe(self) -> str:
         """The plan's word on this node, for `Plan.explain`."""
@@ -130,8 +131,9 @@ def compile_plan(graph: Graph, registry: NodeRegistry, cache: Container[str], *,
         definition = definitions.get(inst.type) or definitions.setdefault(inst.type, registry.get(inst.type))
         constants = {name: repr(value) for name, value in inst.inputs.items() if value.__class__ is not Link}
         inputs = {name: f"{keys[link.source]}:{link.output}" for name, link in links[nid]}
-        part = parts[nid] = KeyParts(definition.name, definition.version, constants, inputs,
-                                     fingerprint(definition, inst, resources))
+        stamp = "" if definition.fingerprint is None and definition.cacheable else fingerprint(definition, inst,
+                                                                                              resources)
+        part = parts[nid] = KeyParts(definition.name, definition.version, constants, inputs, stamp)
         keys[nid] = make_key(part)
     # 3. Consumers before their sources: what a run needs (walking from the outputs, not a cached node's inputs;
     #    lazy inputs maybe), the steps, and each output's consumers (for releasing values and the look-ahead).
@@ -152,8 +154,8 @@ def compile_plan(graph: Graph, registry: NodeRegistry, cache: Container[str], *,
             else:
                 demand.setdefault(link.source, LAZY)
         status = SKIP if need is None else CACHED if in_cache else need
-        steps[nid] = Step(inst, definition, keys[nid], parts[nid], status, in_cache,
-                          history.why_run(nid, parts[nid], definition.cacheable), links[nid], node_lazy)
+        steps[nid] = Step(inst, definition, keys[nid], parts[nid], status, in_cache, links[nid], node_lazy,
+                          history.last(nid))
     return Plan(tuple(graph.outputs), tuple(order), MappingProxyType({nid: steps[nid] for nid in order}),
                 MappingProxyType({ref: tuple(ids) for ref, ids in readers.items()}))
 
