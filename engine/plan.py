@@ -129,8 +129,13 @@ def compile_plan(graph: Graph, registry: NodeRegistry, cache: Container[str], *,
     for nid in order:
         inst = graph.nodes[nid]
         definition = definitions.get(inst.type) or definitions.setdefault(inst.type, registry.get(inst.type))
-        constants = {name: repr(value) for name, value in inst.inputs.items() if value.__class__ is not Link}
-        inputs = {name: f"{keys[link.source]}:{link.output}" for name, link in links[nid]}
+        constants: dict[str, str] = {}
+        inputs: dict[str, str] = {}
+        for name, value in inst.inputs.items():
+            if value.__class__ is Link:
+                inputs[name] = f"{keys[value.source]}:{value.output}"
+            else:
+                constants[name] = repr(value)
         stamp = "" if definition.fingerprint is None and definition.cacheable else fingerprint(definition, inst,
                                                                                               resources)
         part = parts[nid] = KeyParts(definition.name, definition.version, constants, inputs, stamp)
@@ -141,9 +146,10 @@ def compile_plan(graph: Graph, registry: NodeRegistry, cache: Container[str], *,
     demand = dict.fromkeys(graph.outputs, RUN)
     readers: dict[OutputRef, list[str]] = {}
     steps: dict[str, Step] = {}
+    cached = cache.__contains__
     for nid in reversed(order):
         inst = graph.nodes[nid]
-        definition, node_lazy, in_cache = definitions[inst.type], lazy[inst.type], keys[nid] in cache
+        definition, node_lazy, in_cache = definitions[inst.type], lazy[inst.type], cached(keys[nid])
         need = demand.get(nid)
         for name, link in links[nid]:
             readers.setdefault((link.source, link.output), []).append(nid)
