@@ -325,7 +325,7 @@ def _call_node(definition: NodeDef, ctx: RunContext, inputs: dict[str, list], re
     outputs: tuple[list, ...] = tuple([] for _ in range(n_out))
     ui: dict[str, Any] | None = None
     for kwargs in calls:
-        returned = definition.fn(ctx, **kwargs) if definition.takes_context else definition.fn(**kwargs)
+        returned = definition.fn(ctx, **kwargs)
         values, call_ui = _split_return(definition, returned)
         for j, out in enumerate(definition.outputs):
             if out.is_list:

@@ -5,9 +5,12 @@ Steps (each adds errors, none stops the others):
   2. inputs: constants coerced and range-checked, links point at existing outputs of a matching type,
      required inputs present, unknown inputs reported;
   3. custom checks the node declares (`validate`, ComfyUI's VALIDATE_INPUTS) on its constants;
-  4. cycles;
-  5. at least one output to compute.
-The input mapping is never modified; the result holds a fresh `Graph` with coerced values.
+  4. cycles (one error per cycle);
+  5. sizes: each node's size rule, in topological order, against the `SizeLimits` (engine/sizes.py);
+  6. at least one output to compute.
+Every step is linear in the size of the graph, and at most MAX_ERRORS errors are returned (then one that counts
+the rest), so no input makes a slow check or a huge reply. The input mapping is never modified; the result holds
+a fresh `Graph` with coerced values.
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ from typing import Any
 import networkx as nx
 
 from .coerce import CoercionError, coerce_constant
-from .graph import Graph, Link, NodeInstance, ancestors
+from .graph import Graph, Link, NodeInstance, dependency_graph, link_edges, needed
 from .registry import NodeRegistry
+from .sizes import DEFAULT_SIZE_LIMITS, SizeLimits, propagate
 from .spec import ANY, COMBO, FLOAT, INT, PRIMITIVE_TYPES, Input, NodeDef, accepted_kwargs
 
 
@@ -68,11 +72,16 @@ def types_compatible(output_type: str, input_type: str) -> bool:
     return bool(outs & ins)
 
 
+MAX_ERRORS = 100  # errors returned at most; one more says how many were left out
+CYCLE_NAMES = 30  # node ids one cycle error names at most
+
+
 def validate(prompt: Mapping[str, Any], registry: NodeRegistry, *, targets: Sequence[str] | None = None,
-             resources: Any = None) -> ValidationResult:
+             resources: Any = None, sizes: SizeLimits = DEFAULT_SIZE_LIMITS) -> ValidationResult:
     """Check an API-format graph. `targets` restricts the run (and the checks) to those nodes and what they
     need; by default every node is checked and every output node is a target. `resources` is passed to
-    combo option callables (e.g. to list model files)."""
+    combo option callables (e.g. to list model files) and to size rules that ask for it; `sizes` bounds every
+    image, latent and mask the graph can make."""
     errors: list[ValidationError] = []
     if not isinstance(prompt, Mapping):
         return ValidationResult(None, (ValidationError(
@@ -86,8 +95,8 @@ def validate(prompt: Mapping[str, Any], registry: NodeRegistry, *, targets: Sequ
             errors.append(ValidationError("bad_target", f"there is no node {target!r} in the graph to run; "
                                           "check the id given to --only / partial_execution_targets",
                                           node_id=str(target)))
-        links = {nid: _raw_link_sources(raw) for nid, raw in raw_nodes.items()}
-        ids = _raw_ancestors(links, [str(t) for t in targets if str(t) in raw_nodes])
+        edges = ((source, nid) for nid, raw in raw_nodes.items() for source in _raw_link_sources(raw))
+        ids = needed(dependency_graph(edges, raw_nodes), [str(t) for t in targets])
     nodes: dict[str, NodeInstance] = {}
     for node_id in raw_nodes:
         if node_id not in ids:
@@ -101,12 +110,23 @@ def validate(prompt: Mapping[str, Any], registry: NodeRegistry, *, targets: Sequ
         if len(errors) == before:  # a custom check given incomplete inputs would only add noise
             _step_custom(node_id, definition, inputs, linked_types, errors)
         nodes[node_id] = NodeInstance(node_id, definition.name, inputs, title)
-    _step_cycles(nodes, errors)
+    links = dependency_graph(link_edges(nodes), nodes)
+    if _step_cycles(links, nodes, errors):
+        _step_sizes(links, nodes, registry, sizes, resources, errors)
     outputs = _step_outputs(nodes, registry, targets, errors)
     if errors:  # in node order (then in the order of the steps above); graph-wide problems last
         errors.sort(key=lambda e: (2, 0, "") if e.node_id is None else _id_order(e.node_id))
-        return ValidationResult(None, tuple(errors))
+        return ValidationResult(None, _capped(errors))
     return ValidationResult(Graph(nodes, outputs), ())
+
+
+def _capped(errors: list[ValidationError]) -> tuple[ValidationError, ...]:
+    if len(errors) <= MAX_ERRORS:
+        return tuple(errors)
+    rest = len(errors) - MAX_ERRORS
+    return (*errors[:MAX_ERRORS], ValidationError(
+        "too_many_errors", f"and {rest} more problem(s) not listed; fix these first and validate again",
+        extra={"not_listed": rest, "total": len(errors)}))
 
 
 def _step_structure(prompt: Mapping[str, Any], registry: NodeRegistry, errors: list[ValidationError]) -> dict:
@@ -141,18 +161,6 @@ def _step_structure(prompt: Mapping[str, Any], registry: NodeRegistry, errors: l
 
 def _raw_link_sources(raw: tuple) -> list[str]:
     return [str(v[0]) for v in raw[2].values() if _is_link(v)]
-
-
-def _raw_ancestors(links: dict[str, list[str]], targets: list[str]) -> set[str]:
-    seen: set[str] = set()
-    stack = list(targets)
-    while stack:
-        node_id = stack.pop()
-        if node_id in seen or node_id not in links:
-            continue
-        seen.add(node_id)
-        stack.extend(links[node_id])
-    return seen
 
 
 def _is_link(value: Any) -> bool:
@@ -303,21 +311,34 @@ def _step_custom(node_id: str, definition: NodeDef, inputs: dict[str, Any], link
                                       details=str(verdict)))
 
 
-def _step_cycles(nodes: Mapping[str, NodeInstance], errors: list[ValidationError]) -> None:
-    graph = nx.DiGraph()
-    graph.add_nodes_from(nodes)
-    graph.add_edges_from((link.source, inst.id) for inst in nodes.values() for _, link in inst.links()
-                         if link.source in nodes)
-    for component in nx.strongly_connected_components(graph):
+def _step_cycles(links: nx.DiGraph, nodes: Mapping[str, NodeInstance], errors: list[ValidationError]) -> bool:
+    """One error per cycle, on its lowest node id, naming at most CYCLE_NAMES of its nodes. True when there
+    is none."""
+    acyclic = True
+    for component in nx.strongly_connected_components(links):
         if len(component) == 1:
             (only,) = component
-            if not graph.has_edge(only, only):
+            if not links.has_edge(only, only):
                 continue
-        members = sorted(component, key=_id_order)
-        for node_id in members:
-            errors.append(ValidationError(
-                "dependency_cycle", f"node {node_id} is part of a cycle ({' -> '.join(members)} -> {members[0]}); "
-                "break the cycle by removing one of these links", node_id, nodes[node_id].type))
+        acyclic = False
+        first = min(component, key=_id_order)
+        path = [edge[0] for edge in nx.find_cycle(links.subgraph(component), source=first)]
+        shown = " -> ".join(path[:CYCLE_NAMES]) + (f" -> ... ({len(path) - CYCLE_NAMES} more)"
+                                                    if len(path) > CYCLE_NAMES else f" -> {path[0]}")
+        others = f" ({len(component)} nodes depend on each other)" if len(component) > len(path) else ""
+        errors.append(ValidationError(
+            "dependency_cycle", f"node {first} is part of a cycle of {len(path)} node(s): {shown}{others}; "
+            "break the cycle by removing one of these links", first, nodes[first].type,
+            extra={"cycle": path[:CYCLE_NAMES], "cycle_length": len(path), "component_size": len(component)}))
+    return acyclic
+
+
+def _step_sizes(links: nx.DiGraph, nodes: Mapping[str, NodeInstance], registry: NodeRegistry, limits: SizeLimits,
+                resources: Any, errors: list[ValidationError]) -> None:
+    definitions = {inst.type: registry.get(inst.type) for inst in nodes.values()}
+    for problem in propagate(nx.topological_sort(links), nodes, definitions, limits, resources):
+        errors.append(ValidationError(problem.code, problem.message, problem.node_id, problem.node_type,
+                                      extra=problem.extra))
 
 
 def _step_outputs(nodes: Mapping[str, NodeInstance], registry: NodeRegistry, targets: Sequence[str] | None,
@@ -334,8 +355,3 @@ def _step_outputs(nodes: Mapping[str, NodeInstance], registry: NodeRegistry, tar
 
 def _id_order(node_id: str) -> tuple:
     return (0, int(node_id), "") if node_id.isascii() and node_id.isdecimal() else (1, 0, node_id)
-
-
-def plan_ids(graph: Graph) -> set[str]:
-    """Every node the graph's outputs need."""
-    return ancestors(graph.nodes, graph.outputs)

@@ -138,7 +138,7 @@ def test_prompt_no_outputs(reg):
     assert _codes(unknown) == [("unknown_node_type", "1", None)]
 
 
-def test_dependency_cycle_names_every_member_and_only_them(reg):
+def test_each_dependency_cycle_is_one_error_naming_its_members_in_order(reg):
     api = {"1": {"class_type": "Add", "inputs": {"a": ["3", 0]}},
            "2": {"class_type": "Add", "inputs": {"a": ["1", 0]}},
            "3": {"class_type": "Add", "inputs": {"a": ["2", 0]}},
@@ -146,11 +146,12 @@ def test_dependency_cycle_names_every_member_and_only_them(reg):
            "5": {"class_type": "Show", "inputs": {"value": ["3", 0]}},
            "6": {"class_type": "Show", "inputs": {"value": ["4", 0]}}}
     result = validate(api, reg)
-    assert _codes(result) == [("dependency_cycle", n, None) for n in "1234"]
+    assert _codes(result) == [("dependency_cycle", "1", None), ("dependency_cycle", "4", None)]
     messages = {e.node_id: e.message for e in result.errors}
-    assert messages["2"] == ("node 2 is part of a cycle (1 -> 2 -> 3 -> 1); break the cycle by removing one of "
-                             "these links")
-    assert "(4 -> 4)" in messages["4"]
+    assert messages["1"] == ("node 1 is part of a cycle of 3 node(s): 1 -> 2 -> 3 -> 1; break the cycle by "
+                             "removing one of these links")
+    assert "cycle of 1 node(s): 4 -> 4;" in messages["4"]
+    assert result.errors[0].extra == {"cycle": ["1", "2", "3"], "cycle_length": 3, "component_size": 3}
 
 
 def test_unknown_node_type_and_unknown_input(reg):
@@ -185,7 +186,7 @@ def test_every_problem_is_reported_at_once(reg):
     assert result.graph is None and not result.ok
     assert _codes(result) == [
         ("bad_linked_input", "3", "b"), ("custom_validation_failed", "8", None),
-        ("dependency_cycle", "5", None), ("dependency_cycle", "6", None), ("invalid_input_type", "4", "upper"),
+        ("dependency_cycle", "5", None), ("invalid_input_type", "4", "upper"),
         ("unknown_input", "3", "c"), ("unknown_node_type", "2", None), ("value_bigger_than_max", "1", "value")]
 
 
@@ -293,4 +294,5 @@ def test_a_5000_long_chain_stays_clear_of_the_recursion_limit(reg, counter):
     assert report.ok and report.ui["4999"] == {"text": [str(expected)]}
     cycle = _chain(5000)
     cycle["0"] = {"class_type": "Add", "inputs": {"a": ["4998", 0]}}
-    assert len(validate(cycle, reg).errors) == 4999  # every member of the long cycle
+    (error,) = validate(cycle, reg).errors  # one error for the whole cycle
+    assert error.extra["cycle_length"] == 4999
