@@ -15,6 +15,7 @@ validation checks graphs against it, and `/object_info` is derived from it.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from collections.abc import Callable, Hashable, Mapping, Sequence
@@ -116,10 +117,11 @@ class NodeDef:
     origin: str = "native"  # "comfy_v1" for adapted ComfyUI classes (positional outputs, VALIDATE_INPUTS rules)
 
     def input(self, name: str) -> Input | None:
-        for spec in self.inputs:
-            if spec.name == name:
-                return spec
-        return None
+        return self._inputs_by_name.get(name)
+
+    @functools.cached_property
+    def _inputs_by_name(self) -> dict[str, Input]:
+        return {spec.name: spec for spec in self.inputs}
 
     @property
     def input_names(self) -> tuple[str, ...]:
