@@ -8,6 +8,7 @@ with one of ComfyUI's error codes.
 from __future__ import annotations
 
 import math
+import reprlib
 from typing import Any
 
 from .spec import BOOLEAN, COMBO, FLOAT, INT, STRING, Input
@@ -127,5 +128,13 @@ def _num(x: float) -> str:
 
 
 def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    return short_repr(value, 60)
+
+
+def short_repr(value: Any, limit: int) -> str:
+    """repr(value) in at most `limit` characters, without ever writing out all of a huge or deep value."""
+    shortener = reprlib.Repr()
+    shortener.maxstring = shortener.maxother = limit
+    shortener.maxlevel = 3
+    text = shortener.repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."

@@ -19,13 +19,14 @@ import contextlib
 import copy
 import gc
 import inspect
+import itertools
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import networkx as nx
 
-from .coerce import CoercionError, coerce_constant
+from .coerce import CoercionError, coerce_constant, short_repr
 from .graph import Graph, Link, NodeInstance, dependency_graph, link_edges, needed
 from .registry import NodeRegistry
 from .sizes import DEFAULT_SIZE_LIMITS, SizeLimits, propagate
@@ -206,6 +207,8 @@ def _step_inputs(node_id: str, definition: NodeDef, raw_inputs: Mapping[str, Any
                  registry: NodeRegistry, resources: Any, errors: list[ValidationError],
                  linked_types: dict[str, str]) -> dict[str, Any]:
     def error(code: str, message: str, input_name: str | None, **extra: Any) -> None:
+        if "received_value" in extra:
+            extra["received_value"] = _reply_value(extra["received_value"])
         errors.append(ValidationError(code, message, node_id, definition.name, input_name, extra=extra))
 
     # ComfyUI's VALIDATE_INPUTS takes over the range/option checks of the inputs it names, and the link type
@@ -288,8 +291,25 @@ def _frontend_extra(definition: NodeDef, name: str) -> bool:
 
 
 def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
+    return short_repr(value, 40)
+
+
+REPLY_ITEMS = 200  # a received value with more items (or a longer text) is echoed as a short repr
+
+
+def _reply_value(value: Any) -> Any:
+    """The value as received when it is small, else a short repr: an error reply never echoes a huge input."""
+    stack, budget = [value], REPLY_ITEMS
+    while stack:
+        item = stack.pop()
+        budget -= 1
+        if budget < 0 or (isinstance(item, str) and len(item) > 1000):
+            return short_repr(value, 200)
+        if isinstance(item, dict):
+            stack.extend(itertools.islice(itertools.chain.from_iterable(item.items()), budget + 1))
+        elif isinstance(item, _SEQUENCE):
+            stack.extend(itertools.islice(item, budget + 1))
+    return value
 
 
 def _check_link(spec: Input, value: Sequence, prompt: Mapping[str, Any], registry: NodeRegistry,
