@@ -67,20 +67,19 @@ def _api_constant(value: Any) -> Any:
     return {"__value__": list(value)} if isinstance(value, list | tuple) else value
 
 
-def dependency_graph(edges: Iterable[tuple[str, str]], node_ids: Iterable[str]) -> nx.DiGraph:
+def dependency_graph(edges: Iterable[tuple[str, str]], node_ids: Mapping[str, Any] | set[str]) -> nx.DiGraph:
     """A networkx graph of `node_ids` with an edge source -> consumer for each of `edges` between them."""
     graph = nx.DiGraph()
     graph.add_nodes_from(node_ids)
-    graph.add_edges_from((source, consumer) for source, consumer in edges
-                         if source in graph and consumer in graph)
+    graph.add_edges_from([(source, consumer) for source, consumer in edges
+                          if source in node_ids and consumer in node_ids])
     return graph
 
 
-def link_edges(graph_nodes: Mapping[str, NodeInstance]) -> Iterator[tuple[str, str]]:
+def link_edges(graph_nodes: Mapping[str, NodeInstance]) -> list[tuple[str, str]]:
     """(source, consumer) for every link of the nodes."""
-    for inst in graph_nodes.values():
-        for _, link in inst.links():
-            yield link.source, inst.id
+    return [(value.source, inst.id) for inst in graph_nodes.values() for value in inst.inputs.values()
+            if isinstance(value, Link)]
 
 
 def needed(graph: nx.DiGraph, targets: Iterable[str]) -> set[str]:

@@ -117,10 +117,10 @@ class NodeDef:
     origin: str = "native"  # "comfy_v1" for adapted ComfyUI classes (positional outputs, VALIDATE_INPUTS rules)
 
     def input(self, name: str) -> Input | None:
-        return self._inputs_by_name.get(name)
+        return self.inputs_by_name.get(name)
 
     @functools.cached_property
-    def _inputs_by_name(self) -> dict[str, Input]:
+    def inputs_by_name(self) -> Mapping[str, Input]:
         return {spec.name: spec for spec in self.inputs}
 
     @property

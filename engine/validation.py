@@ -110,7 +110,7 @@ def _validate(prompt: Mapping[str, Any], registry: NodeRegistry, targets: Sequen
             "invalid_prompt", "a graph must be a JSON object mapping node ids to nodes "
             '({"1": {"class_type": ..., "inputs": {...}}})'),))
     raw_nodes = _step_structure(prompt, registry, errors)
-    ids = set(raw_nodes)
+    ids: Mapping[str, Any] | set[str] = raw_nodes
     if targets is not None:
         missing = [t for t in targets if str(t) not in raw_nodes]
         for target in missing:
@@ -128,7 +128,7 @@ def _validate(prompt: Mapping[str, Any], registry: NodeRegistry, targets: Sequen
             continue
         before = len(errors)
         linked_types: dict[str, str] = {}
-        inputs = _step_inputs(node_id, definition, raw_inputs, prompt, registry, resources, errors, linked_types)
+        inputs = _step_inputs(node_id, definition, raw_inputs, prompt, raw_nodes, resources, errors, linked_types)
         if len(errors) == before:  # a custom check given incomplete inputs would only add noise
             _step_custom(node_id, definition, inputs, linked_types, errors)
         nodes[node_id] = NodeInstance(node_id, definition.name, inputs, title)
@@ -189,8 +189,13 @@ def _raw_link_sources(raw: tuple) -> list[str]:
     return [str(v[0]) for v in raw[2].values() if _is_link(v)]
 
 
+_JSON_SCALARS = frozenset({str, int, float, bool, list, type(None)})
+
+
 def _is_mapping(value: Any) -> bool:
-    return type(value) is dict or isinstance(value, Mapping)  # dict first: an ABC check is slow
+    """isinstance(value, Mapping), with JSON's own types answered first (an ABC check is slow)."""
+    kind = type(value)
+    return kind is dict or (kind not in _JSON_SCALARS and isinstance(value, Mapping))
 
 
 _SEQUENCE = (list, tuple)  # isinstance with a tuple of types: twice as fast as with `list | tuple`
@@ -204,7 +209,7 @@ def _is_link(value: Any) -> bool:
 
 
 def _step_inputs(node_id: str, definition: NodeDef, raw_inputs: Mapping[str, Any], prompt: Mapping[str, Any],
-                 registry: NodeRegistry, resources: Any, errors: list[ValidationError],
+                 raw_nodes: Mapping[str, tuple], resources: Any, errors: list[ValidationError],
                  linked_types: dict[str, str]) -> dict[str, Any]:
     def error(code: str, message: str, input_name: str | None, **extra: Any) -> None:
         if "received_value" in extra:
@@ -215,8 +220,9 @@ def _step_inputs(node_id: str, definition: NodeDef, raw_inputs: Mapping[str, Any
     # checks when it asks for `input_types`.
     custom_names = _custom_check_names(definition)
     inputs: dict[str, Any] = {}
+    declared = definition.inputs_by_name
     for name in raw_inputs:
-        if definition.input(name) is None and not _frontend_extra(definition, name):
+        if name not in declared and not _frontend_extra(definition, name):
             known = ", ".join(definition.input_names) or "none"
             error("unknown_input", f"{definition.name} has no input {name!r} (its inputs: {known}); "
                   "remove it or fix its name", name, received_value=raw_inputs[name])
@@ -231,7 +237,7 @@ def _step_inputs(node_id: str, definition: NodeDef, raw_inputs: Mapping[str, Any
                       spec.name)
             continue
         if _is_link(value):
-            link = _check_link(spec, value, prompt, registry, error, linked_types,
+            link = _check_link(spec, value, prompt, raw_nodes, error, linked_types,
                                check_type="input_types" not in custom_names)
             if link is not None:
                 inputs[spec.name] = link
@@ -312,15 +318,15 @@ def _reply_value(value: Any) -> Any:
     return value
 
 
-def _check_link(spec: Input, value: Sequence, prompt: Mapping[str, Any], registry: NodeRegistry,
+def _check_link(spec: Input, value: Sequence, prompt: Mapping[str, Any], raw_nodes: Mapping[str, tuple],
                 error, linked_types: dict[str, str], *, check_type: bool = True) -> Link | None:
     source, index = str(value[0]), value[1]
-    raw_source = prompt.get(source, prompt.get(value[0]) if not isinstance(value[0], str) else None)
-    if not _is_mapping(raw_source):
+    parsed = raw_nodes.get(source)
+    if parsed is None and not _is_mapping(prompt.get(source, prompt.get(value[0]))):
         error("bad_linked_input", f"input {spec.name!r} is linked to node {source!r}, which is not in the graph; "
               "link it to an existing node", spec.name, linked_node=[source, index])
         return None
-    source_def = registry.get(str(raw_source.get("class_type")))
+    source_def = parsed[1] if parsed is not None else None
     if source_def is None:
         return Link(source, index)  # the source's own unknown_node_type error says what to fix
     if not 0 <= index < len(source_def.outputs):
