@@ -21,7 +21,9 @@ not checked. Sizes are in pixels as (batch, height, width); a LATENT's size is t
 
 from __future__ import annotations
 
+import argparse
 import inspect
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -176,12 +178,12 @@ def _over_limits(definition: NodeDef, inst: NodeInstance, sizes: Sequence[Size |
         if size.pixels > limits.image_pixels:
             return SizeProblem("image_too_large", inst.id, inst.type,
                                f"{what}: {_mp(size.pixels)} megapixels per image, more than the limit of "
-                               f"{_mp(limits.image_pixels)} (setting max-image-megapixels); make it smaller "
+                               f"{_mp(limits.image_pixels)} (--max-image-megapixels); make it smaller "
                                "(size, scale factor) or raise the limit", extra)
         if size.total > limits.batch_pixels:
             return SizeProblem("image_too_large", inst.id, inst.type,
                                f"{what}: {_mp(size.total)} megapixels in the batch, more than the limit of "
-                               f"{_mp(limits.batch_pixels)} (setting max-batch-megapixels); use a smaller batch "
+                               f"{_mp(limits.batch_pixels)} (--max-batch-megapixels); use a smaller batch "
                                "or size, or raise the limit", extra)
     return None
 
@@ -190,3 +192,29 @@ def _mp(pixels: int) -> str:
     if pixels >= 1000 * MEGAPIXEL:  # integer maths: a rule may return sizes past what a float holds
         return str(pixels // MEGAPIXEL)
     return f"{pixels / MEGAPIXEL:.1f}".removesuffix(".0")
+
+
+def add_size_arguments(parser: argparse.ArgumentParser) -> None:
+    """The limits as command-line flags (`sdgraph run`, `validate` and `serve` share them)."""
+    image, batch = DEFAULT_SIZE_LIMITS.image_pixels / MEGAPIXEL, DEFAULT_SIZE_LIMITS.batch_pixels / MEGAPIXEL
+    parser.add_argument("--max-image-megapixels", type=_megapixels, default=image, metavar="MP",
+                        help="largest image (or latent, or mask) any node may make, in megapixels of 2^20 pixels "
+                        "(default 16: 4096x4096); larger graphs are refused before they run")
+    parser.add_argument("--max-batch-megapixels", type=_megapixels, default=batch, metavar="MP",
+                        help="largest batch of images any node may make, in megapixels (default 64)")
+
+
+def _megapixels(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of megapixels")
+    return value
+
+
+def size_limits_from(args: argparse.Namespace) -> SizeLimits:
+    """The SizeLimits of parsed flags (the defaults for a flag that is absent)."""
+    return SizeLimits.megapixels(getattr(args, "max_image_megapixels", DEFAULT_SIZE_LIMITS.image_pixels / MEGAPIXEL),
+                                 getattr(args, "max_batch_megapixels", DEFAULT_SIZE_LIMITS.batch_pixels / MEGAPIXEL))

@@ -149,3 +149,18 @@ def test_a_size_rule_may_read_the_resources(reg):
     assert validate(api, reg, resources={"big": (100, 100)}).ok
     (error,) = validate(api, reg, resources={"big": (5000, 5000)}).errors
     assert error.node_id == "1" and error.code == "image_too_large"
+
+
+def test_the_limits_as_command_line_flags():
+    import argparse
+
+    from engine.sizes import add_size_arguments, size_limits_from
+
+    parser = argparse.ArgumentParser()
+    add_size_arguments(parser)
+    assert size_limits_from(parser.parse_args([])) == SizeLimits()
+    args = parser.parse_args(["--max-image-megapixels", "4", "--max-batch-megapixels", "8.5"])
+    assert size_limits_from(args) == SizeLimits(4 * MEGAPIXEL, int(8.5 * MEGAPIXEL))
+    assert size_limits_from(argparse.Namespace()) == SizeLimits()  # a command without the flags
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--max-image-megapixels", "0"])
