@@ -93,3 +93,10 @@ def needed(graph: nx.DiGraph, targets: Iterable[str]) -> set[str]:
 def ancestors(graph_nodes: Mapping[str, NodeInstance], targets: Iterable[str]) -> set[str]:
     """The targets and every node they depend on."""
     return needed(dependency_graph(link_edges(graph_nodes), graph_nodes), targets)
+
+
+def cycle_through(links: nx.DiGraph, component: set[str], first: str) -> list[str]:
+    """A cycle from `first` back to itself: a shortest path to one of its predecessors in its strongly
+    connected component (every path between two nodes of a component stays inside it)."""
+    last = next(node for node in links.pred[first] if node in component)
+    return nx.bidirectional_shortest_path(links, first, last)

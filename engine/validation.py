@@ -19,15 +19,14 @@ import contextlib
 import copy
 import gc
 import inspect
-import itertools
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import networkx as nx
 
-from .coerce import CoercionError, coerce_constant, short_repr
-from .graph import Graph, Link, NodeInstance, dependency_graph, link_edges, needed
+from .coerce import CoercionError, coerce_constant, reply_value, short_repr
+from .graph import Graph, Link, NodeInstance, cycle_through, dependency_graph, link_edges, needed
 from .registry import NodeRegistry
 from .sizes import DEFAULT_SIZE_LIMITS, SizeLimits, propagate
 from .spec import ANY, COMBO, FLOAT, INT, PRIMITIVE_TYPES, Input, NodeDef, accepted_kwargs
@@ -213,7 +212,7 @@ def _step_inputs(node_id: str, definition: NodeDef, raw_inputs: Mapping[str, Any
                  linked_types: dict[str, str]) -> dict[str, Any]:
     def error(code: str, message: str, input_name: str | None, **extra: Any) -> None:
         if "received_value" in extra:
-            extra["received_value"] = _reply_value(extra["received_value"])
+            extra["received_value"] = reply_value(extra["received_value"])
         errors.append(ValidationError(code, message, node_id, definition.name, input_name, extra=extra))
 
     # ComfyUI's VALIDATE_INPUTS takes over the range/option checks of the inputs it names, and the link type
@@ -300,24 +299,6 @@ def _short(value: Any) -> str:
     return short_repr(value, 40)
 
 
-REPLY_ITEMS = 200  # a received value with more items (or a longer text) is echoed as a short repr
-
-
-def _reply_value(value: Any) -> Any:
-    """The value as received when it is small, else a short repr: an error reply never echoes a huge input."""
-    stack, budget = [value], REPLY_ITEMS
-    while stack:
-        item = stack.pop()
-        budget -= 1
-        if budget < 0 or (isinstance(item, str) and len(item) > 1000):
-            return short_repr(value, 200)
-        if isinstance(item, dict):
-            stack.extend(itertools.islice(itertools.chain.from_iterable(item.items()), budget + 1))
-        elif isinstance(item, _SEQUENCE):
-            stack.extend(itertools.islice(item, budget + 1))
-    return value
-
-
 def _check_link(spec: Input, value: Sequence, prompt: Mapping[str, Any], raw_nodes: Mapping[str, tuple],
                 error, linked_types: dict[str, str], *, check_type: bool = True) -> Link | None:
     source, index = str(value[0]), value[1]
@@ -379,7 +360,7 @@ def _step_cycles(links: nx.DiGraph, nodes: Mapping[str, NodeInstance], errors: l
             if not links.has_edge(only, only):
                 continue
         first = min(component, key=_id_order)
-        path = _cycle_through(links, component, first)
+        path = cycle_through(links, component, first)
         shown = " -> ".join(path[:CYCLE_NAMES]) + (f" -> ... ({len(path) - CYCLE_NAMES} more)"
                                                     if len(path) > CYCLE_NAMES else f" -> {path[0]}")
         others = f" ({len(component)} nodes depend on each other)" if len(component) > len(path) else ""
@@ -387,26 +368,6 @@ def _step_cycles(links: nx.DiGraph, nodes: Mapping[str, NodeInstance], errors: l
             "dependency_cycle", f"node {first} is part of a cycle of {len(path)} node(s): {shown}{others}; "
             "break the cycle by removing one of these links", first, nodes[first].type,
             extra={"cycle": path[:CYCLE_NAMES], "cycle_length": len(path), "component_size": len(component)}))
-
-
-def _cycle_through(links: nx.DiGraph, component: set[str], first: str) -> list[str]:
-    """A shortest cycle from `first` back to itself inside its strongly connected component (breadth first)."""
-    parents: dict[str, str] = {}
-    layer = [first]
-    while layer:
-        following = []
-        for node_id in layer:
-            for successor in links.succ[node_id]:
-                if successor == first:
-                    path = [node_id]
-                    while path[-1] != first:
-                        path.append(parents[path[-1]])
-                    return path[::-1]
-                if successor in component and successor not in parents:
-                    parents[successor] = node_id
-                    following.append(successor)
-        layer = following
-    return [first]  # not reached: every node of a component lies on a cycle
 
 
 def _step_sizes(order: list[str], nodes: Mapping[str, NodeInstance], registry: NodeRegistry, limits: SizeLimits,
