@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .graph import Link, NodeInstance
-from .spec import PRIMITIVE_TYPES, NodeDef
+from .spec import ANY, PRIMITIVE_TYPES, NodeDef
 
 MEGAPIXEL = 1 << 20  # 4096 x 4096 is exactly 16 megapixels
 
@@ -134,10 +134,11 @@ def _output_sizes(definition: NodeDef, inst: NodeInstance, call: _RuleCall, know
                   resources: Any) -> Sequence[Size | None]:
     values: dict[str, Any] = {}
     for name, value in inst.inputs.items():
-        if not isinstance(value, Link):
+        if isinstance(value, Link):
+            if (value.source, value.output) in known:
+                values[name] = known[(value.source, value.output)]
+        elif _takes_constants(definition, name):  # an explicit {"__value__": ...} for an IMAGE is no Size
             values[name] = value
-        elif (value.source, value.output) in known:
-            values[name] = known[(value.source, value.output)]
     if call.wants_resources:
         values["resources"] = resources
     if not call.required <= values.keys():
@@ -145,6 +146,11 @@ def _output_sizes(definition: NodeDef, inst: NodeInstance, call: _RuleCall, know
     if call.names is not None:
         values = {k: v for k, v in values.items() if k in call.names}
     return _per_output(definition, definition.size_rule(**values))
+
+
+def _takes_constants(definition: NodeDef, name: str) -> bool:
+    spec = definition.input(name)
+    return spec is not None and (spec.type in PRIMITIVE_TYPES or spec.type == ANY)
 
 
 def _per_output(definition: NodeDef, returned: Any) -> Sequence[Size | None]:

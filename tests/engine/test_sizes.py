@@ -164,3 +164,9 @@ def test_the_limits_as_command_line_flags():
     assert size_limits_from(argparse.Namespace()) == SizeLimits()  # a command without the flags
     with pytest.raises(SystemExit):
         parser.parse_args(["--max-image-megapixels", "0"])
+
+
+def test_an_explicit_constant_for_an_image_input_is_an_unknown_size(reg):
+    api = _chain(("Scale", {"factor": 8.0}), start={"width": 64, "height": 64})
+    api["2"]["inputs"]["image"] = {"__value__": [1, 2, 3]}
+    assert validate(api, reg).ok  # not handed to the rule as if it were a Size
