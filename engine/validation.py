@@ -26,7 +26,7 @@ from typing import Any
 import networkx as nx
 
 from .coerce import CoercionError, coerce_constant, reply_value, short_repr
-from .graph import Graph, Link, NodeInstance, cycle_through, dependency_graph, link_edges, needed
+from .graph import Graph, Link, NodeInstance, cycle_through, dependency_graph, needed
 from .registry import NodeRegistry
 from .sizes import DEFAULT_SIZE_LIMITS, SizeLimits, propagate
 from .spec import ANY, COMBO, FLOAT, INT, PRIMITIVE_TYPES, Input, NodeDef, accepted_kwargs
@@ -109,6 +109,9 @@ def _validate(prompt: Mapping[str, Any], registry: NodeRegistry, targets: Sequen
             "invalid_prompt", "a graph must be a JSON object mapping node ids to nodes "
             '({"1": {"class_type": ..., "inputs": {...}}})'),))
     raw_nodes = _step_structure(prompt, registry, errors)
+    # One graph of the links as written, for --only, cycles and the order of size rules.
+    links = dependency_graph(((source, nid) for nid, raw in raw_nodes.items() for source in _raw_link_sources(raw)),
+                             raw_nodes)
     ids: Mapping[str, Any] | set[str] = raw_nodes
     if targets is not None:
         missing = [t for t in targets if str(t) not in raw_nodes]
@@ -116,8 +119,8 @@ def _validate(prompt: Mapping[str, Any], registry: NodeRegistry, targets: Sequen
             errors.append(ValidationError("bad_target", f"there is no node {target!r} in the graph to run; "
                                           "check the id given to --only / partial_execution_targets",
                                           node_id=str(target)))
-        edges = ((source, nid) for nid, raw in raw_nodes.items() for source in _raw_link_sources(raw))
-        ids = needed(dependency_graph(edges, raw_nodes), [str(t) for t in targets])
+        ids = needed(links, [str(t) for t in targets])
+        links.remove_nodes_from([node_id for node_id in raw_nodes if node_id not in ids])
     nodes: dict[str, NodeInstance] = {}
     for node_id in raw_nodes:
         if node_id not in ids:
@@ -131,13 +134,12 @@ def _validate(prompt: Mapping[str, Any], registry: NodeRegistry, targets: Sequen
         if len(errors) == before:  # a custom check given incomplete inputs would only add noise
             _step_custom(node_id, definition, inputs, linked_types, errors)
         nodes[node_id] = NodeInstance(node_id, definition.name, inputs, title)
-    links = dependency_graph(link_edges(nodes), nodes)
     try:
         order = list(nx.topological_sort(links))  # linear; most graphs have no cycle
     except nx.NetworkXUnfeasible:
-        _step_cycles(links, nodes, errors)
+        _step_cycles(links, raw_nodes, errors)
     else:
-        _step_sizes(order, nodes, registry, sizes, resources, errors)
+        _step_sizes([node_id for node_id in order if node_id in nodes], nodes, registry, sizes, resources, errors)
     outputs = _step_outputs(nodes, registry, targets, errors)
     if errors:  # in node order (then in the order of the steps above); graph-wide problems last
         errors.sort(key=lambda e: (2, 0, "") if e.node_id is None else _id_order(e.node_id))
@@ -352,7 +354,7 @@ def _step_custom(node_id: str, definition: NodeDef, inputs: dict[str, Any], link
                                       details=str(verdict)))
 
 
-def _step_cycles(links: nx.DiGraph, nodes: Mapping[str, NodeInstance], errors: list[ValidationError]) -> None:
+def _step_cycles(links: nx.DiGraph, raw_nodes: Mapping[str, tuple], errors: list[ValidationError]) -> None:
     """One error per cycle, on its lowest node id, naming at most CYCLE_NAMES of its nodes."""
     for component in nx.strongly_connected_components(links):
         if len(component) == 1:
@@ -366,7 +368,7 @@ def _step_cycles(links: nx.DiGraph, nodes: Mapping[str, NodeInstance], errors: l
         others = f" ({len(component)} nodes depend on each other)" if len(component) > len(path) else ""
         errors.append(ValidationError(
             "dependency_cycle", f"node {first} is part of a cycle of {len(path)} node(s): {shown}{others}; "
-            "break the cycle by removing one of these links", first, nodes[first].type,
+            "break the cycle by removing one of these links", first, raw_nodes[first][0],
             extra={"cycle": path[:CYCLE_NAMES], "cycle_length": len(path), "component_size": len(component)}))
 
 
