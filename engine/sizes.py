@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .coerce import short_repr
 from .graph import Link, NodeInstance
 from .spec import ANY, PRIMITIVE_TYPES, NodeDef
 
@@ -116,8 +117,9 @@ def propagate(order: Iterable[str], nodes: Mapping[str, NodeInstance], definitio
             call = calls.get(definition.name) or calls.setdefault(definition.name, _rule_call(definition.size_rule))
             sizes = _output_sizes(definition, inst, call, known, resources)
         except Exception as exc:  # a rule that crashes is the node's fault: say so rather than run blind
+            reason = str(exc) if len(str(exc)) <= 300 else str(exc)[:297] + "..."
             problems.append(SizeProblem("size_rule_failed", node_id, inst.type,
-                                        f"the node's size rule failed ({type(exc).__name__}: {exc}); fix the rule "
+                                        f"the node's size rule failed ({type(exc).__name__}: {reason}); fix the rule "
                                         "or report it to the node's author", {}))
             continue
         problem = _over_limits(definition, inst, sizes, limits)
@@ -162,13 +164,14 @@ def _per_output(definition: NodeDef, returned: Any) -> Sequence[Size | None]:
     elif isinstance(returned, tuple | list) and len(returned) == len(outputs):
         sizes = list(returned)
     else:
-        raise TypeError(f"it returned {returned!r}; a rule returns a Size, None, or a tuple of {len(outputs)} "
-                        "Size-or-None (one per output)")
+        raise TypeError(f"it returned {short_repr(returned, 60)}; a rule returns a Size, None, or a tuple of "
+                        f"{len(outputs)} Size-or-None (one per output)")
     for size in sizes:
         if size is not None and not (isinstance(size, Size) and all(
                 isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (size.batch, size.height,
                                                                                       size.width))):
-            raise TypeError(f"it returned {size!r}; sizes are Size(batch, height, width) of whole numbers >= 0")
+            raise TypeError(f"it returned {short_repr(size, 60)}; sizes are Size(batch, height, width) of whole "
+                            "numbers >= 0")
     return sizes
 
 
@@ -178,8 +181,10 @@ def _over_limits(definition: NodeDef, inst: NodeInstance, sizes: Sequence[Size |
         if size is None:
             continue
         output = definition.outputs[index]
-        what = f"its {output.type} output {output.name!r} would be {size.batch} x {size.width}x{size.height} pixels"
-        extra = {"output": index, "batch": size.batch, "height": size.height, "width": size.width,
+        what = (f"its {output.type} output {output.name!r} would be {_count(size.batch)} x {_count(size.width)}x"
+                f"{_count(size.height)} pixels")
+        extra = {"output": index, **{key: n if n < 10**18 else _count(n) for key, n in (
+                     ("batch", size.batch), ("height", size.height), ("width", size.width))},
                  "max_image_pixels": limits.image_pixels, "max_batch_pixels": limits.batch_pixels}
         if size.pixels > limits.image_pixels:
             return SizeProblem("image_too_large", inst.id, inst.type,
@@ -196,8 +201,13 @@ def _over_limits(definition: NodeDef, inst: NodeInstance, sizes: Sequence[Size |
 
 def _mp(pixels: int) -> str:
     if pixels >= 1000 * MEGAPIXEL:  # integer maths: a rule may return sizes past what a float holds
-        return str(pixels // MEGAPIXEL)
+        return _count(pixels // MEGAPIXEL)
     return f"{pixels / MEGAPIXEL:.1f}".removesuffix(".0")
+
+
+def _count(n: int) -> str:
+    """A whole number as text, also one too long to print (Python refuses more than 4,300 digits)."""
+    return str(n) if n < 10**18 else f"about 2^{n.bit_length() - 1}"
 
 
 def add_size_arguments(parser: argparse.ArgumentParser) -> None:

@@ -3,6 +3,8 @@ image, latent or mask over the limits before anything runs, naming the node."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from engine import FLOAT, INT, Input, NodeDefinitionError, NodeRegistry, Output, node, validate
@@ -170,3 +172,22 @@ def test_an_explicit_constant_for_an_image_input_is_an_unknown_size(reg):
     api = _chain(("Scale", {"factor": 8.0}), start={"width": 64, "height": 64})
     api["2"]["inputs"]["image"] = {"__value__": [1, 2, 3]}
     assert validate(api, reg).ok  # not handed to the rule as if it were a Size
+
+
+def test_absurd_sizes_are_refused_with_a_readable_message(reg):
+    @node("Absurd", size_rule=lambda: Size(1, 10**5000, 10**5000), outputs=[Output("image", "PIC")])
+    def absurd(ctx):
+        return None
+
+    @node("Garbage", size_rule=lambda: list(range(10**6)), outputs=[Output("image", "PIC")])
+    def garbage(ctx):
+        return None
+
+    reg.register(absurd)
+    reg.register(garbage)
+    api = {"1": {"class_type": "Absurd", "inputs": {}}, "2": {"class_type": "Keep", "inputs": {"image": ["1", 0]}},
+           "3": {"class_type": "Garbage", "inputs": {}}, "4": {"class_type": "Keep", "inputs": {"image": ["3", 0]}}}
+    big, bad = validate(api, reg).errors
+    assert big.code == "image_too_large" and "1 x about 2^16609x" in big.message
+    assert bad.code == "size_rule_failed" and len(bad.message) < 300
+    assert len(json.dumps([e.as_dict() for e in (big, bad)])) < 2000  # no number too long to write
