@@ -167,12 +167,15 @@ def _per_output(definition: NodeDef, returned: Any) -> Sequence[Size | None]:
         raise TypeError(f"it returned {short_repr(returned, 60)}; a rule returns a Size, None, or a tuple of "
                         f"{len(outputs)} Size-or-None (one per output)")
     for size in sizes:
-        if size is not None and not (isinstance(size, Size) and all(
-                isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (size.batch, size.height,
-                                                                                      size.width))):
+        if size is not None and not _is_size(size):
             raise TypeError(f"it returned {short_repr(size, 60)}; sizes are Size(batch, height, width) of whole "
                             "numbers >= 0")
     return sizes
+
+
+def _is_size(value: Any) -> bool:
+    return isinstance(value, Size) and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                                           for n in (value.batch, value.height, value.width))
 
 
 def _over_limits(definition: NodeDef, inst: NodeInstance, sizes: Sequence[Size | None],
