@@ -205,8 +205,16 @@ _CONTAINER = (list, dict)
 
 
 def _is_link(value: Any) -> bool:
-    return (isinstance(value, _SEQUENCE) and len(value) == 2 and isinstance(value[0], _ID_TYPES)
-            and not isinstance(value[0], bool) and isinstance(value[1], int) and not isinstance(value[1], bool))
+    kind = type(value)
+    if kind is list or kind is tuple:  # JSON's own types first (most inputs are constants, checked 3 times)
+        if len(value) != 2:
+            return False
+        if type(value[1]) is int and type(value[0]) in _ID_TYPES:
+            return True
+    elif not isinstance(value, _SEQUENCE):
+        return False
+    return (len(value) == 2 and isinstance(value[0], _ID_TYPES) and not isinstance(value[0], bool)
+            and isinstance(value[1], int) and not isinstance(value[1], bool))
 
 
 def _step_inputs(node_id: str, definition: NodeDef, raw_inputs: Mapping[str, Any], prompt: Mapping[str, Any],
