@@ -357,3 +357,17 @@ def test_100000_nodes_validate_in_under_2_seconds(reg, shape):
     elapsed = time.perf_counter() - started
     assert result.ok if shape == "chain" else [e.code for e in result.errors] == ["dependency_cycle"]
     assert elapsed < 2.0, f"validation of a 100,000-node {shape} took {elapsed:.2f} s"
+
+
+def test_needed_walks_from_every_target_at_once_without_recursion(reg):
+    """Issue #11: ancestor walks are networkx breadth-first searches (linear, no recursion)."""
+    from engine.graph import ancestors, dependency_graph, needed
+
+    n = 50_000
+    edges = [(str(i - 1), str(i)) for i in range(1, n)] + [("side", "7")]
+    graph = dependency_graph(edges, {*map(str, range(n)), "side", "alone"})
+    assert needed(graph, ["3", "nope"]) == {"0", "1", "2", "3"}
+    assert needed(graph, ["8", "alone"]) == {*map(str, range(9)), "side", "alone"}
+    assert len(needed(graph, [str(n - 1)])) == n + 1 and needed(graph, []) == set()
+    result = validate(_chain(20), reg, targets=["5"])
+    assert ancestors(result.graph.nodes, ["5"]) == set(result.graph.nodes) == {*map(str, range(6))}
