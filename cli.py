@@ -26,6 +26,7 @@ from engine import (
 )
 from engine.events import Event
 from engine.schema import object_info
+from engine.sizes import add_size_arguments, size_limits_from
 
 EXIT_OK, EXIT_NODE_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -57,9 +58,11 @@ def _parser() -> argparse.ArgumentParser:
                         "(default: the working directory)")
     common.add_argument("--nodes-dir", action="append", default=[], metavar="DIR",
                         help="also load node packs from DIR (repeatable)")
+    sizes = argparse.ArgumentParser(add_help=False)
+    add_size_arguments(sizes)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", parents=[common], help="run a graph")
+    run = sub.add_parser("run", parents=[common, sizes], help="run a graph")
     run.add_argument("graph")
     run.add_argument("--set", action="append", default=[], metavar="ID.INPUT=VALUE", help="override an input")
     run.add_argument("--only", action="append", default=None, metavar="ID", help="compute only this node "
@@ -82,7 +85,7 @@ def _parser() -> argparse.ArgumentParser:
                      "(loaded with weights_only=True)")
     run.set_defaults(handler=_cmd_run)
 
-    check = sub.add_parser("validate", parents=[common], help="check a graph without running it")
+    check = sub.add_parser("validate", parents=[common, sizes], help="check a graph without running it")
     check.add_argument("graph")
     check.add_argument("--json", action="store_true")
     check.set_defaults(handler=_cmd_validate)
@@ -125,7 +128,8 @@ def _app(args: argparse.Namespace, *, output: str | None = None):
 def _load(args: argparse.Namespace, registry, runtime):
     api = read_graph_file(args.graph, registry)
     api = apply_overrides(api, getattr(args, "set", []) or [])
-    result = validate(api, registry, targets=getattr(args, "only", None), resources=runtime)
+    result = validate(api, registry, targets=getattr(args, "only", None), resources=runtime,
+                      sizes=size_limits_from(args))
     return api, result
 
 

@@ -7,7 +7,9 @@ with one of ComfyUI's error codes.
 
 from __future__ import annotations
 
+import itertools
 import math
+import reprlib
 from typing import Any
 
 from .spec import BOOLEAN, COMBO, FLOAT, INT, STRING, Input
@@ -127,5 +129,31 @@ def _num(x: float) -> str:
 
 
 def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    return short_repr(value, 60)
+
+
+def short_repr(value: Any, limit: int) -> str:
+    """repr(value) in at most `limit` characters, without ever writing out all of a huge or deep value."""
+    shortener = reprlib.Repr()
+    shortener.maxstring = shortener.maxother = limit
+    shortener.maxlevel = 3
+    text = shortener.repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+REPLY_ITEMS = 200  # a received value with more items (or a longer text) is echoed as a short repr
+
+
+def reply_value(value: Any) -> Any:
+    """The value as received when it is small, else a short repr: an error reply never echoes a huge input."""
+    stack, budget = [value], REPLY_ITEMS
+    while stack:
+        item = stack.pop()
+        budget -= 1
+        if budget < 0 or (isinstance(item, str) and len(item) > 1000):
+            return short_repr(value, 200)
+        if isinstance(item, dict):
+            stack.extend(itertools.islice(itertools.chain.from_iterable(item.items()), budget + 1))
+        elif isinstance(item, (list, tuple)):
+            stack.extend(itertools.islice(item, budget + 1))
+    return value

@@ -6,6 +6,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import networkx as nx
+
 
 @dataclass(frozen=True, slots=True)
 class Link:
@@ -65,16 +67,36 @@ def _api_constant(value: Any) -> Any:
     return {"__value__": list(value)} if isinstance(value, list | tuple) else value
 
 
+def dependency_graph(edges: Iterable[tuple[str, str]], node_ids: Mapping[str, Any] | set[str]) -> nx.DiGraph:
+    """A networkx graph of `node_ids` with an edge source -> consumer for each of `edges` between them."""
+    graph = nx.DiGraph()
+    graph.add_nodes_from(node_ids)
+    graph.add_edges_from([(source, consumer) for source, consumer in edges
+                          if source in node_ids and consumer in node_ids])
+    return graph
+
+
+def link_edges(graph_nodes: Mapping[str, NodeInstance]) -> list[tuple[str, str]]:
+    """(source, consumer) for every link of the nodes."""
+    return [(value.source, inst.id) for inst in graph_nodes.values() for value in inst.inputs.values()
+            if isinstance(value, Link)]
+
+
+def needed(graph: nx.DiGraph, targets: Iterable[str]) -> set[str]:
+    """The targets in `graph` and every node they depend on: one breadth-first walk (linear, no recursion)."""
+    sources = [t for t in targets if t in graph]
+    if not sources:
+        return set()
+    return {node for layer in nx.bfs_layers(graph.reverse(copy=False), sources) for node in layer}
+
+
 def ancestors(graph_nodes: Mapping[str, NodeInstance], targets: Iterable[str]) -> set[str]:
-    """The targets and every node they depend on (iteratively: a 5,000-long chain is fine)."""
-    seen: set[str] = set()
-    stack = [t for t in targets if t in graph_nodes]
-    while stack:
-        node_id = stack.pop()
-        if node_id in seen:
-            continue
-        seen.add(node_id)
-        for _, link in graph_nodes[node_id].links():
-            if link.source in graph_nodes and link.source not in seen:
-                stack.append(link.source)
-    return seen
+    """The targets and every node they depend on."""
+    return needed(dependency_graph(link_edges(graph_nodes), graph_nodes), targets)
+
+
+def cycle_through(links: nx.DiGraph, component: set[str], first: str) -> list[str]:
+    """A cycle from `first` back to itself: a shortest path to one of its predecessors in its strongly
+    connected component (every path between two nodes of a component stays inside it)."""
+    last = next(node for node in links.pred[first] if node in component)
+    return nx.bidirectional_shortest_path(links, first, last)

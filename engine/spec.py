@@ -15,6 +15,7 @@ validation checks graphs against it, and `/object_info` is derived from it.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from collections.abc import Callable, Hashable, Mapping, Sequence
@@ -112,14 +113,15 @@ class NodeDef:
     hidden: tuple[str, ...] = ()
     aliases: tuple[str, ...] = ()
     source: str = ""
-    takes_context: bool = True
+    size_rule: Callable[..., Any] | None = None  # sizes of the images it makes, from its inputs (engine/sizes.py)
     origin: str = "native"  # "comfy_v1" for adapted ComfyUI classes (positional outputs, VALIDATE_INPUTS rules)
 
     def input(self, name: str) -> Input | None:
-        for spec in self.inputs:
-            if spec.name == name:
-                return spec
-        return None
+        return self.inputs_by_name.get(name)
+
+    @functools.cached_property
+    def inputs_by_name(self) -> Mapping[str, Input]:
+        return {spec.name: spec for spec in self.inputs}
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -150,6 +152,7 @@ def node(
     check_lazy: Callable[..., Sequence[str]] | None = None,
     input_is_list: bool = False,
     aliases: Sequence[str] = (),
+    size_rule: Callable[..., Any] | None = None,
 ) -> Callable[[Callable[..., Any]], NodeDef]:
     """Declare a node: the decorated function becomes a `NodeDef` (checked again by the registry)."""
 
@@ -171,6 +174,7 @@ def node(
             input_is_list=input_is_list,
             aliases=tuple(aliases),
             source=f"{fn.__module__}.{fn.__qualname__}",
+            size_rule=size_rule,
         )
         check_definition(definition)
         return definition
@@ -208,6 +212,61 @@ def check_definition(definition: NodeDef, known_types: frozenset[str] | None = N
         if known_types is not None and not _type_known(out.type, known_types):
             raise NodeDefinitionError(f"{where}: output {out.name!r} has unknown type {out.type!r}; "
                                       "register the type first or fix its spelling")
+    if definition.origin == "native":  # adapted ComfyUI classes take **kwargs and hand them to their method
+        _check_signature(where, definition)
+    _check_size_rule(where, definition)
+
+
+def _parameters(fn: Callable[..., Any]) -> list[inspect.Parameter] | None:
+    try:
+        return list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # a builtin without a signature: nothing to compare
+        return None
+
+
+def _check_signature(where: str, definition: NodeDef) -> None:
+    """The inputs are declared twice, in the Input list and by the function's parameters: they must agree."""
+    params = _parameters(definition.fn)
+    if params is None:
+        return
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                  inspect.Parameter.VAR_POSITIONAL)
+    if not params or params[0].kind not in positional:
+        raise NodeDefinitionError(f"{where}: its function must take the run context first, as fn(ctx, <inputs>)")
+    rest = params[1:]
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in rest)
+    by_name = {p.name: p for p in rest if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    for param in rest:
+        if param.kind is param.POSITIONAL_ONLY and param.default is param.empty:
+            raise NodeDefinitionError(f"{where}: its function takes {param.name!r} by position only, but inputs are "
+                                      "passed by name; remove the '/' from its parameters")
+    for spec in definition.inputs:
+        param = by_name.get(spec.name)
+        if param is None and not takes_any:
+            raise NodeDefinitionError(f"{where}: input {spec.name!r} is declared but its function has no parameter "
+                                      f"{spec.name!r}; add the parameter (or **kwargs), or remove the input")
+        if param is not None and spec.optional and not spec.has_default and param.default is param.empty:
+            raise NodeDefinitionError(f"{where}: optional input {spec.name!r} may be left unconnected, but its "
+                                      f"parameter has no default; write {spec.name}=None")
+    declared = set(definition.input_names)
+    for name, param in by_name.items():
+        if param.default is param.empty and name not in declared:
+            raise NodeDefinitionError(f"{where}: its function's parameter {name!r} is not a declared input and has "
+                                      f"no default; declare Input({name!r}, TYPE) or give the parameter a default")
+
+
+def _check_size_rule(where: str, definition: NodeDef) -> None:
+    """A size rule names inputs (and perhaps `resources`); a misspelt name would leave sizes unknown for ever."""
+    if definition.size_rule is None:
+        return
+    if not callable(definition.size_rule):
+        raise NodeDefinitionError(f"{where}: its size_rule is not callable")
+    params = _parameters(definition.size_rule) or []
+    allowed = {*definition.input_names, "resources"}
+    for param in params:
+        if param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY) and param.name not in allowed:
+            raise NodeDefinitionError(f"{where}: its size rule takes {param.name!r}, which is not one of its inputs "
+                                      f"({', '.join(definition.input_names) or 'none'}) nor 'resources'; fix the name")
 
 
 def _type_known(type_name: str, known_types: frozenset[str]) -> bool:

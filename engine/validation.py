@@ -5,24 +5,30 @@ Steps (each adds errors, none stops the others):
   2. inputs: constants coerced and range-checked, links point at existing outputs of a matching type,
      required inputs present, unknown inputs reported;
   3. custom checks the node declares (`validate`, ComfyUI's VALIDATE_INPUTS) on its constants;
-  4. cycles;
-  5. at least one output to compute.
-The input mapping is never modified; the result holds a fresh `Graph` with coerced values.
+  4. cycles (one error per cycle);
+  5. sizes: each node's size rule, in topological order, against the `SizeLimits` (engine/sizes.py);
+  6. at least one output to compute.
+Every step is linear in the size of the graph, and at most MAX_ERRORS errors are returned (then one that counts
+the rest), so no input makes a slow check or a huge reply. The input mapping is never modified; the result holds
+a fresh `Graph` with coerced values.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import gc
 import inspect
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import networkx as nx
 
-from .coerce import CoercionError, coerce_constant
-from .graph import Graph, Link, NodeInstance, ancestors
+from .coerce import CoercionError, coerce_constant, reply_value, short_repr
+from .graph import Graph, Link, NodeInstance, cycle_through, dependency_graph, needed
 from .registry import NodeRegistry
+from .sizes import DEFAULT_SIZE_LIMITS, SizeLimits, propagate
 from .spec import ANY, COMBO, FLOAT, INT, PRIMITIVE_TYPES, Input, NodeDef, accepted_kwargs
 
 
@@ -68,26 +74,53 @@ def types_compatible(output_type: str, input_type: str) -> bool:
     return bool(outs & ins)
 
 
+MAX_ERRORS = 100  # errors returned at most; one more says how many were left out
+CYCLE_NAMES = 30  # node ids one cycle error names at most
+
+
 def validate(prompt: Mapping[str, Any], registry: NodeRegistry, *, targets: Sequence[str] | None = None,
-             resources: Any = None) -> ValidationResult:
+             resources: Any = None, sizes: SizeLimits = DEFAULT_SIZE_LIMITS) -> ValidationResult:
     """Check an API-format graph. `targets` restricts the run (and the checks) to those nodes and what they
     need; by default every node is checked and every output node is a target. `resources` is passed to
-    combo option callables (e.g. to list model files)."""
+    combo option callables (e.g. to list model files) and to size rules that ask for it; `sizes` bounds every
+    image, latent and mask the graph can make."""
+    with _collector_paused():
+        return _validate(prompt, registry, targets, resources, sizes)
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Validation makes a few objects per node and frees none: Python's cycle collector would scan them again
+    and again (a third of the time of a 100,000-node graph). It runs again once validation is done."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _validate(prompt: Mapping[str, Any], registry: NodeRegistry, targets: Sequence[str] | None, resources: Any,
+              sizes: SizeLimits) -> ValidationResult:
     errors: list[ValidationError] = []
     if not isinstance(prompt, Mapping):
         return ValidationResult(None, (ValidationError(
             "invalid_prompt", "a graph must be a JSON object mapping node ids to nodes "
             '({"1": {"class_type": ..., "inputs": {...}}})'),))
     raw_nodes = _step_structure(prompt, registry, errors)
-    ids = set(raw_nodes)
+    # One graph of the links as written, for --only, cycles and the order of size rules.
+    links = dependency_graph(((source, nid) for nid, raw in raw_nodes.items() for source in _raw_link_sources(raw)),
+                             raw_nodes)
+    ids: Mapping[str, Any] | set[str] = raw_nodes
     if targets is not None:
         missing = [t for t in targets if str(t) not in raw_nodes]
         for target in missing:
             errors.append(ValidationError("bad_target", f"there is no node {target!r} in the graph to run; "
                                           "check the id given to --only / partial_execution_targets",
                                           node_id=str(target)))
-        links = {nid: _raw_link_sources(raw) for nid, raw in raw_nodes.items()}
-        ids = _raw_ancestors(links, [str(t) for t in targets if str(t) in raw_nodes])
+        ids = needed(links, [str(t) for t in targets])
+        links.remove_nodes_from([node_id for node_id in raw_nodes if node_id not in ids])
     nodes: dict[str, NodeInstance] = {}
     for node_id in raw_nodes:
         if node_id not in ids:
@@ -97,23 +130,37 @@ def validate(prompt: Mapping[str, Any], registry: NodeRegistry, *, targets: Sequ
             continue
         before = len(errors)
         linked_types: dict[str, str] = {}
-        inputs = _step_inputs(node_id, definition, raw_inputs, prompt, registry, resources, errors, linked_types)
+        inputs = _step_inputs(node_id, definition, raw_inputs, prompt, raw_nodes, resources, errors, linked_types)
         if len(errors) == before:  # a custom check given incomplete inputs would only add noise
             _step_custom(node_id, definition, inputs, linked_types, errors)
         nodes[node_id] = NodeInstance(node_id, definition.name, inputs, title)
-    _step_cycles(nodes, errors)
+    try:
+        order = list(nx.topological_sort(links))  # linear; most graphs have no cycle
+    except nx.NetworkXUnfeasible:
+        _step_cycles(links, raw_nodes, errors)
+    else:
+        _step_sizes([node_id for node_id in order if node_id in nodes], nodes, registry, sizes, resources, errors)
     outputs = _step_outputs(nodes, registry, targets, errors)
     if errors:  # in node order (then in the order of the steps above); graph-wide problems last
         errors.sort(key=lambda e: (2, 0, "") if e.node_id is None else _id_order(e.node_id))
-        return ValidationResult(None, tuple(errors))
+        return ValidationResult(None, _capped(errors))
     return ValidationResult(Graph(nodes, outputs), ())
+
+
+def _capped(errors: list[ValidationError]) -> tuple[ValidationError, ...]:
+    if len(errors) <= MAX_ERRORS:
+        return tuple(errors)
+    rest = len(errors) - MAX_ERRORS
+    return (*errors[:MAX_ERRORS], ValidationError(
+        "too_many_errors", f"and {rest} more problem(s) not listed; fix these first and validate again",
+        extra={"not_listed": rest, "total": len(errors)}))
 
 
 def _step_structure(prompt: Mapping[str, Any], registry: NodeRegistry, errors: list[ValidationError]) -> dict:
     raw_nodes: dict[str, tuple] = {}
     for raw_id, raw in prompt.items():
         node_id = str(raw_id)
-        if not isinstance(raw, Mapping):
+        if not _is_mapping(raw):
             errors.append(ValidationError("invalid_node", "a node must be an object with class_type and inputs",
                                           node_id=node_id))
             continue
@@ -129,12 +176,12 @@ def _step_structure(prompt: Mapping[str, Any], registry: NodeRegistry, errors: l
                 "or fix the name (`sdgraph nodes` lists the known ones; `sdgraph nodes --errors` shows packs "
                 "that failed to load)", node_id=node_id, node_type=class_type))
         raw_inputs = raw.get("inputs", {})
-        if not isinstance(raw_inputs, Mapping):
+        if not _is_mapping(raw_inputs):
             errors.append(ValidationError("invalid_node", "inputs must be an object of name: value",
                                           node_id=node_id, node_type=class_type))
             raw_inputs = {}
         meta = raw.get("_meta")
-        title = meta.get("title") if isinstance(meta, Mapping) and isinstance(meta.get("title"), str) else None
+        title = meta.get("title") if _is_mapping(meta) and isinstance(meta.get("title"), str) else None
         raw_nodes[node_id] = (class_type, definition, raw_inputs, title)
     return raw_nodes
 
@@ -143,40 +190,54 @@ def _raw_link_sources(raw: tuple) -> list[str]:
     return [str(v[0]) for v in raw[2].values() if _is_link(v)]
 
 
-def _raw_ancestors(links: dict[str, list[str]], targets: list[str]) -> set[str]:
-    seen: set[str] = set()
-    stack = list(targets)
-    while stack:
-        node_id = stack.pop()
-        if node_id in seen or node_id not in links:
-            continue
-        seen.add(node_id)
-        stack.extend(links[node_id])
-    return seen
+_JSON_SCALARS = frozenset({str, int, float, bool, list, type(None)})
+
+
+def _is_mapping(value: Any) -> bool:
+    """isinstance(value, Mapping), with JSON's own types answered first (an ABC check is slow)."""
+    kind = type(value)
+    return kind is dict or (kind not in _JSON_SCALARS and isinstance(value, Mapping))
+
+
+_SEQUENCE = (list, tuple)  # isinstance with a tuple of types: twice as fast as with `list | tuple`
+_ID_TYPES = (str, int)
+_CONTAINER = (list, dict)
 
 
 def _is_link(value: Any) -> bool:
-    return (isinstance(value, list | tuple) and len(value) == 2 and isinstance(value[0], str | int)
-            and not isinstance(value[0], bool) and isinstance(value[1], int) and not isinstance(value[1], bool))
+    kind = type(value)
+    if kind is list or kind is tuple:  # JSON's own types first (most inputs are constants, checked 3 times)
+        if len(value) != 2:
+            return False
+        if type(value[1]) is int and type(value[0]) in _ID_TYPES:
+            return True
+    elif not isinstance(value, _SEQUENCE):
+        return False
+    return (len(value) == 2 and isinstance(value[0], _ID_TYPES) and not isinstance(value[0], bool)
+            and isinstance(value[1], int) and not isinstance(value[1], bool))
 
 
 def _step_inputs(node_id: str, definition: NodeDef, raw_inputs: Mapping[str, Any], prompt: Mapping[str, Any],
-                 registry: NodeRegistry, resources: Any, errors: list[ValidationError],
+                 raw_nodes: Mapping[str, tuple], resources: Any, errors: list[ValidationError],
                  linked_types: dict[str, str]) -> dict[str, Any]:
     def error(code: str, message: str, input_name: str | None, **extra: Any) -> None:
+        if "received_value" in extra:
+            extra["received_value"] = reply_value(extra["received_value"])
         errors.append(ValidationError(code, message, node_id, definition.name, input_name, extra=extra))
 
     # ComfyUI's VALIDATE_INPUTS takes over the range/option checks of the inputs it names, and the link type
     # checks when it asks for `input_types`.
     custom_names = _custom_check_names(definition)
     inputs: dict[str, Any] = {}
+    declared = definition.inputs_by_name
     for name in raw_inputs:
-        if definition.input(name) is None and not _frontend_extra(definition, name):
+        if name not in declared and not _frontend_extra(definition, name):
             known = ", ".join(definition.input_names) or "none"
             error("unknown_input", f"{definition.name} has no input {name!r} (its inputs: {known}); "
                   "remove it or fix its name", name, received_value=raw_inputs[name])
     for spec in definition.inputs:
-        if spec.name not in raw_inputs or raw_inputs[spec.name] is None:
+        value = raw_inputs.get(spec.name)
+        if value is None:
             if spec.has_default:
                 inputs[spec.name] = _default(spec)
             elif not spec.optional:
@@ -184,19 +245,18 @@ def _step_inputs(node_id: str, definition: NodeDef, raw_inputs: Mapping[str, Any
                 error("required_input_missing", f"required input {spec.name!r} ({spec.type}) is missing; {how}",
                       spec.name)
             continue
-        value = raw_inputs[spec.name]
         if _is_link(value):
-            link = _check_link(spec, value, prompt, registry, error, linked_types,
+            link = _check_link(spec, value, prompt, raw_nodes, error, linked_types,
                                check_type="input_types" not in custom_names)
             if link is not None:
                 inputs[spec.name] = link
             continue
-        if isinstance(value, Mapping) and "__value__" in value:
+        if _is_mapping(value) and "__value__" in value:
             value = copy.deepcopy(value["__value__"])
             if spec.type not in PRIMITIVE_TYPES:  # an explicit constant for a custom (widget) type
                 inputs[spec.name] = value
                 continue
-        elif isinstance(value, list | tuple) and spec.type != ANY:
+        elif isinstance(value, _SEQUENCE) and spec.type != ANY:
             if spec.type in PRIMITIVE_TYPES:
                 error("invalid_input_type", f"input {spec.name!r} got a list {_short(value)}: a link is "
                       '[node_id, output_index]; a list constant is written {"__value__": [...]}', spec.name,
@@ -212,7 +272,7 @@ def _step_inputs(node_id: str, definition: NodeDef, raw_inputs: Mapping[str, Any
                   received_value=value)
             continue
         try:
-            inputs[spec.name] = coerce_constant(spec, copy.deepcopy(value) if isinstance(value, list | dict)
+            inputs[spec.name] = coerce_constant(spec, copy.deepcopy(value) if isinstance(value, _CONTAINER)
                                                 else value, resources, check_limits=spec.name not in custom_names)
         except CoercionError as problem:
             extra = {"received_value": value}
@@ -246,19 +306,18 @@ def _frontend_extra(definition: NodeDef, name: str) -> bool:
 
 
 def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
+    return short_repr(value, 40)
 
 
-def _check_link(spec: Input, value: Sequence, prompt: Mapping[str, Any], registry: NodeRegistry,
+def _check_link(spec: Input, value: Sequence, prompt: Mapping[str, Any], raw_nodes: Mapping[str, tuple],
                 error, linked_types: dict[str, str], *, check_type: bool = True) -> Link | None:
     source, index = str(value[0]), value[1]
-    raw_source = prompt.get(source, prompt.get(value[0]) if not isinstance(value[0], str) else None)
-    if not isinstance(raw_source, Mapping):
+    parsed = raw_nodes.get(source)
+    if parsed is None and not _is_mapping(prompt.get(source, prompt.get(value[0]))):
         error("bad_linked_input", f"input {spec.name!r} is linked to node {source!r}, which is not in the graph; "
               "link it to an existing node", spec.name, linked_node=[source, index])
         return None
-    source_def = registry.get(str(raw_source.get("class_type")))
+    source_def = parsed[1] if parsed is not None else None
     if source_def is None:
         return Link(source, index)  # the source's own unknown_node_type error says what to fix
     if not 0 <= index < len(source_def.outputs):
@@ -303,21 +362,32 @@ def _step_custom(node_id: str, definition: NodeDef, inputs: dict[str, Any], link
                                       details=str(verdict)))
 
 
-def _step_cycles(nodes: Mapping[str, NodeInstance], errors: list[ValidationError]) -> None:
-    graph = nx.DiGraph()
-    graph.add_nodes_from(nodes)
-    graph.add_edges_from((link.source, inst.id) for inst in nodes.values() for _, link in inst.links()
-                         if link.source in nodes)
-    for component in nx.strongly_connected_components(graph):
+def _step_cycles(links: nx.DiGraph, raw_nodes: Mapping[str, tuple], errors: list[ValidationError]) -> None:
+    """One error per cycle, on its lowest node id, naming at most CYCLE_NAMES of its nodes."""
+    for component in nx.strongly_connected_components(links):
         if len(component) == 1:
             (only,) = component
-            if not graph.has_edge(only, only):
+            if not links.has_edge(only, only):
                 continue
-        members = sorted(component, key=_id_order)
-        for node_id in members:
-            errors.append(ValidationError(
-                "dependency_cycle", f"node {node_id} is part of a cycle ({' -> '.join(members)} -> {members[0]}); "
-                "break the cycle by removing one of these links", node_id, nodes[node_id].type))
+        first = min(component, key=_id_order)
+        path = cycle_through(links, component, first)
+        shown = " -> ".join(path[:CYCLE_NAMES]) + (f" -> ... ({len(path) - CYCLE_NAMES} more)"
+                                                    if len(path) > CYCLE_NAMES else f" -> {path[0]}")
+        others = f" ({len(component)} nodes depend on each other)" if len(component) > len(path) else ""
+        errors.append(ValidationError(
+            "dependency_cycle", f"node {first} is part of a cycle of {len(path)} node(s): {shown}{others}; "
+            "break the cycle by removing one of these links", first, raw_nodes[first][0],
+            extra={"cycle": path[:CYCLE_NAMES], "cycle_length": len(path), "component_size": len(component)}))
+
+
+def _step_sizes(order: list[str], nodes: Mapping[str, NodeInstance], registry: NodeRegistry, limits: SizeLimits,
+                resources: Any, errors: list[ValidationError]) -> None:
+    definitions = {inst.type: registry.get(inst.type) for inst in nodes.values()}
+    if all(definition.size_rule is None for definition in definitions.values()):
+        return  # nothing in the graph declares a size
+    for problem in propagate(order, nodes, definitions, limits, resources):
+        errors.append(ValidationError(problem.code, problem.message, problem.node_id, problem.node_type,
+                                      extra=problem.extra))
 
 
 def _step_outputs(nodes: Mapping[str, NodeInstance], registry: NodeRegistry, targets: Sequence[str] | None,
@@ -334,8 +404,3 @@ def _step_outputs(nodes: Mapping[str, NodeInstance], registry: NodeRegistry, tar
 
 def _id_order(node_id: str) -> tuple:
     return (0, int(node_id), "") if node_id.isascii() and node_id.isdecimal() else (1, 0, node_id)
-
-
-def plan_ids(graph: Graph) -> set[str]:
-    """Every node the graph's outputs need."""
-    return ancestors(graph.nodes, graph.outputs)

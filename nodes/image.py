@@ -14,15 +14,23 @@ from __future__ import annotations
 
 from engine import BOOLEAN, COMBO, FLOAT, INT, Input, Output, node
 
-MAX_RESOLUTION = 16384
-UPSCALE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic", "lanczos")
-CROP_METHODS = ("disabled", "center")
+from .pixels import (
+    CROP_METHODS,
+    MAX_RESOLUTION,
+    UPSCALE_METHODS,
+    image_scale_by_size,
+    image_scale_size,
+    placement_inputs,
+    same_as_destination,
+    same_as_image,
+    scaled_size,
+)
 
 _METHOD = Input("upscale_method", COMBO, options=UPSCALE_METHODS, default="nearest-exact",
                 tooltip="lanczos resizes 8-bit copies with Pillow; the others interpolate the floats with torch")
 
 
-@node("ImageScale", category="image/upscaling", display_name="Upscale Image",
+@node("ImageScale", category="image/upscaling", display_name="Upscale Image", size_rule=image_scale_size,
       inputs=[Input("image", "IMAGE"), _METHOD,
               Input("width", INT, default=512, min=0, max=MAX_RESOLUTION, step=1,
                     tooltip="0 keeps the aspect ratio from the height"),
@@ -38,11 +46,11 @@ def image_scale(ctx, image, upscale_method, width, height, crop):
     if width == 0 and height == 0:
         return image
     image = imaging.image_batch(image)
-    width, height = imaging.scaled_size(width, height, image.shape[2], image.shape[1])
+    width, height = scaled_size(width, height, image.shape[2], image.shape[1])
     return imaging.upscale(image.movedim(-1, 1), width, height, upscale_method, crop).movedim(1, -1).contiguous()
 
 
-@node("ImageScaleBy", category="image/upscaling", display_name="Upscale Image By",
+@node("ImageScaleBy", category="image/upscaling", display_name="Upscale Image By", size_rule=image_scale_by_size,
       inputs=[Input("image", "IMAGE"), _METHOD,
               Input("scale_by", FLOAT, default=1.0, min=0.01, max=8.0, step=0.01)],
       outputs=[Output("IMAGE", "IMAGE")])
@@ -56,19 +64,15 @@ def image_scale_by(ctx, image, upscale_method, scale_by):
     return imaging.upscale(image.movedim(-1, 1), width, height, upscale_method).movedim(1, -1).contiguous()
 
 
-@node("ImageInvert", category="image", display_name="Invert Image",
+@node("ImageInvert", category="image", display_name="Invert Image", size_rule=same_as_image,
       inputs=[Input("image", "IMAGE")], outputs=[Output("IMAGE", "IMAGE")])
 def image_invert(ctx, image):
     """1 - pixel, for every channel."""
     return 1.0 - image
 
 
-@node("ImageCompositeMasked", category="image",
-      inputs=[Input("destination", "IMAGE"), Input("source", "IMAGE"),
-              Input("x", INT, default=0, min=-MAX_RESOLUTION, max=MAX_RESOLUTION, step=1,
-                    tooltip="left edge of the source on the destination; negative or past the edge is clipped"),
-              Input("y", INT, default=0, min=-MAX_RESOLUTION, max=MAX_RESOLUTION, step=1,
-                    tooltip="top edge of the source on the destination"),
+@node("ImageCompositeMasked", category="image", size_rule=same_as_destination,
+      inputs=[Input("destination", "IMAGE"), Input("source", "IMAGE"), *placement_inputs(),
               Input("resize_source", BOOLEAN, default=False,
                     tooltip="stretch the source (bilinear) to the destination's size first"),
               Input("mask", "MASK", optional=True,

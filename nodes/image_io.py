@@ -25,8 +25,10 @@ from pathlib import Path
 
 from engine import COMBO, STRING, Input, Output, Result, node
 from engine.files import atomic_write
+from engine.sizes import Size
 
 from .folders import UnsafePathError
+from .pixels import image_file_size
 
 MASK_CHANNELS = ("alpha", "red", "green", "blue")
 SAVE_COMPRESS_LEVEL = 4  # ComfyUI's levels, so our PNGs are byte for byte what ComfyUI writes
@@ -52,11 +54,28 @@ def _file_digest(resources, image):
     return digest.hexdigest()
 
 
+def _loaded_size(image, resources):
+    """Size rule: the file's size from its header (frames, height, width); unknown without folders."""
+    folders = getattr(resources, "folders", None)
+    if folders is None:
+        return None
+    try:
+        path = folders.input_path(image)
+    except Exception:  # a name the folders refuse: its own error says why when the node runs
+        return None
+    return image_file_size(path)
+
+
+def _loaded_mask_size(image, resources):
+    size = _loaded_size(image, resources)
+    return None if size is None else Size(1, size.height, size.width)
+
+
 _IMAGE_INPUT = Input("image", COMBO, options=_input_names, extra={"image_upload": True},
                      tooltip="an image file in input/")
 
 
-@node("LoadImage", category="image", display_name="Load Image", fingerprint=_file_digest,
+@node("LoadImage", category="image", display_name="Load Image", fingerprint=_file_digest, size_rule=_loaded_size,
       inputs=[_IMAGE_INPUT], outputs=[Output("IMAGE", "IMAGE"), Output("MASK", "MASK")])
 def load_image(ctx, image):
     """Load an image from input/, upright by its EXIF orientation. Animated files give one batch item per frame
@@ -69,6 +88,7 @@ def load_image(ctx, image):
 
 
 @node("LoadImageMask", category="mask", display_name="Load Image (as Mask)", fingerprint=_file_digest,
+      size_rule=_loaded_mask_size,
       inputs=[_IMAGE_INPUT, Input("channel", COMBO, options=MASK_CHANNELS, default="alpha")],
       outputs=[Output("MASK", "MASK")])
 def load_image_mask(ctx, image, channel):

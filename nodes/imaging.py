@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, ImageSequence, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
-from .image import UPSCALE_METHODS
-from .mask import MASK_OPERATIONS
+from diffusion.denoisers import repeat_to_batch_size
+
+from .pixels import MASK_OPERATIONS, UPSCALE_METHODS
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
@@ -46,17 +47,6 @@ def mask_batch(mask: torch.Tensor, what: str = "mask") -> torch.Tensor:
     return mask.reshape(-1, mask.shape[-2], mask.shape[-1])
 
 
-def repeat_to_batch(tensor: torch.Tensor, size: int) -> torch.Tensor:
-    """Cut or tile along the first axis to `size` items (ComfyUI's repeat_to_batch_size)."""
-    have = tensor.shape[0]
-    if have > size:
-        return tensor[:size]
-    if have < size:
-        reps = [math.ceil(size / have)] + [1] * (tensor.dim() - 1)
-        return tensor.repeat(reps)[:size]
-    return tensor
-
-
 def fit_channels(destination: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
     """`source` [...,C] with the destination's channel count: extra channels dropped, a missing alpha added as
     opaque (ComfyUI pads the destination instead, which breaks the composite; we pad the source)."""
@@ -70,15 +60,6 @@ def fit_channels(destination: torch.Tensor, source: torch.Tensor) -> torch.Tenso
 
 
 # --- resizing ------------------------------------------------------------------------------------------------
-
-def scaled_size(width: int, height: int, old_width: int, old_height: int) -> tuple[int, int]:
-    """ImageScale's rule: a zero side follows the aspect ratio of the other (at least 1 pixel)."""
-    if width == 0:
-        width = max(1, round(old_width * height / old_height))
-    elif height == 0:
-        height = max(1, round(old_height * width / old_width))
-    return width, height
-
 
 def center_crop_offsets(old_width: int, old_height: int, width: int, height: int) -> tuple[int, int]:
     """Pixels to cut from each side so the aspect ratio matches width:height (ComfyUI's common_upscale)."""
@@ -159,7 +140,7 @@ def composite(destination: torch.Tensor, source: torch.Tensor, x: int, y: int, m
     source = source.to(destination.device, destination.dtype)
     if resize_source:
         source = F.interpolate(source, size=destination.shape[-2:], mode="bilinear")
-    source = repeat_to_batch(source, destination.shape[0])
+    source = repeat_to_batch_size(source, destination.shape[0])
     h, w = source.shape[-2:]
     x = max(-w * multiplier, min(x, destination.shape[-1] * multiplier))
     y = max(-h * multiplier, min(y, destination.shape[-2] * multiplier))
@@ -167,7 +148,7 @@ def composite(destination: torch.Tensor, source: torch.Tensor, x: int, y: int, m
         mask = mask_batch(mask).to(destination.device, destination.dtype).unsqueeze(1)
         if mask.shape[-2:] != (h, w):
             mask = F.interpolate(mask, size=(h, w), mode="bilinear")
-        mask = repeat_to_batch(mask, source.shape[0])
+        mask = repeat_to_batch_size(mask, source.shape[0])
     return paste(destination, source, x // multiplier, y // multiplier, mask)
 
 
@@ -179,8 +160,8 @@ def combine_masks(destination: torch.Tensor, source: torch.Tensor, x: int, y: in
     destination = mask_batch(destination, "destination")
     source = mask_batch(source, "source").to(destination.device, destination.dtype)
     batch = max(destination.shape[0], source.shape[0])
-    out = repeat_to_batch(destination, batch).clone()
-    source = repeat_to_batch(source, batch)
+    out = repeat_to_batch_size(destination, batch).clone()
+    source = repeat_to_batch_size(source, batch)
     h, w = source.shape[-2:]
     y0, sy, rows = _overlap(y, h, out.shape[-2])
     x0, sx, cols = _overlap(x, w, out.shape[-1])

@@ -3,8 +3,26 @@
 from __future__ import annotations
 
 from engine import INT, Input, Output, node
+from engine.sizes import Size
 
-MAX_RESOLUTION = 16384
+from .pixels import LATENT_FACTOR, MAX_RESOLUTION
+
+
+def _whole_cells(size: Size) -> Size:
+    """A size cut to whole latent cells (the VAE centre-crops pixels to a multiple of its factor)."""
+    return Size(size.batch, size.height // LATENT_FACTOR * LATENT_FACTOR, size.width // LATENT_FACTOR * LATENT_FACTOR)
+
+
+def _empty_latent_size(width, height, batch_size):
+    return _whole_cells(Size(batch_size, height, width))
+
+
+def _size_of_samples(samples):
+    return samples
+
+
+def _encoded_size(pixels):
+    return _whole_cells(pixels)
 
 
 def multiple_of_8(**sizes: int) -> bool | str:
@@ -22,6 +40,7 @@ def _check_empty_latent(width, height):
 
 @node("EmptyLatentImage", category="latent", display_name="Empty Latent Image",
       description="A batch of zero latents: the start of txt2img.", validate=_check_empty_latent,
+      size_rule=_empty_latent_size,
       inputs=[Input("width", INT, default=512, min=16, max=MAX_RESOLUTION, step=8, tooltip="pixels, multiple of 8"),
               Input("height", INT, default=512, min=16, max=MAX_RESOLUTION, step=8, tooltip="pixels, multiple of 8"),
               Input("batch_size", INT, default=1, min=1, max=4096)],
@@ -34,6 +53,7 @@ def empty_latent_image(ctx, width, height, batch_size):
 
 
 @node("VAEDecode", category="latent", display_name="VAE Decode", description="Latents to pixels.",
+      size_rule=_size_of_samples,
       inputs=[Input("samples", "LATENT"), Input("vae", "VAE")], outputs=[Output("IMAGE", "IMAGE")])
 def vae_decode(ctx, samples, vae):
     working = vae.decode_working_bytes(tuple(samples.samples.shape))
@@ -46,7 +66,7 @@ def _encode(ctx, vae, pixels):
         return vae.encode(pixels, network)
 
 
-@node("VAEEncode", category="latent", display_name="VAE Encode",
+@node("VAEEncode", category="latent", display_name="VAE Encode", size_rule=_encoded_size,
       description="Pixels to latents (the image is centre-cropped to a multiple of 8).",
       inputs=[Input("pixels", "IMAGE"), Input("vae", "VAE")], outputs=[Output("LATENT", "LATENT")])
 def vae_encode(ctx, pixels, vae):
@@ -55,6 +75,7 @@ def vae_encode(ctx, pixels, vae):
 
 
 @node("VAEEncodeForInpaint", category="latent/inpaint", display_name="VAE Encode (for Inpainting)",
+      size_rule=_encoded_size,
       description="Encode pixels with the masked area set to grey, and attach the (grown) mask as the noise mask. "
                   "Meant for inpainting models; with ordinary models use VAEEncode + SetLatentNoiseMask.",
       inputs=[Input("pixels", "IMAGE"), Input("vae", "VAE"), Input("mask", "MASK"),
@@ -81,6 +102,7 @@ def vae_encode_for_inpaint(ctx, pixels, vae, mask, grow_mask_by):
 
 
 @node("SetLatentNoiseMask", category="latent/inpaint", display_name="Set Latent Noise Mask",
+      size_rule=_size_of_samples,
       description="Attach a mask to latents: sampling then repaints only where the mask is 1 and keeps every "
                   "other latent value exactly (training-free inpainting).",
       inputs=[Input("samples", "LATENT"), Input("mask", "MASK")], outputs=[Output("LATENT", "LATENT")])

@@ -15,22 +15,25 @@ from __future__ import annotations
 
 from engine import BOOLEAN, COMBO, FLOAT, INT, Input, Output, node
 
-from .image import MAX_RESOLUTION
-
-MASK_OPERATIONS = ("multiply", "add", "subtract", "and", "or", "xor")
-CHANNELS = ("red", "green", "blue", "alpha")
+from .pixels import (
+    IMAGE_CHANNELS,
+    MASK_OPERATIONS,
+    MAX_RESOLUTION,
+    crop_mask_size,
+    mask_composite_size,
+    placement_inputs,
+    same_as_image,
+    same_as_mask,
+    solid_mask_size,
+)
 
 
 def _edge(name: str, tooltip: str) -> Input:
     return Input(name, INT, default=0, min=0, max=MAX_RESOLUTION, step=1, tooltip=tooltip)
 
 
-@node("MaskComposite", category="mask",
-      inputs=[Input("destination", "MASK"), Input("source", "MASK"),
-              Input("x", INT, default=0, min=-MAX_RESOLUTION, max=MAX_RESOLUTION, step=1,
-                    tooltip="left edge of the source on the destination; negative or past the edge is clipped"),
-              Input("y", INT, default=0, min=-MAX_RESOLUTION, max=MAX_RESOLUTION, step=1,
-                    tooltip="top edge of the source on the destination"),
+@node("MaskComposite", category="mask", size_rule=mask_composite_size,
+      inputs=[Input("destination", "MASK"), Input("source", "MASK"), *placement_inputs(),
               Input("operation", COMBO, options=MASK_OPERATIONS, default="multiply",
                     tooltip="and/or/xor treat values as 0 or 1 (rounded)")],
       outputs=[Output("MASK", "MASK")])
@@ -41,7 +44,7 @@ def mask_composite(ctx, destination, source, x, y, operation):
     return imaging.combine_masks(destination, source, x, y, operation)
 
 
-@node("SolidMask", category="mask",
+@node("SolidMask", category="mask", size_rule=solid_mask_size,
       inputs=[Input("value", FLOAT, default=1.0, min=0.0, max=1.0, step=0.01),
               Input("width", INT, default=512, min=1, max=MAX_RESOLUTION, step=1),
               Input("height", INT, default=512, min=1, max=MAX_RESOLUTION, step=1)],
@@ -53,7 +56,8 @@ def solid_mask(ctx, value, width, height):
     return torch.full((1, height, width), value, dtype=torch.float32)
 
 
-@node("InvertMask", category="mask", inputs=[Input("mask", "MASK")], outputs=[Output("MASK", "MASK")])
+@node("InvertMask", category="mask", size_rule=same_as_mask, inputs=[Input("mask", "MASK")],
+      outputs=[Output("MASK", "MASK")])
 def invert_mask(ctx, mask):
     """1 - mask."""
     from . import imaging
@@ -61,7 +65,7 @@ def invert_mask(ctx, mask):
     return 1.0 - imaging.mask_batch(mask)
 
 
-@node("CropMask", category="mask",
+@node("CropMask", category="mask", size_rule=crop_mask_size,
       inputs=[Input("mask", "MASK"),
               Input("x", INT, default=0, min=0, max=MAX_RESOLUTION, step=1),
               Input("y", INT, default=0, min=0, max=MAX_RESOLUTION, step=1),
@@ -80,7 +84,7 @@ def crop_mask(ctx, mask, x, y, width, height):
     return mask[:, y:y + height, x:x + width].clone()
 
 
-@node("FeatherMask", category="mask",
+@node("FeatherMask", category="mask", size_rule=same_as_mask,
       inputs=[Input("mask", "MASK"),
               _edge("left", "pixels faded in from the left edge"), _edge("top", "pixels faded in from the top"),
               _edge("right", "pixels faded in from the right edge"),
@@ -94,7 +98,7 @@ def feather_mask(ctx, mask, left, top, right, bottom):
     return imaging.feather(mask, left, top, right, bottom)
 
 
-@node("GrowMask", category="mask",
+@node("GrowMask", category="mask", size_rule=same_as_mask,
       inputs=[Input("mask", "MASK"),
               Input("expand", INT, default=0, min=-MAX_RESOLUTION, max=MAX_RESOLUTION, step=1,
                     tooltip="pixels to grow by; negative shrinks"),
@@ -108,7 +112,7 @@ def grow_mask(ctx, mask, expand, tapered_corners):
     return imaging.grow(mask, expand, tapered_corners)
 
 
-@node("ThresholdMask", category="mask",
+@node("ThresholdMask", category="mask", size_rule=same_as_mask,
       inputs=[Input("mask", "MASK"), Input("value", FLOAT, default=0.5, min=0.0, max=1.0, step=0.01)],
       outputs=[Output("MASK", "MASK")])
 def threshold_mask(ctx, mask, value):
@@ -118,22 +122,22 @@ def threshold_mask(ctx, mask, value):
     return (imaging.mask_batch(mask) > value).float()
 
 
-@node("ImageToMask", category="mask", display_name="Convert Image to Mask",
-      inputs=[Input("image", "IMAGE"), Input("channel", COMBO, options=CHANNELS, default="red")],
+@node("ImageToMask", category="mask", display_name="Convert Image to Mask", size_rule=same_as_image,
+      inputs=[Input("image", "IMAGE"), Input("channel", COMBO, options=IMAGE_CHANNELS, default="red")],
       outputs=[Output("MASK", "MASK")])
 def image_to_mask(ctx, image, channel):
     """One channel of the image as a mask (alpha as it is, not inverted)."""
     from . import imaging
 
     image = imaging.image_batch(image)
-    index = CHANNELS.index(channel)
+    index = IMAGE_CHANNELS.index(channel)
     if index >= image.shape[-1]:
         raise ValueError(f"ImageToMask: the image has {image.shape[-1]} channels, so it has no {channel} channel; "
                          "choose red, green or blue, or feed an image with alpha (RGBA)")
     return image[..., index].clone()
 
 
-@node("MaskToImage", category="mask", display_name="Convert Mask to Image",
+@node("MaskToImage", category="mask", display_name="Convert Mask to Image", size_rule=same_as_mask,
       inputs=[Input("mask", "MASK")], outputs=[Output("IMAGE", "IMAGE")])
 def mask_to_image(ctx, mask):
     """A grey RGB image with the mask's values in all three channels."""

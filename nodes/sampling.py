@@ -11,6 +11,11 @@ SEED_MAX = 0xFFFF_FFFF_FFFF_FFFF
 MODEL_INPUT = Input("model", "MODEL", tooltip="the model that predicts noise")
 
 
+def _latent_size(latent_image):
+    """Sampling keeps the latent's size (validation bounds it: engine/sizes.py)."""
+    return latent_image
+
+
 def _common_inputs(seed_name: str) -> list[Input]:
     return [
         Input(seed_name, INT, default=0, min=0, max=SEED_MAX, control_after_generate=True,
@@ -47,7 +52,7 @@ def _run(ctx, model, latent_image, positive, negative, **settings):
         return sample(model.eps_function(unet), latent_image, positive, negative, callback=report, **settings)
 
 
-@node("KSampler", category="sampling",
+@node("KSampler", category="sampling", size_rule=_latent_size,
       description="Denoise a latent: txt2img from an empty latent, img2img with denoise < 1, inpainting when "
                   "the latent carries a noise mask.",
       inputs=[MODEL_INPUT, *_common_inputs("seed"),
@@ -59,7 +64,7 @@ def ksampler(ctx, model, seed, steps, cfg, sampler_name, scheduler, positive, ne
                 sampler_name=sampler_name, scheduler=scheduler, denoise=denoise)
 
 
-@node("KSamplerAdvanced", category="sampling", display_name="KSampler (Advanced)",
+@node("KSamplerAdvanced", category="sampling", display_name="KSampler (Advanced)", size_rule=_latent_size,
       description="KSampler with control over the step range and the noise: run steps start_at_step to "
                   "end_at_step of the schedule, optionally without adding noise or leaving the rest of the "
                   "noise in (to hand over to another sampler).",

@@ -63,7 +63,7 @@ class Service:
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.hub = Hub(loop, outbox_size=self.limits.ws_outbox, max_clients=self.limits.max_ws_clients)
         self.worker = Worker(store=self.store, executor=self.executor, registry=self.registry, hub=self.hub,
-                             on_queue_change=self.status_changed)
+                             on_queue_change=self.status_changed, sizes=self.limits.sizes)
         self.worker.start()
 
     async def stop(self, *, close_store: bool = True) -> None:
@@ -104,7 +104,8 @@ class Service:
                                    f"most {self.limits.max_nodes} (--max-nodes)", node_errors={})
         targets = body.partial_execution_targets
         try:
-            result = await self.call(validate, prompt, self.registry, targets=targets, resources=self.runtime)
+            result = await self.call(validate, prompt, self.registry, targets=targets, resources=self.runtime,
+                                     sizes=self.limits.sizes)
         except (Exception, RecursionError) as exc:  # a bug in a check must not become a 500 or reach the worker
             log.exception("validating a prompt raised")
             return 400, error_body("exception_during_validation", f"checking the prompt failed with "

@@ -17,6 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from engine import CancelToken, Executor, NodeRegistry, RunReport, validate
 from engine.events import Event
+from engine.sizes import DEFAULT_SIZE_LIMITS, SizeLimits
 
 from .hub import Hub
 from .messages import RunMessages, history_entry, preview_frame, ws_text
@@ -43,8 +44,9 @@ class _Current:
 
 class Worker:
     def __init__(self, *, store: QueueStore, executor: Executor, registry: NodeRegistry, hub: Hub,
-                 on_queue_change: Callable[[], None] | None = None):
+                 on_queue_change: Callable[[], None] | None = None, sizes: SizeLimits = DEFAULT_SIZE_LIMITS):
         self.store = store
+        self.sizes = sizes
         self.executor = executor
         self.registry = registry
         self.hub = hub
@@ -151,7 +153,8 @@ class Worker:
         with self._lock:
             self._current = current
         messages = RunMessages(item.prompt_id)
-        result = validate(item.prompt, self.registry, targets=item.outputs or None, resources=self.executor.resources)
+        result = validate(item.prompt, self.registry, targets=item.outputs or None, resources=self.executor.resources,
+                          sizes=self.sizes)
         if not result.ok:  # valid when queued, no longer (a file was removed, a node pack changed)
             first = result.errors[0]
             self._record_failure(item, messages, "ValidationError", "; ".join(str(e) for e in result.errors[:20]),

@@ -266,10 +266,11 @@ def test_the_tutorial_code_works(example_registry):
     from engine import Executor, validate
     text = (REPO / "docs" / "custom-nodes.md").read_text()
     blocks = _python_blocks(text)
-    assert len(blocks) == 4
+    assert len(blocks) == 5
     namespace: dict = {}
-    for block in blocks:  # the declaration, the lazy switch, TYPES, the test: all run as written
+    for block in blocks:  # the declaration, the size rule, the lazy switch, TYPES, the test: all run as written
         exec(compile(block, "custom-nodes.md", "exec"), namespace)
+    assert namespace["tile"].size_rule(image=namespace["Size"](1, 2, 3), times=2) == namespace["Size"](1, 4, 6)
     example_registry.register(namespace["scale_number"])
     graph = json.loads(text.split("```json")[1].split("```")[0])
     result = validate(graph, example_registry)

@@ -89,3 +89,31 @@ def test_an_unchanged_graph_reruns_nothing(api):
     assert second.executed == []
     assert executor.resources.calls == calls
     assert second.ui == first.ui
+
+
+@st.composite
+def tangles(draw) -> dict:
+    """A random graph of Add nodes whose links may point anywhere, so cycles of every shape occur."""
+    size = draw(st.integers(min_value=1, max_value=14))
+    link = st.one_of(st.integers(-5, 5), st.integers(0, size - 1).map(lambda j: [str(j), 0]))
+    api = {str(i): {"class_type": "Add", "inputs": {"a": draw(link), "b": draw(link)}} for i in range(size)}
+    api["show"] = {"class_type": "Show", "inputs": {"value": ["0", 0]}}
+    return api
+
+
+@settings(max_examples=150, deadline=None)
+@given(api=tangles())
+def test_each_cycle_is_reported_once_with_a_real_cycle(api):
+    """Issue #11: one dependency_cycle error per strongly connected tangle, naming a cycle that exists."""
+    import networkx as nx
+
+    graph = nx.DiGraph((value[0], node_id) for node_id, entry in api.items()
+                       for value in entry["inputs"].values() if isinstance(value, list))
+    tangled = [c for c in nx.strongly_connected_components(graph)
+               if len(c) > 1 or any(graph.has_edge(n, n) for n in c)]
+    errors = [e for e in validate(api, REGISTRY).errors if e.code == "dependency_cycle"]
+    assert len(errors) == len(tangled)
+    for error in errors:
+        path = error.extra["cycle"]
+        assert path[0] == error.node_id and len(path) == error.extra["cycle_length"]
+        assert all(graph.has_edge(a, b) for a, b in zip(path, path[1:] + path[:1], strict=True))

@@ -135,3 +135,46 @@ def test_accepted_kwargs():
 
     assert accepted_kwargs(some, {"a": 1, "b": 2, "c": 3}) == {"a": 1, "b": 2}
     assert accepted_kwargs(every, {"a": 1, "c": 3}) == {"a": 1, "c": 3}
+
+
+# -- issue #11: the Input list and the function's parameters declare the inputs twice; they must agree -------------
+
+def _with_fn(fn, *inputs: Input) -> NodeDef:
+    return NodeDef("Probe", fn, inputs=tuple(inputs), outputs=ONE_OUTPUT, source="tests.probe")
+
+
+def test_a_declared_input_the_function_does_not_take_is_refused_naming_node_and_input():
+    with pytest.raises(NodeDefinitionError, match=r"node 'Probe' \(tests.probe\): input 'b' is declared but its "
+                                                  r"function has no parameter 'b'"):
+        check_definition(_with_fn(lambda ctx, a: a, Input("a", INT), Input("b", INT)))
+    with pytest.raises(NodeDefinitionError, match="input 'b' is declared"):  # @node checks it too
+        @node("Probe", inputs=[Input("a", INT), Input("b", INT)], outputs=list(ONE_OUTPUT))
+        def probe(ctx, a):
+            return a
+
+
+def test_a_parameter_without_default_that_is_no_input_is_refused():
+    with pytest.raises(NodeDefinitionError, match="parameter 'c' is not a declared input and has no default"):
+        check_definition(_with_fn(lambda ctx, a, c: a, Input("a", INT)))
+    check_definition(_with_fn(lambda ctx, a, c=1: a, Input("a", INT)))  # a default makes it the function's own
+
+
+def test_an_optional_input_without_default_needs_a_parameter_default():
+    with pytest.raises(NodeDefinitionError, match="optional input 'm' may be left unconnected.*write m=None"):
+        check_definition(_with_fn(lambda ctx, m: m, Input("m", "MASK", optional=True)))
+    check_definition(_with_fn(lambda ctx, m=None: m, Input("m", "MASK", optional=True)))
+    check_definition(_with_fn(lambda ctx, m: m, Input("m", INT, optional=True, default=1)))
+
+
+def test_the_function_takes_the_context_first_and_inputs_by_name():
+    with pytest.raises(NodeDefinitionError, match="must take the run context first"):
+        check_definition(_with_fn(lambda **values: 0, Input("a", INT)))
+    with pytest.raises(NodeDefinitionError, match="takes 'a' by position only"):
+        def positional(ctx, a, /):
+            return a
+        check_definition(_with_fn(positional, Input("a", INT)))
+    check_definition(_with_fn(lambda ctx, **values: 0, Input("a", INT), Input("b", INT)))  # **kwargs takes all
+
+
+def test_adapted_comfy_classes_are_not_compared_with_their_signature():
+    check_definition(replace(_with_fn(lambda ctx: 0, Input("a", INT)), origin="comfy_v1"))

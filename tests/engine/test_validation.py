@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import sys
 import time
 
@@ -138,7 +139,7 @@ def test_prompt_no_outputs(reg):
     assert _codes(unknown) == [("unknown_node_type", "1", None)]
 
 
-def test_dependency_cycle_names_every_member_and_only_them(reg):
+def test_each_dependency_cycle_is_one_error_naming_its_members_in_order(reg):
     api = {"1": {"class_type": "Add", "inputs": {"a": ["3", 0]}},
            "2": {"class_type": "Add", "inputs": {"a": ["1", 0]}},
            "3": {"class_type": "Add", "inputs": {"a": ["2", 0]}},
@@ -146,11 +147,12 @@ def test_dependency_cycle_names_every_member_and_only_them(reg):
            "5": {"class_type": "Show", "inputs": {"value": ["3", 0]}},
            "6": {"class_type": "Show", "inputs": {"value": ["4", 0]}}}
     result = validate(api, reg)
-    assert _codes(result) == [("dependency_cycle", n, None) for n in "1234"]
+    assert _codes(result) == [("dependency_cycle", "1", None), ("dependency_cycle", "4", None)]
     messages = {e.node_id: e.message for e in result.errors}
-    assert messages["2"] == ("node 2 is part of a cycle (1 -> 2 -> 3 -> 1); break the cycle by removing one of "
-                             "these links")
-    assert "(4 -> 4)" in messages["4"]
+    assert messages["1"] == ("node 1 is part of a cycle of 3 node(s): 1 -> 2 -> 3 -> 1; break the cycle by "
+                             "removing one of these links")
+    assert "cycle of 1 node(s): 4 -> 4;" in messages["4"]
+    assert result.errors[0].extra == {"cycle": ["1", "2", "3"], "cycle_length": 3, "component_size": 3}
 
 
 def test_unknown_node_type_and_unknown_input(reg):
@@ -185,7 +187,7 @@ def test_every_problem_is_reported_at_once(reg):
     assert result.graph is None and not result.ok
     assert _codes(result) == [
         ("bad_linked_input", "3", "b"), ("custom_validation_failed", "8", None),
-        ("dependency_cycle", "5", None), ("dependency_cycle", "6", None), ("invalid_input_type", "4", "upper"),
+        ("dependency_cycle", "5", None), ("invalid_input_type", "4", "upper"),
         ("unknown_input", "3", "c"), ("unknown_node_type", "2", None), ("value_bigger_than_max", "1", "value")]
 
 
@@ -293,4 +295,79 @@ def test_a_5000_long_chain_stays_clear_of_the_recursion_limit(reg, counter):
     assert report.ok and report.ui["4999"] == {"text": [str(expected)]}
     cycle = _chain(5000)
     cycle["0"] = {"class_type": "Add", "inputs": {"a": ["4998", 0]}}
-    assert len(validate(cycle, reg).errors) == 4999  # every member of the long cycle
+    (error,) = validate(cycle, reg).errors  # one error for the whole cycle
+    assert error.extra["cycle_length"] == 4999
+
+
+def _ring(n: int) -> dict:
+    """A chain whose first node reads the last Add: one cycle of n - 1 nodes (the Show hangs off it)."""
+    api = _chain(n)
+    api["0"] = {"class_type": "Add", "inputs": {"a": [str(n - 2), 0]}}
+    return api
+
+
+def test_a_9999_node_cycle_is_one_short_error(reg):
+    """Issue #11: a 9,999-node cycle made one error per member (a reply of hundreds of MB)."""
+    result = validate(_ring(10_000), reg)
+    (error,) = result.errors
+    assert (error.code, error.node_id) == ("dependency_cycle", "0")
+    assert error.message.startswith("node 0 is part of a cycle of 9999 node(s): 0 -> 1 -> 2 -> ")
+    assert " -> 29 -> ... (9969 more); break the cycle" in error.message
+    assert error.extra["cycle"] == [str(i) for i in range(30)] and error.extra["cycle_length"] == 9999
+    assert len(json.dumps([e.as_dict() for e in result.errors])) < 2000
+
+
+def test_a_cycle_shorter_than_its_component_says_how_many_nodes_are_tangled(reg):
+    api = {"1": {"class_type": "Add", "inputs": {"a": ["2", 0], "b": ["3", 0]}},
+           "2": {"class_type": "Add", "inputs": {"a": ["1", 0]}},
+           "3": {"class_type": "Add", "inputs": {"a": ["2", 0]}},
+           "4": {"class_type": "Show", "inputs": {"value": ["1", 0]}}}
+    (error,) = validate(api, reg).errors
+    assert "cycle of 2 node(s): 1 -> 2 -> 1 (3 nodes depend on each other)" in error.message
+
+
+def test_at_most_100_errors_then_one_that_counts_the_rest(reg):
+    api = {str(i): {"class_type": "Const", "inputs": {"value": 5000}} for i in range(1000)}
+    api["show"] = {"class_type": "Show", "inputs": {"value": ["0", 0]}}
+    errors = validate(api, reg).errors
+    assert len(errors) == 101 and {e.code for e in errors[:100]} == {"value_bigger_than_max"}
+    assert errors[-1].code == "too_many_errors" and errors[-1].extra == {"not_listed": 900, "total": 1000}
+    assert errors[-1].message.startswith("and 900 more problem(s) not listed")
+
+
+def test_a_huge_received_value_is_not_echoed_whole(reg):
+    huge = ["x"] * 1_000_000
+    api = {"1": {"class_type": "Const", "inputs": {"value": huge, "extra": "y" * 1_000_000}},
+           "2": {"class_type": "Show", "inputs": {"value": ["1", 0]}}}
+    result = validate(api, reg)
+    assert _codes(result) == [("invalid_input_type", "1", "value"), ("unknown_input", "1", "extra")]
+    assert len(json.dumps([e.as_dict() for e in result.errors])) < 2000
+    api["1"]["inputs"] = {"value": [1, 2, 3]}
+    (small,) = validate(api, reg).errors
+    assert small.extra["received_value"] == [1, 2, 3]  # small values are echoed as received
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", ["chain", "cycle"])
+def test_100000_nodes_validate_in_under_2_seconds(reg, shape):
+    """Issue #11: any graph of up to 100,000 nodes is validated in under 2 s (linear steps only)."""
+    api = _chain(100_000) if shape == "chain" else _ring(100_000)
+    started = time.perf_counter()
+    result = validate(api, reg)
+    elapsed = time.perf_counter() - started
+    assert result.ok if shape == "chain" else [e.code for e in result.errors] == ["dependency_cycle"]
+    assert elapsed < 2.0, f"validation of a 100,000-node {shape} took {elapsed:.2f} s"
+
+
+def test_needed_walks_from_every_target_at_once_without_recursion(reg):
+    """Issue #11: ancestor walks are networkx breadth-first searches (linear, no recursion)."""
+    from engine.graph import ancestors, dependency_graph, needed
+
+    n = 50_000
+    edges = [(str(i - 1), str(i)) for i in range(1, n)] + [("side", "7")]
+    graph = dependency_graph(edges, {*map(str, range(n)), "side", "alone"})
+    assert needed(graph, ["3", "nope"]) == {"0", "1", "2", "3"}
+    assert needed(graph, ["8", "alone"]) == {*map(str, range(9)), "side", "alone"}
+    assert len(needed(graph, [str(n - 1)])) == n + 1 and needed(graph, []) == set()
+    result = validate(_chain(20), reg, targets=["5"])
+    assert ancestors(result.graph.nodes, ["5"]) == set(result.graph.nodes) == {*map(str, range(6))}

@@ -1,0 +1,93 @@
+"""What the image, mask and latent nodes share without torch: option tables, the resolution bound, the x/y
+placement inputs, and the size rules validation runs before anything does (engine/sizes.py).
+
+nodes/image.py, nodes/mask.py, nodes/latent.py and nodes/imaging.py import from here; this module imports none of
+them, so they form no import circle. Sizes are Size(batch, height, width) in pixels; a LATENT's size is the size
+of the image it decodes to (LATENT_FACTOR pixels per latent cell).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from engine import INT, Input
+from engine.sizes import Size
+
+MAX_RESOLUTION = 16384
+LATENT_FACTOR = 8  # pixels per latent cell of SD's autoencoder
+UPSCALE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic", "lanczos")
+CROP_METHODS = ("disabled", "center")
+MASK_OPERATIONS = ("multiply", "add", "subtract", "and", "or", "xor")
+IMAGE_CHANNELS = ("red", "green", "blue", "alpha")
+
+
+def placement_inputs() -> list[Input]:
+    """x and y of a source pasted onto a destination (ImageCompositeMasked, MaskComposite)."""
+    return [Input("x", INT, default=0, min=-MAX_RESOLUTION, max=MAX_RESOLUTION, step=1,
+                  tooltip="left edge of the source on the destination; negative or past the edge is clipped"),
+            Input("y", INT, default=0, min=-MAX_RESOLUTION, max=MAX_RESOLUTION, step=1,
+                  tooltip="top edge of the source on the destination")]
+
+
+def scaled_size(width: int, height: int, old_width: int, old_height: int) -> tuple[int, int]:
+    """ImageScale's rule: a zero side follows the aspect ratio of the other (at least 1 pixel)."""
+    if width == 0:
+        width = max(1, round(old_width * height / max(old_height, 1)))
+    elif height == 0:
+        height = max(1, round(old_height * width / max(old_width, 1)))
+    return width, height
+
+
+# --- size rules: each takes inputs by name (linked images as their Size) and returns the output's Size -------
+
+def same_as_image(image: Size) -> Size:
+    return image
+
+
+def same_as_mask(mask: Size) -> Size:
+    return mask
+
+
+def same_as_destination(destination: Size) -> Size:
+    return destination
+
+
+def image_scale_size(image: Size, width: int, height: int) -> Size:
+    if width == 0 and height == 0:
+        return image
+    width, height = scaled_size(width, height, image.width, image.height)
+    return Size(image.batch, height, width)
+
+
+def image_scale_by_size(image: Size, scale_by: float) -> Size:
+    return Size(image.batch, max(1, round(image.height * scale_by)), max(1, round(image.width * scale_by)))
+
+
+def mask_composite_size(destination: Size, source: Size) -> Size:
+    """The destination's size; a batch of one on either side is tiled to the other's batch."""
+    return Size(max(destination.batch, source.batch), destination.height, destination.width)
+
+
+def solid_mask_size(width: int, height: int) -> Size:
+    return Size(1, height, width)
+
+
+def crop_mask_size(mask: Size, x: int, y: int, width: int, height: int) -> Size:
+    return Size(mask.batch, max(0, min(height, mask.height - y)), max(0, min(width, mask.width - x)))
+
+
+def image_file_size(path: Any) -> Size | None:
+    """The size LoadImage gives a file, from its header only: (frames, height, width), upright by its EXIF
+    orientation; frames counts every frame, an upper bound (frames of another size are skipped when loading).
+    None when Pillow cannot read the header (the node's run then says why)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as picture:
+            width, height = picture.size
+            frames = 1 if picture.format == "MPO" else int(getattr(picture, "n_frames", 1))
+            if picture.getexif().get(0x0112) in (5, 6, 7, 8):  # rotated a quarter turn
+                width, height = height, width
+    except Exception:  # unreadable, truncated, a decompression bomb: unknown here, refused when loaded
+        return None
+    return Size(frames, height, width)
