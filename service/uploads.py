@@ -1,9 +1,9 @@
 """Files clients send and fetch: /upload/image, /upload/mask and /view.
 
-Every name a client gives is resolved with symlinks followed and must stay inside its folder
-(`nodes.folders.resolve_inside`); refusals never echo the server's own paths. Uploads are size-limited, must
-decode as an image of a known format, and are checked against a pixel budget before they are decoded (so a
-small file that claims 100,000 x 100,000 pixels is refused unread). They are written under a temporary name,
+Every name a client gives is resolved with symlinks followed and must stay inside its folder, by the one
+resolver every node uses too (`nodes.folders.Folders.inside`); refusals never echo the server's own paths.
+Uploads are size-limited, must decode as an image of a known format, and are checked against a pixel budget
+before they are decoded (so a small file that claims 100,000 x 100,000 pixels is refused unread). They are written under a temporary name,
 fsynced and renamed (`engine.files.atomic_write`), so a file under its final name is always complete; the same
 name with other content becomes `name (1).png`, identical content reuses the existing file.
 """
@@ -23,7 +23,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from PIL import Image, PngImagePlugin
 
 from engine.files import atomic_write
-from nodes.folders import IMAGE_EXTENSIONS, Folders, UnsafePathError, resolve_inside
+from nodes.folders import IMAGE_EXTENSIONS, Folders, UnsafePathError
 
 from .routing import RequestError
 
@@ -85,6 +85,11 @@ async def _read_part(part: BodyPartReader, limit: int, what: str) -> bytes:
 
 def plain_filename(name: str) -> str:
     """An upload's name: one file name with an image extension, no folders (those go in `subfolder`)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # aiohttp keeps undecodable header bytes as surrogates
+        raise RequestError(400, "invalid_filename", "the upload's file name is not valid UTF-8; rename the file "
+                           "(or have the client send its name in UTF-8)") from None
     if not name or "\0" in name or "/" in name or "\\" in name or name.startswith(".") or len(name.encode()) > 200:
         raise RequestError(400, "invalid_filename", f"upload name {name[:80]!r} must be a plain file name (no "
                            "folders, NUL or leading dot, at most 200 bytes); put folders in the 'subfolder' field")
@@ -119,36 +124,35 @@ def open_image(data: bytes, max_pixels: int, *, what: str = "the upload") -> Ima
     return image
 
 
-def _inside(root: Path, name: str, what: str, kind: str) -> Path:
+def _inside(folders: Folders, kind: str, name: str, what: str) -> Path:
     try:
-        return resolve_inside(root, name, what=what)
+        return folders.inside(kind, name, what=what)
     except UnsafePathError:
         raise RequestError(400, "unsafe_path", f"{what} {name[:120]!r} is not a path inside the {kind} folder "
                            "(absolute paths, '..', NUL bytes and symlinks pointing out are refused)") from None
 
 
-def _root(folders: Folders, kind: str, allowed: tuple[str, ...]) -> Path:
+def _check_type(kind: str, allowed: tuple[str, ...]) -> None:
     if kind not in allowed:
         raise RequestError(400, "invalid_type", f"type {kind[:40]!r} is not one of {', '.join(allowed)}")
-    return folders.root(kind)
 
 
-def _target(root: Path, subfolder: str, name: str, kind: str) -> Path:
+def _target(folders: Folders, subfolder: str, name: str, kind: str) -> Path:
     if subfolder:
-        _inside(root, subfolder, "subfolder", kind)
-        return _inside(root, f"{subfolder.rstrip('/')}/{name}", "file", kind)
-    return _inside(root, name, "file", kind)
+        _inside(folders, kind, subfolder, "subfolder")
+        return _inside(folders, kind, f"{subfolder.rstrip('/')}/{name}", "file")
+    return _inside(folders, kind, name, "file")
 
 
 def store_upload(folders: Folders, data: bytes, *, filename: str, subfolder: str, kind: str,
                  overwrite: bool) -> dict[str, str]:
     """Write an upload; answer ComfyUI's {name, subfolder, type}."""
-    root = _root(folders, kind, UPLOAD_TYPES)
+    _check_type(kind, UPLOAD_TYPES)
     name = plain_filename(filename)
     stem, ext = os.path.splitext(name)
     for index in range(10000):
         candidate = name if index == 0 else f"{stem} ({index}){ext}"
-        path = _target(root, subfolder, candidate, kind)
+        path = _target(folders, subfolder, candidate, kind)
         if overwrite and index == 0:
             atomic_write(path, data)
             return {"name": candidate, "subfolder": subfolder, "type": kind}
@@ -204,8 +208,8 @@ def resolve_view(folders: Folders, filename: str, subfolder: str, kind: str) -> 
     for annotated in VIEW_TYPES:
         if filename.endswith(f" [{annotated}]"):
             filename, kind = filename[: -len(annotated) - 3], annotated
-    root = _root(folders, kind, VIEW_TYPES)
-    path = _target(root, subfolder, filename, kind)
+    _check_type(kind, VIEW_TYPES)
+    path = _target(folders, subfolder, filename, kind)
     if not path.is_file():
         raise RequestError(404, "not_found", f"there is no file {filename[:120]!r} in {kind}/{subfolder[:120]}")
     return path

@@ -107,3 +107,24 @@ def test_view_variants_and_headers(shared):
                 assert response.headers["Content-Type"] == "application/octet-stream"
                 assert response.headers["Content-Disposition"].startswith("attachment")
     run(scenario())
+
+
+async def _raw_upload(api: Api, filename: bytes, data: bytes) -> tuple[int, object]:
+    """An upload whose Content-Disposition carries `filename` as raw bytes (possibly not UTF-8)."""
+    boundary = "----sdgraphraw"
+    body = (f"--{boundary}\r\n".encode() + b'Content-Disposition: form-data; name="image"; filename="' + filename +
+            b'"\r\nContent-Type: image/png\r\n\r\n' + data + f"\r\n--{boundary}--\r\n".encode())
+    return await api.post("/upload/image", data=body,
+                          headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+
+
+def test_upload_name_that_is_not_utf8_is_a_clear_400(shared):
+    """Issue #11, leftovers: a file name of invalid UTF-8 bytes gave 500; now 400 naming the problem."""
+    async def scenario():
+        async with aiohttp.ClientSession() as session:
+            api = Api(session, shared.url)
+            status, body = await _raw_upload(api, b"bad\xff\xfe.png", png())
+            assert status == 400, body
+            assert body["error"]["type"] == "invalid_filename" and "UTF-8" in body["error"]["message"]
+            assert (await _raw_upload(api, "caf\u00e9.png".encode(), png()))[0] == 200
+    run(scenario())
