@@ -4,8 +4,9 @@ Every name a client gives is resolved with symlinks followed and must stay insid
 resolver every node uses too (`nodes.folders.Folders.inside`); refusals never echo the server's own paths.
 Uploads are size-limited, must decode as an image of a known format, and are checked against a pixel budget
 before they are decoded (so a small file that claims 100,000 x 100,000 pixels is refused unread). They are
-written under a temporary name, fsynced and renamed (`engine.files.atomic_write`), so a file under its final name is always complete; the same
-name with other content becomes `name (1).png`, identical content reuses the existing file.
+written under a temporary name, fsynced and renamed (`engine.files.atomic_write`), so a file under its final
+name is always complete; the same name with other content becomes `name (1).png`, identical content reuses the
+existing file.
 """
 
 from __future__ import annotations
