@@ -1,7 +1,9 @@
 """Loading SD1.x single-file checkpoints (and separate VAE files) into our UNet, VAE and CLIP text encoder.
 
 1. The format comes from the file's bytes, not its name: safetensors (8-byte little-endian header length, then
-   JSON), or a torch pickle (zip or legacy), which is refused unless the caller opts in with allow_pickle.
+   JSON), or a torch pickle (zip or legacy), which is refused unless the caller opts in with allow_pickle. A
+   safetensors header is read and checked here first, within limits (`diffusion.safetensors_header`): a crafted
+   one fails with a CheckpointError before any library maps the file.
 2. Shapes are read without reading tensors; configs are inferred from them and every expected key is checked,
    so a wrong file fails fast with the keys that are missing or mismatched.
 3. Modules are built on the meta device and tensors are read a chunk at a time (safetensors: memory-mapped with
@@ -12,7 +14,6 @@
 time (that is what the model manager's handles call); `load_checkpoint` reads all three at once.
 """
 
-import json
 import os
 import pickle
 import zipfile
@@ -26,6 +27,7 @@ import torch
 from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from diffusion.safetensors_header import CheckpointError, read_safetensors_header
 from diffusion.text_encoder import (
     POSITION_IDS,
     build_text_encoder,
@@ -56,10 +58,6 @@ OTHER_FAMILIES = (  # key prefixes of checkpoints that are not SD1, to say what 
     ("down_blocks.", "a diffusers-layout UNet"),
     ("encoder.down_blocks.", "a diffusers-layout VAE"),
 )
-
-
-class CheckpointError(ValueError):
-    """A file that cannot be loaded as asked; the message names the file, what is wrong and how to fix it."""
 
 
 @dataclass(frozen=True)
@@ -143,34 +141,10 @@ class TensorFile:
             self.meta = {k: torch.empty_like(v, device="meta") for k, v in self._pickled.items()}
 
     def _read_safetensors_header(self) -> dict[str, torch.Tensor]:
-        size = self.path.stat().st_size
-        with open(self.path, "rb") as f:
-            length = int.from_bytes(f.read(8), "little")
-            try:
-                header = json.loads(f.read(length))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise CheckpointError(f"{self.path}: corrupt safetensors header ({e}); re-download the file") from e
-        if not isinstance(header, dict):
-            raise CheckpointError(f"{self.path}: corrupt safetensors header (not a JSON object); re-download the file")
-        meta = {}
-        for key, info in header.items():
-            if key == "__metadata__":
-                continue
-            try:
-                dtype_name, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-            except (KeyError, TypeError, ValueError) as e:
-                raise CheckpointError(f"{self.path}: corrupt safetensors header entry for '{key}'") from e
-            dtype = SAFETENSORS_DTYPES.get(dtype_name)
-            if dtype is None:
-                raise CheckpointError(f"{self.path}: tensor '{key}' has dtype {dtype_name!r}, which is not supported")
-            if 8 + length + end > size:
-                raise CheckpointError(
-                    f"{self.path}: truncated: tensor '{key}' ends at byte {8 + length + end} but the file has "
-                    f"{size} bytes; the download or copy was probably cut short, fetch the file again"
-                )
-            self._offsets[key] = (begin, end)
-            meta[key] = torch.empty(shape, dtype=dtype, device="meta")
-        return meta
+        entries = read_safetensors_header(self.path)
+        self._offsets = {key: (entry.begin, entry.end) for key, entry in entries.items()}
+        return {key: torch.empty(entry.shape, dtype=SAFETENSORS_DTYPES[entry.dtype], device="meta")
+                for key, entry in entries.items()}
 
     def _unpickle(self) -> dict[str, torch.Tensor]:
         try:
@@ -247,9 +221,15 @@ def _check_part(path, part: str, expected, found: Mapping[str, str], meta, prefi
         for k in expected
         if k in found and tuple(meta[found[k]].shape) != tuple(expected[k].shape)
     ]
+    not_float = [  # integer or boolean data where the model has floating-point weights
+        f"{found[k]} (model needs floating point, file has {str(meta[found[k]].dtype).removeprefix('torch.')})"
+        for k in expected
+        if k in found and expected[k].is_floating_point() and not meta[found[k]].is_floating_point()
+    ]
     problems = [
         f"{len(keys)} {what}: {_examples(keys)}"
-        for what, keys in (("missing", missing), ("of another shape", mismatched), ("unexpected", unexpected))
+        for what, keys in (("missing", missing), ("of another shape", mismatched), ("of another dtype", not_float),
+                           ("unexpected", unexpected))
         if keys
     ]
     if problems:
@@ -275,11 +255,59 @@ def _load_part(source: TensorFile, keys: Mapping[str, str], build: Callable, dty
     return build(tensors)
 
 
-def _infer(path, part: str, infer: Callable, meta_part: Mapping[str, torch.Tensor]):
+class _ShapesRead(Mapping):
+    """The part's meta tensors, remembering which ones were looked at (to name them when they make no sense)."""
+
+    def __init__(self, meta_part: Mapping[str, torch.Tensor]):
+        self._meta, self.read = meta_part, []
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        value = self._meta[key]
+        self.read.append(key)
+        return value
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._meta
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._meta)
+
+    def __len__(self) -> int:
+        return len(self._meta)
+
+
+def _infer(path, part: str, infer: Callable, expected_of: Callable, keys: Mapping[str, str],
+           meta: Mapping[str, torch.Tensor]) -> tuple[Any, dict[str, torch.Tensor]]:
+    """The part's config read from the shapes of its weights (`keys`: {key in the part: key in the file}) and
+    the weights a model of that config has, as meta tensors. Shapes from which no model can be built (a crafted
+    or damaged file) are a CheckpointError naming the weights last read and their shapes."""
+    shapes = _ShapesRead({k: meta[v] for k, v in keys.items()})
+    config = None
     try:
-        return infer(meta_part)
-    except ValueError as e:
-        raise CheckpointError(f"{path}: cannot read the {part} architecture: {e}") from e
+        config = infer(shapes)
+        return config, expected_of(config)
+    except (ValueError, IndexError, TypeError, ZeroDivisionError, RuntimeError) as e:
+        # reading failed: the culprit is among the last weights read; building failed: among the first ones
+        order = list(dict.fromkeys(shapes.read if config is not None else reversed(shapes.read)))
+        named = "; ".join(f"{keys[k]} has shape {list(meta[keys[k]].shape)}" for k in order[:3])
+        why = str(e)[:300] if isinstance(e, ValueError) else f"{type(e).__name__}: {str(e)[:200]}"
+        if config is not None:
+            why = f"no {part} can be built from what they give ({why})"
+        raise CheckpointError(
+            f"{path}: cannot read the {part} architecture from the shapes of its weights: {why}"
+            f"{'. Weights read ' + ('first' if config is not None else 'last') + ': ' + named if named else ''}. "
+            "If the file is damaged, fetch it again; other architectures (SD2, SDXL, Flux) are not supported") from e
+
+
+def _meta_state(model_class: Callable, config: Any) -> dict[str, torch.Tensor]:
+    with torch.device("meta"):
+        return model_class(config).state_dict()
+
+
+def _text_weights(config: CLIPTextConfig) -> dict[str, torch.Tensor]:
+    expected = expected_text_weights(text_encoder_on_meta(config))
+    expected.pop(POSITION_IDS, None)
+    return expected
 
 
 def _vae_keys(path, meta: Mapping[str, torch.Tensor]) -> dict[str, str]:
@@ -296,9 +324,8 @@ def _vae_keys(path, meta: Mapping[str, torch.Tensor]) -> dict[str, str]:
 
 
 def _check_vae(source: TensorFile, keys: Mapping[str, str], prefix: str) -> VAEConfig:
-    config = _infer(source.path, "VAE", vae_config_from_state_dict, {k: source.meta[v] for k, v in keys.items()})
-    with torch.device("meta"):
-        expected = AutoencoderKL(config).state_dict()
+    config, expected = _infer(source.path, "VAE", vae_config_from_state_dict,
+                              lambda c: _meta_state(AutoencoderKL, c), keys, source.meta)
     fix = "Is this an SD1 VAE in the original (LDM) layout?"
     _check_part(source.path, "VAE", expected, keys, source.meta, prefix, fix)
     return config
@@ -422,12 +449,10 @@ def open_checkpoint(
         )
 
     # 2. Infer the architectures from shapes and check every key before reading any tensor.
-    unet_config = _infer(path, "UNet", unet_config_from_state_dict, {k: meta[v] for k, v in unet_keys.items()})
-    text_config = _infer(path, "text encoder", text_config_from_state_dict, {k: meta[v] for k, v in text_keys.items()})
-    with torch.device("meta"):
-        unet_expected = UNetModel(unet_config).state_dict()
-    text_expected = expected_text_weights(text_encoder_on_meta(text_config))
-    text_expected.pop(POSITION_IDS, None)
+    unet_config, unet_expected = _infer(path, "UNet", unet_config_from_state_dict,
+                                        lambda c: _meta_state(UNetModel, c), unet_keys, meta)
+    text_config, text_expected = _infer(path, "text encoder", text_config_from_state_dict, _text_weights,
+                                        text_keys, meta)
     fix = "If the file is incomplete, fetch it again; other architectures (SD2, SDXL, Flux) are not supported."
     _check_part(path, "UNet", unet_expected, unet_keys, meta, UNET_PREFIX, fix)
     fix = "SD1 uses OpenAI CLIP ViT-L/14's text model."
