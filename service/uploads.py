@@ -17,7 +17,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, BinaryIO
 
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -33,6 +33,7 @@ UPLOAD_TYPES = ("input", "temp")
 VIEW_TYPES = ("output", "input", "temp")
 MAX_FIELD_BYTES = 64 << 10
 MAX_PARTS = 16
+PREVIEW_MAX_SIDE = 2048  # ?preview=webp|jpeg images are scaled to fit (a preview of 8000x8000 took 743 MB)
 INLINE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp",
                 ".gif": "image/gif", ".bmp": "image/bmp", ".mp4": "video/mp4", ".webm": "video/webm",
                 ".txt": "text/plain; charset=utf-8", ".json": "application/json"}
@@ -100,12 +101,15 @@ def plain_filename(name: str) -> str:
     return name
 
 
-def open_image(data: bytes, max_pixels: int, *, what: str = "the upload") -> Image.Image:
-    """Decode `data` as an image of an accepted format within the pixel budget (checked before decoding)."""
+def open_image(data: bytes | BinaryIO, max_pixels: int, *, what: str = "the upload",
+               fit: int | None = None) -> Image.Image:
+    """Decode `data` (bytes, or an open file read as it decodes) as an image of an accepted format within the
+    pixel budget (checked before decoding). With `fit`, the image comes scaled down to at most `fit` pixels a
+    side; a JPEG is then decoded at a reduced size already (Pillow's draft), so it never takes full-size memory."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
             if image.format not in IMAGE_FORMATS:
                 raise RequestError(400, "invalid_image", f"{what} is {image.format or 'an unknown'} image; this "
                                    f"server takes {', '.join(sorted(IMAGE_FORMATS))}")
@@ -114,7 +118,11 @@ def open_image(data: bytes, max_pixels: int, *, what: str = "the upload") -> Ima
             if width * height * frames > max_pixels:
                 raise RequestError(400, "image_too_large", f"{what} is {width}x{height} pixels x {frames} frame(s), "
                                    f"more than this server's budget of {max_pixels} pixels (--max-image-pixels)")
+            if fit and image.format == "JPEG":
+                image.draft(image.mode, _fitted(image.size, fit))
             image.load()
+            if fit:
+                image = _scaled_to_fit(image, fit)
     except RequestError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -123,6 +131,28 @@ def open_image(data: bytes, max_pixels: int, *, what: str = "the upload") -> Ima
         raise RequestError(400, "invalid_image", f"{what} does not decode as an image ({type(exc).__name__}: "
                            f"{str(exc)[:120]})") from None
     return image
+
+
+def _fitted(size: tuple[int, int], fit: int) -> tuple[int, int]:
+    scale = min(1.0, fit / max(size))
+    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
+
+
+def _scaled_to_fit(image: Image.Image, fit: int) -> Image.Image:
+    """`image` reduced by a whole factor (box filter) to at most `fit` pixels a side, a band of rows at a time:
+    Pillow's reduce of an image with alpha would first make a premultiplied full-size copy."""
+    factor = -(-max(image.size) // fit)
+    if factor <= 1:
+        return image
+    mode = image.mode if image.mode in ("L", "LA", "RGB", "RGBA", "I", "F") else \
+        "RGBA" if "transparency" in image.info or "A" in image.getbands() else "RGB"
+    width, height = image.size
+    scaled = Image.new(mode, (-(-width // factor), -(-height // factor)))
+    rows = factor * max(1, (1 << 22) // (width * factor))  # about 4 M pixels a band, a whole number of blocks
+    for top in range(0, height, rows):
+        band = image.crop((0, top, width, min(height, top + rows)))
+        scaled.paste((band if band.mode == mode else band.convert(mode)).reduce(factor), (0, top // factor))
+    return scaled
 
 
 def _inside(folders: Folders, kind: str, name: str, what: str) -> Path:
@@ -217,8 +247,10 @@ def resolve_view(folders: Folders, filename: str, subfolder: str, kind: str) -> 
 
 
 def view_variant(path: Path, *, channel: str | None, preview: str | None, max_pixels: int) -> tuple[bytes, str]:
-    """ComfyUI's /view options: channel=rgb|a (drop or keep only alpha), preview=webp;90 or jpeg;90."""
-    image = open_image(path.read_bytes(), max_pixels, what="the file")
+    """ComfyUI's /view options: channel=rgb|a (drop or keep only alpha), preview=webp;90 or jpeg;90. Previews are
+    scaled down to at most PREVIEW_MAX_SIDE pixels a side (ComfyUI sends them at full size)."""
+    with open(path, "rb") as file:
+        image = open_image(file, max_pixels, what="the file", fit=PREVIEW_MAX_SIDE if preview else None)
     buffer = io.BytesIO()
     if preview:
         fmt, _, quality = preview.partition(";")

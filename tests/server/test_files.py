@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import io
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import aiohttp
+import pytest
 from PIL import Image
 from serverkit import Api, bomb_png, png, run, upload
+
+from service.uploads import PREVIEW_MAX_SIDE, view_variant
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_upload_names_reuse_and_overwrite(shared):
@@ -128,3 +138,49 @@ def test_upload_name_that_is_not_utf8_is_a_clear_400(shared):
             assert body["error"]["type"] == "invalid_filename" and "UTF-8" in body["error"]["message"]
             assert (await _raw_upload(api, "caf\u00e9.png".encode(), png()))[0] == 200
     run(scenario())
+
+
+@pytest.mark.parametrize("fmt, size", [("PNG", (3000, 1000)), ("JPEG", (1000, 5000))])
+def test_previews_are_scaled_to_fit(tmp_path, fmt, size):
+    """Issue #11, leftovers: /view?preview= decoded and encoded images at full size; now at most
+    PREVIEW_MAX_SIDE a side (JPEGs decoded at reduced size already)."""
+    path = tmp_path / f"big.{fmt.lower()}"
+    Image.new("RGBA" if fmt == "PNG" else "RGB", size, (10, 200, 30, 255)[:4 if fmt == "PNG" else 3]).save(path, fmt)
+    data, kind = view_variant(path, channel=None, preview="webp;80", max_pixels=1 << 26)
+    shown = Image.open(io.BytesIO(data))
+    assert kind == "image/webp" and max(shown.size) <= PREVIEW_MAX_SIDE
+    assert abs(shown.size[0] / shown.size[1] - size[0] / size[1]) < 0.01
+    assert max(abs(a - b) for a, b in zip(shown.convert("RGB").getpixel((5, 5)), (10, 200, 30))) <= 4
+    data, _ = view_variant(path, channel="rgb", preview=None, max_pixels=1 << 26)
+    assert Image.open(io.BytesIO(data)).size == size  # full-size variants stay full size
+
+
+@pytest.mark.slow
+def test_preview_of_an_8000_square_png_stays_within_its_decode(tmp_path):
+    """Issue #11, leftovers: a webp preview of an 8000x8000 PNG peaked at 600-743 MB (full-size encode, a
+    premultiplied copy, the file read whole); now the full-size decode (256 MB) plus a little."""
+    code = textwrap.dedent("""
+        import json, sys
+        import numpy as np
+        from PIL import Image
+        from service.uploads import view_variant
+
+        def kb(field):
+            return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field))
+
+        ramp = np.linspace(0, 255, 8000, dtype=np.float32).astype(np.uint8)
+        pixels = np.empty((8000, 8000, 4), np.uint8)
+        pixels[..., 0], pixels[..., 1], pixels[..., 2], pixels[..., 3] = ramp[None, :], ramp[:, None], 7, 200
+        Image.fromarray(pixels, "RGBA").save(sys.argv[1])
+        del pixels
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets the RSS high-water mark (VmHWM) to the current RSS
+        before = kb("VmHWM:")
+        data, kind = view_variant(sys.argv[1], channel=None, preview="webp;90", max_pixels=8192 * 8192)
+        print(json.dumps([(kb("VmHWM:") - before) / 1024, kind]))
+    """)
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "big.png")], capture_output=True, text=True,
+                          cwd=ROOT, timeout=600, check=True)
+    grown, kind = json.loads(done.stdout.strip().splitlines()[-1])
+    assert kind == "image/webp"
+    assert grown < 380, f"the preview grew the process by {grown:.0f} MB"
