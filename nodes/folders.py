@@ -12,9 +12,14 @@ checked and must be one the folder lists).
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from engine.files import remove_stale_temp_files
+
+log = logging.getLogger(__name__)
 
 MODEL_KINDS = ("checkpoints", "vae", "loras", "embeddings")
 MODEL_EXTENSIONS = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin")
@@ -80,6 +85,19 @@ class Folders:
         if kind not in roots:
             raise UnsafePathError(f"unknown folder type {kind!r}; use output, input or temp")
         return roots[kind]
+
+    @property
+    def written(self) -> tuple[Path, ...]:
+        """The folders files are written into (uploads, outputs, previews, the queue's database, trained models)."""
+        return self.input, self.output, self.temp, self.base / "user", self.base / "models"
+
+    def remove_stale_temp_files(self) -> list[Path]:
+        """Delete the temporary files of writes a crash interrupted (see engine.files); call it at start-up."""
+        removed = remove_stale_temp_files(self.written)
+        if removed:
+            log.warning("removed %d temporary file(s) left by an interrupted write, e.g. %s", len(removed),
+                        removed[0])
+        return removed
 
     def list_models(self, kind: str) -> list[str]:
         return _list_files(self.models(kind), MODEL_EXTENSIONS, confine=False)

@@ -184,3 +184,20 @@ def test_preview_of_an_8000_square_png_stays_within_its_decode(tmp_path):
     grown, kind = json.loads(done.stdout.strip().splitlines()[-1])
     assert kind == "image/webp"
     assert grown < 380, f"the preview grew the process by {grown:.0f} MB"
+
+
+def test_the_server_removes_leftover_temporary_files_when_it_starts(fresh, tmp_path):
+    """Issue #11, leftovers: `.part` files of uploads or saves a crash interrupted survived restarts."""
+    import os
+    import time
+
+    base = tmp_path / "base"  # the folder `fresh` serves (serverkit.make_base)
+    leftovers = [base / "input" / ".pic.png.abcd1234.part", base / "output" / "sub" / ".img_00001_.png.zz_9ab12.part"]
+    for path in leftovers:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"partial")
+        os.utime(path, (time.time() - 10, time.time() - 10))
+    kept = base / "output" / "notes.part"
+    kept.write_bytes(b"not ours")
+    fresh()
+    assert not any(path.exists() for path in leftovers) and kept.exists()
