@@ -150,7 +150,7 @@ def test_previews_are_scaled_to_fit(tmp_path, fmt, size):
     shown = Image.open(io.BytesIO(data))
     assert kind == "image/webp" and max(shown.size) <= PREVIEW_MAX_SIDE
     assert abs(shown.size[0] / shown.size[1] - size[0] / size[1]) < 0.01
-    assert max(abs(a - b) for a, b in zip(shown.convert("RGB").getpixel((5, 5)), (10, 200, 30))) <= 4
+    assert max(abs(a - b) for a, b in zip(shown.convert("RGB").getpixel((5, 5)), (10, 200, 30), strict=True)) <= 4
     data, _ = view_variant(path, channel="rgb", preview=None, max_pixels=1 << 26)
     assert Image.open(io.BytesIO(data)).size == size  # full-size variants stay full size
 
