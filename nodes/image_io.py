@@ -168,7 +168,8 @@ def save_images(ctx, images, prefix: str, *, kind: str, compress_level: int, nod
     _refuse_non_finite(images, node_name)
     prefix = expand_variables(prefix, images.shape[2], images.shape[1])
     subfolder, filename = split_prefix(prefix)
-    folder = _folders(ctx, node_name).inside(kind, subfolder or ".", what=f"{node_name} filename_prefix folder")
+    folder = _folders(ctx, node_name).inside(kind, subfolder or ".",
+                                             what=f"{node_name} input 'filename_prefix' folder")
     if folder.exists() and not folder.is_dir():
         raise NotADirectoryError(f"{node_name}: filename_prefix {prefix!r} needs the folder {subfolder!r} in "
                                  f"{root}, but a file has that name; choose another prefix")
