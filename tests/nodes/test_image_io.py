@@ -147,15 +147,20 @@ def test_not_an_image_is_named(ctx, tmp_path):
         load(ctx, "notes.png")
 
 
+def secrets_outside_input(base: Path) -> None:
+    """secret.png beside input/ and in elsewhere/, which input/link points at."""
+    outside = base / "elsewhere"
+    outside.mkdir()
+    Image.new("RGB", (1, 1)).save(outside / "secret.png")
+    Image.new("RGB", (1, 1)).save(base / "secret.png")
+    (base / "input").mkdir()
+    os.symlink(outside, base / "input" / "link")
+
+
 @pytest.mark.parametrize("name", ["../secret.png", "/etc/secret.png", "..\\secret.png", "a/../../secret.png",
                                   "bad\0.png", "link/secret.png"])
 def test_names_outside_input_are_refused(ctx, tmp_path, name):
-    outside = tmp_path / "elsewhere"
-    outside.mkdir()
-    Image.new("RGB", (1, 1)).save(outside / "secret.png")
-    Image.new("RGB", (1, 1)).save(tmp_path / "secret.png")
-    (tmp_path / "input").mkdir()
-    os.symlink(outside, tmp_path / "input" / "link")
+    secrets_outside_input(tmp_path)
     with pytest.raises(UnsafePathError):
         load(ctx, name)
 
@@ -446,12 +451,7 @@ class _PickAnyImage:
 def test_a_v1_validate_inputs_that_lets_anything_through_is_stopped_where_the_file_opens(tmp_path, name):
     """Issue #11, paths: VALIDATE_INPUTS returning True let `../` names reach LoadImage; the resolver refuses
     them when the file is opened, naming the node input and the file."""
-    outside = tmp_path / "elsewhere"
-    outside.mkdir()
-    Image.new("RGB", (1, 1)).save(outside / "secret.png")
-    Image.new("RGB", (1, 1)).save(tmp_path / "secret.png")
-    (tmp_path / "input").mkdir()
-    os.symlink(outside, tmp_path / "input" / "link")
+    secrets_outside_input(tmp_path)
     registry = _image_registry(PickAnyImage=_PickAnyImage)
     runtime = Runtime(Folders.at(tmp_path))
     api = {"1": {"class_type": "PickAnyImage", "inputs": {"image": name}},
