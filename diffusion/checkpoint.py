@@ -31,6 +31,7 @@ from diffusion.safetensors_header import CheckpointError, read_safetensors_heade
 from diffusion.text_encoder import (
     POSITION_IDS,
     build_text_encoder,
+    clip_text_config,
     expected_text_weights,
     strip_text_model_prefix,
     text_config_from_state_dict,
@@ -45,6 +46,7 @@ TEXT_PREFIX = "cond_stage_model.transformer."
 VAE_PARTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
 CHUNK_BYTES = 64 << 20  # how much of a safetensors file is mapped at once while reading
 SHOWN_KEYS = 5
+MAX_ARCHITECTURE_COUNT = 64  # layers, levels, blocks per level, transformer depth (SD1: at most 12)
 
 SAFETENSORS_DTYPES = MappingProxyType({
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -285,11 +287,16 @@ def _infer(path, part: str, infer: Callable, expected_of: Callable, keys: Mappin
     config = None
     try:
         config = infer(shapes)
+        _check_size(path, part, config)
         return config, expected_of(config)
+    except CheckpointError:
+        raise
     except (ValueError, IndexError, TypeError, ZeroDivisionError, RuntimeError) as e:
         # reading failed: the culprit is among the last weights read; building failed: among the first ones
-        order = list(dict.fromkeys(shapes.read if config is not None else reversed(shapes.read)))
-        named = "; ".join(f"{keys[k]} has shape {list(meta[keys[k]].shape)}" for k in order[:3])
+        order = list(dict.fromkeys(shapes.read if config is not None else reversed(shapes.read)))[:3]
+        sd15 = _SD15_WEIGHTS[part]() if order else {}
+        named = "; ".join(f"{keys[k]} has shape {list(meta[keys[k]].shape)}"
+                          + (f" (SD1.5 has {list(sd15[k].shape)})" if k in sd15 else "") for k in order)
         why = str(e)[:300] if isinstance(e, ValueError) else f"{type(e).__name__}: {str(e)[:200]}"
         if config is not None:
             why = f"no {part} can be built from what they give ({why})"
@@ -297,6 +304,32 @@ def _infer(path, part: str, infer: Callable, expected_of: Callable, keys: Mappin
             f"{path}: cannot read the {part} architecture from the shapes of its weights: {why}"
             f"{'. Weights read ' + ('first' if config is not None else 'last') + ': ' + named if named else ''}. "
             "If the file is damaged, fetch it again; other architectures (SD2, SDXL, Flux) are not supported") from e
+
+
+_SD15_WEIGHTS = MappingProxyType({  # the reference shapes named in errors (built only then)
+    "UNet": lambda: _meta_state(UNetModel, UNetConfig()),
+    "VAE": lambda: _meta_state(AutoencoderKL, VAEConfig()),
+    "text encoder": lambda: _text_weights(clip_text_config(width=768, layers=12, intermediate_size=3072)),
+})
+
+
+def _size_counts(config: Any) -> dict[str, int]:
+    """The numbers that make building a model of `config` (even on the meta device) slow and large."""
+    if isinstance(config, CLIPTextConfig):
+        return {"layers": config.num_hidden_layers}
+    counts = {"levels": len(config.channel_mult), "res blocks per level": config.num_res_blocks}
+    if isinstance(config, UNetConfig):
+        counts["transformer depth"] = config.transformer_depth
+    return counts
+
+
+def _check_size(path, part: str, config: Any) -> None:
+    """Refuse, before building anything, an architecture far larger than any SD model (a crafted file can
+    make the shapes say 20,000 layers: building that model on the meta device took 30 s and 1 GB)."""
+    for what, count in _size_counts(config).items():
+        if count > MAX_ARCHITECTURE_COUNT:
+            raise CheckpointError(f"{path}: the {part} weights describe {count} {what}, more than "
+                                  f"{MAX_ARCHITECTURE_COUNT}; SD1 has at most 12. The file is damaged or crafted")
 
 
 def _meta_state(model_class: Callable, config: Any) -> dict[str, torch.Tensor]:

@@ -179,3 +179,20 @@ def test_shapes_the_architecture_is_read_from_are_named_when_wrong(tiny, tmp_pat
 def test_real_checkpoints_still_open(tiny):
     layout = open_checkpoint(tiny)
     assert layout.unet.load(dtype=torch.float32) is not None
+
+
+def test_an_architecture_far_larger_than_sd_is_refused_before_it_is_built(tiny, tmp_path):
+    """20,000 one-byte weights named text encoder layers: the old loader built a 20,000-layer CLIP on the meta
+    device (30 s, about 1 GB) just to list what was missing."""
+    layers = "cond_stage_model.transformer.text_model.encoder.layers.{}.x"
+
+    def add_layers(header):
+        end = max(entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__")
+        for i in range(20_000):  # overlapping one-byte spans are refused, so these get bytes of their own
+            header[layers.format(i)] = {"dtype": "U8", "shape": [1], "data_offsets": [end + i, end + i + 1]}
+
+    path = rebuilt(tiny, tmp_path / "layers.safetensors", add_layers)
+    with open(path, "ab") as f:
+        f.write(b"\0" * 20_000)
+    with pytest.raises(CheckpointError, match="text encoder weights describe 20000 layers, more than 64"):
+        open_checkpoint(path)
