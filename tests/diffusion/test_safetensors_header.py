@@ -196,3 +196,12 @@ def test_an_architecture_far_larger_than_sd_is_refused_before_it_is_built(tiny, 
         f.write(b"\0" * 20_000)
     with pytest.raises(CheckpointError, match="text encoder weights describe 20000 layers, more than 64"):
         open_checkpoint(path)
+
+
+def test_embedding_files_get_the_same_checks(tmp_path):
+    """`embedding:name` in a prompt reads models/embeddings/name.safetensors: the same limits apply there."""
+    from diffusion.embeddings import EmbeddingError, read_embedding_file
+
+    path = write_raw(tmp_path / "evil.safetensors", many_tensors(MAX_TENSORS + 1), b"\0" * (MAX_TENSORS + 1))
+    with pytest.raises(EmbeddingError, match=f"more than {MAX_TENSORS} tensors"):
+        read_embedding_file(path)
