@@ -4,8 +4,8 @@
    JSON), or a torch pickle (zip or legacy), which is refused unless the caller opts in with allow_pickle. A
    safetensors header is read and checked here first, within limits (`diffusion.safetensors_header`): a crafted
    one fails with a CheckpointError before any library maps the file.
-2. Shapes are read without reading tensors; configs are inferred from them and every expected key is checked,
-   so a wrong file fails fast with the keys that are missing or mismatched.
+2. Shapes are read without reading tensors; configs are inferred from them and every expected key is checked
+   (`diffusion.checkpoint_checks`), so a wrong file fails fast with the keys that are missing or mismatched.
 3. Modules are built on the meta device and tensors are read a chunk at a time (safetensors: memory-mapped with
    `safe_open`, reopened per chunk so mapped pages never pile up), converted one by one to the target dtype and
    device, then assigned: there is never a second full copy of the weights.
@@ -27,15 +27,13 @@ import torch
 from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from diffusion.checkpoint_checks import check_part, examples, infer_part, meta_state, text_weights
 from diffusion.safetensors_header import CheckpointError, read_safetensors_header
 from diffusion.text_encoder import (
     POSITION_IDS,
     build_text_encoder,
-    clip_text_config,
-    expected_text_weights,
     strip_text_model_prefix,
     text_config_from_state_dict,
-    text_encoder_on_meta,
 )
 from diffusion.unet import UNetConfig, UNetModel, build_unet, unet_config_from_state_dict
 from diffusion.vae import AutoencoderKL, VAEConfig, build_vae, vae_config_from_state_dict
@@ -45,8 +43,6 @@ VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model.transformer."
 VAE_PARTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
 CHUNK_BYTES = 64 << 20  # how much of a safetensors file is mapped at once while reading
-SHOWN_KEYS = 5
-MAX_ARCHITECTURE_COUNT = 64  # layers, levels, blocks per level, transformer depth (SD1: at most 12)
 
 SAFETENSORS_DTYPES = MappingProxyType({
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -199,43 +195,12 @@ def _keys_under(meta: Mapping[str, torch.Tensor], prefix: str) -> dict[str, str]
     return {k[len(prefix) :]: k for k in meta if k.startswith(prefix)}
 
 
-def _examples(items: list[str]) -> str:
-    more = f", ... ({len(items)} in all)" if len(items) > SHOWN_KEYS else ""
-    return ", ".join(items[:SHOWN_KEYS]) + more
-
-
 def _family_hint(meta: Mapping[str, torch.Tensor]) -> str:
     for prefix, family in OTHER_FAMILIES:
         if any(k.startswith(prefix) for k in meta):
             return f" It looks like {family}."
     tops = sorted({k.split(".", 1)[0] for k in meta})
-    return f" Its keys start with: {_examples(tops)}."
-
-
-def _check_part(path, part: str, expected, found: Mapping[str, str], meta, prefix: str, fix: str) -> None:
-    """Raise CheckpointError unless the file holds exactly the expected weights of one part, shape for shape.
-
-    `expected` maps keys inside the part to meta tensors, `found` maps them to the file's keys."""
-    missing = [prefix + k for k in expected if k not in found]
-    unexpected = [found[k] for k in found if k not in expected]
-    mismatched = [
-        f"{found[k]} (model needs {list(expected[k].shape)}, file has {list(meta[found[k]].shape)})"
-        for k in expected
-        if k in found and tuple(meta[found[k]].shape) != tuple(expected[k].shape)
-    ]
-    not_float = [  # integer or boolean data where the model has floating-point weights
-        f"{found[k]} (model needs floating point, file has {str(meta[found[k]].dtype).removeprefix('torch.')})"
-        for k in expected
-        if k in found and expected[k].is_floating_point() and not meta[found[k]].is_floating_point()
-    ]
-    problems = [
-        f"{len(keys)} {what}: {_examples(keys)}"
-        for what, keys in (("missing", missing), ("of another shape", mismatched), ("of another dtype", not_float),
-                           ("unexpected", unexpected))
-        if keys
-    ]
-    if problems:
-        raise CheckpointError(f"{path}: the {part} weights do not fit an SD1 {part}: {'; '.join(problems)}. {fix}")
+    return f" Its keys start with: {examples(tops)}."
 
 
 def _load_part(source: TensorFile, keys: Mapping[str, str], build: Callable, dtype, device, *,
@@ -257,92 +222,6 @@ def _load_part(source: TensorFile, keys: Mapping[str, str], build: Callable, dty
     return build(tensors)
 
 
-class _ShapesRead(Mapping):
-    """The part's meta tensors, remembering which ones were looked at (to name them when they make no sense)."""
-
-    def __init__(self, meta_part: Mapping[str, torch.Tensor]):
-        self._meta, self.read = meta_part, []
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        value = self._meta[key]
-        self.read.append(key)
-        return value
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._meta
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._meta)
-
-    def __len__(self) -> int:
-        return len(self._meta)
-
-
-def _infer(path, part: str, infer: Callable, expected_of: Callable, keys: Mapping[str, str],
-           meta: Mapping[str, torch.Tensor]) -> tuple[Any, dict[str, torch.Tensor]]:
-    """The part's config read from the shapes of its weights (`keys`: {key in the part: key in the file}) and
-    the weights a model of that config has, as meta tensors. Shapes from which no model can be built (a crafted
-    or damaged file) are a CheckpointError naming the weights last read and their shapes."""
-    shapes = _ShapesRead({k: meta[v] for k, v in keys.items()})
-    config = None
-    try:
-        config = infer(shapes)
-        _check_size(path, part, config)
-        return config, expected_of(config)
-    except CheckpointError:
-        raise
-    except (ValueError, IndexError, TypeError, ZeroDivisionError, RuntimeError) as e:
-        # reading failed: the culprit is among the last weights read; building failed: among the first ones
-        order = list(dict.fromkeys(shapes.read if config is not None else reversed(shapes.read)))[:3]
-        sd15 = _SD15_WEIGHTS[part]() if order else {}
-        named = "; ".join(f"{keys[k]} has shape {list(meta[keys[k]].shape)}"
-                          + (f" (SD1.5 has {list(sd15[k].shape)})" if k in sd15 else "") for k in order)
-        why = str(e)[:300] if isinstance(e, ValueError) else f"{type(e).__name__}: {str(e)[:200]}"
-        if config is not None:
-            why = f"no {part} can be built from what they give ({why})"
-        raise CheckpointError(
-            f"{path}: cannot read the {part} architecture from the shapes of its weights: {why}"
-            f"{'. Weights read ' + ('first' if config is not None else 'last') + ': ' + named if named else ''}. "
-            "If the file is damaged, fetch it again; other architectures (SD2, SDXL, Flux) are not supported") from e
-
-
-_SD15_WEIGHTS = MappingProxyType({  # the reference shapes named in errors (built only then)
-    "UNet": lambda: _meta_state(UNetModel, UNetConfig()),
-    "VAE": lambda: _meta_state(AutoencoderKL, VAEConfig()),
-    "text encoder": lambda: _text_weights(clip_text_config(width=768, layers=12, intermediate_size=3072)),
-})
-
-
-def _size_counts(config: Any) -> dict[str, int]:
-    """The numbers that make building a model of `config` (even on the meta device) slow and large."""
-    if isinstance(config, CLIPTextConfig):
-        return {"layers": config.num_hidden_layers}
-    counts = {"levels": len(config.channel_mult), "res blocks per level": config.num_res_blocks}
-    if isinstance(config, UNetConfig):
-        counts["transformer depth"] = config.transformer_depth
-    return counts
-
-
-def _check_size(path, part: str, config: Any) -> None:
-    """Refuse, before building anything, an architecture far larger than any SD model (a crafted file can
-    make the shapes say 20,000 layers: building that model on the meta device took 30 s and 1 GB)."""
-    for what, count in _size_counts(config).items():
-        if count > MAX_ARCHITECTURE_COUNT:
-            raise CheckpointError(f"{path}: the {part} weights describe {count} {what}, more than "
-                                  f"{MAX_ARCHITECTURE_COUNT}; SD1 has at most 12. The file is damaged or crafted")
-
-
-def _meta_state(model_class: Callable, config: Any) -> dict[str, torch.Tensor]:
-    with torch.device("meta"):
-        return model_class(config).state_dict()
-
-
-def _text_weights(config: CLIPTextConfig) -> dict[str, torch.Tensor]:
-    expected = expected_text_weights(text_encoder_on_meta(config))
-    expected.pop(POSITION_IDS, None)
-    return expected
-
-
 def _vae_keys(path, meta: Mapping[str, torch.Tensor]) -> dict[str, str]:
     if any(k.startswith(VAE_PREFIX) for k in meta):
         return _keys_under(meta, VAE_PREFIX)
@@ -357,10 +236,10 @@ def _vae_keys(path, meta: Mapping[str, torch.Tensor]) -> dict[str, str]:
 
 
 def _check_vae(source: TensorFile, keys: Mapping[str, str], prefix: str) -> VAEConfig:
-    config, expected = _infer(source.path, "VAE", vae_config_from_state_dict,
-                              lambda c: _meta_state(AutoencoderKL, c), keys, source.meta)
+    config, expected = infer_part(source.path, "VAE", vae_config_from_state_dict,
+                              lambda c: meta_state(AutoencoderKL, c), keys, source.meta)
     fix = "Is this an SD1 VAE in the original (LDM) layout?"
-    _check_part(source.path, "VAE", expected, keys, source.meta, prefix, fix)
+    check_part(source.path, "VAE", expected, keys, source.meta, prefix, fix)
     return config
 
 
@@ -482,14 +361,14 @@ def open_checkpoint(
         )
 
     # 2. Infer the architectures from shapes and check every key before reading any tensor.
-    unet_config, unet_expected = _infer(path, "UNet", unet_config_from_state_dict,
-                                        lambda c: _meta_state(UNetModel, c), unet_keys, meta)
-    text_config, text_expected = _infer(path, "text encoder", text_config_from_state_dict, _text_weights,
+    unet_config, unet_expected = infer_part(path, "UNet", unet_config_from_state_dict,
+                                        lambda c: meta_state(UNetModel, c), unet_keys, meta)
+    text_config, text_expected = infer_part(path, "text encoder", text_config_from_state_dict, text_weights,
                                         text_keys, meta)
     fix = "If the file is incomplete, fetch it again; other architectures (SD2, SDXL, Flux) are not supported."
-    _check_part(path, "UNet", unet_expected, unet_keys, meta, UNET_PREFIX, fix)
+    check_part(path, "UNet", unet_expected, unet_keys, meta, UNET_PREFIX, fix)
     fix = "SD1 uses OpenAI CLIP ViT-L/14's text model."
-    _check_part(path, "text encoder", text_expected, text_keys, meta, TEXT_PREFIX + "text_model.", fix)
+    check_part(path, "text encoder", text_expected, text_keys, meta, TEXT_PREFIX + "text_model.", fix)
     if unet_config.context_dim != text_config.hidden_size:
         raise CheckpointError(
             f"{path}: the UNet attends to {unet_config.context_dim}-wide text features but the text encoder "
