@@ -3,11 +3,10 @@
 `Folders.inside(kind, name)` is the one resolver: every path a node, an upload or /view reads or writes is
 resolved by it when it is used (at run time, after any validation hook a plugin supplies, which may have let
 anything through). Every path a user or client supplies must stay inside its root: no absolute paths, no `..`,
-no NUL. For
-input/, output/ and temp/, symlinks are followed and must not lead out either, unless the folders are
-`trusted` (the CLI, run by the machine's own user, trusts them: ComfyUI users link inputs in from elsewhere).
-Model folders always admit symlinked files (linking model files in is common practice; the name is still
-checked and must be one the folder lists).
+no NUL. For input/, output/ and temp/, symlinks are followed and must not lead out either, unless the folders
+are `trusted` (the CLI, run by the machine's own user, trusts them: ComfyUI users link inputs in from
+elsewhere). Model folders always admit symlinked files (linking model files in is common practice; the name is
+still checked and must be one the folder lists).
 """
 
 from __future__ import annotations
