@@ -117,6 +117,7 @@ def _app(args: argparse.Namespace, *, output: str | None = None):
     from nodes.folders import Folders
     from nodes.runtime import Runtime
     folders = Folders.at(args.base_dir, output=output, trusted=True)
+    folders.remove_stale_temp_files()  # leftovers of writes a crash interrupted (issue #11)
     registry = build_registry(pack_dirs=[folders.base / "custom_nodes", *args.nodes_dir])
     runtime = Runtime(folders, device=getattr(args, "device", None), dtype=getattr(args, "dtype", None),
                       allow_pickle=getattr(args, "unsafe_load_pickle", False),

@@ -321,6 +321,7 @@ async def serve(config: ServerConfig) -> int:
     """Run until SIGTERM or SIGINT; then take no more prompts, let the running one finish within
     --shutdown-timeout (a second signal: at once) or put it back in the queue, and close."""
     service = Service.open(config)
+    service.folders.remove_stale_temp_files()  # leftovers of writes a crash interrupted (issue #11)
     service.start(asyncio.get_running_loop())
     runner = web.AppRunner(create_app(service), access_log=None, handle_signals=False)
     await runner.setup()

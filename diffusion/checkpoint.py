@@ -1,9 +1,11 @@
 """Loading SD1.x single-file checkpoints (and separate VAE files) into our UNet, VAE and CLIP text encoder.
 
 1. The format comes from the file's bytes, not its name: safetensors (8-byte little-endian header length, then
-   JSON), or a torch pickle (zip or legacy), which is refused unless the caller opts in with allow_pickle.
-2. Shapes are read without reading tensors; configs are inferred from them and every expected key is checked,
-   so a wrong file fails fast with the keys that are missing or mismatched.
+   JSON), or a torch pickle (zip or legacy), which is refused unless the caller opts in with allow_pickle. A
+   safetensors header is read and checked here first, within limits (`diffusion.safetensors_header`): a crafted
+   one fails with a CheckpointError before any library maps the file.
+2. Shapes are read without reading tensors; configs are inferred from them and every expected key is checked
+   (`diffusion.checkpoint_checks`), so a wrong file fails fast with the keys that are missing or mismatched.
 3. Modules are built on the meta device and tensors are read a chunk at a time (safetensors: memory-mapped with
    `safe_open`, reopened per chunk so mapped pages never pile up), converted one by one to the target dtype and
    device, then assigned: there is never a second full copy of the weights.
@@ -12,7 +14,6 @@
 time (that is what the model manager's handles call); `load_checkpoint` reads all three at once.
 """
 
-import json
 import os
 import pickle
 import zipfile
@@ -26,13 +27,13 @@ import torch
 from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from diffusion.checkpoint_checks import check_part, examples, infer_part, meta_state, text_weights
+from diffusion.safetensors_header import CheckpointError, read_safetensors_header
 from diffusion.text_encoder import (
     POSITION_IDS,
     build_text_encoder,
-    expected_text_weights,
     strip_text_model_prefix,
     text_config_from_state_dict,
-    text_encoder_on_meta,
 )
 from diffusion.unet import UNetConfig, UNetModel, build_unet, unet_config_from_state_dict
 from diffusion.vae import AutoencoderKL, VAEConfig, build_vae, vae_config_from_state_dict
@@ -42,7 +43,6 @@ VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model.transformer."
 VAE_PARTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
 CHUNK_BYTES = 64 << 20  # how much of a safetensors file is mapped at once while reading
-SHOWN_KEYS = 5
 
 SAFETENSORS_DTYPES = MappingProxyType({
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -56,10 +56,6 @@ OTHER_FAMILIES = (  # key prefixes of checkpoints that are not SD1, to say what 
     ("down_blocks.", "a diffusers-layout UNet"),
     ("encoder.down_blocks.", "a diffusers-layout VAE"),
 )
-
-
-class CheckpointError(ValueError):
-    """A file that cannot be loaded as asked; the message names the file, what is wrong and how to fix it."""
 
 
 @dataclass(frozen=True)
@@ -143,34 +139,10 @@ class TensorFile:
             self.meta = {k: torch.empty_like(v, device="meta") for k, v in self._pickled.items()}
 
     def _read_safetensors_header(self) -> dict[str, torch.Tensor]:
-        size = self.path.stat().st_size
-        with open(self.path, "rb") as f:
-            length = int.from_bytes(f.read(8), "little")
-            try:
-                header = json.loads(f.read(length))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise CheckpointError(f"{self.path}: corrupt safetensors header ({e}); re-download the file") from e
-        if not isinstance(header, dict):
-            raise CheckpointError(f"{self.path}: corrupt safetensors header (not a JSON object); re-download the file")
-        meta = {}
-        for key, info in header.items():
-            if key == "__metadata__":
-                continue
-            try:
-                dtype_name, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-            except (KeyError, TypeError, ValueError) as e:
-                raise CheckpointError(f"{self.path}: corrupt safetensors header entry for '{key}'") from e
-            dtype = SAFETENSORS_DTYPES.get(dtype_name)
-            if dtype is None:
-                raise CheckpointError(f"{self.path}: tensor '{key}' has dtype {dtype_name!r}, which is not supported")
-            if 8 + length + end > size:
-                raise CheckpointError(
-                    f"{self.path}: truncated: tensor '{key}' ends at byte {8 + length + end} but the file has "
-                    f"{size} bytes; the download or copy was probably cut short, fetch the file again"
-                )
-            self._offsets[key] = (begin, end)
-            meta[key] = torch.empty(shape, dtype=dtype, device="meta")
-        return meta
+        entries = read_safetensors_header(self.path)
+        self._offsets = {key: (entry.begin, entry.end) for key, entry in entries.items()}
+        return {key: torch.empty(entry.shape, dtype=SAFETENSORS_DTYPES[entry.dtype], device="meta")
+                for key, entry in entries.items()}
 
     def _unpickle(self) -> dict[str, torch.Tensor]:
         try:
@@ -223,37 +195,12 @@ def _keys_under(meta: Mapping[str, torch.Tensor], prefix: str) -> dict[str, str]
     return {k[len(prefix) :]: k for k in meta if k.startswith(prefix)}
 
 
-def _examples(items: list[str]) -> str:
-    more = f", ... ({len(items)} in all)" if len(items) > SHOWN_KEYS else ""
-    return ", ".join(items[:SHOWN_KEYS]) + more
-
-
 def _family_hint(meta: Mapping[str, torch.Tensor]) -> str:
     for prefix, family in OTHER_FAMILIES:
         if any(k.startswith(prefix) for k in meta):
             return f" It looks like {family}."
     tops = sorted({k.split(".", 1)[0] for k in meta})
-    return f" Its keys start with: {_examples(tops)}."
-
-
-def _check_part(path, part: str, expected, found: Mapping[str, str], meta, prefix: str, fix: str) -> None:
-    """Raise CheckpointError unless the file holds exactly the expected weights of one part, shape for shape.
-
-    `expected` maps keys inside the part to meta tensors, `found` maps them to the file's keys."""
-    missing = [prefix + k for k in expected if k not in found]
-    unexpected = [found[k] for k in found if k not in expected]
-    mismatched = [
-        f"{found[k]} (model needs {list(expected[k].shape)}, file has {list(meta[found[k]].shape)})"
-        for k in expected
-        if k in found and tuple(meta[found[k]].shape) != tuple(expected[k].shape)
-    ]
-    problems = [
-        f"{len(keys)} {what}: {_examples(keys)}"
-        for what, keys in (("missing", missing), ("of another shape", mismatched), ("unexpected", unexpected))
-        if keys
-    ]
-    if problems:
-        raise CheckpointError(f"{path}: the {part} weights do not fit an SD1 {part}: {'; '.join(problems)}. {fix}")
+    return f" Its keys start with: {examples(tops)}."
 
 
 def _load_part(source: TensorFile, keys: Mapping[str, str], build: Callable, dtype, device, *,
@@ -275,13 +222,6 @@ def _load_part(source: TensorFile, keys: Mapping[str, str], build: Callable, dty
     return build(tensors)
 
 
-def _infer(path, part: str, infer: Callable, meta_part: Mapping[str, torch.Tensor]):
-    try:
-        return infer(meta_part)
-    except ValueError as e:
-        raise CheckpointError(f"{path}: cannot read the {part} architecture: {e}") from e
-
-
 def _vae_keys(path, meta: Mapping[str, torch.Tensor]) -> dict[str, str]:
     if any(k.startswith(VAE_PREFIX) for k in meta):
         return _keys_under(meta, VAE_PREFIX)
@@ -296,11 +236,10 @@ def _vae_keys(path, meta: Mapping[str, torch.Tensor]) -> dict[str, str]:
 
 
 def _check_vae(source: TensorFile, keys: Mapping[str, str], prefix: str) -> VAEConfig:
-    config = _infer(source.path, "VAE", vae_config_from_state_dict, {k: source.meta[v] for k, v in keys.items()})
-    with torch.device("meta"):
-        expected = AutoencoderKL(config).state_dict()
+    config, expected = infer_part(source.path, "VAE", vae_config_from_state_dict,
+                              lambda c: meta_state(AutoencoderKL, c), keys, source.meta)
     fix = "Is this an SD1 VAE in the original (LDM) layout?"
-    _check_part(source.path, "VAE", expected, keys, source.meta, prefix, fix)
+    check_part(source.path, "VAE", expected, keys, source.meta, prefix, fix)
     return config
 
 
@@ -422,16 +361,14 @@ def open_checkpoint(
         )
 
     # 2. Infer the architectures from shapes and check every key before reading any tensor.
-    unet_config = _infer(path, "UNet", unet_config_from_state_dict, {k: meta[v] for k, v in unet_keys.items()})
-    text_config = _infer(path, "text encoder", text_config_from_state_dict, {k: meta[v] for k, v in text_keys.items()})
-    with torch.device("meta"):
-        unet_expected = UNetModel(unet_config).state_dict()
-    text_expected = expected_text_weights(text_encoder_on_meta(text_config))
-    text_expected.pop(POSITION_IDS, None)
+    unet_config, unet_expected = infer_part(path, "UNet", unet_config_from_state_dict,
+                                        lambda c: meta_state(UNetModel, c), unet_keys, meta)
+    text_config, text_expected = infer_part(path, "text encoder", text_config_from_state_dict, text_weights,
+                                        text_keys, meta)
     fix = "If the file is incomplete, fetch it again; other architectures (SD2, SDXL, Flux) are not supported."
-    _check_part(path, "UNet", unet_expected, unet_keys, meta, UNET_PREFIX, fix)
+    check_part(path, "UNet", unet_expected, unet_keys, meta, UNET_PREFIX, fix)
     fix = "SD1 uses OpenAI CLIP ViT-L/14's text model."
-    _check_part(path, "text encoder", text_expected, text_keys, meta, TEXT_PREFIX + "text_model.", fix)
+    check_part(path, "text encoder", text_expected, text_keys, meta, TEXT_PREFIX + "text_model.", fix)
     if unet_config.context_dim != text_config.hidden_size:
         raise CheckpointError(
             f"{path}: the UNet attends to {unet_config.context_dim}-wide text features but the text encoder "

@@ -60,7 +60,10 @@ def read_embedding_file(path: str | os.PathLike, *, allow_pickle: bool = False) 
     if path.suffix.lower() == ".safetensors":
         import safetensors.torch
 
+        from diffusion.safetensors_header import read_safetensors_header
+
         try:
+            read_safetensors_header(path)  # checked within limits first (issue #11: crafted model files)
             return safetensors.torch.load_file(str(path), device="cpu")
         except Exception as error:
             raise EmbeddingError(f"embedding file {path} could not be read as safetensors: {error}") from error

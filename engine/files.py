@@ -1,10 +1,21 @@
-"""Atomic file writes: a file under its final name is always complete."""
+"""Atomic file writes: a file under its final name is always complete.
+
+A write goes to a temporary file beside its target, `.<name>.<8 random characters>.part`, which is renamed into
+place. A process killed mid-write leaves that file behind; `remove_stale_temp_files` (called when the server and
+the CLI start) deletes such leftovers.
+"""
 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
+import time
+from collections.abc import Iterable
 from pathlib import Path
+
+TEMP_PREFIX, TEMP_SUFFIX = ".", ".part"
+_TEMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.part")  # what tempfile.mkstemp makes of the prefix and suffix
 
 
 def atomic_write(path: str | os.PathLike, data: bytes, *, exclusive: bool = False) -> Path:
@@ -12,7 +23,7 @@ def atomic_write(path: str | os.PathLike, data: bytes, *, exclusive: bool = Fals
     folder). With `exclusive`, refuse to replace an existing file (FileExistsError)."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{target.name}.", suffix=TEMP_SUFFIX, dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as tmp:
             tmp.write(data)
@@ -42,3 +53,58 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether `name` is the name of one of `atomic_write`'s temporary files."""
+    return _TEMP_NAME.fullmatch(name) is not None
+
+
+def remove_stale_temp_files(roots: Iterable[str | os.PathLike], *, before: float | None = None) -> list[Path]:
+    """Delete `atomic_write`'s temporary files left under `roots` by a process that died mid-write: regular files
+    with its naming pattern, last modified before `before` (a time.time(); default now) and held open by no
+    process. Symlinks are neither followed nor removed. Returns what was removed."""
+    before = time.time() if before is None else before
+    candidates = [path for root in roots for path in _temp_files(Path(root))
+                  if path.lstat().st_mtime < before]
+    if not candidates:
+        return []
+    in_use = _open_files()
+    removed = []
+    for path in candidates:
+        if str(path) in in_use or os.path.realpath(path) in in_use:
+            continue
+        try:
+            path.unlink()
+        except FileNotFoundError:  # its writer finished (renamed it) or another cleaner was faster
+            continue
+        removed.append(path)
+    return removed
+
+
+def _temp_files(root: Path) -> Iterable[Path]:
+    for dirpath, _dirnames, filenames in os.walk(root):  # followlinks=False: never leaves `root`
+        for name in filenames:
+            path = Path(dirpath, name)
+            if is_temp_name(name) and path.is_file() and not path.is_symlink():
+                yield path
+
+
+def _open_files() -> set[str]:
+    """Paths of the files any process we can see holds open (Linux's /proc; empty elsewhere)."""
+    found = set()
+    try:
+        pids = [entry for entry in os.listdir("/proc") if entry.isdigit()]
+    except OSError:
+        return found
+    for pid in pids:
+        try:
+            descriptors = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in descriptors:
+            try:
+                found.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+            except OSError:
+                continue
+    return found

@@ -132,7 +132,7 @@ def _validate(prompt: Mapping[str, Any], registry: NodeRegistry, targets: Sequen
         linked_types: dict[str, str] = {}
         inputs = _step_inputs(node_id, definition, raw_inputs, prompt, raw_nodes, resources, errors, linked_types)
         if len(errors) == before:  # a custom check given incomplete inputs would only add noise
-            _step_custom(node_id, definition, inputs, linked_types, errors)
+            _step_custom(node_id, definition, inputs, linked_types, errors, resources)
         nodes[node_id] = NodeInstance(node_id, definition.name, inputs, title)
     try:
         order = list(nx.topological_sort(links))  # linear; most graphs have no cycle
@@ -336,9 +336,10 @@ def _check_link(spec: Input, value: Sequence, prompt: Mapping[str, Any], raw_nod
 
 
 def _step_custom(node_id: str, definition: NodeDef, inputs: dict[str, Any], linked_types: Mapping[str, str],
-                 errors: list[ValidationError]) -> None:
+                 errors: list[ValidationError], resources: Any = None) -> None:
     """The node's own check on its constants. A native `validate` runs only when every input it names is a
-    constant (a linked value is not known before the run). ComfyUI's VALIDATE_INPUTS always runs: linked
+    constant (a linked value is not known before the run); one with a `resources` parameter that is not an
+    input receives the application's resources. ComfyUI's VALIDATE_INPUTS always runs: linked
     inputs arrive as None and `input_types`, when asked for, maps them to the linked output types."""
     if definition.validate is None:
         return
@@ -352,6 +353,8 @@ def _step_custom(node_id: str, definition: NodeDef, inputs: dict[str, Any], link
             if any(isinstance(inputs.get(name), Link) for name in params):
                 return
             values = {k: v for k, v in inputs.items() if not isinstance(v, Link)}
+            if "resources" in params and definition.input("resources") is None:
+                values["resources"] = resources
         verdict = definition.validate(**accepted_kwargs(definition.validate, values))
     except Exception as exc:  # a custom check that crashes is itself a validation failure
         verdict = f"the node's own input check raised {type(exc).__name__}: {exc}"

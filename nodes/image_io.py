@@ -48,7 +48,7 @@ def _folders(ctx, node_name: str):
 def _file_digest(resources, image):
     """SHA-256 of the file's bytes: the node runs again when the file changes, even under the same name."""
     digest = hashlib.sha256()
-    with open(resources.folders.input_path(image), "rb") as f:
+    with open(resources.folders.input_path(image, what="LoadImage input 'image'"), "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -83,7 +83,7 @@ def load_image(ctx, image):
     image's size (ComfyUI gives a 64x64 zero mask there)."""
     from . import imaging
 
-    path = _folders(ctx, "LoadImage").input_path(image)
+    path = _folders(ctx, "LoadImage").input_path(image, what="LoadImage input 'image'")
     return imaging.read_image(path, image, imaging.load_frames)
 
 
@@ -96,7 +96,7 @@ def load_image_mask(ctx, image, channel):
     and an image without alpha gives an all-zero mask for it."""
     from . import imaging
 
-    path = _folders(ctx, "LoadImageMask").input_path(image)
+    path = _folders(ctx, "LoadImageMask").input_path(image, what="LoadImageMask input 'image'")
     return imaging.read_image(path, image, lambda picture: imaging.load_channel(picture, channel))
 
 
@@ -122,11 +122,15 @@ def split_prefix(prefix: str) -> tuple[str, str]:
     return subfolder, filename
 
 
-def _check_prefix(filename_prefix=None):
+def _check_prefix(filename_prefix=None, resources=None):
+    """At validation: the prefix's form and, given the application's folders, where its subfolder really leads
+    (a symlinked folder pointing out of output/ is refused unless the folders are trusted)."""
     if filename_prefix is None:  # linked from another node: checked when it runs
         return True
     try:
-        split_prefix(filename_prefix)
+        subfolder, _ = split_prefix(filename_prefix)
+        if subfolder and hasattr(resources, "folders"):
+            resources.folders.inside("output", subfolder, what="filename_prefix folder")
     except UnsafePathError as exc:
         return str(exc)
     return True
@@ -184,7 +188,8 @@ def save_images(ctx, images, prefix: str, *, kind: str, compress_level: int, nod
     _refuse_non_finite(images, node_name)
     prefix = expand_variables(prefix, images.shape[2], images.shape[1])
     subfolder, filename = split_prefix(prefix)
-    folder = _folders(ctx, node_name).inside(kind, subfolder or ".", what="filename_prefix folder")
+    folder = _folders(ctx, node_name).inside(kind, subfolder or ".",
+                                             what=f"{node_name} input 'filename_prefix' folder")
     if folder.exists() and not folder.is_dir():
         raise NotADirectoryError(f"{node_name}: filename_prefix {prefix!r} needs the folder {subfolder!r} in "
                                  f"{root}, but a file has that name; choose another prefix")

@@ -1,11 +1,12 @@
 """Files clients send and fetch: /upload/image, /upload/mask and /view.
 
-Every name a client gives is resolved with symlinks followed and must stay inside its folder
-(`nodes.folders.resolve_inside`); refusals never echo the server's own paths. Uploads are size-limited, must
-decode as an image of a known format, and are checked against a pixel budget before they are decoded (so a
-small file that claims 100,000 x 100,000 pixels is refused unread). They are written under a temporary name,
-fsynced and renamed (`engine.files.atomic_write`), so a file under its final name is always complete; the same
-name with other content becomes `name (1).png`, identical content reuses the existing file.
+Every name a client gives is resolved with symlinks followed and must stay inside its folder, by the one
+resolver every node uses too (`nodes.folders.Folders.inside`); refusals never echo the server's own paths.
+Uploads are size-limited, must decode as an image of a known format, and are checked against a pixel budget
+before they are decoded (so a small file that claims 100,000 x 100,000 pixels is refused unread). They are
+written under a temporary name, fsynced and renamed (`engine.files.atomic_write`), so a file under its final
+name is always complete; the same name with other content becomes `name (1).png`, identical content reuses the
+existing file.
 """
 
 from __future__ import annotations
@@ -16,14 +17,14 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, BinaryIO
 
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 from PIL import Image, PngImagePlugin
 
 from engine.files import atomic_write
-from nodes.folders import IMAGE_EXTENSIONS, Folders, UnsafePathError, resolve_inside
+from nodes.folders import IMAGE_EXTENSIONS, Folders, UnsafePathError
 
 from .routing import RequestError
 
@@ -32,6 +33,7 @@ UPLOAD_TYPES = ("input", "temp")
 VIEW_TYPES = ("output", "input", "temp")
 MAX_FIELD_BYTES = 64 << 10
 MAX_PARTS = 16
+PREVIEW_MAX_SIDE = 2048  # ?preview=webp|jpeg images are scaled to fit (a preview of 8000x8000 took 743 MB)
 INLINE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp",
                 ".gif": "image/gif", ".bmp": "image/bmp", ".mp4": "video/mp4", ".webm": "video/webm",
                 ".txt": "text/plain; charset=utf-8", ".json": "application/json"}
@@ -85,6 +87,11 @@ async def _read_part(part: BodyPartReader, limit: int, what: str) -> bytes:
 
 def plain_filename(name: str) -> str:
     """An upload's name: one file name with an image extension, no folders (those go in `subfolder`)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # aiohttp keeps undecodable header bytes as surrogates
+        raise RequestError(400, "invalid_filename", "the upload's file name is not valid UTF-8; rename the file "
+                           "(or have the client send its name in UTF-8)") from None
     if not name or "\0" in name or "/" in name or "\\" in name or name.startswith(".") or len(name.encode()) > 200:
         raise RequestError(400, "invalid_filename", f"upload name {name[:80]!r} must be a plain file name (no "
                            "folders, NUL or leading dot, at most 200 bytes); put folders in the 'subfolder' field")
@@ -94,12 +101,15 @@ def plain_filename(name: str) -> str:
     return name
 
 
-def open_image(data: bytes, max_pixels: int, *, what: str = "the upload") -> Image.Image:
-    """Decode `data` as an image of an accepted format within the pixel budget (checked before decoding)."""
+def open_image(data: bytes | BinaryIO, max_pixels: int, *, what: str = "the upload",
+               fit: int | None = None) -> Image.Image:
+    """Decode `data` (bytes, or an open file read as it decodes) as an image of an accepted format within the
+    pixel budget (checked before decoding). With `fit`, the image comes scaled down to at most `fit` pixels a
+    side; a JPEG is then decoded at a reduced size already (Pillow's draft), so it never takes full-size memory."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
             if image.format not in IMAGE_FORMATS:
                 raise RequestError(400, "invalid_image", f"{what} is {image.format or 'an unknown'} image; this "
                                    f"server takes {', '.join(sorted(IMAGE_FORMATS))}")
@@ -108,7 +118,11 @@ def open_image(data: bytes, max_pixels: int, *, what: str = "the upload") -> Ima
             if width * height * frames > max_pixels:
                 raise RequestError(400, "image_too_large", f"{what} is {width}x{height} pixels x {frames} frame(s), "
                                    f"more than this server's budget of {max_pixels} pixels (--max-image-pixels)")
+            if fit and image.format == "JPEG":
+                image.draft(image.mode, _fitted(image.size, fit))
             image.load()
+            if fit:
+                image = _scaled_to_fit(image, fit)
     except RequestError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -119,36 +133,57 @@ def open_image(data: bytes, max_pixels: int, *, what: str = "the upload") -> Ima
     return image
 
 
-def _inside(root: Path, name: str, what: str, kind: str) -> Path:
+def _fitted(size: tuple[int, int], fit: int) -> tuple[int, int]:
+    scale = min(1.0, fit / max(size))
+    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
+
+
+def _scaled_to_fit(image: Image.Image, fit: int) -> Image.Image:
+    """`image` reduced by a whole factor (box filter) to at most `fit` pixels a side, a band of rows at a time:
+    Pillow's reduce of an image with alpha would first make a premultiplied full-size copy."""
+    factor = -(-max(image.size) // fit)
+    if factor <= 1:
+        return image
+    mode = image.mode if image.mode in ("L", "LA", "RGB", "RGBA", "I", "F") else \
+        "RGBA" if "transparency" in image.info or "A" in image.getbands() else "RGB"
+    width, height = image.size
+    scaled = Image.new(mode, (-(-width // factor), -(-height // factor)))
+    rows = factor * max(1, (1 << 22) // (width * factor))  # about 4 M pixels a band, a whole number of blocks
+    for top in range(0, height, rows):
+        band = image.crop((0, top, width, min(height, top + rows)))
+        scaled.paste((band if band.mode == mode else band.convert(mode)).reduce(factor), (0, top // factor))
+    return scaled
+
+
+def _inside(folders: Folders, kind: str, name: str, what: str) -> Path:
     try:
-        return resolve_inside(root, name, what=what)
+        return folders.inside(kind, name, what=what)
     except UnsafePathError:
         raise RequestError(400, "unsafe_path", f"{what} {name[:120]!r} is not a path inside the {kind} folder "
                            "(absolute paths, '..', NUL bytes and symlinks pointing out are refused)") from None
 
 
-def _root(folders: Folders, kind: str, allowed: tuple[str, ...]) -> Path:
+def _check_type(kind: str, allowed: tuple[str, ...]) -> None:
     if kind not in allowed:
         raise RequestError(400, "invalid_type", f"type {kind[:40]!r} is not one of {', '.join(allowed)}")
-    return folders.root(kind)
 
 
-def _target(root: Path, subfolder: str, name: str, kind: str) -> Path:
+def _target(folders: Folders, subfolder: str, name: str, kind: str) -> Path:
     if subfolder:
-        _inside(root, subfolder, "subfolder", kind)
-        return _inside(root, f"{subfolder.rstrip('/')}/{name}", "file", kind)
-    return _inside(root, name, "file", kind)
+        _inside(folders, kind, subfolder, "subfolder")
+        return _inside(folders, kind, f"{subfolder.rstrip('/')}/{name}", "file")
+    return _inside(folders, kind, name, "file")
 
 
 def store_upload(folders: Folders, data: bytes, *, filename: str, subfolder: str, kind: str,
                  overwrite: bool) -> dict[str, str]:
     """Write an upload; answer ComfyUI's {name, subfolder, type}."""
-    root = _root(folders, kind, UPLOAD_TYPES)
+    _check_type(kind, UPLOAD_TYPES)
     name = plain_filename(filename)
     stem, ext = os.path.splitext(name)
     for index in range(10000):
         candidate = name if index == 0 else f"{stem} ({index}){ext}"
-        path = _target(root, subfolder, candidate, kind)
+        path = _target(folders, subfolder, candidate, kind)
         if overwrite and index == 0:
             atomic_write(path, data)
             return {"name": candidate, "subfolder": subfolder, "type": kind}
@@ -204,16 +239,18 @@ def resolve_view(folders: Folders, filename: str, subfolder: str, kind: str) -> 
     for annotated in VIEW_TYPES:
         if filename.endswith(f" [{annotated}]"):
             filename, kind = filename[: -len(annotated) - 3], annotated
-    root = _root(folders, kind, VIEW_TYPES)
-    path = _target(root, subfolder, filename, kind)
+    _check_type(kind, VIEW_TYPES)
+    path = _target(folders, subfolder, filename, kind)
     if not path.is_file():
         raise RequestError(404, "not_found", f"there is no file {filename[:120]!r} in {kind}/{subfolder[:120]}")
     return path
 
 
 def view_variant(path: Path, *, channel: str | None, preview: str | None, max_pixels: int) -> tuple[bytes, str]:
-    """ComfyUI's /view options: channel=rgb|a (drop or keep only alpha), preview=webp;90 or jpeg;90."""
-    image = open_image(path.read_bytes(), max_pixels, what="the file")
+    """ComfyUI's /view options: channel=rgb|a (drop or keep only alpha), preview=webp;90 or jpeg;90. Previews are
+    scaled down to at most PREVIEW_MAX_SIDE pixels a side (ComfyUI sends them at full size)."""
+    with open(path, "rb") as file:
+        image = open_image(file, max_pixels, what="the file", fit=PREVIEW_MAX_SIDE if preview else None)
     buffer = io.BytesIO()
     if preview:
         fmt, _, quality = preview.partition(";")

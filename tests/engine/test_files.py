@@ -52,3 +52,44 @@ def test_a_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
         atomic_write(target, b"new")
     assert target.read_bytes() == b"old"
     assert os.listdir(tmp_path) == ["out.txt"]
+
+
+# --- issue #11, leftovers: temporary files of interrupted writes are removed at start-up ---------------------
+
+def _leftover(folder, name="out.png", age=3600.0):
+    """A temporary file as atomic_write names it, as a crash would leave it, `age` seconds old."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f".{name}.ab12_z9x.part"
+    path.write_bytes(b"half a file")
+    os.utime(path, (path.stat().st_atime - age, path.stat().st_mtime - age))
+    return path
+
+
+def test_the_pattern_is_what_atomic_write_makes(tmp_path, monkeypatch):
+    made = []
+    real_replace = os.replace
+    monkeypatch.setattr(files.os, "replace", lambda src, dst: (made.append(os.path.basename(src)),
+                                                                real_replace(src, dst)))
+    atomic_write(tmp_path / "portrait 1.png", b"x")
+    assert len(made) == 1 and files.is_temp_name(made[0])
+    for name in ("x.part", ".x.part", "portrait.png", ".x.ABCDEFGH.part", ".x.abcdefgh.part.png"):
+        assert not files.is_temp_name(name), name
+
+
+def test_stale_temporary_files_are_removed_and_nothing_else(tmp_path):
+    stale = [_leftover(tmp_path / "output"), _leftover(tmp_path / "input" / "sub" / "deep", "a.png")]
+    recent = _leftover(tmp_path / "output", "recent.png", age=-60)  # modified after the cut-off
+    held = _leftover(tmp_path / "temp", "held.png")
+    kept = [tmp_path / "output" / "x.part", tmp_path / "output" / ".notes.part", tmp_path / "output" / "img.png"]
+    for path in kept:
+        path.write_bytes(b"keep")
+    outside = _leftover(tmp_path / "elsewhere")
+    os.symlink(tmp_path / "elsewhere", tmp_path / "output" / "linked")
+    os.symlink(outside, tmp_path / "output" / ".y.png.ab12_z9x.part")
+    with open(held, "rb"):
+        removed = files.remove_stale_temp_files([tmp_path / "output", tmp_path / "input", tmp_path / "temp",
+                                                 tmp_path / "absent"])
+    assert sorted(removed) == sorted(stale)
+    assert not any(path.exists() for path in stale)
+    assert recent.exists() and held.exists() and outside.exists() and all(path.exists() for path in kept)
+    assert os.path.islink(tmp_path / "output" / ".y.png.ab12_z9x.part")

@@ -43,3 +43,19 @@ def test_model_files_may_be_symlinks(tmp_path):
     os.symlink(store / "m.safetensors", folders.models("checkpoints") / "m.safetensors")
     assert folders.list_models("checkpoints") == ["m.safetensors"]
     assert folders.model_path("checkpoints", "m.safetensors").is_file()
+
+
+def test_the_cli_removes_leftover_temporary_files_when_it_starts(tmp_path):
+    """Issue #11, leftovers: `.part` files of writes a crash interrupted survived restarts."""
+    import time
+
+    import cli
+
+    leftovers = [tmp_path / "output" / "sub" / ".img.png.abcd1234.part", tmp_path / "user" / ".x.json.q_1234zz.part"]
+    for path in leftovers:
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"partial")
+        os.utime(path, (time.time() - 10, time.time() - 10))
+    assert cli.main(["nodes", "--base-dir", str(tmp_path)]) == 0
+    assert not any(path.exists() for path in leftovers)
+    assert Folders.at(tmp_path).written[-2:] == (tmp_path / "user", tmp_path / "models")

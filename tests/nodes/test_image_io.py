@@ -147,15 +147,20 @@ def test_not_an_image_is_named(ctx, tmp_path):
         load(ctx, "notes.png")
 
 
+def secrets_outside_input(base: Path) -> None:
+    """secret.png beside input/ and in elsewhere/, which input/link points at."""
+    outside = base / "elsewhere"
+    outside.mkdir()
+    Image.new("RGB", (1, 1)).save(outside / "secret.png")
+    Image.new("RGB", (1, 1)).save(base / "secret.png")
+    (base / "input").mkdir()
+    os.symlink(outside, base / "input" / "link")
+
+
 @pytest.mark.parametrize("name", ["../secret.png", "/etc/secret.png", "..\\secret.png", "a/../../secret.png",
                                   "bad\0.png", "link/secret.png"])
 def test_names_outside_input_are_refused(ctx, tmp_path, name):
-    outside = tmp_path / "elsewhere"
-    outside.mkdir()
-    Image.new("RGB", (1, 1)).save(outside / "secret.png")
-    Image.new("RGB", (1, 1)).save(tmp_path / "secret.png")
-    (tmp_path / "input").mkdir()
-    os.symlink(outside, tmp_path / "input" / "link")
+    secrets_outside_input(tmp_path)
     with pytest.raises(UnsafePathError):
         load(ctx, name)
 
@@ -386,3 +391,76 @@ def test_load_composite_save_through_the_executor(tmp_path):
     bad = dict(api, **{"1": {"class_type": "LoadImage", "inputs": {"image": "missing.png"}}})
     errors = validate(bad, registry, resources=runtime).errors
     assert any("missing.png" in str(e) for e in errors)
+
+
+# --- issue #11: one resolver, at validation where it can and always where the file is opened ----------------
+
+def _image_registry(**v1_classes) -> NodeRegistry:
+    import types
+
+    registry = NodeRegistry()
+    register_types(registry)
+    for module in (image_nodes, mask_nodes, image_io):
+        register_module(registry, module, pack="sdgraph")
+    if v1_classes:
+        pack = types.ModuleType("v1_pack")
+        pack.NODE_CLASS_MAPPINGS = v1_classes
+        register_module(registry, pack, pack="v1_pack")
+        assert not registry.load_errors, registry.load_errors
+    return registry
+
+
+def test_save_prefix_through_a_symlink_out_of_output_is_refused_at_queue_time(tmp_path):
+    """Issue #11, paths: a SaveImage prefix whose folder is a symlink leading out of output/ passed validation."""
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (tmp_path / "output").mkdir()
+    os.symlink(outside, tmp_path / "output" / "link")
+    api = {"0": {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 1, "height": 1}},
+           "1": {"class_type": "MaskToImage", "inputs": {"mask": ["0", 0]}},
+           "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "link/sub/img"}}}
+    registry = _image_registry()
+    result = validate(api, registry, resources=Runtime(Folders.at(tmp_path)))
+    assert [(e.code, e.node_id) for e in result.errors] == [("custom_validation_failed", "2")]
+    assert "'link/sub'" in result.errors[0].message and "output/" in result.errors[0].message
+    assert str(outside) not in result.errors[0].message  # the server's own paths are not echoed
+    trusted = validate(api, registry, resources=Runtime(Folders.at(tmp_path, trusted=True)))
+    assert trusted.ok, [str(e) for e in trusted.errors]  # the CLI trusts its folders' links
+
+
+class _PickAnyImage:
+    """A ComfyUI-style pack node whose VALIDATE_INPUTS accepts anything (skipping the combo check) and passes
+    the name on as a combo value, the way "image picker" packs feed LoadImage."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"image": (["a.png"],)}}
+
+    RETURN_TYPES = (["a.png"],)
+    FUNCTION = "pick"
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, image):
+        return True
+
+    def pick(self, image):
+        return (image,)
+
+
+@pytest.mark.parametrize("name", ["../../etc/passwd", "../secret.png", "link/secret.png"])
+def test_a_v1_validate_inputs_that_lets_anything_through_is_stopped_where_the_file_opens(tmp_path, name):
+    """Issue #11, paths: VALIDATE_INPUTS returning True let `../` names reach LoadImage; the resolver refuses
+    them when the file is opened, naming the node input and the file."""
+    secrets_outside_input(tmp_path)
+    registry = _image_registry(PickAnyImage=_PickAnyImage)
+    runtime = Runtime(Folders.at(tmp_path))
+    api = {"1": {"class_type": "PickAnyImage", "inputs": {"image": name}},
+           "2": {"class_type": "LoadImage", "inputs": {"image": ["1", 0]}},
+           "3": {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}}}
+    result = validate(api, registry, resources=runtime)
+    assert result.ok, [str(e) for e in result.errors]  # the plugin's hook let it through
+    report = Executor(registry, resources=runtime).run(result.graph, prompt=api)
+    assert not report.ok and report.error.node_id == "2"
+    assert report.error.exception_type == "UnsafePathError"
+    assert f"LoadImage input 'image' {name!r}" in report.error.message
+    assert str(tmp_path) not in report.error.message
