@@ -39,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from diffusion.make_checkpoint import main as make_checkpoint
         return make_checkpoint(argv[1:])
     if argv and argv[0] == "train-demo":
-        from diffusion.train.cli import main as train_demo
+        from demo_model.cli import main as train_demo
         return train_demo(argv[1:])
     args = _parser().parse_args(argv)
     try:

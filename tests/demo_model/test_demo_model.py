@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from demo_model import evaluate, showcase
 from diffusion.checkpoint import load_checkpoint
-from diffusion.train import evaluate, showcase
 
 ROOT = Path(__file__).resolve().parents[3]
 CHECKPOINT = ROOT / "models" / "checkpoints" / "sdgraph-demo.safetensors"

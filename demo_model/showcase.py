@@ -1,7 +1,7 @@
 """The demo model's pictures for docs/images: graphs/txt2img.json, img2img.json and inpaint.json as shipped, a
 sheet of prompts, and the inpainting check (how many pixels outside the mask changed).
 
-    .venv/bin/python -m diffusion.train.showcase [--out docs/images]
+    .venv/bin/python -m demo_model.showcase [--out docs/images]
 """
 
 from __future__ import annotations
