@@ -105,16 +105,15 @@ def _sde_noise(x, noise_sampler, sigma, sigma_next, h, eta, s_noise):
     return x
 
 
-def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, noise_sampler=None,
-                        eta=1.0, s_noise=1.0, solver_type="midpoint", cpu=True):
-    """DPM-Solver++(2M) SDE with Brownian-tree noise; solver_type 'midpoint' or 'heun'."""
+def _run_sde_multistep(model, x, sigmas, extra_args, callback, noise_sampler, eta, s_noise, cpu, correct):
+    """The DPM-Solver++ multistep SDE loop: predict, the first-order step, `correct(x, denoised, h, h_eta,
+    alpha_t, history)` from the (denoised, h) of up to two earlier steps (newest first), then Brownian noise.
+    The last step to sigma 0 lands on the prediction."""
     if len(sigmas) <= 1:
         return x
-    if solver_type not in {"heun", "midpoint"}:
-        raise ValueError("solver_type must be 'heun' or 'midpoint'")
     extra = extra_args or {}
     noise_sampler = brownian_noise(x, sigmas, extra, noise_sampler, cpu=cpu)
-    old_denoised, h, h_last = None, None, None
+    history, h = [], None
     for i in range(len(sigmas) - 1):
         denoised = predict(model, x, sigmas[i], extra)
         report(callback, x, i, sigmas[i], denoised)
@@ -122,15 +121,34 @@ def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, noise_
             x = denoised
         else:
             x, h, h_eta, alpha_t = _sde_first_order(x, sigmas[i], sigmas[i + 1], denoised, eta)
-            if old_denoised is not None:
-                r = h_last / h
-                if solver_type == "heun":
-                    x = x + alpha_t * ((-h_eta).expm1().neg() / (-h_eta) + 1) * (1 / r) * (denoised - old_denoised)
-                else:
-                    x = x + 0.5 * alpha_t * (-h_eta).expm1().neg() * (1 / r) * (denoised - old_denoised)
+            x = correct(x, denoised, h, h_eta, alpha_t, history)
             x = _sde_noise(x, noise_sampler, sigmas[i], sigmas[i + 1], h, eta, s_noise)
-        old_denoised, h_last = denoised, h
+        history = [(denoised, h), *history[:1]]
     return x
+
+
+def _second_order(solver_type):
+    """2M's correction from the previous prediction, by the midpoint or Heun rule."""
+
+    def correct(x, denoised, h, h_eta, alpha_t, history):
+        if not history:
+            return x
+        old_denoised, h_last = history[0]
+        r = h_last / h
+        if solver_type == "heun":
+            return x + alpha_t * ((-h_eta).expm1().neg() / (-h_eta) + 1) * (1 / r) * (denoised - old_denoised)
+        return x + 0.5 * alpha_t * (-h_eta).expm1().neg() * (1 / r) * (denoised - old_denoised)
+
+    return correct
+
+
+def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, noise_sampler=None,
+                        eta=1.0, s_noise=1.0, solver_type="midpoint", cpu=True):
+    """DPM-Solver++(2M) SDE with Brownian-tree noise; solver_type 'midpoint' or 'heun'."""
+    if solver_type not in {"heun", "midpoint"}:
+        raise ValueError("solver_type must be 'heun' or 'midpoint'")
+    return _run_sde_multistep(model, x, sigmas, extra_args, callback, noise_sampler, eta, s_noise, cpu,
+                              _second_order(solver_type))
 
 
 def sample_dpmpp_2m_sde_heun(model, x, sigmas, extra_args=None, callback=None, noise_sampler=None,
@@ -149,36 +167,27 @@ def sample_dpmpp_2m_sde_heun_gpu(model, x, sigmas, extra_args=None, callback=Non
     return sample_dpmpp_2m_sde_gpu(model, x, sigmas, extra_args, callback, noise_sampler, eta, s_noise, "heun")
 
 
+def _third_order(x, denoised, h, h_eta, alpha_t, history):
+    """3M's correction from the two previous predictions (second order after the first step)."""
+    phi_2 = h_eta.neg().expm1() / h_eta + 1
+    if len(history) == 2:
+        (denoised_1, h_1), (denoised_2, h_2) = history
+        r0, r1 = h_1 / h, h_2 / h
+        d1_0, d1_1 = (denoised - denoised_1) / r0, (denoised_1 - denoised_2) / r1
+        d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
+        d2 = (d1_0 - d1_1) / (r0 + r1)
+        phi_3 = phi_2 / h_eta - 0.5
+        return x + (alpha_t * phi_2) * d1 - (alpha_t * phi_3) * d2
+    if history:
+        denoised_1, h_1 = history[0]
+        return x + (alpha_t * phi_2) * ((denoised - denoised_1) / (h_1 / h))
+    return x
+
+
 def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, noise_sampler=None, eta=1.0, s_noise=1.0,
                         cpu=True):
     """DPM-Solver++(3M) SDE: third order from the two previous predictions."""
-    if len(sigmas) <= 1:
-        return x
-    extra = extra_args or {}
-    noise_sampler = brownian_noise(x, sigmas, extra, noise_sampler, cpu=cpu)
-    denoised_1, denoised_2 = None, None
-    h, h_1, h_2 = None, None, None
-    for i in range(len(sigmas) - 1):
-        denoised = predict(model, x, sigmas[i], extra)
-        report(callback, x, i, sigmas[i], denoised)
-        if sigmas[i + 1] == 0:
-            x = denoised
-        else:
-            x, h, h_eta, alpha_t = _sde_first_order(x, sigmas[i], sigmas[i + 1], denoised, eta)
-            phi_2 = h_eta.neg().expm1() / h_eta + 1
-            if h_2 is not None:
-                r0, r1 = h_1 / h, h_2 / h
-                d1_0, d1_1 = (denoised - denoised_1) / r0, (denoised_1 - denoised_2) / r1
-                d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
-                d2 = (d1_0 - d1_1) / (r0 + r1)
-                phi_3 = phi_2 / h_eta - 0.5
-                x = x + (alpha_t * phi_2) * d1 - (alpha_t * phi_3) * d2
-            elif h_1 is not None:
-                x = x + (alpha_t * phi_2) * ((denoised - denoised_1) / (h_1 / h))
-            x = _sde_noise(x, noise_sampler, sigmas[i], sigmas[i + 1], h, eta, s_noise)
-        denoised_1, denoised_2 = denoised, denoised_1
-        h_1, h_2 = h, h_1
-    return x
+    return _run_sde_multistep(model, x, sigmas, extra_args, callback, noise_sampler, eta, s_noise, cpu, _third_order)
 
 
 def sample_dpmpp_3m_sde_gpu(model, x, sigmas, extra_args=None, callback=None, noise_sampler=None,
