@@ -1,4 +1,5 @@
-"""What the sampler families share: the model call, the progress report, default noise and the ancestral loop."""
+"""What the sampler families share: the model call, the progress report, default noise, the slope loop and the
+ancestral loop."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from collections.abc import Callable
 
 from torch import Tensor
 
+from diffusion.denoisers import to_d
 from diffusion.noise import BrownianTreeNoiseSampler, NoiseSampler, ancestral_step, default_noise_sampler
 
 # step(x, sigma, sigma_next, sigma_down, denoised, predict) -> (x at sigma_down, whether to add noise up to sigma_next)
@@ -32,6 +34,24 @@ def brownian_noise(x: Tensor, sigmas: Tensor, extra: dict, noise_sampler: NoiseS
     if noise_sampler is not None:
         return noise_sampler
     return BrownianTreeNoiseSampler(x, sigmas[sigmas > 0].min(), sigmas.max(), seed=extra.get("seed"), cpu=cpu)
+
+
+def run_slopes(model, x, sigmas, extra_args, callback, step) -> Tensor:
+    """The loop of the ODE samplers in sigma: predict, report, the slope d = (x - denoised) / sigma, then
+    x = step(x, i, sigmas, denoised, d, previous_d, predict_at)."""
+    extra = extra_args or {}
+
+    def predict_at(x_: Tensor, sigma: Tensor) -> Tensor:
+        return predict(model, x_, sigma, extra)
+
+    previous_d = None
+    for i in range(len(sigmas) - 1):
+        denoised = predict_at(x, sigmas[i])
+        d = to_d(x, sigmas[i], denoised)
+        report(callback, x, i, sigmas[i], denoised)
+        x = step(x, i, sigmas, denoised, d, previous_d, predict_at)
+        previous_d = d
+    return x
 
 
 def run_ancestral(model, x, sigmas, extra_args, callback, noise_sampler, eta: float, s_noise: float,

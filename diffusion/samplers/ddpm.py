@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from diffusion.samplers.common import gaussian_noise, predict, report
+from diffusion.samplers.common import gaussian_noise, run_slopes
 
 
 def _ddpm_step(x, sigma, sigma_prev, eps, noise_sampler):
@@ -21,27 +21,24 @@ def _ddpm_step(x, sigma, sigma_prev, eps, noise_sampler):
 
 def sample_ddpm(model, x, sigmas, extra_args=None, callback=None, noise_sampler=None):
     """Ancestral DDPM posterior steps, done in the variance-preserving scaling."""
-    extra = extra_args or {}
-    noise_sampler = gaussian_noise(x, extra, noise_sampler)
-    for i in range(len(sigmas) - 1):
-        denoised = predict(model, x, sigmas[i], extra)
-        report(callback, x, i, sigmas[i], denoised)
-        eps = (x - denoised) / sigmas[i]
+    noise_sampler = gaussian_noise(x, extra_args or {}, noise_sampler)
+
+    def step(x, i, sigmas, denoised, eps, previous_eps, predict_at):
         x = _ddpm_step(x / torch.sqrt(1.0 + sigmas[i] ** 2.0), sigmas[i], sigmas[i + 1], eps, noise_sampler)
         if sigmas[i + 1] != 0:
             x *= torch.sqrt(1.0 + sigmas[i + 1] ** 2.0)
-    return x
+        return x
+
+    return run_slopes(model, x, sigmas, extra_args, callback, step)
 
 
 def sample_lcm(model, x, sigmas, extra_args=None, callback=None, noise_sampler=None):
     """Latent-consistency sampling: jump to the prediction, re-noise to the next level."""
-    extra = extra_args or {}
-    noise_sampler = gaussian_noise(x, extra, noise_sampler)
-    for i in range(len(sigmas) - 1):
-        denoised = predict(model, x, sigmas[i], extra)
-        report(callback, x, i, sigmas[i], denoised)
-        x = denoised
-        if sigmas[i + 1] > 0:
-            x = noise_sampler(sigmas[i], sigmas[i + 1]) * sigmas[i + 1] + x
-    return x
+    noise_sampler = gaussian_noise(x, extra_args or {}, noise_sampler)
 
+    def step(x, i, sigmas, denoised, d, previous_d, predict_at):
+        if sigmas[i + 1] > 0:
+            return noise_sampler(sigmas[i], sigmas[i + 1]) * sigmas[i + 1] + denoised
+        return denoised
+
+    return run_slopes(model, x, sigmas, extra_args, callback, step)

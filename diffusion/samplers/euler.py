@@ -3,28 +3,8 @@ gradient estimation (Euler corrected by the change of slope)."""
 
 from __future__ import annotations
 
-from torch import Tensor
-
 from diffusion.denoisers import to_d
-from diffusion.samplers.common import predict, report, run_ancestral
-
-
-def run_slopes(model, x, sigmas, extra_args, callback, step) -> Tensor:
-    """The loop of the ODE samplers in sigma: predict, report, the slope d = (x - denoised) / sigma, then
-    x = step(x, i, sigmas, denoised, d, previous_d, predict_at)."""
-    extra = extra_args or {}
-
-    def predict_at(x_: Tensor, sigma: Tensor) -> Tensor:
-        return predict(model, x_, sigma, extra)
-
-    previous_d = None
-    for i in range(len(sigmas) - 1):
-        denoised = predict_at(x, sigmas[i])
-        d = to_d(x, sigmas[i], denoised)
-        report(callback, x, i, sigmas[i], denoised)
-        x = step(x, i, sigmas, denoised, d, previous_d, predict_at)
-        previous_d = d
-    return x
+from diffusion.samplers.common import run_ancestral, run_slopes
 
 
 def _euler(x, i, sigmas, denoised, d, previous_d, predict_at):
