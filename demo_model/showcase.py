@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 ZOOM = 4  # the 64x64 pictures are shown 256x256 (nearest neighbour) in the docs
 SHEET_PROMPTS = (
     "a large red circle in the centre on a blue background",
