@@ -40,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from diffusion.make_checkpoint import main as make_checkpoint
         return make_checkpoint(argv[1:])
     if argv and argv[0] == "train-demo":
-        from diffusion.train.cli import main as train_demo
+        from demo_model.cli import main as train_demo
         return train_demo(argv[1:])
     args = _parser().parse_args(argv)
     try:
@@ -251,31 +251,50 @@ def _error_dict(error: NodeFailed | None) -> dict[str, Any] | None:
 
 
 class _ProgressBar:
-    """Draws progress of long nodes on stderr (one line, redrawn); silent when nothing reports progress."""
+    """Progress of long nodes on stderr; silent when nothing reports progress.
+
+    On a terminal, a tqdm bar per node. Elsewhere (a log file, a pipe) plain lines and never a carriage return:
+    the first report of a node, each further tenth of the way, and the last step.
+    """
 
     def __init__(self, stream):
         self.stream = stream
+        self.terminal = bool(getattr(stream, "isatty", lambda: False)())
         self.node = ""
-        self.drawn = False
+        self.bar = None
+        self.tenths = -1
 
     def __call__(self, event: Event) -> None:
         if isinstance(event, NodeStarted):
+            self.close()
             self.node = f"{event.node_id} {event.node_type}"
         elif isinstance(event, Progress) and event.max:
-            width = 30
-            filled = int(width * event.value / event.max)
-            self.stream.write(f"\r{self.node:28.28s} [{'#' * filled}{'.' * (width - filled)}] "
-                              f"{event.value:g}/{event.max:g}")
-            self.stream.flush()
-            self.drawn = True
+            if self.terminal:
+                self._draw(event)
+            else:
+                self._log(event)
         elif isinstance(event, NodeFailed | RunInterrupted):
             self.close()
 
-    def close(self) -> None:
-        if self.drawn:
-            self.stream.write("\n")
+    def _draw(self, event: Progress) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+            self.bar = tqdm(total=event.max, desc=self.node, file=self.stream, leave=True, dynamic_ncols=True)
+        self.bar.n = event.value
+        self.bar.refresh()
+
+    def _log(self, event: Progress) -> None:
+        tenths = int(10 * event.value / event.max)
+        if tenths > self.tenths:
+            self.stream.write(f"{self.node}: {event.value:g}/{event.max:g}\n")
             self.stream.flush()
-            self.drawn = False
+            self.tenths = tenths
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        self.tenths = -1
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """What several benchmarks share: /proc memory readings. (The txt2img graph they run through the nodes is
-`diffusion.train.evaluate.txt2img_graph`, graphs/txt2img.json's layout.)
+`demo_model.evaluate.txt2img_graph`, graphs/txt2img.json's layout.)
 
 Imported by the bench scripts as `bench.common` (each script puts the repository root on sys.path).
 """

@@ -2,7 +2,7 @@
 
 Generates one 64x64 picture per prompt through the real node graph (txt2img, euler/normal) for a fixed set of
 captions from a stream the training never read: one-object scenes whose (colour, shape) pair was seen in
-training, and scenes whose pair was held out. Each picture is read back by `diffusion.train.evaluate.analyse`
+training, and scenes whose pair was held out. Each picture is read back by `demo_model.evaluate.analyse`
 (background from the border, object region, colour, centroid position, template shape, size) and compared with
 its prompt. Prints accuracy per attribute for seen and held-out prompts, and the same scorer on the dataset's
 own drawings of those scenes (which should be 100%: it checks the scorer, not the model).
@@ -25,7 +25,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from diffusion.train import dataset, evaluate  # noqa: E402
+from demo_model import dataset, evaluate  # noqa: E402
 
 TARGETS = {"colour": 0.9, "background": 0.9, "position": 0.8, "shape": 0.7}
 EVAL_SEED = 2024  # the prompt stream; training reads seeds 1 (VAE) and 3 (UNet)

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import proc_status  # noqa: E402
-from diffusion.train.evaluate import txt2img_graph  # noqa: E402
+from demo_model.evaluate import txt2img_graph  # noqa: E402
 
 CACHE = Path.home() / ".cache" / "sdgraph-bench"
 

@@ -27,9 +27,9 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from demo_model.evaluate import txt2img_graph  # noqa: E402
 from diffusion.checkpoint import open_checkpoint  # noqa: E402
 from diffusion.device import Precision  # noqa: E402
-from diffusion.train.evaluate import txt2img_graph  # noqa: E402
 
 PROMPT, NEGATIVE = "a photograph of an astronaut riding a horse", "blurry, low quality"
 F32, BF16 = torch.float32, torch.bfloat16

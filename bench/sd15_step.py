@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import PeakMeter, proc_status  # noqa: E402
-from diffusion.train.evaluate import txt2img_graph  # noqa: E402
+from demo_model.evaluate import txt2img_graph  # noqa: E402
 
 CONFIGS = ("sdgraph-fp32", "sdgraph-default", "diffusers-fp32", "diffusers-bf16")
 TARGET_STEP_S, TARGET_VS_DIFFUSERS_FP32 = 1.5, 4.5  # issue #5, at 512x512 in the default dtype

@@ -46,10 +46,6 @@ VAE_WORKING_MARGIN = 128 << 20
 TWO_BYTE_FACTOR = 0.65
 
 
-def parameter_bytes(module: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in module.parameters())
-
-
 def _handle_bytes(layout: PartLayout) -> int:
     """What a handle keeps alive: the part's key map (strings) and a few small objects."""
     return 1024 + sum(len(k) + len(v) + 120 for k, v in layout.keys.items())

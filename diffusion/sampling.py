@@ -13,11 +13,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from diffusion.catalog import DISCARD_PENULTIMATE_SIGMA_SAMPLERS, RANDOM_INPAINT_NOISE_SAMPLERS
 from diffusion.denoisers import CFGDenoiser, EpsDenoiser, InpaintDenoiser, UNet, prepare_mask
 from diffusion.latent import Conditioning, Latent
 from diffusion.noise import check_seed, inpaint_noise, prepare_noise
-from diffusion.samplers import SAMPLERS
+from diffusion.samplers import DISCARD_PENULTIMATE_SIGMA_SAMPLERS, RANDOM_INPAINT_NOISE_SAMPLERS, SAMPLERS
 from diffusion.schedules import SCHEDULERS, DiscreteSchedule, calculate_sigmas, sd1_schedule
 
 SD1_LATENT_SCALE = 0.18215

@@ -1,20 +1,11 @@
-"""CLIP's byte-level BPE tokenizer, without network access or the ``tokenizers`` library.
+"""CLIP's byte-level BPE tokenizer: transformers' ``CLIPTokenizerFast`` (the ``tokenizers`` library), built offline.
 
-The vocabulary is rebuilt at run time from ``data/bpe_simple_vocab_16e6.txt.gz`` (the merges list OpenAI
+The vocabulary is derived at run time from ``data/bpe_simple_vocab_16e6.txt.gz`` (the merges list OpenAI
 published with CLIP, see ``docs/tokenizer.md``): 256 byte symbols, the same 256 with ``</w>`` (end of word), one
-token per merge, then ``<|startoftext|>`` (49406) and ``<|endoftext|>`` (49407): 49,408 tokens.
-
-The text pipeline reproduces ``transformers.CLIPTokenizer``, which ComfyUI's ``SDTokenizer`` calls on each prompt piece:
-
-1. the literal strings ``<|startoftext|>`` / ``<|endoftext|>`` are cut out of the raw text first and become their
-   ids (so ``<|STARTOFTEXT|>`` is ordinary text);
-2. each remaining segment is NFC-normalised, every run of whitespace becomes one space, and each character is
-   lower-cased on its own (so a final capital sigma becomes ``σ``, never ``ς``);
-3. CLIP's regex splits it into pieces (contractions, letter runs, single digits, runs of other non-space
-   characters; whitespace is dropped), and the byte-level regex of GPT-2 splits those once more (which only
-   matters for a lower-cased special-token string);
-4. each piece's UTF-8 bytes map to printable symbols, the last one gets ``</w>``, and merges are applied in rank
-   order. Results are cached per piece on the tokenizer object.
+token per merge, then ``<|startoftext|>`` (49406) and ``<|endoftext|>`` (49407): 49,408 tokens. That vocabulary
+and the merges go straight into ``CLIPTokenizerFast(vocab=..., merges=...)``, the class ComfyUI's ``SDTokenizer``
+loads, so its text cleaning (NFC, whitespace runs, per-character lower case), CLIP's splitting regex, the
+special-token strings and BPE itself are the library's, not ours. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -22,12 +13,11 @@ from __future__ import annotations
 import functools
 import gzip
 import json
-import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import regex
+from tokenizers import Tokenizer
 
 DEFAULT_VOCABULARY_PATH = Path(__file__).parent / "data" / "bpe_simple_vocab_16e6.txt.gz"
 
@@ -37,12 +27,6 @@ END_OF_WORD = "</w>"
 VOCABULARY_SIZE = 49408
 # CLIP uses the first 49152 - 256 - 2 merges of the file: 256 bytes x 2 forms + merges + 2 specials = 49408.
 MERGE_COUNT = 49152 - 256 - 2
-PIECE_CACHE_LIMIT = 100_000  # pieces remembered per tokenizer before the cache starts over
-
-SPECIAL_TOKEN_SPLIT = regex.compile(r"(<\|startoftext\|>|<\|endoftext\|>)")
-WHITESPACE_RUN = regex.compile(r"\s+")
-CLIP_PIECE = regex.compile(r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|\p{L}+|\p{N}|[^\s\p{L}\p{N}]+")
-BYTE_LEVEL_PIECE = regex.compile(r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+")
 
 
 def byte_symbols() -> tuple[str, ...]:
@@ -50,8 +34,7 @@ def byte_symbols() -> tuple[str, ...]:
 
     Printable Latin-1 bytes stand for themselves; the other 68 bytes take code points 256, 257, ... in byte order.
     """
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    symbols: dict[int, str] = {b: chr(b) for b in printable}
+    symbols: dict[int, str] = {b: chr(b) for b in _printable_bytes()}
     next_code = 256
     for b in range(256):
         if b not in symbols:
@@ -60,9 +43,13 @@ def byte_symbols() -> tuple[str, ...]:
     return tuple(symbols[b] for b in range(256))
 
 
+def _printable_bytes() -> list[int]:
+    return [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+
+
 def vocabulary_order_bytes() -> list[int]:
     """Byte values in the order their symbols enter the vocabulary (printable ones first, as CLIP lists them)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = _printable_bytes()
     return printable + [b for b in range(256) if b not in set(printable)]
 
 
@@ -107,42 +94,16 @@ def export_hf_files(directory: str | Path, path: str | Path = DEFAULT_VOCABULARY
     return vocab_path, merges_path
 
 
-def normalize(text: str) -> str:
-    """NFC, one space per whitespace run, then lower-case each character independently."""
-    text = WHITESPACE_RUN.sub(" ", unicodedata.normalize("NFC", text))
-    if text.isascii():
-        return text.lower()
-    return "".join(c.lower() for c in text)
+def clip_backend(vocabulary: Vocabulary) -> Tokenizer:
+    """The ``tokenizers.Tokenizer`` that transformers' ``CLIPTokenizerFast`` builds from this vocabulary."""
+    from transformers import CLIPTokenizerFast
 
-
-def pre_tokenize(normalized: str) -> list[str]:
-    """Split normalised text into the pieces BPE works on (whitespace disappears here)."""
-    return [part for piece in CLIP_PIECE.findall(normalized) for part in BYTE_LEVEL_PIECE.findall(piece)]
-
-
-def apply_merges(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
-    """Byte-pair encoding: repeatedly merge the lowest-ranked adjacent pair (every occurrence, left to right)."""
-    while len(symbols) > 1:
-        rank, first, second = min(
-            (ranks.get(pair, len(ranks)), *pair) for pair in zip(symbols, symbols[1:], strict=False)
-        )
-        if rank == len(ranks):
-            break
-        merged: list[str] = []
-        i = 0
-        while i < len(symbols):
-            if i + 1 < len(symbols) and symbols[i] == first and symbols[i + 1] == second:
-                merged.append(first + second)
-                i += 2
-            else:
-                merged.append(symbols[i])
-                i += 1
-        symbols = merged
-    return symbols
+    vocab = {token: i for i, token in enumerate(vocabulary.tokens)}
+    return CLIPTokenizerFast(vocab=vocab, merges=list(vocabulary.merges)).backend_tokenizer
 
 
 class ClipTokenizer:
-    """CLIP's tokenizer for SD1 text encoders. Owns its vocabulary and a per-piece BPE cache.
+    """CLIP's tokenizer for SD1 text encoders: the vocabulary and the ``tokenizers`` backend that encodes with it.
 
     ``encode`` returns ids without the start/end tokens; prompt chunking (``diffusion.prompt``) adds those.
     """
@@ -153,45 +114,17 @@ class ClipTokenizer:
         self.token_ids: dict[str, int] = {token: i for i, token in enumerate(vocabulary.tokens)}
         self.bos_id: int = self.token_ids[BOS_TOKEN]
         self.eos_id: int = self.token_ids[EOS_TOKEN]
-        self._merge_ranks = {pair: rank for rank, pair in enumerate(vocabulary.merges)}
-        self._byte_symbols = byte_symbols()
-        self._unicode_bytes = {s: b for b, s in enumerate(self._byte_symbols)}
-        self._piece_cache: dict[str, tuple[int, ...]] = {}
+        self.backend: Tokenizer = clip_backend(vocabulary)
 
     def __len__(self) -> int:
         return len(self.tokens)
 
     def encode(self, text: str) -> list[int]:
-        """Token ids for ``text`` (no start/end token added)."""
-        ids: list[int] = []
-        for segment in SPECIAL_TOKEN_SPLIT.split(text):
-            if segment in (BOS_TOKEN, EOS_TOKEN):
-                ids.append(self.token_ids[segment])
-            elif segment:
-                for piece in pre_tokenize(normalize(segment)):
-                    ids.extend(self.piece_ids(piece))
-        return ids
-
-    def piece_ids(self, piece: str) -> tuple[int, ...]:
-        """BPE ids of one pre-tokenised piece, cached on this tokenizer."""
-        cached = self._piece_cache.get(piece)
-        if cached is None:
-            symbols = [self._byte_symbols[b] for b in piece.encode("utf-8")]
-            symbols[-1] += END_OF_WORD
-            cached = tuple(self.token_ids[s] for s in apply_merges(symbols, self._merge_ranks))
-            if len(self._piece_cache) >= PIECE_CACHE_LIMIT:
-                self._piece_cache.clear()
-            self._piece_cache[piece] = cached
-        return cached
+        """Token ids for ``text`` (no start/end token added; the strings ``<|startoftext|>`` and ``<|endoftext|>``
+        written in the text become their ids)."""
+        return self.backend.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text for ``ids``: word ends become spaces; the start/end tokens are kept as their strings."""
-        symbols = "".join(self.tokens[i] for i in ids)
-        words = symbols.replace(END_OF_WORD, " ")
-        text = bytearray()
-        for part in SPECIAL_TOKEN_SPLIT.split(words):
-            text += part.encode("utf-8") if part in (BOS_TOKEN, EOS_TOKEN) else bytes(self._to_bytes(part))
-        return text.decode("utf-8", errors="replace").strip()
-
-    def _to_bytes(self, symbols: Sequence[str]) -> list[int]:
-        return [self._unicode_bytes[s] if s in self._unicode_bytes else ord(s) for s in symbols]
+        text = self.backend.decode(list(ids), skip_special_tokens=False)
+        return text.replace(END_OF_WORD, " ").strip()

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffusion.attention import multihead_attention
+from diffusion.weights import module_holding
 
 GROUPS = 32  # every GroupNorm in the UNet uses 32 groups
 
@@ -406,7 +407,4 @@ def unet_config_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> UNetC
 
 def build_unet(state_dict: Mapping[str, torch.Tensor]) -> UNetModel:
     """A UNetModel holding exactly these tensors (no copy; dtype and device as given), in eval mode."""
-    with torch.device("meta"):
-        model = UNetModel(unet_config_from_state_dict(state_dict))
-    model.load_state_dict(state_dict, strict=True, assign=True)
-    return model.eval().requires_grad_(False)
+    return module_holding(lambda: UNetModel(unet_config_from_state_dict(state_dict)), state_dict)

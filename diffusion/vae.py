@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffusion.attention import multihead_attention
+from diffusion.weights import module_holding
 
 GROUPS = 32
 
@@ -243,7 +244,4 @@ def vae_config_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> VAECon
 
 def build_vae(state_dict: Mapping[str, torch.Tensor]) -> AutoencoderKL:
     """An AutoencoderKL holding exactly these tensors (no copy; dtype and device as given), in eval mode."""
-    with torch.device("meta"):
-        model = AutoencoderKL(vae_config_from_state_dict(state_dict))
-    model.load_state_dict(state_dict, strict=True, assign=True)
-    return model.eval().requires_grad_(False)
+    return module_holding(lambda: AutoencoderKL(vae_config_from_state_dict(state_dict)), state_dict)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from diffusion.catalog import SAMPLER_NAMES, SCHEDULER_NAMES
+from diffusion.samplers import SAMPLER_NAMES, SCHEDULER_NAMES
 from engine import COMBO, FLOAT, INT, Input, Output, node
 
 SEED_MAX = 0xFFFF_FFFF_FFFF_FFFF

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import selectors
@@ -201,3 +202,32 @@ def test_convert_prints_the_api_form(home):
               "_meta": {"title": "Keep"}}}
     run = sdgraph(home, "run", str(home / "workflow.json"))  # workflows run directly too
     assert run.returncode == 0 and (home / "output" / "six_00001.txt").read_text() == "6"
+
+
+def test_progress_on_a_non_terminal_is_a_few_plain_lines(home):
+    """Issue #11: on a pipe or log file the progress is plain lines (first step, each tenth, last), no \\r frames."""
+    api = {"1": {"class_type": "Const", "inputs": {"value": 3}},
+           "2": {"class_type": "Slow", "inputs": {"value": ["1", 0], "steps": 200}},
+           "3": {"class_type": "SaveText", "inputs": {"text": ["2", 0]}}}
+    done = sdgraph(home, "run", _graph(home, api))
+    assert done.returncode == 0, done.stderr
+    assert "\r" not in done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.startswith("2 Slow: ")]
+    assert lines == ["2 Slow: 1/200"] + [f"2 Slow: {20 * k}/200" for k in range(1, 11)]
+
+
+def test_progress_on_a_terminal_is_a_tqdm_bar():
+    from cli import _ProgressBar
+    from engine import NodeStarted, Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    stream = Terminal()
+    bar = _ProgressBar(stream)
+    bar(NodeStarted(run_id="r", node_id="2", node_type="Slow"))
+    for step in range(1, 51):
+        bar(Progress(run_id="r", node_id="2", value=step, max=50))
+    bar.close()
+    assert "2 Slow" in stream.getvalue() and "50/50" in stream.getvalue() and "100%" in stream.getvalue()

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torchsde
 
-from diffusion import catalog
+from diffusion import samplers
 from diffusion.samplers import SAMPLERS
 from diffusion.schedules import calculate_sigmas, sd1_schedule
 
@@ -24,7 +24,7 @@ STOCHASTIC = {
     "dpmpp_2m_sde_gpu", "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu", "dpmpp_3m_sde", "dpmpp_3m_sde_gpu", "ddpm",
     "lcm", "res_multistep_ancestral", "er_sde",
 }
-DETERMINISTIC = [n for n in catalog.SAMPLER_NAMES if n not in STOCHASTIC]
+DETERMINISTIC = [n for n in samplers.SAMPLER_NAMES if n not in STOCHASTIC]
 # samplers that stop at the last non-zero sigma instead of denoising to 0
 ENDS_AT_SIGMA_MIN = {"dpm_fast": None, "dpm_adaptive": None, "uni_pc": 0.001, "uni_pc_bh2": 0.001}
 
@@ -58,10 +58,10 @@ def end_sigma(name, sigmas):
 
 
 def test_table_keys_match_catalog():
-    assert tuple(SAMPLERS) == catalog.SAMPLER_NAMES
+    assert tuple(SAMPLERS) == samplers.SAMPLER_NAMES
 
 
-@pytest.mark.parametrize("name", catalog.SAMPLER_NAMES)
+@pytest.mark.parametrize("name", samplers.SAMPLER_NAMES)
 def test_contract(name):
     fn = SAMPLERS[name]
     params = list(inspect.signature(fn).parameters)
@@ -230,3 +230,23 @@ def test_golden_values(scheduler):
         for name, want in cases.items():
             got = SAMPLERS[name](Gaussian(), x, sigmas, extra_args={"seed": 77})
             torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5, msg=name)
+
+
+def test_one_table_of_specs_says_which_samplers_draw_noise():
+    """Issue #11: one table of sampler specs (name, function, noise needed, sigma and inpainting quirks)."""
+    assert {spec.name for spec in samplers.SAMPLER_SPECS if spec.noise != "none"} == STOCHASTIC
+    brownian = {spec.name for spec in samplers.SAMPLER_SPECS if spec.noise == "brownian"}
+    assert brownian == {name for name in STOCHASTIC if name.startswith(("dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde"))}
+    assert samplers.DISCARD_PENULTIMATE_SIGMA_SAMPLERS == {"dpm_2", "dpm_2_ancestral", "uni_pc", "uni_pc_bh2"}
+    assert samplers.RANDOM_INPAINT_NOISE_SAMPLERS == {"ddim"}
+    assert SAMPLERS["ddim"] is SAMPLERS["euler"]
+
+
+def test_the_table_imports_without_torch():
+    """The CLI validates graphs with the sampler names alone, so the table module must not import torch."""
+    import subprocess
+    import sys
+
+    code = "import sys, diffusion.samplers as s; assert s.SAMPLER_NAMES; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.strip() == "False"

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from diffusion import catalog
+from diffusion import samplers
 from diffusion.latent import CondEntry, Conditioning, Latent
 from diffusion.noise import inpaint_noise, prepare_noise
 from diffusion.sampling import SD1_LATENT_SCALE, sample, select_sigmas, trim_sigmas
@@ -78,7 +78,7 @@ def test_img2img_starts_from_latent_plus_noise_times_sigma():
     assert len(unet.calls) == 10
 
 
-@pytest.mark.parametrize("name", sorted(catalog.DISCARD_PENULTIMATE_SIGMA_SAMPLERS))
+@pytest.mark.parametrize("name", sorted(samplers.DISCARD_PENULTIMATE_SIGMA_SAMPLERS))
 def test_some_samplers_drop_the_penultimate_sigma(name):
     longer = calculate_sigmas(SD1, "karras", 11)
     got = select_sigmas(SD1, "karras", name, 10, 1.0)
@@ -143,7 +143,7 @@ def test_huge_seeds(name, seed):
     assert torch.isfinite(a).all() and torch.equal(a, b)
 
 
-@pytest.mark.parametrize("name", catalog.SAMPLER_NAMES)
+@pytest.mark.parametrize("name", samplers.SAMPLER_NAMES)
 def test_inpainting_keeps_every_unmasked_value_exactly(name):
     samples = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(1))
     mask = torch.zeros(1, 1, 32, 32)

@@ -6,14 +6,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from diffusion import catalog
+from diffusion import samplers
 from diffusion.schedules import SCHEDULERS, calculate_sigmas, karras, scaled_linear_betas, sd1_schedule
 
 SD1 = sd1_schedule()
 
 
 def test_table_keys_match_catalog():
-    assert tuple(SCHEDULERS) == catalog.SCHEDULER_NAMES
+    assert tuple(SCHEDULERS) == samplers.SCHEDULER_NAMES
 
 
 def test_sd1_table_matches_an_independent_float64_computation():
@@ -88,7 +88,7 @@ def test_beta_drops_consecutive_duplicates():
     assert s[0] == SD1.sigma_max
 
 
-@pytest.mark.parametrize("name", catalog.SCHEDULER_NAMES)
+@pytest.mark.parametrize("name", samplers.SCHEDULER_NAMES)
 @pytest.mark.parametrize("steps", [1, 2, 3, 7, 20, 50])
 def test_scheduler_invariants(name, steps):
     s = calculate_sigmas(SD1, name, steps)

@@ -1,24 +1,22 @@
-"""CLIP tokenizer: vocabulary, BPE, text cleaning, and identity with transformers' CLIPTokenizer."""
+"""CLIP tokenizer: vocabulary, text cleaning, identity with ComfyUI's reference ids and transformers' CLIPTokenizer."""
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 import unicodedata
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from diffusion.tokenizer import (
-    VOCABULARY_SIZE,
-    ClipTokenizer,
-    apply_merges,
-    byte_symbols,
-    export_hf_files,
-    normalize,
-    pre_tokenize,
-)
+import diffusion.tokenizer
+from diffusion.tokenizer import VOCABULARY_SIZE, ClipTokenizer, byte_symbols, export_hf_files
+
+# ComfyUI's token ids and weights for a few prompts (a copy of the shared reference file tokenizer_sd1.json).
+COMFYUI_REFERENCE = Path(__file__).resolve().parents[1] / "fixtures" / "tokenizer_sd1.json"
 
 TRICKY_TEXTS = [
     "a photograph of an astronaut riding a horse",
@@ -98,23 +96,28 @@ def test_known_ids(tokenizer):
     assert tokenizer.encode("<|endoftext|>") == [49407]
 
 
-def test_apply_merges_takes_lowest_rank_first_and_all_occurrences():
-    ranks = {("b", "c"): 0, ("a", "b"): 1, ("a", "a"): 2}
-    assert apply_merges(["a", "b", "c"], ranks) == ["a", "bc"]
-    assert apply_merges(["a", "a", "a"], ranks) == ["aa", "a"]
-    assert apply_merges(["a", "a", "a", "a"], ranks) == ["aa", "aa"]
-    assert apply_merges(["x", "y"], ranks) == ["x", "y"]
+def test_encoding_is_the_tokenizers_library_not_a_hand_written_bpe(tokenizer):
+    """Issue #11: the hand-written BPE (apply_merges, pre_tokenize, normalize, a piece cache) is gone."""
+    from tokenizers import Tokenizer
+
+    assert isinstance(tokenizer.backend, Tokenizer)
+    for name in ("apply_merges", "pre_tokenize", "normalize", "CLIP_PIECE", "PIECE_CACHE_LIMIT"):
+        assert not hasattr(diffusion.tokenizer, name), name
 
 
-def test_normalize_lowercases_each_character_alone():
-    assert normalize("ΑΣ") == "ασ"  # no final-sigma rule, as the Rust tokenizer does it
-    assert normalize("A\t\n B\u3000C") == "a b c"
-    assert normalize("e\u0301") == "é"
+def test_plain_comfyui_reference_prompt_has_the_reference_ids(tokenizer):
+    """The unweighted prompt of ComfyUI's reference file: its ids between the start and end tokens."""
+    text = "a photograph of an astronaut riding a horse"
+    reference = [token for token, _ in json.loads(COMFYUI_REFERENCE.read_text())[text][0]]
+    body = reference[1 : reference.index(tokenizer.eos_id)]
+    assert tokenizer.encode(text) == body
 
 
-def test_pre_tokenize_pieces():
-    assert pre_tokenize("it's 8k, ok!!") == ["it", "'s", "8", "k", ",", "ok", "!!"]
-    assert pre_tokenize("<|startoftext|>") == ["<|", "startoftext", "|>"]
+def test_text_is_cleaned_and_lowercased_per_character(tokenizer):
+    assert tokenizer.encode("ΑΣ") == tokenizer.encode("ασ")  # no final-sigma rule, as the Rust tokenizer does it
+    assert tokenizer.encode("A\t\n B\u3000C") == tokenizer.encode("a b c")
+    assert tokenizer.encode("e\u0301") == tokenizer.encode("é")
+    assert tokenizer.encode("it's 8k, ok!!") == tokenizer.encode("it 's 8 k , ok !!")
 
 
 def test_decode_round_trips_words(tokenizer):

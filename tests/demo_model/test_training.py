@@ -7,11 +7,8 @@ import dataclasses
 import pytest
 import torch
 
-from diffusion.checkpoint import load_checkpoint
-from diffusion.prompt import encode_prompt
-from diffusion.tokenizer import ClipTokenizer
-from diffusion.train import dataset, models
-from diffusion.train.denoiser import (
+from demo_model import dataset, models
+from demo_model.denoiser import (
     DenoiserSchedule,
     alphas_cumprod,
     caption_ids,
@@ -20,8 +17,11 @@ from diffusion.train.denoiser import (
     layout_weights,
     train_denoiser,
 )
-from diffusion.train.state import step_generator
-from diffusion.train.vae import VAESchedule, train_vae, vae_loss
+from demo_model.state import step_generator
+from demo_model.vae import VAESchedule, train_vae, vae_loss
+from diffusion.checkpoint import load_checkpoint
+from diffusion.prompt import encode_prompt
+from diffusion.tokenizer import ClipTokenizer
 
 ARCH = models.micro_architecture()
 

@@ -1,7 +1,7 @@
 """The demo model's pictures for docs/images: graphs/txt2img.json, img2img.json and inpaint.json as shipped, a
 sheet of prompts, and the inpainting check (how many pixels outside the mask changed).
 
-    .venv/bin/python -m diffusion.train.showcase [--out docs/images]
+    .venv/bin/python -m demo_model.showcase [--out docs/images]
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 ZOOM = 4  # the 64x64 pictures are shown 256x256 (nearest neighbour) in the docs
 SHEET_PROMPTS = (
     "a large red circle in the centre on a blue background",

@@ -77,11 +77,6 @@ def text_state(text: CLIPTextModel) -> dict[str, torch.Tensor]:
     return expected_text_weights(text)
 
 
-def load_text_state(text: CLIPTextModel, state: Mapping[str, torch.Tensor]) -> None:
-    prefix = "text_model." if hasattr(text, "text_model") else ""
-    text.load_state_dict({prefix + k: v for k, v in state.items()}, strict=False)
-
-
 def rescale_vae(vae: AutoencoderKL, factor: float) -> None:
     """Multiply the latent space by `factor` without changing what the VAE computes end to end: the encoder's
     mean (and standard deviation) scale up, `post_quant_conv` divides its input back."""

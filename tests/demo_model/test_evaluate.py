@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffusion.train import dataset, evaluate
+from demo_model import dataset, evaluate
 
 
 @pytest.mark.parametrize("held_out", [False, True])

@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from demo_model import evaluate, showcase
 from diffusion.checkpoint import load_checkpoint
-from diffusion.train import evaluate, showcase
 
-ROOT = Path(__file__).resolve().parents[3]
+ROOT = Path(__file__).resolve().parents[2]
 CHECKPOINT = ROOT / "models" / "checkpoints" / "sdgraph-demo.safetensors"
 BARS = {"colour": 0.8, "background": 0.9, "shape": 0.65, "size": 0.8, "position": 0.8}
 

@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 from transformers import CLIPTextModel
 
+from demo_model import dataset
+from demo_model.models import LATENT_SCALE, DemoArchitecture, new_denoiser
+from demo_model.state import load_snapshot, save_snapshot, step_generator, warmup_lr
 from diffusion.prompt import run_text_model, tokenize_prompt
 from diffusion.schedules import scaled_linear_betas
 from diffusion.tokenizer import ClipTokenizer
-from diffusion.train import dataset
-from diffusion.train.models import LATENT_SCALE, DemoArchitecture, new_denoiser
-from diffusion.train.state import load_snapshot, save_snapshot, step_generator, warmup_lr
 from diffusion.unet import UNetModel
 from diffusion.vae import AutoencoderKL
 

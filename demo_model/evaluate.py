@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from diffusion.train import dataset
+from demo_model import dataset
 
 ATTRIBUTES = ("colour", "background", "position", "shape", "size")
 OBJECT_DISTANCE = 60.0  # RGB distance from the background above which a pixel belongs to an object

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from diffusion.train import dataset
-from diffusion.train.models import LATENT_SCALE, DemoArchitecture, new_vae, rescale_vae
-from diffusion.train.state import load_snapshot, save_snapshot, step_generator, warmup_lr
+from demo_model import dataset
+from demo_model.models import LATENT_SCALE, DemoArchitecture, new_vae, rescale_vae
+from demo_model.state import load_snapshot, save_snapshot, step_generator, warmup_lr
 from diffusion.vae import AutoencoderKL
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from diffusion.train import dataset
+from demo_model import dataset
 
 
 def test_same_seed_and_index_give_the_same_scene_and_pixels():

@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from diffusion.train.denoiser import DenoiserSchedule, train_denoiser
-from diffusion.train.models import ARCHITECTURES, export_checkpoint
-from diffusion.train.vae import VAESchedule, train_vae
+from demo_model.denoiser import DenoiserSchedule, train_denoiser
+from demo_model.models import ARCHITECTURES, export_checkpoint
+from demo_model.vae import VAESchedule, train_vae
 
 DEFAULT_OUT = Path("models/checkpoints/sdgraph-demo.safetensors")
 DEFAULT_WORK = Path("temp/train-demo")
