@@ -2,7 +2,9 @@
 service/ (queue, worker, messages, security, uploads).
 
 Exit codes: 0 after a clean stop (SIGTERM/SIGINT); 2 when it cannot start (a non-loopback address without a
-token, a database another server holds, a bad flag).
+token, a database another server holds, a bad flag); 3 when the worker thread died and 4 when a prompt overran
+--prompt-timeout and its node would not stop (it is marked failed): a supervisor should restart the server, whose
+queue is kept.
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ async def get_prompt(request: web.Request) -> web.Response:
 
 async def get_queue(request: web.Request) -> web.Response:
     svc = _svc(request)
-    return raw_json(await svc.call(svc.store.queue_json))
+    queue = await svc.call(svc.store.queue_json)  # '{"queue_running":[...],"queue_pending":[...]}'
+    return raw_json(queue[:-1] + "," + json_text(svc.worker_state())[1:])
 
 
 async def post_queue(request: web.Request, body: QueueRequest) -> web.Response:
@@ -321,7 +324,8 @@ async def serve(config: ServerConfig) -> int:
     """Run until SIGTERM or SIGINT; then take no more prompts, let the running one finish within
     --shutdown-timeout (a second signal: at once) or put it back in the queue, and close."""
     service = Service.open(config)
-    service.start(asyncio.get_running_loop())
+    stop = asyncio.Event()
+    service.start(asyncio.get_running_loop(), on_fatal=stop.set)
     runner = web.AppRunner(create_app(service), access_log=None, handle_signals=False)
     await runner.setup()
     try:
@@ -334,7 +338,6 @@ async def serve(config: ServerConfig) -> int:
         await runner.cleanup()
         await service.stop()
         raise
-    stop = asyncio.Event()
 
     def on_signal() -> None:
         if stop.is_set():
@@ -344,12 +347,16 @@ async def serve(config: ServerConfig) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(signum, on_signal)
     await stop.wait()
-    log.info("stopping: no new prompts; waiting up to %.0f s for the running one", config.shutdown_timeout)
+    if service.exit_code:
+        log.critical("exiting with code %d so that a supervisor restarts the server: %s", service.exit_code,
+                     service.worker.failure)
+    else:
+        log.info("stopping: no new prompts; waiting up to %.0f s for the running one", config.shutdown_timeout)
     await service.stop(close_store=False)
     await runner.cleanup()
     service.close()
     log.info("stopped")
-    return 0
+    return service.exit_code
 
 
 if __name__ == "__main__":
