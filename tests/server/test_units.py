@@ -264,3 +264,32 @@ def test_history_is_written_before_the_client_is_told_the_prompt_is_done(tmp_pat
     assert worker.stop(5)
     store.close()
     assert found_at_end == {"ok": True, "failing": True, "stale": True}
+
+
+def test_content_errors_past_the_checks_are_400_and_bugs_500_both_logged(caplog):
+    """The catch-all: UnicodeError, OverflowError, RecursionError can only come from a request's content, so they
+    are the client's 400 (old code: 500); any other exception is a server bug, a 500. Both log the traceback."""
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from service.routing import json_errors
+
+    async def overflow(request):
+        raise OverflowError("Python int too large to convert to SQLite INTEGER")
+
+    async def bug(request):
+        return {}["missing"]
+
+    async def scenario():
+        app = web.Application(middlewares=[json_errors])
+        app.router.add_get("/overflow", overflow)
+        app.router.add_get("/bug", bug)
+        async with TestClient(TestServer(app)) as client:
+            content, broken = await client.get("/overflow"), await client.get("/bug")
+            return (content.status, await content.json()), (broken.status, await broken.json())
+
+    (status, answer), (bug_status, bug_answer) = asyncio.run(scenario())
+    assert (status, answer["error"]["type"]) == (400, "unprocessable_content")
+    assert (bug_status, bug_answer["error"]["type"]) == (500, "internal_error")
+    logged = [r for r in caplog.records if r.exc_info]
+    assert [r.exc_info[0] for r in logged] == [OverflowError, KeyError]
