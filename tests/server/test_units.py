@@ -293,3 +293,21 @@ def test_content_errors_past_the_checks_are_400_and_bugs_500_both_logged(caplog)
     assert (bug_status, bug_answer["error"]["type"]) == (500, "internal_error")
     logged = [r for r in caplog.records if r.exc_info]
     assert [r.exc_info[0] for r in logged] == [OverflowError, KeyError]
+
+
+def test_path_scrubber_makes_root_paths_relative_and_hides_the_rest(tmp_path):
+    from service.scrub import PathScrubber
+
+    base = tmp_path / "base"
+    (base / "models").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(base)
+    scrub = PathScrubber({"models": base / "models", "input": base / "input", "output": tmp_path / "elsewhere"})
+    assert scrub(f"no file '{base}/models/checkpoints/x.safetensors'") == "no file 'models/checkpoints/x.safetensors'"
+    through_link = PathScrubber({"models": tmp_path / "link" / "models"})  # the message names the resolved path
+    assert through_link(f"{base}/models/vae/v.pt missing") == "models/vae/v.pt missing"
+    assert scrub(f"[Errno 2] {base}/input/a b.png") == "[Errno 2] input/a b.png"
+    assert scrub(f"wrote {tmp_path}/elsewhere/out_00001_.png") == "wrote output/out_00001_.png"
+    assert scrub(f"see {base}/models") == "see models"
+    assert scrub("/usr/lib/python3.11/site-packages/torch/nn/functional.py line 3") == "functional.py line 3"
+    assert scrub("kept: http://host/path, a/b/c, ./rel/x, 3/4, ~/notes") == \
+        "kept: http://host/path, a/b/c, ./rel/x, 3/4, ~/notes"

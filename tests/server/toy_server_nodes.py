@@ -115,5 +115,13 @@ def toy_break_worker(ctx, value):
     return value
 
 
-NODES = [toy_save_image, toy_load_image, toy_latent, toy_preview, toy_crash, toy_raise, toy_stuck,
+@node("ToyFailWithPaths", category="toy/server", inputs=[Input("value", INT, default=0)],
+      outputs=[Output("value", INT)])
+def toy_fail_with_paths(ctx, value):
+    """Fails with a message naming a model file (by its absolute path) and a file outside every root."""
+    model = ctx.resources.folders.base / "models" / "checkpoints" / "missing.safetensors"
+    raise FileNotFoundError(f"cannot open '{model}' (config in /etc/sdgraph-secret/settings.yaml)")
+
+
+NODES = [toy_fail_with_paths, toy_save_image, toy_load_image, toy_latent, toy_preview, toy_crash, toy_raise, toy_stuck,
          toy_break_worker]
