@@ -56,6 +56,8 @@ class Route:
     query: tuple[Param, ...] = ()
     responses: Mapping[int, str] = field(default_factory=dict)
     error_extra: Mapping[str, Any] = field(default_factory=dict)  # added to every error body (node_errors)
+    answer: Mapping[str, Any] | None = None  # JSON schema of the 200 answer (service/answers.py)
+    answer_type: str = "application/json"  # media type of the 200 answer
 
 
 class RouteTable:
@@ -65,10 +67,11 @@ class RouteTable:
 
     def route(self, method: str, path: str, *, summary: str, tag: str, body: type[BaseModel] | None = None,
               form: Mapping[str, str] | None = None, query: tuple[Param, ...] = (),
-              responses: Mapping[int, str] | None = None, error_extra: Mapping[str, Any] | None = None):
+              responses: Mapping[int, str] | None = None, error_extra: Mapping[str, Any] | None = None,
+              answer: Mapping[str, Any] | None = None, answer_type: str = "application/json"):
         def register(handler):
             self.routes.append(Route(method, path, handler, summary, tag, body, form or {}, query,
-                                     responses or {200: "OK"}, error_extra or {}))
+                                     responses or {200: "OK"}, error_extra or {}, answer, answer_type))
             return handler
         return register
 
