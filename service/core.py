@@ -45,6 +45,7 @@ class Service:
         self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="sdgraph-io")
         self.hub: Hub | None = None
         self.worker: Worker | None = None
+        self.scrub = PathScrubber.for_folders(self.folders)
         self.exit_code = 0  # non-zero once the worker is out of action: the process exits for a restart
 
     @classmethod
@@ -74,7 +75,7 @@ class Service:
         self.worker = Worker(store=self.store, executor=self.executor, registry=self.registry, hub=self.hub,
                              on_queue_change=self.status_changed, prompt_timeout=self.config.prompt_timeout,
                              stuck_grace=self.config.stuck_grace, on_fatal=fatal,
-                             scrub=PathScrubber.for_folders(self.folders))
+                             scrub=self.scrub)
         self.worker.start()
 
     async def stop(self, *, close_store: bool = True) -> None:
@@ -121,10 +122,10 @@ class Service:
         except (Exception, RecursionError) as exc:  # a bug in a check must not become a 500 or reach the worker
             log.exception("validating a prompt raised")
             return 400, error_body("exception_during_validation", f"checking the prompt failed with "
-                                   f"{type(exc).__name__}: {exc}", node_errors={})
+                                   f"{type(exc).__name__}: {self.scrub(str(exc))}", node_errors={})
         errors = list(result.errors) or pixel_budget_errors(result.graph, self.limits.max_pixels)
         if errors:
-            return 400, validation_failure(errors, prompt, targets or self._output_nodes(prompt))
+            return 400, validation_failure(errors, prompt, targets or self._output_nodes(prompt), self.scrub)
         extra_data = dict(body.extra_data)
         if body.client_id:
             extra_data["client_id"] = body.client_id

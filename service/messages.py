@@ -42,9 +42,11 @@ def status_text(remaining: int, sid: str | None = None) -> str:
 
 
 # -- validation -------------------------------------------------------------------------------------------
-def validation_failure(errors: Sequence[ValidationError], prompt: Any, outputs: Iterable[str]) -> dict[str, Any]:
+def validation_failure(errors: Sequence[ValidationError], prompt: Any, outputs: Iterable[str],
+                       scrub: Callable[[str], str] = str) -> dict[str, Any]:
     """POST /prompt's 400 body: `{error, node_errors}`. Errors about a node go under its id, each with the output
-    nodes that depend on it; errors about the whole prompt become the top-level error."""
+    nodes that depend on it; errors about the whole prompt become the top-level error. `scrub` takes the server's
+    paths out of the messages."""
     nodes = prompt if isinstance(prompt, Mapping) else {}
     dependents = _dependent_outputs(nodes, [o for o in outputs if o in nodes])
     node_errors: dict[str, dict[str, Any]] = {}
@@ -57,16 +59,17 @@ def validation_failure(errors: Sequence[ValidationError], prompt: Any, outputs: 
         class_type = error.node_type or (raw.get("class_type") if isinstance(raw, Mapping) else None)
         entry = node_errors.setdefault(error.node_id, {"errors": [], "dependent_outputs": sorted(
             dependents.get(error.node_id, ())), "class_type": class_type if isinstance(class_type, str) else None})
-        entry["errors"].append({"type": error.code, "message": error.message,
-                                "details": error.details or error.input_name or "",
+        entry["errors"].append({"type": error.code, "message": scrub(error.message),
+                                "details": scrub(error.details or error.input_name or ""),
                                 "extra_info": {"input_name": error.input_name, **error.extra}})
     if general:
         first = general[0]
-        top = error_body(first.code, first.message, first.details or "\n".join(str(e) for e in errors[:50]),
+        top = error_body(first.code, scrub(first.message),
+                         scrub(first.details or "\n".join(str(e) for e in errors[:50])),
                          {"node_id": first.node_id} if first.node_id is not None else {})
     else:
         top = error_body("prompt_outputs_failed_validation", "Prompt outputs failed validation",
-                         "\n".join(str(e) for e in errors[:50]))
+                         scrub("\n".join(str(e) for e in errors[:50])))
     return {**top, "node_errors": node_errors}
 
 

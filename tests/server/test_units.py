@@ -86,6 +86,21 @@ def test_validation_failure_shape():
     assert whole["error"]["type"] == "invalid_prompt" and whole["node_errors"] == {}
 
 
+def test_validation_failure_messages_lose_the_servers_paths(tmp_path):
+    """A check that names a file by its absolute path (as nodes.folders' refusals do) reaches the client with the
+    path relative to its root."""
+    from engine import ValidationError
+    from service.scrub import PathScrubber
+
+    scrub = PathScrubber({"input": tmp_path / "input"})
+    error = ValidationError("custom_validation_failed", f"image name '../x' points outside {tmp_path}/input; use a "
+                            "name inside that folder", "1", "Const", "value")
+    body = validation_failure([error], {"1": {"class_type": "Const", "inputs": {}}}, ["1"], scrub)
+    shown = body["node_errors"]["1"]["errors"][0]["message"]
+    assert shown == "image name '../x' points outside input; use a name inside that folder"
+    assert str(tmp_path) not in str(body)
+
+
 def test_pixel_budget_applies_to_any_node_with_width_and_height():
     registry = toy.toy_registry()
     from engine import INT, Input, Output, node
