@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
+import pytest
 from serverkit import Api, chain, run, slow
 
 
@@ -158,3 +159,11 @@ def test_a_dead_worker_is_reported_by_system_stats_and_queue(tmp_path):
         assert service.exit_code == 3
         await service.stop()
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("args", [("--prompt-timeout", "-1"), ("--prompt-timeout", "inf"),
+                                  ("--prompt-timeout-grace", "nan")])
+def test_bad_time_limits_refuse_to_start(fresh, args):
+    server = fresh(*args, wait=False)
+    assert server.proc.wait(60) == 2
+    assert args[0] in server.log()
