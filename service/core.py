@@ -70,7 +70,10 @@ class Service:
         def fatal(reason: str, code: int) -> None:  # from the worker's thread or its deadline's
             self.accepting = False
             self.exit_code = code
-            loop.call_soon_threadsafe(on_fatal)
+            try:
+                loop.call_soon_threadsafe(on_fatal)
+            except RuntimeError:  # the loop has closed: the server is stopping already
+                pass
 
         self.worker = Worker(store=self.store, executor=self.executor, registry=self.registry, hub=self.hub,
                              on_queue_change=self.status_changed, prompt_timeout=self.config.prompt_timeout,
