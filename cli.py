@@ -1,12 +1,15 @@
 """The `sdgraph` command line: run, validate, nodes, convert, serve, make-checkpoint.
 
-Exit codes: 0 success; 1 a node failed; 2 invalid input (every validation error is listed); 130 interrupted.
+Exit codes: 0 success; 1 a node failed; 2 invalid input (every validation error is listed); 124 the run exceeded
+--prompt-timeout (stopped at a node's next check, or, for a node that never checks, abandoned after the grace
+period); 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -27,8 +30,9 @@ from engine import (
 from engine.events import Event
 from engine.schema import object_info
 from engine.sizes import add_size_arguments, size_limits_from
+from service.deadline import Deadline, stuck_reason, timeout_reason
 
-EXIT_OK, EXIT_NODE_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_NODE_FAILED, EXIT_INVALID, EXIT_TIMEOUT, EXIT_INTERRUPTED = 0, 1, 2, 124, 130
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -71,6 +75,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true", help="print a JSON result on stdout")
     run.add_argument("--explain", action="store_true", help="say, for each node, whether it ran or came from "
                      "the cache, and why")
+    run.add_argument("--prompt-timeout", default=None, type=_seconds, metavar="S", help="stop the run after S "
+                     "seconds and exit 124 (default: no limit)")
+    run.add_argument("--prompt-timeout-grace", default=30.0, type=_seconds, metavar="S", help="after "
+                     "--prompt-timeout, how long a node that does not stop (stuck in C code) has before the process "
+                     "exits anyway with 124 (default 30)")
     run.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: best available)")
     run.add_argument("--dtype", default=None, choices=["auto", "fp32", "fp16", "bf16"], help="model precision "
                      "(default auto: fp16 on CUDA, bf16 on CPUs with native bf16 (about 2x faster than fp32, within "
@@ -102,6 +111,16 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("make-checkpoint", help="write a random-weight SD1 checkpoint (see its --help)")
     sub.add_parser("train-demo", help="train the bundled demo model (see its --help)")
     return parser
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds (0 or more), got {text!r}")
+    return value
 
 
 def _size(text: str) -> int:
@@ -192,12 +211,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cancel = CancelToken()
     progress = _ProgressBar(sys.stderr)
     previous = signal.signal(signal.SIGINT, _interrupt_handler(cancel))
+    deadline = Deadline(cancel, args.prompt_timeout, args.prompt_timeout_grace,
+                        lambda: _abandon_stuck_run(args, progress)).start()
     try:
         report = Executor(registry, resources=runtime).run(result.graph, listeners=[progress], cancel=cancel,
                                                            prompt=api, extra={"extra_pnginfo": {}})
     finally:
+        deadline.stop()
         signal.signal(signal.SIGINT, previous)
         progress.close()
+    if report.status == "interrupted" and deadline.expired:
+        return _timed_out(args, timeout_reason(args.prompt_timeout))
     files = _output_files(report.ui, runtime)
     if args.explain:
         for node_id in result.graph.nodes:
@@ -219,6 +243,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return EXIT_NODE_FAILED
     return EXIT_OK
+
+
+def _timed_out(args: argparse.Namespace, reason: str) -> int:
+    if args.json:
+        print(json.dumps({"status": "failed", "error": {"exception_type": "PromptTimeout", "message": reason}}),
+              flush=True)
+    print(f"error: {reason}", file=sys.stderr, flush=True)
+    return EXIT_TIMEOUT
+
+
+def _abandon_stuck_run(args: argparse.Namespace, progress) -> None:
+    """From the deadline's timer thread: a node ignores the interruption; Python cannot stop it, so exit."""
+    progress.close()
+    os._exit(_timed_out(args, stuck_reason(args.prompt_timeout, args.prompt_timeout_grace)))
 
 
 def _interrupt_handler(cancel: CancelToken):

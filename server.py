@@ -2,7 +2,9 @@
 service/ (queue, worker, messages, security, uploads).
 
 Exit codes: 0 after a clean stop (SIGTERM/SIGINT); 2 when it cannot start (a non-loopback address without a
-token, a database another server holds, a bad flag).
+token, a database another server holds, a bad flag); 3 when the worker thread died and 4 when a prompt overran
+--prompt-timeout and its node would not stop (it is marked failed): a supervisor should restart the server, whose
+queue is kept.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from collections.abc import Sequence
 from aiohttp import web
 
 from engine.schema import node_info, object_info
-from service import openapi, security, system, uploads
+from service import answers, openapi, security, system, uploads
 from service.bodies import FreeRequest, HistoryRequest, InterruptRequest, PromptRequest, QueueRequest
 from service.config import MIB, ServerConfig
 from service.core import Service
@@ -51,7 +53,8 @@ async def get_prompt(request: web.Request) -> web.Response:
 
 async def get_queue(request: web.Request) -> web.Response:
     svc = _svc(request)
-    return raw_json(await svc.call(svc.store.queue_json))
+    queue = await svc.call(svc.store.queue_json)  # '{"queue_running":[...],"queue_pending":[...]}'
+    return raw_json(queue[:-1] + "," + json_text(svc.worker_state())[1:])
 
 
 async def post_queue(request: web.Request, body: QueueRequest) -> web.Response:
@@ -223,56 +226,68 @@ async def get_ws(request: web.Request) -> web.StreamResponse:
 def route_table() -> RouteTable:
     table = RouteTable(body_limit=lambda request: request.app[SERVICE].limits.max_body_bytes)
     r, bad = table.route, {200: "OK", 400: "invalid request (the error names the field)"}
-    r("GET", "/", summary="what this server is", tag="system")(get_root)
+    r("GET", "/", summary="what this server is", tag="system", answer=answers.ROOT)(get_root)
     r("GET", "/ws", summary="websocket: status, and the events of the prompts queued with this clientId",
       tag="events", query=(Param("clientId", description="the client_id you queue prompts with"),
                            Param("token", description="the token, when the server needs one")),
-      responses={101: "switching protocols"})(get_ws)
+      responses={101: "switching protocols", 400: "not a websocket handshake, or a bad clientId",
+                 503: "too many websocket clients"})(get_ws)
     r("POST", "/prompt", summary="validate and queue a prompt", tag="prompts", body=PromptRequest,
       responses={200: "queued: {prompt_id, number, node_errors}", 400: "invalid: {error, node_errors}",
-                 409: "prompt_id already used", 413: "body too large", 429: "queue full", 503: "shutting down"},
-      error_extra={"node_errors": {}})(post_prompt)
-    r("GET", "/prompt", summary="queue length: {exec_info: {queue_remaining}}", tag="prompts")(get_prompt)
-    r("GET", "/queue", summary="running and pending prompts", tag="prompts")(get_queue)
-    r("POST", "/queue", summary="remove pending prompts", tag="prompts", body=QueueRequest, responses=bad)(post_queue)
+                 409: "prompt_id already used", 413: "body too large", 429: "queue full",
+                 503: "shutting down (or the worker is out of action)"},
+      error_extra={"node_errors": {}}, answer=answers.PROMPT_ACCEPTED)(post_prompt)
+    r("GET", "/prompt", summary="queue length: {exec_info: {queue_remaining}}", tag="prompts",
+      answer=answers.QUEUE_REMAINING)(get_prompt)
+    r("GET", "/queue", summary="running and pending prompts, and whether the worker is alive", tag="prompts",
+      answer=answers.QUEUE)(get_queue)
+    r("POST", "/queue", summary="remove pending prompts", tag="prompts", body=QueueRequest, responses=bad,
+      answer=answers.REMOVED)(post_queue)
     r("POST", "/interrupt", summary="stop the running prompt (only that one, given its id)", tag="prompts",
-      body=InterruptRequest, responses=bad)(post_interrupt)
+      body=InterruptRequest, responses=bad, answer=answers.INTERRUPTED)(post_interrupt)
     r("GET", "/v1/prompts/{prompt_id}", summary="where a prompt is (pending with position, running, success, "
-      "failed, interrupted) and its attempts", tag="prompts", responses={200: "OK", 404: "unknown"})(get_prompt_state)
+      "failed, interrupted) and its attempts", tag="prompts", responses={200: "OK", 404: "unknown"},
+      answer=answers.PROMPT_STATE)(get_prompt_state)
     r("GET", "/history", summary="finished prompts, oldest first", tag="history",
       query=(Param("max_items", "integer", "at most this many (the newest, unless offset is given)"),
-             Param("offset", "integer", "skip this many of the oldest")), responses=bad)(get_history)
+             Param("offset", "integer", "skip this many of the oldest")), responses=bad,
+      answer=answers.HISTORY)(get_history)
     r("GET", "/history/{prompt_id}", summary="one finished prompt ({} when unknown, as ComfyUI)",
-      tag="history")(get_history_item)
+      tag="history", answer=answers.HISTORY)(get_history_item)
     r("GET", "/v1/history/{prompt_id}", summary="one finished prompt (404 when unknown)", tag="history",
-      responses={200: "OK", 404: "not finished or unknown"})(get_history_item_v1)
+      responses={200: "OK", 404: "not finished or unknown"}, answer=answers.HISTORY)(get_history_item_v1)
     r("POST", "/history", summary="forget finished prompts", tag="history", body=HistoryRequest,
-      responses=bad)(post_history)
-    r("GET", "/object_info", summary="every node type", tag="nodes")(get_object_info)
-    r("GET", "/object_info/{node_class}", summary="one node type ({} when unknown)", tag="nodes")(
-        get_object_info_node)
-    r("GET", "/v1/node_load_errors", summary="node packs that failed to load", tag="nodes")(get_load_errors)
+      responses=bad, answer=answers.REMOVED)(post_history)
+    r("GET", "/object_info", summary="every node type", tag="nodes", answer=answers.NODE_TYPES)(get_object_info)
+    r("GET", "/object_info/{node_class}", summary="one node type ({} when unknown)", tag="nodes",
+      answer=answers.NODE_TYPES)(get_object_info_node)
+    r("GET", "/v1/node_load_errors", summary="node packs that failed to load", tag="nodes",
+      answer=answers.LOAD_ERRORS)(get_load_errors)
     r("GET", "/view", summary="an output, input or temp file", tag="files",
       query=(Param("filename", required=True), Param("subfolder"), Param("type", description="output, input, temp"),
              Param("channel", description="rgba, rgb or a"), Param("preview", description="webp;90 or jpeg;90")),
-      responses={200: "the file", 400: "unsafe or invalid name", 404: "no such file"})(get_view)
+      responses={200: "the file", 400: "unsafe or invalid name", 404: "no such file"}, answer_type="*/*")(get_view)
     form = {"image": "the image file", "subfolder": "folder inside the type's folder", "type": "input or temp",
             "overwrite": "true to replace a file of the same name"}
     r("POST", "/upload/image", summary="upload an image", tag="files", form=form,
-      responses={200: "{name, subfolder, type}", 400: "not an image, unsafe name", 413: "too large"})(
-        post_upload_image)
+      responses={200: "{name, subfolder, type}", 400: "not an image, unsafe name", 413: "too large"},
+      answer=answers.UPLOADED)(post_upload_image)
     r("POST", "/upload/mask", summary="upload a mask: its alpha applied to original_ref's image", tag="files",
       form={**form, "original_ref": "JSON {filename, subfolder, type} of the masked image"},
-      responses={200: "{name, subfolder, type}", 400: "invalid", 404: "original not found"})(post_upload_mask)
-    r("GET", "/system_stats", summary="memory, versions, devices", tag="system")(get_system_stats)
+      responses={200: "{name, subfolder, type}", 400: "invalid", 404: "original not found"},
+      answer=answers.UPLOADED)(post_upload_mask)
+    r("GET", "/system_stats", summary="memory, versions, devices, and this server's counters (worker_alive)",
+      tag="system", answer=answers.SYSTEM_STATS)(get_system_stats)
     r("POST", "/free", summary="unload models / free memory (between prompts)", tag="system", body=FreeRequest,
-      responses=bad)(post_free)
-    r("GET", "/models", summary="model folder names", tag="models")(get_models)
+      responses=bad, answer=answers.FREED)(post_free)
+    r("GET", "/models", summary="model folder names", tag="models", answer=answers.STRINGS)(get_models)
     r("GET", "/models/{folder}", summary="model files in a folder", tag="models",
-      responses={200: "OK", 404: "unknown folder"})(get_models_in)
-    r("GET", "/embeddings", summary="textual inversion embeddings", tag="models")(get_embeddings)
-    r("GET", "/features", summary="what this server supports and its limits", tag="system")(get_features)
-    r("GET", "/openapi.json", summary="this document", tag="system")(get_openapi)
+      responses={200: "OK", 404: "unknown folder"}, answer=answers.STRINGS)(get_models_in)
+    r("GET", "/embeddings", summary="textual inversion embeddings", tag="models", answer=answers.STRINGS)(
+        get_embeddings)
+    r("GET", "/features", summary="what this server supports and its limits", tag="system",
+      answer=answers.FEATURES)(get_features)
+    r("GET", "/openapi.json", summary="this document", tag="system", answer=answers.OBJECT)(get_openapi)
     return table
 
 
@@ -322,7 +337,8 @@ async def serve(config: ServerConfig) -> int:
     --shutdown-timeout (a second signal: at once) or put it back in the queue, and close."""
     service = Service.open(config)
     service.folders.remove_stale_temp_files()  # leftovers of writes a crash interrupted (issue #11)
-    service.start(asyncio.get_running_loop())
+    stop = asyncio.Event()
+    service.start(asyncio.get_running_loop(), on_fatal=stop.set)
     runner = web.AppRunner(create_app(service), access_log=None, handle_signals=False)
     await runner.setup()
     try:
@@ -335,7 +351,6 @@ async def serve(config: ServerConfig) -> int:
         await runner.cleanup()
         await service.stop()
         raise
-    stop = asyncio.Event()
 
     def on_signal() -> None:
         if stop.is_set():
@@ -345,12 +360,16 @@ async def serve(config: ServerConfig) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(signum, on_signal)
     await stop.wait()
-    log.info("stopping: no new prompts; waiting up to %.0f s for the running one", config.shutdown_timeout)
+    if service.exit_code:
+        log.critical("exiting with code %d so that a supervisor restarts the server: %s", service.exit_code,
+                     service.worker.failure)
+    else:
+        log.info("stopping: no new prompts; waiting up to %.0f s for the running one", config.shutdown_timeout)
     await service.stop(close_store=False)
     await runner.cleanup()
     service.close()
     log.info("stopped")
-    return 0
+    return service.exit_code
 
 
 if __name__ == "__main__":

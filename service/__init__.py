@@ -7,8 +7,10 @@ Modules, in the order a request meets them:
   core      - Service: submission, queue and history operations, system information
   queue     - QueueStore: the SQLite queue and history
   worker    - Worker: the single thread that runs prompts with the shared Executor
+  deadline  - the time limit of one run (--prompt-timeout), shared with `sdgraph run`
+  scrub     - paths made relative to the roots in what clients are told
   messages  - engine events and validation errors as ComfyUI's JSON payloads
   hub       - websocket clients, each with its own bounded outbox
   uploads   - /upload/image, /upload/mask and /view files
-  openapi   - the OpenAPI document
+  openapi   - the OpenAPI document; answers - the JSON schemas of the routes' answers
 """

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 PromptId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:\-]+$")]
+MAX_NUMBER = float(1 << 53)  # queue positions stay exact integers when they are whole
 ClientId = Annotated[str, StringConstraints(max_length=128)]
 NodeId = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 
@@ -28,7 +29,8 @@ class PromptRequest(_Body):
     extra_data: dict[str, Any] = Field(default_factory=dict, description="kept with the prompt; extra_pnginfo is "
                                        "embedded in saved images")
     front: bool = Field(False, description="queue before every other pending prompt")
-    number: float | None = Field(None, description="explicit queue position (lower runs first)")
+    number: float | None = Field(None, ge=-MAX_NUMBER, le=MAX_NUMBER,
+                                 description="explicit queue position (lower runs first)")
     partial_execution_targets: list[NodeId] | None = Field(
         None, max_length=10000, description="run only these nodes and what they need")
 

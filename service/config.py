@@ -41,6 +41,8 @@ class ServerConfig:
     dtype: str | None = None
     allow_pickle: bool = False
     shutdown_timeout: float = 30.0
+    prompt_timeout: float | None = 3600.0  # seconds one prompt may run; None: no limit
+    stuck_grace: float = 60.0  # after the limit, how long a node that ignores interruption has before the exit
     limits: Limits = field(default_factory=Limits)
 
     @property

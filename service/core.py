@@ -25,6 +25,7 @@ from .config import ServerConfig
 from .hub import Hub
 from .messages import error_body, status_text, validation_failure
 from .queue import QueueStore, StoreError, number_json
+from .scrub import PathScrubber
 from .worker import Worker, recover
 
 log = logging.getLogger("sdgraph.server")
@@ -44,6 +45,8 @@ class Service:
         self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="sdgraph-io")
         self.hub: Hub | None = None
         self.worker: Worker | None = None
+        self.scrub = PathScrubber.for_folders(self.folders)
+        self.exit_code = 0  # non-zero once the worker is out of action: the process exits for a restart
 
     @classmethod
     def open(cls, config: ServerConfig) -> Service:
@@ -60,17 +63,30 @@ class Service:
             log.error("prompt %s crashed the server %d times; marked failed", prompt_id, config.limits.max_attempts)
         return cls(config, registry=registry, runtime=runtime, store=store)
 
-    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+    def start(self, loop: asyncio.AbstractEventLoop, on_fatal: Callable[[], None] = lambda: None) -> None:
+        """Start the worker; `on_fatal` is called (on the loop) when it is out of action for good."""
         self.hub = Hub(loop, outbox_size=self.limits.ws_outbox, max_clients=self.limits.max_ws_clients)
+
+        def fatal(reason: str, code: int) -> None:  # from the worker's thread or its deadline's
+            self.accepting = False
+            self.exit_code = code
+            try:
+                loop.call_soon_threadsafe(on_fatal)
+            except RuntimeError:  # the loop has closed: the server is stopping already
+                pass
+
         self.worker = Worker(store=self.store, executor=self.executor, registry=self.registry, hub=self.hub,
-                             on_queue_change=self.status_changed, sizes=self.limits.sizes)
+                             on_queue_change=self.status_changed, prompt_timeout=self.config.prompt_timeout,
+                             stuck_grace=self.config.stuck_grace, on_fatal=fatal,
+                             scrub=self.scrub, sizes=self.limits.sizes)
         self.worker.start()
 
     async def stop(self, *, close_store: bool = True) -> None:
         self.accepting = False
         if self.worker is not None:
-            finished = await asyncio.to_thread(self.worker.stop, self.config.shutdown_timeout)
-            if not finished:
+            timeout, grace = (0, 0) if self.exit_code else (self.config.shutdown_timeout, 10)
+            finished = await asyncio.to_thread(self.worker.stop, timeout, grace=grace)
+            if not finished and not self.exit_code:
                 log.error("a node ignored cancellation; its prompt is back in the queue")
         if self.hub is not None:
             await self.hub.close_all()
@@ -96,7 +112,8 @@ class Service:
     async def submit(self, body: PromptRequest) -> tuple[int, dict[str, Any]]:
         """Validate, then queue: (status, ComfyUI's answer). Nothing is queued unless every check passes."""
         if not self.accepting:
-            return 503, error_body("shutting_down", "the server is shutting down and takes no new prompts; "
+            why = f" ({self.worker.failure})" if self.worker is not None and self.worker.failure else ""
+            return 503, error_body("shutting_down", f"the server is shutting down{why} and takes no new prompts; "
                                    "queue it again once it is back", node_errors={})
         prompt = body.prompt
         if len(prompt) > self.limits.max_nodes:
@@ -109,10 +126,10 @@ class Service:
         except (Exception, RecursionError) as exc:  # a bug in a check must not become a 500 or reach the worker
             log.exception("validating a prompt raised")
             return 400, error_body("exception_during_validation", f"checking the prompt failed with "
-                                   f"{type(exc).__name__}: {exc}", node_errors={})
+                                   f"{type(exc).__name__}: {self.scrub(str(exc))}", node_errors={})
         errors = list(result.errors) or pixel_budget_errors(result.graph, self.limits.max_pixels)
         if errors:
-            return 400, validation_failure(errors, prompt, targets or self._output_nodes(prompt))
+            return 400, validation_failure(errors, prompt, targets or self._output_nodes(prompt), self.scrub)
         extra_data = dict(body.extra_data)
         if body.client_id:
             extra_data["client_id"] = body.client_id
@@ -151,12 +168,19 @@ class Service:
             removed += await self.call(self.store.delete_history, delete)
         return removed
 
+    def worker_state(self) -> dict[str, Any]:
+        """Whether prompts still run here: `worker_alive` false (with `worker_error` saying why) means the
+        process is about to exit for its supervisor to restart it; the queue is kept."""
+        worker = self.worker
+        return {"worker_alive": worker.alive if worker else False,
+                "worker_error": worker.failure if worker else "the worker has not started"}
+
     def counters(self) -> dict[str, Any]:
         """What /system_stats adds under "sdgraph": cache size, queue, clients, prompts run since start."""
         cache = self.executor.cache
         return {"cache_entries": len(cache), "cache_bytes": cache.nbytes, "cache_budget_bytes": cache.max_bytes,
                 "queue_remaining": self.store.remaining(), "prompts_run": self.worker.completed if self.worker else 0,
-                "worker_alive": self.worker.alive if self.worker else False,
+                **self.worker_state(),
                 "websocket_clients": self.hub.count if self.hub else 0,
                 "slow_clients_dropped": self.hub.dropped_slow if self.hub else 0}
 

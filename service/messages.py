@@ -6,13 +6,14 @@ from __future__ import annotations
 import io
 import struct
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from engine import NodeFailed, NodeFinished, NodesCached, NodeStarted, Progress, RunReport, ValidationError
 from engine.events import Event, RunInterrupted, RunStarted
 
 from .queue import json_text
+from .scrub import short_traceback
 
 PREVIEW_IMAGE = 1  # ComfyUI's binary event type for a preview; then 1 = JPEG, 2 = PNG
 _IMAGE_TYPES = {"JPEG": 1, "PNG": 2}
@@ -41,9 +42,11 @@ def status_text(remaining: int, sid: str | None = None) -> str:
 
 
 # -- validation -------------------------------------------------------------------------------------------
-def validation_failure(errors: Sequence[ValidationError], prompt: Any, outputs: Iterable[str]) -> dict[str, Any]:
+def validation_failure(errors: Sequence[ValidationError], prompt: Any, outputs: Iterable[str],
+                       scrub: Callable[[str], str] = str) -> dict[str, Any]:
     """POST /prompt's 400 body: `{error, node_errors}`. Errors about a node go under its id, each with the output
-    nodes that depend on it; errors about the whole prompt become the top-level error."""
+    nodes that depend on it; errors about the whole prompt become the top-level error. `scrub` takes the server's
+    paths out of the messages."""
     nodes = prompt if isinstance(prompt, Mapping) else {}
     dependents = _dependent_outputs(nodes, [o for o in outputs if o in nodes])
     node_errors: dict[str, dict[str, Any]] = {}
@@ -56,16 +59,17 @@ def validation_failure(errors: Sequence[ValidationError], prompt: Any, outputs: 
         class_type = error.node_type or (raw.get("class_type") if isinstance(raw, Mapping) else None)
         entry = node_errors.setdefault(error.node_id, {"errors": [], "dependent_outputs": sorted(
             dependents.get(error.node_id, ())), "class_type": class_type if isinstance(class_type, str) else None})
-        entry["errors"].append({"type": error.code, "message": error.message,
-                                "details": error.details or error.input_name or "",
+        entry["errors"].append({"type": error.code, "message": scrub(error.message),
+                                "details": scrub(error.details or error.input_name or ""),
                                 "extra_info": {"input_name": error.input_name, **error.extra}})
     if general:
         first = general[0]
-        top = error_body(first.code, first.message, first.details or "\n".join(str(e) for e in errors[:50]),
+        top = error_body(first.code, scrub(first.message),
+                         scrub(first.details or "\n".join(str(e) for e in errors[:50])),
                          {"node_id": first.node_id} if first.node_id is not None else {})
     else:
         top = error_body("prompt_outputs_failed_validation", "Prompt outputs failed validation",
-                         "\n".join(str(e) for e in errors[:50]))
+                         scrub("\n".join(str(e) for e in errors[:50])))
     return {**top, "node_errors": node_errors}
 
 
@@ -100,8 +104,9 @@ class RunMessages:
     records in the history entry (`status.messages`). Terminal messages come from `finish`, which also sees the
     report (cached output nodes' UI, the failure)."""
 
-    def __init__(self, prompt_id: str):
+    def __init__(self, prompt_id: str, *, scrub: Callable[[str], str] | None = None):
         self.prompt_id = prompt_id
+        self.scrub = scrub or (lambda text: text)
         self.recorded: list[list[Any]] = []
         self.executed: list[str] = []
         self.cached: list[str] = []
@@ -166,16 +171,20 @@ class RunMessages:
 
     def error(self, failure: NodeFailed | None, outputs: Sequence[str], *, node_id: str | None = None,
               node_type: str | None = None, exception_type: str = "", message: str = "") -> tuple[str, dict]:
-        """The execution_error message (recorded), from a node's failure or from a problem the worker met."""
+        """The execution_error message (recorded), from a node's failure or from a problem the worker met. The
+        message has its paths made relative (`scrub`); `traceback` is the exception alone (the full one is for
+        the server's log: it names the server's files)."""
+        exception_type = failure.exception_type if failure else exception_type
+        message = self.scrub(failure.message if failure else message)
         data = {
             "prompt_id": self.prompt_id,
             "node_id": failure.node_id if failure else node_id,
             "node_type": failure.node_type if failure else node_type,
             "executed": list(self.executed),
-            "exception_message": failure.message if failure else message,
-            "exception_type": failure.exception_type if failure else exception_type,
-            "traceback": failure.traceback.splitlines(keepends=True) if failure else [],
-            "current_inputs": {k: [v] for k, v in failure.inputs.items()} if failure else {},
+            "exception_message": message,
+            "exception_type": exception_type,
+            "traceback": short_traceback(exception_type, message),
+            "current_inputs": {k: [self.scrub(str(v))] for k, v in failure.inputs.items()} if failure else {},
             "current_outputs": list(outputs),
             "timestamp": now_ms(),
         }

@@ -73,8 +73,21 @@ def _responses(route: Route) -> dict[str, Any]:
         entry: dict[str, Any] = {"description": text}
         if status >= 400:
             entry["content"] = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+        elif status == 200:
+            entry["content"] = {route.answer_type: {"schema": dict(route.answer or {})}}
         responses[str(status)] = entry
-    for status, text in ((403, "refused by the Host or Origin check"), (401, "token missing or wrong")):
+    for status, text in _implied_errors(route):
         responses.setdefault(str(status), {"description": text, "content": {"application/json": {
             "schema": {"$ref": "#/components/schemas/Error"}}}})
     return responses
+
+
+def _implied_errors(route: Route) -> list[tuple[int, str]]:
+    """The errors the middleware and the request readers give on any route of this kind."""
+    implied = [(403, "refused by the Host or Origin check"), (401, "token missing or wrong")]
+    if route.body is not None or route.form:
+        implied += [(400, "invalid body (the error names the field)"), (413, "body too large"),
+                    (415, "not JSON (or, for uploads, not a multipart form)")]
+    if route.query or "{" in route.path:
+        implied.append((400, "invalid query or path parameter"))
+    return implied

@@ -49,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_size_arguments(p)
     p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S", help="on SIGTERM, how long the "
                    "running prompt may take to finish before it is stopped and put back in the queue")
+    p.add_argument("--prompt-timeout", type=float, default=3600.0, metavar="S", help="stop and fail a prompt that "
+                   "runs longer than this (default 3600; 0: no limit)")
+    p.add_argument("--prompt-timeout-grace", type=float, default=60.0, metavar="S", help="after --prompt-timeout, "
+                   "how long a node that does not stop has before the prompt is marked failed and the server exits "
+                   "(code 4) to be restarted")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 
@@ -58,6 +63,10 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     for name, value in vars(args).items():
         if name.startswith("max_") and value <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    for flag, value in (("--prompt-timeout", args.prompt_timeout), ("--prompt-timeout-grace",
+                                                                   args.prompt_timeout_grace)):
+        if not 0 <= value < float("inf"):
+            raise ValueError(f"{flag} must be a number of seconds, 0 or more, got {value}")
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be between 0 and 65535, got {args.port}")
     base = Path(args.base_dir or os.getcwd()).absolute()
@@ -71,7 +80,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         listen=tuple(h.strip() for h in args.listen.split(",") if h.strip()) or ("127.0.0.1",),
         allowed_origins=frozenset(_split(args.allowed_origins)), allowed_hosts=frozenset(_split(args.allowed_hosts)),
         nodes_dirs=tuple(Path(p) for p in args.nodes_dir), device=args.device, dtype=args.dtype,
-        allow_pickle=args.unsafe_load_pickle, shutdown_timeout=args.shutdown_timeout, limits=limits)
+        allow_pickle=args.unsafe_load_pickle, shutdown_timeout=args.shutdown_timeout, limits=limits,
+        prompt_timeout=args.prompt_timeout or None, stuck_grace=args.prompt_timeout_grace)
 
 
 def _split(values: list[str]) -> list[str]:

@@ -291,11 +291,13 @@ def _dumps(value: Any) -> str:
 
 
 def json_text(value: Any) -> str:
-    """Compact JSON that every client can parse: NaN and infinities become null, unknown objects their str()."""
+    """Compact JSON that every client can parse: NaN and infinities become null, unknown objects their str().
+    ASCII only (other characters as \\u escapes), so no text can fail to encode, in a reply or in SQLite: a
+    lone surrogate from a node's output or a file name that is not UTF-8 stays an escape."""
     try:
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=str)
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=True, allow_nan=False, default=str)
     except ValueError:
-        return json.dumps(_finite(value), separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=str)
+        return json.dumps(_finite(value), separators=(",", ":"), ensure_ascii=True, allow_nan=False, default=str)
 
 
 def _finite(value: Any) -> Any:

@@ -56,6 +56,8 @@ class Route:
     query: tuple[Param, ...] = ()
     responses: Mapping[int, str] = field(default_factory=dict)
     error_extra: Mapping[str, Any] = field(default_factory=dict)  # added to every error body (node_errors)
+    answer: Mapping[str, Any] | None = None  # JSON schema of the 200 answer (service/answers.py)
+    answer_type: str = "application/json"  # media type of the 200 answer
 
 
 class RouteTable:
@@ -65,10 +67,11 @@ class RouteTable:
 
     def route(self, method: str, path: str, *, summary: str, tag: str, body: type[BaseModel] | None = None,
               form: Mapping[str, str] | None = None, query: tuple[Param, ...] = (),
-              responses: Mapping[int, str] | None = None, error_extra: Mapping[str, Any] | None = None):
+              responses: Mapping[int, str] | None = None, error_extra: Mapping[str, Any] | None = None,
+              answer: Mapping[str, Any] | None = None, answer_type: str = "application/json"):
         def register(handler):
             self.routes.append(Route(method, path, handler, summary, tag, body, form or {}, query,
-                                     responses or {200: "OK"}, error_extra or {}))
+                                     responses or {200: "OK"}, error_extra or {}, answer, answer_type))
             return handler
         return register
 
@@ -111,11 +114,56 @@ async def read_json(request: web.Request, limit: int) -> Any:
         raise RequestError(415, "unsupported_media_type", f"{request.path} takes a JSON body; send it with "
                            "Content-Type: application/json")
     try:
-        return json.loads(data, parse_constant=_not_json)
+        value = json.loads(data, parse_constant=_not_json)
     except RecursionError:
         raise RequestError(400, "invalid_json", "the JSON body is nested too deeply to read") from None
     except ValueError as exc:
         raise RequestError(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
+    problem = text_problem(value)
+    if problem is not None:
+        raise RequestError(400, *problem)
+    return value
+
+
+_SURROGATE = ("holds a lone UTF-16 surrogate (e.g. \\ud800), which is not a Unicode character; send valid UTF-8 "
+              "text")
+MAX_DEPTH = 100  # JSON nesting a request may have (ComfyUI workflows need about 10)
+
+
+def text_problem(value: Any, *, max_depth: int = MAX_DEPTH) -> tuple[str, str] | None:
+    """Why a parsed JSON value cannot be stored or answered, naming where: a string (or key) holding a lone
+    UTF-16 surrogate (JSON's "\\ud800" escape parses into one, and no UTF-8 encoder takes it), or nesting deeper
+    than `max_depth`. Walks with its own stack, so any depth json.loads read is safe to check. Returns
+    (error type, message) or None."""
+    stack: list[tuple[Any, tuple[str, ...]]] = [(value, ())]
+    while stack:
+        item, where = stack.pop()
+        if len(where) > max_depth:
+            return "invalid_json", f"{_where(where[:8])}...: the JSON is nested more than {max_depth} levels deep"
+        if isinstance(item, str):
+            if not _encodable(item):
+                return "invalid_text", f"{_where(where)}: the text {_SURROGATE}"
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                if not _encodable(key):
+                    return "invalid_text", f"{_where(where)}: a key {_SURROGATE}"
+                stack.append((child, (*where, key)))
+        elif isinstance(item, list):
+            stack.extend((child, (*where, str(index))) for index, child in enumerate(item))
+    return None
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _where(path: tuple[str, ...]) -> str:
+    shown = ".".join(path) or "the body"
+    return shown if len(shown) <= 200 else shown[:200] + "..."
 
 
 def _not_json(name: str) -> Any:
@@ -143,16 +191,21 @@ def raw_json(text: str, status: int = 200) -> web.Response:
     return web.Response(text=text, status=status, content_type="application/json")
 
 
+MAX_QUERY_INT = 1 << 62  # SQLite integers are 64-bit
+
+
 def query_int(request: web.Request, name: str, *, minimum: int = 0) -> int | None:
     text = request.query.get(name)
     if text is None or text == "":
         return None
     try:
-        value = int(text)
+        value = int(text[:30])
     except ValueError:
-        raise RequestError(400, "invalid_query", f"query parameter {name}={text!r} must be a whole number") from None
-    if value < minimum:
-        raise RequestError(400, "invalid_query", f"query parameter {name} must be at least {minimum}, got {value}")
+        raise RequestError(400, "invalid_query", f"query parameter {name}={text[:40]!r} must be a whole "
+                           "number") from None
+    if not minimum <= value <= MAX_QUERY_INT:
+        raise RequestError(400, "invalid_query", f"query parameter {name} must be between {minimum} and "
+                           f"{MAX_QUERY_INT}, got {text[:40]}")
     return value
 
 
@@ -173,7 +226,18 @@ async def json_errors(request: web.Request, handler) -> web.StreamResponse:
         return json_response(error_body(kind, message), status=exc.status, headers=headers)
     except (asyncio.CancelledError, ConnectionResetError):
         raise
+    except CONTENT_ERRORS as exc:  # content no check caught: still the client's to fix, and a check to add
+        log.exception("a request's content got past the checks in %s %s (answered 400)", request.method,
+                      request.path)
+        return json_response(error_body("unprocessable_content", f"the server cannot process this request's "
+                                        f"content ({type(exc).__name__}); check for text that is not valid "
+                                        "Unicode, numbers out of range or very deep nesting"), status=400)
     except Exception:
         log.exception("unexpected error in %s %s", request.method, request.path)
         return json_response(error_body("internal_error", "the server failed on this request; its log says why"),
                              status=500)
+
+
+# What only a request's content (not a bug in the server) raises when it gets past the checks: text that is not
+# Unicode, numbers too large for SQLite or floats, nesting too deep for a recursive function.
+CONTENT_ERRORS = (UnicodeError, OverflowError, RecursionError)

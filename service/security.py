@@ -6,7 +6,10 @@
 - Token: when one is set, every route needs `Authorization: Bearer T` or `?token=T` (browsers cannot set
   headers on <img> or websockets), compared in constant time. A non-loopback bind refuses to start without one.
 - Origin: state-changing methods and the websocket handshake from a browser page of another origin, or from
-  `Origin: null` (sandboxed frames, file: pages), are refused unless --allowed-origins names that origin.
+  `Origin: null` (sandboxed frames, file: pages), are refused unless --allowed-origins names that origin. A
+  browser request without Origin but with `Sec-Fetch-Site: cross-site` or `same-site` (another port or
+  subdomain, which the Origin rules refuse too) is refused the same way; `same-origin` and `none` (typed in the
+  address bar, a bookmark) pass.
 - Content type: a state-changing request with a body must be JSON or multipart (a plain-text form post, which
   browsers send cross-site without asking, is refused before any handler reads it). A JSON body labelled as a
   urlencoded form is read as JSON: that is what Python's urllib sends, and no browser form can produce it.
@@ -26,6 +29,7 @@ from .messages import error_body
 from .routing import json_response
 
 STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+OTHER_SITES = frozenset({"cross-site", "same-site"})  # Sec-Fetch-Site values of a page of another origin
 # application/x-www-form-urlencoded: what urllib labels any body (ComfyUI's own example client posts its JSON so);
 # the body must still parse as JSON, which a browser form cannot produce in that encoding ({ and " are escaped).
 BODY_TYPES = frozenset({"application/json", "multipart/form-data", "application/x-www-form-urlencoded"})
@@ -150,11 +154,16 @@ def middleware(guard: Guard) -> Callable:
                            "--allowed-hosts NAME")
         origin = request.headers.get("Origin")
         upgrade = request.headers.get("Upgrade", "").lower() == "websocket"
-        if origin is not None and (request.method in STATE_CHANGING or request.method == "OPTIONS" or upgrade) \
-                and not guard.origin_ok(origin, host or "", request.scheme):
+        changes = request.method in STATE_CHANGING or request.method == "OPTIONS" or upgrade
+        if changes and origin is not None and not guard.origin_ok(origin, host or "", request.scheme):
             return _refuse(403, "forbidden_origin", f"requests from the page origin {origin!r} may not change "
                            "anything here (cross-site protection); start the server with --allowed-origins "
                            f"{origin if origin != 'null' else 'URL'} to allow a front end served from there")
+        site = request.headers.get("Sec-Fetch-Site", "").strip().lower()
+        if changes and origin is None and site in OTHER_SITES:
+            return _refuse(403, "forbidden_origin", f"a browser page of another origin (Sec-Fetch-Site: {site}) may "
+                           "not change anything here (cross-site protection); a front end served from another "
+                           "origin must send its Origin and be named with --allowed-origins")
         if request.method == "OPTIONS":
             return _cors(web.Response(status=204), guard.cors_origin(request), preflight=True)
         if not guard.token_ok(request):

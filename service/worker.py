@@ -3,6 +3,12 @@
 Each prompt gets its own CancelToken, so an interrupt addressed to one prompt can never stop another. Events go
 to the websocket client that queued the prompt and nowhere else. Requests to free memory are applied between
 prompts, never under a running one.
+
+Whatever a node raises (SystemExit and KeyboardInterrupt included) fails its prompt and the worker goes on. Two
+things end the worker for good, and each calls `on_fatal(reason, exit_code)` so the server can exit for its
+supervisor to restart it (the queue is durable): the thread dying anyway (a fault outside any prompt), and a
+prompt that overran `--prompt-timeout` whose node did not stop within the grace period (it is marked failed
+first, so it is not retried).
 """
 
 from __future__ import annotations
@@ -19,11 +25,14 @@ from engine import CancelToken, Executor, NodeRegistry, RunReport, validate
 from engine.events import Event
 from engine.sizes import DEFAULT_SIZE_LIMITS, SizeLimits
 
+from .deadline import Deadline, stuck_reason, timeout_reason
 from .hub import Hub
 from .messages import RunMessages, history_entry, preview_frame, ws_text
 from .queue import QueueItem, QueueStore
 
 log = logging.getLogger("sdgraph.server")
+EXIT_WORKER_DIED = 3  # the worker thread ended: restart the server
+EXIT_PROMPT_STUCK = 4  # a prompt overran its time limit and its node would not stop: restart the server
 
 
 @runtime_checkable
@@ -40,17 +49,25 @@ class _Current:
     token: CancelToken = field(default_factory=CancelToken)
     node: str | None = None
     for_shutdown: bool = False
+    abandoned: bool = False  # recorded as failed by the deadline while its node still runs
 
 
 class Worker:
     def __init__(self, *, store: QueueStore, executor: Executor, registry: NodeRegistry, hub: Hub,
-                 on_queue_change: Callable[[], None] | None = None, sizes: SizeLimits = DEFAULT_SIZE_LIMITS):
+                 on_queue_change: Callable[[], None] | None = None, prompt_timeout: float | None = None,
+                 stuck_grace: float = 60.0, on_fatal: Callable[[str, int], None] | None = None,
+                 scrub: Callable[[str], str] | None = None, sizes: SizeLimits = DEFAULT_SIZE_LIMITS):
         self.store = store
         self.sizes = sizes
         self.executor = executor
         self.registry = registry
         self.hub = hub
         self.on_queue_change = on_queue_change or (lambda: None)
+        self.prompt_timeout = prompt_timeout or None
+        self.stuck_grace = stuck_grace
+        self.on_fatal = on_fatal or (lambda reason, code: None)
+        self.scrub = scrub
+        self.failure: str | None = None  # why the worker is out of action, once it is
         self._wake = threading.Event()
         self._lock = threading.Lock()
         self._current: _Current | None = None
@@ -68,7 +85,8 @@ class Worker:
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        """Running and able to take prompts (False once it died or gave up on a stuck prompt)."""
+        return self._thread.is_alive() and self.failure is None
 
     def running(self) -> tuple[str, str | None, str | None] | None:
         """(prompt_id, client_id, current node) of the running prompt, if any."""
@@ -100,7 +118,7 @@ class Worker:
                 self._current.token.cancel()
         self.wake()
 
-    def stop(self, timeout: float) -> bool:
+    def stop(self, timeout: float, *, grace: float = 10) -> bool:
         """Claim nothing more; give the running prompt `timeout` seconds to finish, then cancel it and put it
         back in the queue (without counting the attempt). Returns True when the thread has ended."""
         self._stopping = True
@@ -110,17 +128,25 @@ class Worker:
         self._thread.join(timeout)
         if self._thread.is_alive():
             self.stop_now()
-            self._thread.join(10)
+            self._thread.join(grace)
         if self._thread.is_alive():  # a node ignores cancellation: record the prompt as pending anyway
             with self._lock:
                 cur = self._current
-            if cur is not None:
+            if cur is not None and not cur.abandoned:
                 self.store.requeue(cur.item.prompt_id, forget_attempt=True)
             return False
         return True
 
     # -- the thread ---------------------------------------------------------------------------------------
     def _loop(self) -> None:
+        try:
+            self._serve()
+        except BaseException as exc:  # a fault outside any prompt: say so, and let the server exit
+            log.critical("the worker thread died; no more prompts will run in this process", exc_info=True)
+            self.failure = f"the worker thread died: {type(exc).__name__}: {exc}"
+            self.on_fatal(self.failure, EXIT_WORKER_DIED)
+
+    def _serve(self) -> None:
         while not self._stopping:
             self._wake.clear()  # before looking: a prompt queued from now on wakes the wait below
             self._apply_free()
@@ -139,7 +165,7 @@ class Worker:
                 self._run(item)
             except Exception:  # never let one prompt take the worker down
                 log.exception("prompt %s: the worker failed while running it", item.prompt_id)
-                self._record_failure(item, RunMessages(item.prompt_id), "WorkerError",
+                self._record_failure(item, self._messages(item), "WorkerError",
                                      "the server failed while running this prompt; see its log")
             finally:
                 with self._lock:
@@ -147,12 +173,15 @@ class Worker:
             self.completed += 1
             self.on_queue_change()
 
+    def _messages(self, item: QueueItem) -> RunMessages:
+        return RunMessages(item.prompt_id, scrub=self.scrub)
+
     def _run(self, item: QueueItem) -> None:
         started = time.perf_counter()
         current = _Current(item)
         with self._lock:
             self._current = current
-        messages = RunMessages(item.prompt_id)
+        messages = self._messages(item)
         result = validate(item.prompt, self.registry, targets=item.outputs or None, resources=self.executor.resources,
                           sizes=self.sizes)
         if not result.ok:  # valid when queued, no longer (a file was removed, a node pack changed)
@@ -162,23 +191,68 @@ class Worker:
             return
         extra = {"extra_pnginfo": item.extra_data.get("extra_pnginfo") or {}, "client_id": item.client_id,
                  "prompt_id": item.prompt_id}
+        deadline = Deadline(current.token, self.prompt_timeout, self.stuck_grace,
+                            lambda: self._abandon(current, messages)).start()
         try:
             report = self.executor.run(result.graph, listeners=[self._listener(current, messages)],
                                        cancel=current.token, run_id=item.prompt_id, prompt=item.prompt, extra=extra)
-        except Exception as exc:  # the engine itself failed (a node's failure is in the report, not raised)
-            log.exception("prompt %s: the executor raised", item.prompt_id)
-            self._record_failure(item, messages, type(exc).__name__, f"the executor failed: {exc}",
-                                 node_id=current.node)
+        except BaseException as exc:  # SystemExit, KeyboardInterrupt from a node; or the engine itself failed
+            log.error("prompt %s: the run raised %s", item.prompt_id, type(exc).__name__, exc_info=True)
+            if not self._still_ours(current):
+                return
+            self._record_failure(item, messages, type(exc).__name__, f"the run raised {type(exc).__name__}: "
+                                 f"{exc}", node_id=current.node, node_type=self._type_of(item, current.node))
+            return
+        finally:
+            deadline.stop()
+        if not self._still_ours(current):
+            return
+        if report.status == "interrupted" and deadline.expired:
+            log.warning("prompt %s: %s", item.prompt_id, timeout_reason(self.prompt_timeout))
+            self._record_failure(item, messages, "PromptTimeout", timeout_reason(self.prompt_timeout),
+                                 node_id=current.node, node_type=self._type_of(item, current.node))
             return
         if report.status == "interrupted" and current.for_shutdown:
             self.store.requeue(item.prompt_id, forget_attempt=True)
             log.info("prompt %s: stopped by shutdown, back in the queue", item.prompt_id)
             return
+        if report.error is not None:  # the client gets a short, path-free account; the log keeps the traceback
+            log.error("prompt %s: node %s (%s) failed:\n%s", item.prompt_id, report.error.node_id,
+                      report.error.node_type, report.error.traceback.rstrip())
         out = messages.finish(report)
         self._record(item, report, messages)  # first: a client told "done" must find the history entry
         self._send(item, out)
         log.info("prompt %s: %s in %.2f s (%d ran, %d cached)", item.prompt_id, report.status,
                  time.perf_counter() - started, len(report.executed), len(report.cached))
+
+    def _still_ours(self, current: _Current) -> bool:
+        """False when the deadline has already recorded this prompt as failed (its node ran on regardless)."""
+        with self._lock:
+            return not current.abandoned
+
+    @staticmethod
+    def _type_of(item: QueueItem, node_id: str | None) -> str | None:
+        raw = item.prompt.get(node_id) if node_id is not None else None
+        return raw.get("class_type") if isinstance(raw, dict) else None
+
+    def _abandon(self, current: _Current, messages: RunMessages) -> None:
+        """The deadline's grace has passed and the node still runs: record the prompt as failed (so it is not
+        retried) and give up on this worker (from the timer thread)."""
+        with self._lock:
+            if self._current is not current:
+                return
+            current.abandoned = True
+        reason = stuck_reason(self.prompt_timeout or 0, self.stuck_grace)
+        item = current.item
+        log.critical("prompt %s: %s; it is marked failed and the server exits to be restarted", item.prompt_id,
+                     reason)
+        self.failure = f"gave up on prompt {item.prompt_id}: {reason}"
+        self._stopping = True
+        try:
+            self._record_failure(item, messages, "PromptTimeout", reason, node_id=current.node,
+                                 node_type=self._type_of(item, current.node))
+        finally:
+            self.on_fatal(self.failure, EXIT_PROMPT_STUCK)
 
     def _listener(self, current: _Current, messages: RunMessages) -> Callable[[Event], None]:
         client = current.item.client_id

@@ -231,3 +231,47 @@ def test_progress_on_a_terminal_is_a_tqdm_bar():
         bar(Progress(run_id="r", node_id="2", value=step, max=50))
     bar.close()
     assert "2 Slow" in stream.getvalue() and "50/50" in stream.getvalue() and "100%" in stream.getvalue()
+
+
+SLOW = {"1": {"class_type": "Const", "inputs": {"value": 3}},
+        "2": {"class_type": "Slow", "inputs": {"value": ["1", 0], "steps": 400, "delay": 0.05}},
+        "3": {"class_type": "SaveText", "inputs": {"text": ["2", 0]}}}
+STUCK_PACK = '''
+import time
+from engine import INT, Input, Output, node
+
+@node("Stuck", category="test", inputs=[Input("seconds", INT, default=120)], outputs=[Output("value", INT)])
+def stuck(ctx, seconds):
+    time.sleep(seconds)  # never checks for interruption, as a node stuck in C code
+    return seconds
+
+NODES = [stuck]
+'''
+
+
+def test_prompt_timeout_stops_the_run_and_exits_124(home):
+    """Issue #11: no time limit per prompt. The run stops at the node's next check after --prompt-timeout."""
+    started = time.monotonic()
+    done = sdgraph(home, "run", _graph(home, SLOW), "--prompt-timeout", "1", "--json")
+    assert done.returncode == 124, done.stderr
+    assert time.monotonic() - started < 15  # not the 20 s the graph would take
+    assert "error: the prompt exceeded its time limit of 1 s (--prompt-timeout)" in done.stderr
+    assert json.loads(done.stdout)["error"]["exception_type"] == "PromptTimeout"
+    assert not (home / "output").exists() or list((home / "output").iterdir()) == []
+
+
+def test_a_node_stuck_past_the_timeout_grace_exits_124(home):
+    """A node that never checks cannot be stopped from Python: after the grace period the CLI exits anyway."""
+    (home / "packs" / "stuck.py").write_text(STUCK_PACK)
+    api = {"1": {"class_type": "Stuck", "inputs": {"seconds": 120}}, "2": {"class_type": "SaveText",
+                                                                          "inputs": {"text": ["1", 0]}}}
+    started = time.monotonic()
+    done = sdgraph(home, "run", _graph(home, api), "--prompt-timeout", "1", "--prompt-timeout-grace", "1")
+    assert done.returncode == 124, done.stderr
+    assert time.monotonic() - started < 20
+    assert "did not stop within 1 s more" in done.stderr
+
+
+def test_prompt_timeout_must_be_seconds(home):
+    done = sdgraph(home, "run", _graph(home, GRAPH), "--prompt-timeout", "nan")
+    assert done.returncode == 2 and "expected a number of seconds" in done.stderr

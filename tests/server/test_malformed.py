@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -190,3 +191,84 @@ def test_the_worker_is_alive_after_the_onslaught(shared):
             assert (await api.history(prompt_id, timeout=120))["status"]["completed"]
     run(scenario())
     assert "unexpected error" not in shared.log()
+
+
+# -- text that is not Unicode, and other content that used to give a 5xx (issue #11) ---------------------------
+VALID = ('{"1": {"class_type": "Const", "inputs": {"value": 1}}, '
+         '"2": {"class_type": "Show", "inputs": {"value": ["1", 0]}}}')
+
+
+def valid_with(more: str) -> str:
+    """A valid POST /prompt body with more fields (JSON text) after the prompt."""
+    return '{"prompt": ' + VALID + ", " + more + "}"
+
+
+@pytest.mark.parametrize("path, body, field", [
+    ("/prompt", '{"prompt": {"1": {"class_type": "Concat", "inputs": {"left": "\\ud800", "right": "b"}}}}',
+     "prompt.1.inputs.left"),
+    ("/prompt", '{"prompt": {"1": {"class_type": "\\udfff", "inputs": {}}}}', "prompt.1.class_type"),
+    ("/prompt", '{"prompt": {"\\ud800": {"class_type": "Const", "inputs": {}}}}', "prompt: a key"),
+    ("/prompt", valid_with('"extra_data": {"extra_pnginfo": {"workflow": "\\ud83d"}}'),
+     "extra_data.extra_pnginfo.workflow"),
+    ("/prompt", valid_with('"client_id": "\\ud800"'), "client_id"),
+    ("/prompt", valid_with('"partial_execution_targets": ["\\ud800"]'), "partial_execution_targets.0"),
+    ("/queue", '{"delete": ["\\ud800"]}', "delete.0"),
+    ("/history", '{"delete": ["\\ud800"]}', "delete.0"),
+    ("/interrupt", '{"prompt_id": "\\udc00"}', "prompt_id"),
+])
+def test_lone_surrogates_are_400_naming_the_field(client, path, body, field):
+    """Old code: 500 (UnicodeEncodeError in SQLite or the reply) for the prompt, pydantic's vague message else."""
+    status, answer = client.post(path, body.encode())
+    assert status == 400, answer
+    assert answer["error"]["type"] == "invalid_text"
+    assert answer["error"]["message"].startswith(field) and "surrogate" in answer["error"]["message"]
+
+
+def test_surrogates_as_raw_bytes_are_400(client):
+    """CESU-8 bytes (a surrogate encoded as if it were a character) decode into the same lone surrogate."""
+    body = valid_with('"extra_data": {"note": "').encode() + b'\xed\xa0\x80"}}'
+    status, answer = client.post("/prompt", body)
+    assert (status, answer["error"]["type"]) == (400, "invalid_text"), answer
+    assert answer["error"]["message"].startswith("extra_data.note")
+
+
+def test_deep_nesting_is_refused_before_anything_recurses(client):
+    body = valid_with('"extra_data": ' + '{"a":' * 150 + "1" + "}" * 150)
+    status, answer = client.post("/prompt", body.encode())
+    assert (status, answer["error"]["type"]) == (400, "invalid_json"), answer
+    assert "nested more than 100 levels" in answer["error"]["message"]
+
+
+@pytest.mark.parametrize("query", ["max_items=99999999999999999999999", "offset=99999999999999999999999",
+                                   "max_items=" + "9" * 5000])
+def test_huge_query_numbers_are_400(shared, query):
+    """Old code: OverflowError in SQLite, a 500."""
+    async def scenario():
+        async with aiohttp.ClientSession() as session:
+            return await Api(session, shared.url).get("/history?" + query)
+    status, answer = run(scenario())
+    assert (status, answer["error"]["type"]) == (400, "invalid_query"), answer
+
+
+def test_huge_queue_numbers_are_400(client):
+    status, answer = client.post("/prompt", valid_with('"number": 1e300').encode())
+    assert (status, answer["error"]["type"]) == (400, "invalid_request"), answer
+    assert answer["error"]["message"].startswith("the request body does not fit: number")
+
+
+def test_file_names_that_are_not_utf8_are_answered_escaped(shared):
+    """A file name that is not UTF-8 (os.listdir gives it as a lone surrogate) in input/ used to make
+    /object_info a 500 (UnicodeEncodeError in the reply); replies are ASCII JSON now."""
+    name = b"\xff-not-utf8.png"
+    path = bytes(shared.base / "input") + b"/" + name
+    with open(path, "wb") as file:
+        file.write(b"not really a png")
+    try:
+        async def scenario():
+            async with aiohttp.ClientSession() as session:
+                return await Api(session, shared.url).get("/object_info/ToyLoadImage")
+        status, answer = run(scenario())
+    finally:
+        os.unlink(path)
+    assert status == 200, answer
+    assert os.fsdecode(name) in answer["ToyLoadImage"]["input"]["required"]["image"][0]

@@ -11,7 +11,7 @@ import uuid
 import aiohttp
 import pytest
 from PIL import Image
-from serverkit import SENTINEL, TOKEN, Api, chain, png, run, slow, upload
+from serverkit import SENTINEL, TOKEN, Api, chain, messages_until_done, png, run, slow, upload
 from yarl import URL
 
 import server as server_module
@@ -329,7 +329,7 @@ def test_allowed_origins_open_the_door_for_a_front_end(fresh):
     async def scenario():
         async with aiohttp.ClientSession() as session:
             api = Api(session, server.url)
-            front = {"Origin": "http://localhost:5173"}
+            front = {"Origin": "http://localhost:5173", "Sec-Fetch-Site": "cross-site"}  # as a browser sends it
             async with session.post(server.url + "/prompt", json={"prompt": chain(1)}, headers=front) as response:
                 assert response.status == 200
                 assert response.headers["Access-Control-Allow-Origin"] == "http://localhost:5173"
@@ -341,3 +341,61 @@ def test_allowed_origins_open_the_door_for_a_front_end(fresh):
             assert (await api.post("/prompt", {"prompt": chain(1)}, headers={"Origin": "http://localhost:5174"}))[
                 0] == 403
     run(scenario())
+
+
+@pytest.mark.parametrize("site, allowed", [("cross-site", False), ("same-site", False), ("Cross-Site", False),
+                                           ("same-origin", True), ("none", True)])
+def test_sec_fetch_site_without_origin_is_judged_like_an_origin(shared, site, allowed):
+    """Issue #11: a browser's cross-site POST that carries no Origin, only `Sec-Fetch-Site: cross-site`, was
+    accepted. same-site (another port of this host) is another origin, as the Origin rules have it."""
+    async def scenario():
+        async with aiohttp.ClientSession() as session:
+            api = Api(session, shared.url)
+            headers = {"Sec-Fetch-Site": site}
+            status, answer = await api.post("/interrupt", {}, headers=headers)
+            if allowed:
+                assert status == 200, answer
+                ws = await api.ws("fetch-site", headers=headers)
+                await ws.close()
+                return
+            assert status == 403 and answer["error"]["type"] == "forbidden_origin", answer
+            assert (await api.post("/prompt", {"prompt": chain(1)}, headers=headers))[0] == 403
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await api.ws("fetch-site", headers=headers)
+            assert refused.value.status == 403
+            assert (await api.get("/queue", headers=headers))[0] == 200  # reads stay open (no CORS for them)
+    run(scenario())
+
+
+def test_errors_reach_clients_without_tracebacks_or_absolute_paths(shared):
+    """Issue #11: history entries and execution_error carried the traceback with the server's absolute paths. Now
+    the client gets the node, the exception type and the message with paths relative to the roots (any other
+    absolute path reduced to its file name); the traceback stays in the server's log."""
+    failing = {"1": {"class_type": "ToyFailWithPaths", "inputs": {"value": 1}},
+               "2": {"class_type": "Sink", "inputs": {"value": ["1", 0]}}}
+
+    async def scenario():
+        async with aiohttp.ClientSession() as session:
+            api = Api(session, shared.url)
+            ws = await api.ws("paths")
+            prompt_id = await api.queue(failing, client_id="paths")
+            seen = await messages_until_done(ws, prompt_id)
+            await ws.close()
+            live = [m["data"] for m in seen if isinstance(m, dict) and m["type"] == "execution_error"]
+            entry = await api.history(prompt_id)
+            return live, entry, (await api.get("/history"))[1]
+
+    live, entry, everything = run(scenario())
+    recorded = [data for kind, data in entry["status"]["messages"] if kind == "execution_error"]
+    assert live == recorded and len(live) == 1
+    error = live[0]
+    assert (error["node_id"], error["node_type"], error["exception_type"]) == ("1", "ToyFailWithPaths",
+                                                                               "FileNotFoundError")
+    assert error["exception_message"] == ("cannot open 'models/checkpoints/missing.safetensors' (config in "
+                                          "settings.yaml)")
+    assert isinstance(error["traceback"], list) and error["traceback"]
+    assert "FileNotFoundError: cannot open 'models/checkpoints/missing.safetensors'" in error["traceback"][0]
+    assert str(shared.base) not in json.dumps(everything) and "/etc/sdgraph-secret" not in json.dumps(everything)
+    assert 'File "' not in json.dumps(everything)  # no traceback frames for any prompt
+    log = shared.log()
+    assert str(shared.base / "models" / "checkpoints" / "missing.safetensors") in log and "Traceback" in log

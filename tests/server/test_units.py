@@ -86,6 +86,21 @@ def test_validation_failure_shape():
     assert whole["error"]["type"] == "invalid_prompt" and whole["node_errors"] == {}
 
 
+def test_validation_failure_messages_lose_the_servers_paths(tmp_path):
+    """A check that names a file by its absolute path (as nodes.folders' refusals do) reaches the client with the
+    path relative to its root."""
+    from engine import ValidationError
+    from service.scrub import PathScrubber
+
+    scrub = PathScrubber({"input": tmp_path / "input"})
+    error = ValidationError("custom_validation_failed", f"image name '../x' points outside {tmp_path}/input; use a "
+                            "name inside that folder", "1", "Const", "value")
+    body = validation_failure([error], {"1": {"class_type": "Const", "inputs": {}}}, ["1"], scrub)
+    shown = body["node_errors"]["1"]["errors"][0]["message"]
+    assert shown == "image name '../x' points outside input; use a name inside that folder"
+    assert str(tmp_path) not in str(body)
+
+
 def test_pixel_budget_applies_to_any_node_with_width_and_height():
     registry = toy.toy_registry()
     from engine import INT, Input, Output, node
@@ -264,3 +279,50 @@ def test_history_is_written_before_the_client_is_told_the_prompt_is_done(tmp_pat
     assert worker.stop(5)
     store.close()
     assert found_at_end == {"ok": True, "failing": True, "stale": True}
+
+
+def test_content_errors_past_the_checks_are_400_and_bugs_500_both_logged(caplog):
+    """The catch-all: UnicodeError, OverflowError, RecursionError can only come from a request's content, so they
+    are the client's 400 (old code: 500); any other exception is a server bug, a 500. Both log the traceback."""
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from service.routing import json_errors
+
+    async def overflow(request):
+        raise OverflowError("Python int too large to convert to SQLite INTEGER")
+
+    async def bug(request):
+        return {}["missing"]
+
+    async def scenario():
+        app = web.Application(middlewares=[json_errors])
+        app.router.add_get("/overflow", overflow)
+        app.router.add_get("/bug", bug)
+        async with TestClient(TestServer(app)) as client:
+            content, broken = await client.get("/overflow"), await client.get("/bug")
+            return (content.status, await content.json()), (broken.status, await broken.json())
+
+    (status, answer), (bug_status, bug_answer) = asyncio.run(scenario())
+    assert (status, answer["error"]["type"]) == (400, "unprocessable_content")
+    assert (bug_status, bug_answer["error"]["type"]) == (500, "internal_error")
+    logged = [r for r in caplog.records if r.exc_info]
+    assert [r.exc_info[0] for r in logged] == [OverflowError, KeyError]
+
+
+def test_path_scrubber_makes_root_paths_relative_and_hides_the_rest(tmp_path):
+    from service.scrub import PathScrubber
+
+    base = tmp_path / "base"
+    (base / "models").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(base)
+    scrub = PathScrubber({"models": base / "models", "input": base / "input", "output": tmp_path / "elsewhere"})
+    assert scrub(f"no file '{base}/models/checkpoints/x.safetensors'") == "no file 'models/checkpoints/x.safetensors'"
+    through_link = PathScrubber({"models": tmp_path / "link" / "models"})  # the message names the resolved path
+    assert through_link(f"{base}/models/vae/v.pt missing") == "models/vae/v.pt missing"
+    assert scrub(f"[Errno 2] {base}/input/a b.png") == "[Errno 2] input/a b.png"
+    assert scrub(f"wrote {tmp_path}/elsewhere/out_00001_.png") == "wrote output/out_00001_.png"
+    assert scrub(f"see {base}/models") == "see models"
+    assert scrub("/usr/lib/python3.11/site-packages/torch/nn/functional.py line 3") == "functional.py line 3"
+    assert scrub("kept: http://host/path, a/b/c, ./rel/x, 3/4, ~/notes") == \
+        "kept: http://host/path, a/b/c, ./rel/x, 3/4, ~/notes"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import signal
+import time
 
 from engine import COMBO, INT, STRING, Input, Output, Result, node
 from engine.files import atomic_write
@@ -83,4 +84,44 @@ def toy_crash(ctx, value):
     return value
 
 
-NODES = [toy_save_image, toy_load_image, toy_latent, toy_preview, toy_crash]
+@node("ToyRaise", category="toy/server", inputs=[Input("kind", COMBO, options=["SystemExit", "KeyboardInterrupt"]),
+                                                Input("value", INT, default=0)], outputs=[Output("value", INT)])
+def toy_raise(ctx, kind, value):
+    """Raises what no node should (sys.exit() in a node, a stray KeyboardInterrupt): the worker must survive it."""
+    if kind == "SystemExit":
+        raise SystemExit(3)
+    raise KeyboardInterrupt
+
+
+@node("ToyStuck", category="toy/server", inputs=[Input("seconds", INT, default=60, min=0, max=600)],
+      outputs=[Output("value", INT)])
+def toy_stuck(ctx, seconds):
+    """Never checks for interruption for `seconds` (as a node stuck in C code): only an exit ends it sooner."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+    return seconds
+
+
+@node("ToyBreakWorker", category="toy/server", inputs=[Input("value", INT, default=0)],
+      outputs=[Output("value", INT)])
+def toy_break_worker(ctx, value):
+    """Injects a fault into the worker's loop outside any prompt: its next look for memory to free raises."""
+    from service import worker
+
+    def broken(self):
+        raise RuntimeError("injected fault in the worker loop")
+    worker.Worker._apply_free = broken
+    return value
+
+
+@node("ToyFailWithPaths", category="toy/server", inputs=[Input("value", INT, default=0)],
+      outputs=[Output("value", INT)])
+def toy_fail_with_paths(ctx, value):
+    """Fails with a message naming a model file (by its absolute path) and a file outside every root."""
+    model = ctx.resources.folders.base / "models" / "checkpoints" / "missing.safetensors"
+    raise FileNotFoundError(f"cannot open '{model}' (config in /etc/sdgraph-secret/settings.yaml)")
+
+
+NODES = [toy_fail_with_paths, toy_save_image, toy_load_image, toy_latent, toy_preview, toy_crash, toy_raise, toy_stuck,
+         toy_break_worker]
