@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -100,3 +102,16 @@ def cycle_through(links: nx.DiGraph, component: set[str], first: str) -> list[st
     connected component (every path between two nodes of a component stays inside it)."""
     last = next(node for node in links.pred[first] if node in component)
     return nx.bidirectional_shortest_path(links, first, last)
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """Validating or planning a graph makes a few objects per node and frees none: Python's cycle collector would
+    scan them again and again (a third of the time of a 100,000-node graph). It runs again afterwards."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()

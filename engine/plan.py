@@ -18,7 +18,7 @@ from types import MappingProxyType
 from typing import Any, NamedTuple
 
 from .cache import DEFAULT_MAX_ENTRIES, KeyParts, describe_change, make_key
-from .graph import Graph, Link, NodeInstance
+from .graph import Graph, Link, NodeInstance, collector_paused
 from .registry import NodeRegistry
 from .spec import NodeDef, accepted_kwargs
 
@@ -119,6 +119,12 @@ def compile_plan(graph: Graph, registry: NodeRegistry, cache: Container[str], *,
 
     `cache` only needs to answer `key in cache`; `resources` is what fingerprints receive; `history` (the
     executor's) says what changed since each node last ran. Two passes, so 100,000-node graphs plan quickly."""
+    with collector_paused():
+        return _compile_plan(graph, registry, cache, resources, history)
+
+
+def _compile_plan(graph: Graph, registry: NodeRegistry, cache: Container[str], resources: Any,
+                  history: KeyHistory | None) -> Plan:
     history = history if history is not None else KeyHistory()
     # 1. Which nodes (the outputs and their ancestors), each after its inputs, with its linked inputs.
     order, links = needed_in_order(graph)

@@ -14,6 +14,9 @@ header, say). When a parameter without a default cannot be given (the linked inp
 number comes from a link), the node's sizes are unknown. It returns one `Size` (the size of every output that is
 not a primitive INT/FLOAT/STRING/BOOLEAN/COMBO), a tuple with one `Size` or None per output, or None (unknown).
 
+A node without a rule whose `width` and `height` inputs are whole-number constants (and `batch_size`, if it has
+one) is taken to make that size (`dimension_size`), so ComfyUI packs' generators are bounded too.
+
 Validation runs the rules in topological order and refuses a graph in which any output would be larger than the
 `SizeLimits`. Unknown sizes (a node without a rule, a file that cannot be read) stay unknown downstream and are
 not checked. Sizes are in pixels as (batch, height, width); a LATENT's size is that of the image it decodes to.
@@ -111,11 +114,12 @@ def propagate(order: Iterable[str], nodes: Mapping[str, NodeInstance], definitio
     for node_id in order:
         inst = nodes[node_id]
         definition = definitions[inst.type]
-        if definition.size_rule is None:
+        rule = definition.size_rule or _dimension_rule(inst)
+        if rule is None:
             continue
         try:
-            call = calls.get(definition.name) or calls.setdefault(definition.name, _rule_call(definition.size_rule))
-            sizes = _output_sizes(definition, inst, call, known, resources)
+            call = calls.get(definition.name) or calls.setdefault(definition.name, _rule_call(rule))
+            sizes = _output_sizes(definition, inst, rule, call, known, resources)
         except Exception as exc:  # a rule that crashes is the node's fault: say so rather than run blind
             reason = str(exc) if len(str(exc)) <= 300 else str(exc)[:297] + "..."
             problems.append(SizeProblem("size_rule_failed", node_id, inst.type,
@@ -132,8 +136,20 @@ def propagate(order: Iterable[str], nodes: Mapping[str, NodeInstance], definitio
     return problems
 
 
-def _output_sizes(definition: NodeDef, inst: NodeInstance, call: _RuleCall, known: Mapping[tuple[str, int], Size],
-                  resources: Any) -> Sequence[Size | None]:
+def dimension_size(width: int, height: int, batch_size: int = 1) -> Size:
+    """The rule assumed for a node that declares none but takes whole-number `width` and `height` constants (and
+    maybe `batch_size`), as ComfyUI's EmptyLatentImage and most packs' generators do: it makes that size."""
+    return Size(max(batch_size, 1), max(height, 0), max(width, 0))
+
+
+def _dimension_rule(inst: NodeInstance) -> Callable[..., Size] | None:
+    values = [inst.inputs.get(name, 1) for name in ("width", "height", "batch_size")]
+    whole = all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+    return dimension_size if whole and "width" in inst.inputs and "height" in inst.inputs else None
+
+
+def _output_sizes(definition: NodeDef, inst: NodeInstance, rule: Callable[..., Any], call: _RuleCall,
+                  known: Mapping[tuple[str, int], Size], resources: Any) -> Sequence[Size | None]:
     values: dict[str, Any] = {}
     for name, value in inst.inputs.items():
         if isinstance(value, Link):
@@ -147,7 +163,7 @@ def _output_sizes(definition: NodeDef, inst: NodeInstance, call: _RuleCall, know
         return ()
     if call.names is not None:
         values = {k: v for k, v in values.items() if k in call.names}
-    return _per_output(definition, definition.size_rule(**values))
+    return _per_output(definition, rule(**values))
 
 
 def _takes_constants(definition: NodeDef, name: str) -> bool:

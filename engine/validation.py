@@ -15,18 +15,16 @@ a fresh `Graph` with coerced values.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import gc
 import inspect
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import networkx as nx
 
 from .coerce import CoercionError, coerce_constant, reply_value, short_repr
-from .graph import Graph, Link, NodeInstance, cycle_through, dependency_graph, needed
+from .graph import Graph, Link, NodeInstance, collector_paused, cycle_through, dependency_graph, needed
 from .registry import NodeRegistry
 from .sizes import DEFAULT_SIZE_LIMITS, SizeLimits, propagate
 from .spec import ANY, COMBO, FLOAT, INT, PRIMITIVE_TYPES, Input, NodeDef, accepted_kwargs
@@ -84,21 +82,8 @@ def validate(prompt: Mapping[str, Any], registry: NodeRegistry, *, targets: Sequ
     need; by default every node is checked and every output node is a target. `resources` is passed to
     combo option callables (e.g. to list model files) and to size rules that ask for it; `sizes` bounds every
     image, latent and mask the graph can make."""
-    with _collector_paused():
+    with collector_paused():
         return _validate(prompt, registry, targets, resources, sizes)
-
-
-@contextlib.contextmanager
-def _collector_paused() -> Iterator[None]:
-    """Validation makes a few objects per node and frees none: Python's cycle collector would scan them again
-    and again (a third of the time of a 100,000-node graph). It runs again once validation is done."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 def _validate(prompt: Mapping[str, Any], registry: NodeRegistry, targets: Sequence[str] | None, resources: Any,

@@ -21,7 +21,6 @@ class Limits:
     max_nodes: int = 10000  # nodes in one prompt
     max_upload_bytes: int = 100 * MIB  # one uploaded image
     max_image_pixels: int = 8192 * 8192  # width x height x frames of an uploaded or viewed image
-    max_pixels: int = 8192 * 8192  # width x height x batch_size asked of any node with those inputs
     sizes: SizeLimits = DEFAULT_SIZE_LIMITS  # every image/latent/mask a graph makes (--max-image-megapixels, ...)
     max_ws_clients: int = 512  # websocket connections at once
     ws_outbox: int = 4096  # messages waiting for one websocket client before it is dropped as too slow

@@ -14,8 +14,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from engine import Executor, NodeRegistry, ValidationError, validate
-from engine.graph import Graph, Link
+from engine import Executor, NodeRegistry, validate
 from nodes import build_registry
 from nodes.folders import Folders
 from nodes.runtime import Runtime
@@ -127,7 +126,7 @@ class Service:
             log.exception("validating a prompt raised")
             return 400, error_body("exception_during_validation", f"checking the prompt failed with "
                                    f"{type(exc).__name__}: {self.scrub(str(exc))}", node_errors={})
-        errors = list(result.errors) or pixel_budget_errors(result.graph, self.limits.max_pixels)
+        errors = list(result.errors)
         if errors:
             return 400, validation_failure(errors, prompt, targets or self._output_nodes(prompt), self.scrub)
         extra_data = dict(body.extra_data)
@@ -190,27 +189,3 @@ class Service:
         if described is not None and running is not None and running[0] == prompt_id:
             described["node"] = running[2]
         return described
-
-
-def pixel_budget_errors(graph: Graph | None, budget: int) -> list[ValidationError]:
-    """Any node with constant `width` and `height` inputs (and `batch_size`, if it has one) asks for that many
-    pixels; more than the budget is refused before anything is queued."""
-    if graph is None:
-        return []
-    errors = []
-    for inst in graph:
-        width, height = inst.inputs.get("width"), inst.inputs.get("height")
-        batch = inst.inputs.get("batch_size", 1)
-        if not all(_whole(v) for v in (width, height, batch)):
-            continue
-        pixels = max(width, 0) * max(height, 0) * max(batch, 1)
-        if pixels > budget:
-            errors.append(ValidationError(
-                "image_too_large", f"{width} x {height} x batch {batch} = {pixels} pixels is more than this "
-                f"server's budget of {budget} (--max-pixels); use a smaller size or batch", inst.id, inst.type,
-                "width", details="width", extra={"received_value": width, "pixels": pixels, "max_pixels": budget}))
-    return errors
-
-
-def _whole(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool | Link)

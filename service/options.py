@@ -43,7 +43,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-mb", type=float, default=d.max_body_bytes / MIB, metavar="MB",
                    help="largest JSON request body")
     p.add_argument("--max-nodes", type=int, default=d.max_nodes, help="nodes in one prompt")
-    p.add_argument("--max-pixels", type=int, default=d.max_pixels, help="width x height x batch_size budget")
     p.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels, help="uploaded/viewed image budget")
     p.add_argument("--max-ws-clients", type=int, default=d.max_ws_clients)
     add_size_arguments(p)
@@ -73,7 +72,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     limits = Limits(max_queue=args.max_queue, max_history=args.max_history, max_attempts=args.max_attempts,
                     max_body_bytes=int(args.max_body_mb * MIB), max_nodes=args.max_nodes,
                     max_upload_bytes=int(args.max_upload_size * MIB), max_image_pixels=args.max_image_pixels,
-                    max_pixels=args.max_pixels, max_ws_clients=args.max_ws_clients, sizes=size_limits_from(args))
+                    max_ws_clients=args.max_ws_clients, sizes=size_limits_from(args))
     database = Path(args.database).absolute() if args.database else base / "user" / "sdgraph.sqlite3"
     return ServerConfig(
         base_dir=base, database=database, port=args.port, token=args.token or None,

@@ -82,7 +82,9 @@ def system_stats(config: ServerConfig, server: dict[str, Any]) -> dict[str, Any]
 def features(config: ServerConfig) -> dict[str, Any]:
     limits = config.limits
     return {"supports_preview_metadata": False, "max_upload_size": limits.max_upload_bytes,
-            "sdgraph": {"version": version(), "max_queue": limits.max_queue, "max_pixels": limits.max_pixels,
+            "sdgraph": {"version": version(), "max_queue": limits.max_queue,
+                        "max_image_megapixels": limits.sizes.image_pixels / (1 << 20),
+                        "max_batch_megapixels": limits.sizes.batch_pixels / (1 << 20),
                         "max_image_pixels": limits.max_image_pixels, "max_nodes": limits.max_nodes,
                         "max_body_bytes": limits.max_body_bytes, "token_required": config.token is not None,
                         "versioned_routes": ["/v1/history/{prompt_id}", "/v1/prompts/{prompt_id}",

@@ -79,8 +79,7 @@ def _text_files(resources) -> list[str]:
 
 def _file_stamp(resources, name):
     """The cache key includes this: when the file changes, the node runs again (ComfyUI's IS_CHANGED)."""
-    path = resources.folders.input / name
-    stat = path.stat()
+    stat = resources.folders.inside("input", name, what="ExampleLoadText input 'name'").stat()
     return stat.st_mtime_ns, stat.st_size
 
 
@@ -88,8 +87,10 @@ def _file_stamp(resources, name):
       inputs=[Input("name", COMBO, options=_text_files, tooltip="a .txt file in input/")],
       outputs=[Output("text", STRING)])
 def load_text(ctx, name):
-    """Read a text file from the input folder."""
-    return (ctx.resources.folders.input / name).read_text(encoding="utf-8")
+    """Read a text file from the input folder. Every path goes through the application's resolver
+    (`folders.inside`), which refuses names that leave the folder, even when a name reaches the node unchecked."""
+    path = ctx.resources.folders.inside("input", name, what="ExampleLoadText input 'name'")
+    return path.read_text(encoding="utf-8")
 
 
 # -- 6. A ComfyUI-style class: packs written for ComfyUI load unmodified. ----------------------------------------

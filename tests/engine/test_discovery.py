@@ -202,8 +202,17 @@ REPO = Path(__file__).parents[2]
 
 
 class _Folders:
+    """The part of sdgraph's Folders the example pack uses: the input folder and its resolver."""
+
     def __init__(self, root: Path):
         self.input = root
+
+    def inside(self, kind: str, name: str, *, what: str = "file name") -> Path:
+        assert kind == "input"
+        path = (self.input / name).resolve()
+        if self.input.resolve() not in path.parents:
+            raise ValueError(f"{what} {name!r} points outside the input/ folder")
+        return path
 
 
 class _Resources:
@@ -246,6 +255,17 @@ def test_example_pack_loads_and_runs(example_registry, tmp_path):
     errors = [(e.code, e.node_id, e.message) for e in validate(bad, example_registry, resources=resources).errors]
     assert errors[0] == ("custom_validation_failed", "4", "low (9) is above high (5); swap them")
     assert errors[1][:2] == ("value_not_in_list", "8")
+
+
+def test_example_pack_reads_files_through_the_resolver(example_registry, tmp_path):
+    """Issue #11: every path a node reads goes through one resolver, also a name that skipped validation."""
+    from engine import CancelToken, RunContext
+    (tmp_path / "input").mkdir()
+    (tmp_path / "secret.txt").write_text("not for nodes")
+    resources = _Resources(tmp_path / "input")
+    ctx = RunContext("run", "1", "ExampleLoadText", resources, CancelToken(), lambda event: None)
+    with pytest.raises(ValueError, match="ExampleLoadText input 'name' '../secret.txt' points outside"):
+        example_registry.get("ExampleLoadText").fn(ctx, name="../secret.txt")
 
 
 def _python_blocks(text: str) -> list[str]:

@@ -191,3 +191,23 @@ def test_absurd_sizes_are_refused_with_a_readable_message(reg):
     assert big.code == "image_too_large" and "1 x about 2^16609x" in big.message
     assert bad.code == "size_rule_failed" and len(bad.message) < 300
     assert len(json.dumps([e.as_dict() for e in (big, bad)])) < 2000  # no number too long to write
+
+
+@node("Canvas", outputs=[Output("image", "PIC")],
+      inputs=[Input("width", INT, default=64), Input("height", INT, default=64), Input("batch_size", INT, default=1)])
+def canvas(ctx, width, height, batch_size):
+    """No size rule, but whole-number width/height/batch_size constants, as most packs' generators have."""
+    return (batch_size, height, width)
+
+
+def test_a_node_without_a_rule_makes_the_size_its_width_and_height_ask_for(reg):
+    reg.register(canvas)
+    api = {"1": {"class_type": "Canvas", "inputs": {"width": 4096, "height": 4096, "batch_size": 4}},
+           "2": {"class_type": "Scale", "inputs": {"image": ["1", 0], "factor": 2.0}},
+           "3": {"class_type": "Keep", "inputs": {"image": ["1", 0]}}}
+    assert validate({k: v for k, v in api.items() if k != "2"}, reg).ok  # 4 x 16 megapixels: at both limits
+    (error,) = validate(api | {"3": {"class_type": "Keep", "inputs": {"image": ["2", 0]}}}, reg).errors
+    assert (error.node_id, error.code) == ("2", "image_too_large")  # the inferred size propagates downstream
+    api["1"]["inputs"]["batch_size"] = 5
+    (error,) = validate(api, reg).errors
+    assert (error.node_id, error.code) == ("1", "image_too_large") and "80 megapixels in the batch" in error.message

@@ -27,7 +27,7 @@ TOKEN = "test-token-0123456789abcdef"
 SENTINEL = "SENTINEL-d41d8cd98f00b204e980-outside-every-root"
 READY = re.compile(r"listening on (http://\S+)")
 # The options of the shared server: small limits so the limit tests need not send megabytes.
-SHARED_ARGS = ("--max-pixels", "1000000", "--max-upload-size", "1", "--max-body-mb", "1",
+SHARED_ARGS = ("--max-batch-megapixels", "1", "--max-upload-size", "1", "--max-body-mb", "1",
                "--max-image-pixels", "4000000")
 
 

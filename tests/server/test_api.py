@@ -222,7 +222,7 @@ def test_models_embeddings_stats_features(shared):
             assert stats["devices"] and "vram_total" in stats["devices"][0]
             assert stats["sdgraph"]["worker_alive"] is True and stats["sdgraph"]["cache_entries"] >= 0
             status, features = await api.get("/features")
-            assert features["max_upload_size"] == 1 << 20 and features["sdgraph"]["max_pixels"] == 1000000
+            assert features["max_upload_size"] == 1 << 20 and features["sdgraph"]["max_batch_megapixels"] == 1
     run(scenario())
 
 

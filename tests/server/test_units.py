@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from engine import Executor, validate
-from service.core import pixel_budget_errors
 from service.hub import Hub
 from service.messages import RunMessages, validation_failure
 from service.security import Guard, bind_problem, normalise_origin
@@ -99,24 +98,6 @@ def test_validation_failure_messages_lose_the_servers_paths(tmp_path):
     shown = body["node_errors"]["1"]["errors"][0]["message"]
     assert shown == "image name '../x' points outside input; use a name inside that folder"
     assert str(tmp_path) not in str(body)
-
-
-def test_pixel_budget_applies_to_any_node_with_width_and_height():
-    registry = toy.toy_registry()
-    from engine import INT, Input, Output, node
-
-    @node("Canvas", inputs=[Input("width", INT), Input("height", INT), Input("batch_size", INT, default=1)],
-          outputs=[Output("n", INT)])
-    def canvas(ctx, width, height, batch_size):
-        return 0
-
-    registry.register(canvas)
-    ok = validate({"1": {"class_type": "Canvas", "inputs": {"width": 100, "height": 100, "batch_size": 10}},
-                   "2": {"class_type": "Show", "inputs": {"value": ["1", 0]}}}, registry)
-    assert pixel_budget_errors(ok.graph, 100_000) == []
-    errors = pixel_budget_errors(ok.graph, 99_999)
-    assert [(e.code, e.node_id, e.input_name) for e in errors] == [("image_too_large", "1", "width")]
-    assert "100000 pixels" in errors[0].message and "--max-pixels" in errors[0].message
 
 
 class StuckSocket:

@@ -14,6 +14,7 @@ import time
 
 from engine import COMBO, INT, STRING, Input, Output, Result, node
 from engine.files import atomic_write
+from engine.sizes import Size
 from nodes.folders import resolve_inside
 
 
@@ -57,7 +58,12 @@ def toy_load_image(ctx, image):
         return opened.size[0]
 
 
-@node("ToyLatent", category="toy/server",
+def _toy_latent_size(width, height, batch_size):
+    """The size the count stands for, declared for its INT output (a one-item tuple: an explicit per-output size)."""
+    return (Size(batch_size, height, width),)
+
+
+@node("ToyLatent", category="toy/server", size_rule=_toy_latent_size,
       inputs=[Input("width", INT, default=64, min=1, max=1 << 20), Input("height", INT, default=64, min=1,
                                                                          max=1 << 20),
               Input("batch_size", INT, default=1, min=1, max=4096)],
