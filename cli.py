@@ -27,10 +27,10 @@ from engine import (
     read_graph_file,
     validate,
 )
+from engine.deadline import Deadline, stuck_reason, timeout_reason
 from engine.events import Event
 from engine.schema import object_info
 from engine.sizes import add_size_arguments, size_limits_from
-from service.deadline import Deadline, stuck_reason, timeout_reason
 
 EXIT_OK, EXIT_NODE_FAILED, EXIT_INVALID, EXIT_TIMEOUT, EXIT_INTERRUPTED = 0, 1, 2, 124, 130
 

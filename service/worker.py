@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from engine import CancelToken, Executor, NodeRegistry, RunReport, validate
+from engine.deadline import Deadline, stuck_reason, timeout_reason
 from engine.events import Event
 from engine.sizes import DEFAULT_SIZE_LIMITS, SizeLimits
 
-from .deadline import Deadline, stuck_reason, timeout_reason
 from .hub import Hub
 from .messages import RunMessages, history_entry, preview_frame, ws_text
 from .queue import QueueItem, QueueStore

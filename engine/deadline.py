@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
-from engine import CancelToken
+from .context import CancelToken
 
 
 def timeout_reason(limit: float) -> str:
