@@ -17,8 +17,10 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
+import networkx as nx
+
 from .cache import DEFAULT_MAX_ENTRIES, KeyParts, describe_change, make_key
-from .graph import Graph, Link, NodeInstance, collector_paused
+from .graph import Graph, Link, NodeInstance, collector_paused, dependency_graph, needed
 from .registry import NodeRegistry
 from .spec import NodeDef, accepted_kwargs
 
@@ -176,31 +178,21 @@ Links = dict[str, tuple[tuple[str, Link], ...]]
 
 
 def needed_in_order(graph: Graph) -> tuple[list[str], Links]:
-    """The outputs and every node they depend on, each after its inputs (an iterative depth-first walk, so long
-    chains need no recursion), and each one's linked inputs."""
+    """The outputs and every node they depend on, each after its inputs (networkx: one walk back from the
+    outputs, then a topological sort; no recursion), and each one's linked inputs."""
     nodes = graph.nodes
-    links: Links = {}
-    order: list[str] = []
-    done: set[str] = set()
-    stack = [nid for nid in reversed(graph.outputs) if nid in nodes]
-    while stack:
-        nid = stack[-1]
-        if nid in done:
-            stack.pop()
-        elif nid in links:  # back on top: its inputs are done
-            stack.pop()
-            done.add(nid)
-            order.append(nid)
-        else:
-            mine = links[nid] = tuple([(name, value) for name, value in nodes[nid].inputs.items()
-                                       if value.__class__ is Link])
-            for _, link in reversed(mine):
-                if link.source not in links:
-                    stack.append(link.source)
-                elif link.source not in done:  # still waiting for its own inputs, one of which is this node
-                    raise ValueError(f"the graph has a cycle through node {nid}; validate it first (validation "
-                                     "reports cycles with their nodes)")
-    return order, links
+    links: Links = {nid: tuple([(name, value) for name, value in inst.inputs.items() if value.__class__ is Link])
+                    for nid, inst in nodes.items()}
+    edges = [(link.source, nid) for nid, mine in links.items() for _, link in mine]
+    full = dependency_graph(edges, nodes)
+    wanted = needed(full, graph.outputs)
+    dag = full if len(wanted) == len(nodes) else full.subgraph(wanted)
+    try:
+        order = list(nx.topological_sort(dag))
+    except nx.NetworkXUnfeasible:
+        raise ValueError("the graph has a cycle; validate it first (validation reports cycles with their "
+                         "nodes)") from None
+    return order, {nid: links[nid] for nid in order}
 
 
 def fingerprint(definition: NodeDef, inst: NodeInstance, resources: Any) -> str:
