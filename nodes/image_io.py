@@ -28,6 +28,7 @@ from engine.files import atomic_write
 from engine.sizes import Size
 
 from .folders import UnsafePathError
+from .manifest import MANIFEST_CHUNK, build_manifest, manifest_text
 from .pixels import image_file_size
 
 MASK_CHANNELS = ("alpha", "red", "green", "blue")
@@ -180,7 +181,8 @@ def _refuse_non_finite(images, node_name: str) -> None:
 
 def save_images(ctx, images, prefix: str, *, kind: str, compress_level: int, node_name: str) -> Result:
     """Write each image as `<prefix>_<counter:05>_.png` in the `kind` folder (output or temp), with the graph in
-    its text chunks; returns the UI entries ComfyUI's front end expects."""
+    its text chunks (ComfyUI's `prompt` and `workflow`) and the reproducibility manifest (`sdgraph`, see
+    nodes/manifest.py); returns the UI entries ComfyUI's front end expects."""
     from . import imaging
 
     root = _folders(ctx, node_name).root(kind)
@@ -194,10 +196,13 @@ def save_images(ctx, images, prefix: str, *, kind: str, compress_level: int, nod
         raise NotADirectoryError(f"{node_name}: filename_prefix {prefix!r} needs the folder {subfolder!r} in "
                                  f"{root}, but a file has that name; choose another prefix")
     texts = imaging.metadata_texts(ctx.prompt, ctx.extra.get("extra_pnginfo"))
+    manifest = build_manifest(ctx) if ctx.prompt else None  # no graph, no metadata at all (as ComfyUI)
     counter = next_counter(folder, filename)
     results = []
     for batch_number, image in enumerate(images):
-        data = imaging.png_bytes(imaging.to_uint8(image), texts, compress_level)
+        output = {"node": ctx.node_id, "batch_index": batch_number, "batch_size": len(images)}
+        chunks = texts if manifest is None else {**texts, MANIFEST_CHUNK: manifest_text({**manifest, "output": output})}
+        data = imaging.png_bytes(imaging.to_uint8(image), chunks, compress_level)
         stem = filename.replace("%batch_num%", str(batch_number))
         while True:  # another run may take a name between our listing and our write: take the next one
             file = f"{stem}_{counter:05}_.png"
@@ -220,7 +225,8 @@ def save_images(ctx, images, prefix: str, *, kind: str, compress_level: int, nod
                             "%year%, %month%, %day%, %hour%, %minute%, %second%, %batch_num%")],
       outputs=[])
 def save_image(ctx, images, filename_prefix):
-    """Save images as PNG in output/, carrying the graph (prompt and workflow) so `sdgraph run file.png` redoes it."""
+    """Save images as PNG in output/, carrying the graph (prompt and workflow) so `sdgraph run file.png` redoes it,
+    and the manifest (versions, device, dtypes, model hashes, seeds) so `sdgraph replay file.png` checks it."""
     return save_images(ctx, images, filename_prefix, kind="output", compress_level=SAVE_COMPRESS_LEVEL,
                        node_name="SaveImage")
 
