@@ -143,7 +143,8 @@ def sidecar_path(path: str | Path) -> Path:
 
 def write_manifest_beside(ctx, path: str | Path, **more: Any) -> Path:
     """For a node that writes a file other than a PNG: write the run's manifest (with `output`: this node and
-    the file's name; and `prompt`, the graph, which a PNG keeps in its own chunk) atomically to `<file name>.sdgraph.json` beside `path`; returns that path."""
+    the file's name; and `prompt`, the graph, which a PNG keeps in its own chunk) atomically to
+    `<file name>.sdgraph.json` beside `path`; returns that path."""
     manifest = build_manifest(ctx, output={"node": ctx.node_id, "file": Path(path).name, **more},
                               prompt=dict(ctx.prompt))
     return atomic_write(sidecar_path(path), manifest_text(manifest).encode())
