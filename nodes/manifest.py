@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.files import atomic_write
+from engine.formats import PNG_SIGNATURE, png_text_chunks
 
 MANIFEST_CHUNK = "sdgraph"
 SIDECAR_SUFFIX = ".sdgraph.json"
@@ -177,10 +178,10 @@ def read_png(path: str | Path) -> tuple[dict, dict, dict]:
 
 
 def _png_texts(path: Path) -> dict[str, str]:
-    from PIL import Image, UnidentifiedImageError
-
     try:
-        with Image.open(path) as picture:
-            return {str(k): v for k, v in getattr(picture, "text", {}).items() if isinstance(v, str)}
-    except (UnidentifiedImageError, OSError) as exc:
-        raise ManifestError(f"{path}: not a readable PNG ({exc})") from exc
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ManifestError(f"{path}: cannot read it ({exc.strerror or exc})") from exc
+    if not data.startswith(PNG_SIGNATURE):
+        raise ManifestError(f"{path}: not a PNG; replay takes a PNG that SaveImage wrote")
+    return png_text_chunks(data)
