@@ -41,13 +41,13 @@ def sdgraph_version() -> str:
         return "unknown (not installed)"
 
 
-def build_manifest(ctx, **more: Any) -> dict[str, Any]:
+def build_manifest(ctx, /, **more: Any) -> dict[str, Any]:
     """The manifest of what the running node `ctx` saves; `more` adds fields (e.g. `output`)."""
     return manifest_of(ctx.prompt, ctx.resources, keys=ctx.node_keys, versions=ctx.node_versions,
                        types={nid: _class_type(ctx.prompt, nid) for nid in ctx.node_versions}, **more)
 
 
-def manifest_of(prompt: Mapping[str, Any], resources: Any, *, keys: Mapping[str, str],
+def manifest_of(prompt: Mapping[str, Any], resources: Any, /, *, keys: Mapping[str, str],
                 versions: Mapping[str, str], types: Mapping[str, str], **more: Any) -> dict[str, Any]:
     """The manifest of a run of `prompt` with `resources` (a Runtime, or anything with what it has)."""
     torch = sys.modules.get("torch")
