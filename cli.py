@@ -96,8 +96,8 @@ def _parser() -> argparse.ArgumentParser:
                      "(loaded with weights_only=True)")
     run.set_defaults(handler=_cmd_run)
 
-    replay = sub.add_parser("replay", parents=[common], help="re-run the graph a saved PNG carries and compare the "
-                            "result with it (exit 0 only when it matches)")
+    replay = sub.add_parser("replay", parents=[common, sizes], help="re-run the graph a saved PNG carries and "
+                            "compare the result with it (exit 0 only when it matches)")
     replay.add_argument("image", help="a PNG written by SaveImage (it carries the graph and the sdgraph manifest)")
     replay.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: what the image's run asked for)")
     replay.add_argument("--dtype", default=None, choices=["auto", "fp32", "fp16", "bf16"], help="model precision "
@@ -275,7 +275,8 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="sdgraph-replay-") as temporary:
         registry, runtime = _app(args, output=args.out or temporary)
         node_id = str(output.get("node"))
-        result = validate(prompt, registry, targets=[node_id] if node_id in prompt else None, resources=runtime)
+        result = validate(prompt, registry, targets=[node_id] if node_id in prompt else None, resources=runtime,
+                          sizes=size_limits_from(args))
         if not result.ok:
             _print_errors(result.errors, args.json)
             return EXIT_INVALID

@@ -15,7 +15,6 @@ Where we differ from ComfyUI, on purpose:
 
 from __future__ import annotations
 
-import hashlib
 import os
 import posixpath
 import secrets
@@ -26,6 +25,7 @@ from pathlib import Path
 from engine import COMBO, STRING, Input, Output, Result, node
 from engine.files import atomic_write
 from engine.sizes import Size
+from runtime.hashes import sha256_of
 
 from .folders import UnsafePathError
 from .manifest import MANIFEST_CHUNK, build_manifest, manifest_text
@@ -48,11 +48,7 @@ def _folders(ctx, node_name: str):
 
 def _file_digest(resources, image):
     """SHA-256 of the file's bytes: the node runs again when the file changes, even under the same name."""
-    digest = hashlib.sha256()
-    with open(resources.folders.input_path(image, what="LoadImage input 'image'"), "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return sha256_of(resources.folders.input_path(image, what="LoadImage input 'image'"))
 
 
 def _loaded_size(image, resources):
