@@ -64,7 +64,10 @@ def placement_of(resources: Any) -> dict[str, Any]:
                  "dtype": getattr(resources, "dtype", None) or "auto"}
     if "torch" not in sys.modules or not hasattr(resources, "placement"):
         return {**requested, "requested": requested}
-    device, precision = resources.placement()
+    try:
+        device, precision = resources.placement()
+    except (ValueError, RuntimeError):  # e.g. CUDA asked for but absent, in a graph that loads no model
+        return {**requested, "requested": requested}
     unet, text, vae = precision.names
     return {"device": str(device), "requested": requested,
             "dtype": {"unet": unet, "text": text, "vae": vae, "unet_output_fp32": precision.unet_output_fp32}}

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import INT, STRING, Executor, Input, Result, node, validate
+from engine import INT, STRING, CancelToken, Executor, Input, Result, RunContext, node, validate
 from engine.files import atomic_write
 from engine.formats import png_text_chunks
 from nodes import build_registry
@@ -148,3 +148,16 @@ def test_saver_of_other_files_writes_the_manifest_beside_them(tmp_path):
     assert manifest["seeds"] == [{"node": "1", "input": "noise_seed", "value": 7}]
     assert manifest["models"][0]["sha256"] == hashlib.sha256(b"weights").hexdigest()
     assert list(manifest["keys"]) == ["1"] and manifest["nodes"]["1"]["type"] == "ToyTextSaver"
+
+
+def test_unusable_device_does_not_fail_a_save_that_needs_no_model(tmp_path):
+    """A graph without models saves even when the asked-for device is absent; the manifest records the request."""
+    import torch
+
+    from nodes.image_io import save_image
+
+    ctx = RunContext("run", "9", "SaveImage", Runtime(Folders.at(tmp_path), device="cuda:7"), CancelToken(),
+                     lambda event: None, {"9": {"class_type": "SaveImage", "inputs": {}}})
+    ui = save_image.fn(ctx, torch.zeros(1, 2, 2, 3), "x").ui["images"][0]
+    _, manifest, _ = read_png(tmp_path / "output" / ui["filename"])
+    assert manifest["device"] == "cuda:7" and manifest["requested"]["device"] == "cuda:7"
