@@ -273,14 +273,21 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     args.device = args.device or (None if asked.get("device") == "auto" else asked.get("device"))
     args.dtype = args.dtype or (None if asked.get("dtype") == "auto" else asked.get("dtype"))
     with tempfile.TemporaryDirectory(prefix="sdgraph-replay-") as temporary:
+        # 1. What differs from the image's run already (model files, device, dtypes, node versions).
         registry, runtime = _app(args, output=args.out or temporary)
+        try:
+            reasons = replay.likely_reasons(saved, replay.current_manifest(prompt, runtime, registry))
+        except ValueError as exc:  # a device that is not there
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_INVALID
+        # 2. Run the saving node and what it needs, into the temporary folder.
         node_id = str(output.get("node"))
         result = validate(prompt, registry, targets=[node_id] if node_id in prompt else None, resources=runtime,
                           sizes=size_limits_from(args))
         if not result.ok:
             _print_errors(result.errors, args.json)
+            _print_reasons(reasons, [])
             return EXIT_INVALID
-        reasons = replay.likely_reasons(saved, replay.current_manifest(prompt, runtime, registry))
         extra = {"extra_pnginfo": _json_chunks(texts)}  # the workflow, so the replayed PNG carries it too
         progress = _ProgressBar(sys.stderr)
         try:
@@ -294,6 +301,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
                   f"{err.message}", file=sys.stderr)
             _print_reasons(reasons, [])
             return EXIT_NODE_FAILED
+        # 3. Compare the image the same node made at the same batch index.
         path = replay.replayed_file(report.ui, output, runtime.folders)
         if path is None:
             print(f"error: the replay made no image at node {node_id}, batch index {output.get('batch_index')}",

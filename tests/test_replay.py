@@ -133,3 +133,14 @@ def test_png_without_manifest_exits_2_naming_it(tmp_path):
     assert done.stderr.startswith(f"error: {tmp_path / 'from_comfyui.png'}: the PNG has no 'sdgraph' text chunk")
     done = sdgraph(tmp_path, "replay", str(tmp_path / "missing.png"))
     assert done.returncode == 2 and "missing.png: no such file" in done.stderr
+
+
+@pytest.mark.slow
+def test_missing_model_file_is_named(copy):
+    """The checkpoint is gone: the graph no longer validates (exit 2) and the reason says which file is missing."""
+    base, image = copy
+    (base / "models" / "checkpoints" / CHECKPOINT).unlink()
+    done = sdgraph(base, "replay", str(image))
+    assert done.returncode == 2
+    assert f"likely reason: model file checkpoints/{CHECKPOINT} (node 4 input 'ckpt_name') is missing now" \
+        in done.stderr, done.stderr
