@@ -114,7 +114,7 @@ def _model_path(folders, kind: str, name: str) -> Path | None:
 
 def _embedding_path(folders, reference: str) -> Path | None:
     root = folders.models("embeddings")
-    if not root.is_dir():
+    if not root.is_dir() or "torch" not in sys.modules:  # its finder lives beside the torch loader
         return None
     from diffusion.embeddings import find_embedding_file
 

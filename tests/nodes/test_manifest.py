@@ -161,3 +161,24 @@ def test_unusable_device_does_not_fail_a_save_that_needs_no_model(tmp_path):
     ui = save_image.fn(ctx, torch.zeros(1, 2, 2, 3), "x").ui["images"][0]
     _, manifest, _ = read_png(tmp_path / "output" / ui["filename"])
     assert manifest["device"] == "cuda:7" and manifest["requested"]["device"] == "cuda:7"
+
+
+def test_embedding_words_and_vae_files_are_hashed(tmp_path):
+    """`embedding:name` in a prompt and a VAE loader's file count as model files too; a missing one is None."""
+    import torch  # noqa: F401 - a run that encodes prompts has torch loaded
+
+    from nodes.manifest import model_files
+
+    (tmp_path / "models" / "embeddings").mkdir(parents=True)
+    (tmp_path / "models" / "embeddings" / "style.safetensors").write_bytes(b"style")
+    (tmp_path / "models" / "vae").mkdir(parents=True)
+    (tmp_path / "models" / "vae" / "v.safetensors").write_bytes(b"vae")
+    prompt = {"2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a cat, embedding:style and embedding:gone"}},
+              "3": {"class_type": "VAELoader", "inputs": {"vae_name": "v.safetensors"}}}
+    found = model_files(prompt, Runtime(Folders.at(tmp_path)))
+    assert found == [
+        {"node": "2", "input": "text", "kind": "embeddings", "name": "style",
+         "sha256": hashlib.sha256(b"style").hexdigest()},
+        {"node": "2", "input": "text", "kind": "embeddings", "name": "gone", "sha256": None},
+        {"node": "3", "input": "vae_name", "kind": "vae", "name": "v.safetensors",
+         "sha256": hashlib.sha256(b"vae").hexdigest()}]
