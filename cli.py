@@ -1,6 +1,7 @@
-"""The `sdgraph` command line: run, validate, nodes, convert, serve, make-checkpoint.
+"""The `sdgraph` command line: run, replay, validate, nodes, convert, serve, make-checkpoint.
 
-Exit codes: 0 success; 1 a node failed; 2 invalid input (every validation error is listed); 124 the run exceeded
+Exit codes: 0 success (for replay: the image matches); 1 a node failed (for replay: the image differs); 2 invalid
+input (every validation error is listed; for replay also a PNG without a graph or manifest); 124 the run exceeded
 --prompt-timeout (stopped at a node's next check, or, for a node that never checks, abandoned after the grace
 period); 130 interrupted.
 """
@@ -12,6 +13,7 @@ import json
 import os
 import signal
 import sys
+import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -93,6 +95,18 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--unsafe-load-pickle", action="store_true", help="allow .ckpt/.pt model files "
                      "(loaded with weights_only=True)")
     run.set_defaults(handler=_cmd_run)
+
+    replay = sub.add_parser("replay", parents=[common, sizes], help="re-run the graph a saved PNG carries and "
+                            "compare the result with it (exit 0 only when it matches)")
+    replay.add_argument("image", help="a PNG written by SaveImage (it carries the graph and the sdgraph manifest)")
+    replay.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: what the image's run asked for)")
+    replay.add_argument("--dtype", default=None, choices=["auto", "fp32", "fp16", "bf16"], help="model precision "
+                        "(default: what the image's run asked for)")
+    replay.add_argument("--out", default=None, metavar="DIR", help="keep the replayed image here (default: a "
+                        "temporary folder, removed afterwards)")
+    replay.add_argument("--json", action="store_true", help="print the comparison as JSON on stdout")
+    replay.add_argument("--unsafe-load-pickle", action="store_true", help="allow .ckpt/.pt model files")
+    replay.set_defaults(handler=_cmd_replay)
 
     check = sub.add_parser("validate", parents=[common, sizes], help="check a graph without running it")
     check.add_argument("graph")
@@ -243,6 +257,88 @@ def _cmd_run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return EXIT_NODE_FAILED
     return EXIT_OK
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    """Re-run the graph in args.image into a temporary folder; compare the image made by the same node at the
+    same batch index with it, and name what differs in the manifest (nodes/replay.py)."""
+    from nodes import replay
+    from nodes.manifest import ManifestError, read_png
+    try:
+        prompt, saved, texts = read_png(args.image)
+    except ManifestError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    output, asked = saved.get("output") or {}, saved.get("requested") or {}
+    args.device = args.device or (None if asked.get("device") == "auto" else asked.get("device"))
+    args.dtype = args.dtype or (None if asked.get("dtype") == "auto" else asked.get("dtype"))
+    with tempfile.TemporaryDirectory(prefix="sdgraph-replay-") as temporary:
+        # 1. What differs from the image's run already (model files, device, dtypes, node versions).
+        registry, runtime = _app(args, output=args.out or temporary)
+        try:
+            reasons = replay.likely_reasons(saved, replay.current_manifest(prompt, runtime, registry))
+        except ValueError as exc:  # a device that is not there
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_INVALID
+        # 2. Run the saving node and what it needs, into the temporary folder.
+        node_id = str(output.get("node"))
+        result = validate(prompt, registry, targets=[node_id] if node_id in prompt else None, resources=runtime,
+                          sizes=size_limits_from(args))
+        if not result.ok:
+            _print_errors(result.errors, args.json)
+            _print_reasons(reasons, [])
+            return EXIT_INVALID
+        extra = {"extra_pnginfo": _json_chunks(texts)}  # the workflow, so the replayed PNG carries it too
+        progress = _ProgressBar(sys.stderr)
+        try:
+            report = Executor(registry, resources=runtime).run(result.graph, listeners=[progress], prompt=prompt,
+                                                               extra=extra)
+        finally:
+            progress.close()
+        if report.error is not None:
+            err = report.error
+            print(f"error: the replay failed at node {err.node_id} ({err.node_type}): {err.exception_type}: "
+                  f"{err.message}", file=sys.stderr)
+            _print_reasons(reasons, [])
+            return EXIT_NODE_FAILED
+        # 3. Compare the image the same node made at the same batch index.
+        path = replay.replayed_file(report.ui, output, runtime.folders)
+        if path is None:
+            print(f"error: the replay made no image at node {node_id}, batch index {output.get('batch_index')}",
+                  file=sys.stderr)
+            return EXIT_NODE_FAILED
+        comparison = replay.compare_pixels(replay.read_pixels(args.image), replay.read_pixels(path))
+        changed = replay.changed_keys(saved, read_png(path)[1])
+    if args.json:
+        print(json.dumps({"file": str(args.image), "verdict": comparison.verdict, "matches": comparison.matches,
+                          "max_difference": comparison.max_difference, "within_2_255": comparison.within,
+                          "psnr": None if comparison.psnr == float("inf") else comparison.psnr,
+                          "reasons": reasons, "changed_keys": changed}, indent=1))
+    else:
+        print(f"{args.image}: {comparison.describe()}")
+    _print_reasons(reasons, changed if not comparison.matches or reasons else [])
+    if not comparison.matches and not reasons:
+        print("  no likely reason in the manifest: the model files, device, dtypes and node versions are the same "
+              "(a node that is not deterministic, or a change its version does not show)", file=sys.stderr)
+    return EXIT_OK if comparison.matches else EXIT_NODE_FAILED
+
+
+def _print_reasons(reasons: list[str], changed_keys: list[str]) -> None:
+    for reason in reasons:
+        print(f"  likely reason: {reason}", file=sys.stderr)
+    if changed_keys:
+        print(f"  nodes whose content key changed: {', '.join(changed_keys)}", file=sys.stderr)
+
+
+def _json_chunks(texts: dict[str, str]) -> dict[str, Any]:
+    """The PNG's other text chunks that hold JSON (ComfyUI's `workflow`), parsed."""
+    parsed = {}
+    for name, text in texts.items():
+        try:
+            parsed[name] = json.loads(text)
+        except ValueError:
+            continue
+    return parsed
 
 
 def _timed_out(args: argparse.Namespace, reason: str) -> int:

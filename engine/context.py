@@ -4,7 +4,7 @@ the typed hook through which the application wraps every node computation."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -71,6 +71,8 @@ class RunContext:
     caller's extra data (ComfyUI's `extra_pnginfo` lives there), so a saver can embed them.
     `upcoming()` is the plan's look-ahead: the values already computed that nodes still to run (other than this
     one) will read, so an owner of scarce resources (the model manager) can keep what is about to be used.
+    `node_keys` gives the content key of every node of the plan (node id -> key) and `node_versions` each one's
+    declared version, so a saver can record what made its output (the reproducibility manifest).
     """
 
     run_id: str
@@ -82,6 +84,8 @@ class RunContext:
     prompt: Mapping[str, Any] = field(default_factory=dict)
     extra: Mapping[str, Any] = field(default_factory=dict)
     upcoming: Callable[[], Sequence[Any]] = field(default=lambda: (), repr=False)
+    node_keys: Mapping[str, str] = field(default_factory=dict, repr=False)
+    node_versions: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     def progress(self, value: float, total: float, preview: Any = None) -> None:
         """Report progress (value of total) and stop here if the run was cancelled."""
@@ -90,3 +94,30 @@ class RunContext:
 
     def check_cancelled(self) -> None:
         self.cancel.check()
+
+
+class StepField(Mapping[str, Any]):
+    """A read-only view of one field of each planned step (node id -> `read(step)`): the context's `node_keys`
+    without copying the plan for every node that runs."""
+
+    def __init__(self, steps: Mapping[str, Any], read: Callable[[Any], Any]):
+        self._steps, self._read = steps, read
+
+    def __getitem__(self, node_id: str) -> Any:
+        return self._read(self._steps[node_id])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._steps)
+
+    def __len__(self) -> int:
+        return len(self._steps)
+
+
+def step_keys(steps: Mapping[str, Any]) -> Mapping[str, str]:
+    """node id -> content key, over a plan's steps."""
+    return StepField(steps, lambda step: step.key)
+
+
+def step_versions(steps: Mapping[str, Any]) -> Mapping[str, str]:
+    """node id -> the node type's declared version, over a plan's steps."""
+    return StepField(steps, lambda step: step.definition.version)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .cache import CachedOutput, OutputCache, estimate_nbytes
-from .context import AroundNode, CancelToken, Interrupted, Resources, RunContext
+from .context import AroundNode, CancelToken, Interrupted, Resources, RunContext, step_keys, step_versions
 from .events import (
     Event,
     Listener,
@@ -204,7 +204,8 @@ class _PlanRun:
         definition, nid, run_id = step.definition, step.node_id, self.report.run_id
         self.emit(NodeStarted(run_id, nid, definition.name))
         ctx = RunContext(run_id, nid, definition.name, self.resources, self.cancel, self.emit, self.prompt,
-                         self.extra, upcoming=lambda: self._upcoming(step))
+                         self.extra, upcoming=lambda: self._upcoming(step), node_keys=step_keys(self.plan.steps),
+                         node_versions=step_versions(self.plan.steps))
         inputs = self._input_lists(step)
         call = lambda: call_node(definition, ctx, inputs, self.registry)  # noqa: E731
         started = time.perf_counter()

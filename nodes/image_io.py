@@ -15,7 +15,6 @@ Where we differ from ComfyUI, on purpose:
 
 from __future__ import annotations
 
-import hashlib
 import os
 import posixpath
 import secrets
@@ -26,8 +25,10 @@ from pathlib import Path
 from engine import COMBO, STRING, Input, Output, Result, node
 from engine.files import atomic_write
 from engine.sizes import Size
+from runtime.hashes import sha256_of
 
 from .folders import UnsafePathError
+from .manifest import MANIFEST_CHUNK, build_manifest, manifest_text
 from .pixels import image_file_size
 
 MASK_CHANNELS = ("alpha", "red", "green", "blue")
@@ -47,11 +48,7 @@ def _folders(ctx, node_name: str):
 
 def _file_digest(resources, image):
     """SHA-256 of the file's bytes: the node runs again when the file changes, even under the same name."""
-    digest = hashlib.sha256()
-    with open(resources.folders.input_path(image, what="LoadImage input 'image'"), "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return sha256_of(resources.folders.input_path(image, what="LoadImage input 'image'"))
 
 
 def _loaded_size(image, resources):
@@ -180,7 +177,8 @@ def _refuse_non_finite(images, node_name: str) -> None:
 
 def save_images(ctx, images, prefix: str, *, kind: str, compress_level: int, node_name: str) -> Result:
     """Write each image as `<prefix>_<counter:05>_.png` in the `kind` folder (output or temp), with the graph in
-    its text chunks; returns the UI entries ComfyUI's front end expects."""
+    its text chunks (ComfyUI's `prompt` and `workflow`) and the reproducibility manifest (`sdgraph`, see
+    nodes/manifest.py); returns the UI entries ComfyUI's front end expects."""
     from . import imaging
 
     root = _folders(ctx, node_name).root(kind)
@@ -194,10 +192,13 @@ def save_images(ctx, images, prefix: str, *, kind: str, compress_level: int, nod
         raise NotADirectoryError(f"{node_name}: filename_prefix {prefix!r} needs the folder {subfolder!r} in "
                                  f"{root}, but a file has that name; choose another prefix")
     texts = imaging.metadata_texts(ctx.prompt, ctx.extra.get("extra_pnginfo"))
+    manifest = build_manifest(ctx) if ctx.prompt else None  # no graph, no metadata at all (as ComfyUI)
     counter = next_counter(folder, filename)
     results = []
     for batch_number, image in enumerate(images):
-        data = imaging.png_bytes(imaging.to_uint8(image), texts, compress_level)
+        output = {"node": ctx.node_id, "batch_index": batch_number, "batch_size": len(images)}
+        chunks = texts if manifest is None else {**texts, MANIFEST_CHUNK: manifest_text({**manifest, "output": output})}
+        data = imaging.png_bytes(imaging.to_uint8(image), chunks, compress_level)
         stem = filename.replace("%batch_num%", str(batch_number))
         while True:  # another run may take a name between our listing and our write: take the next one
             file = f"{stem}_{counter:05}_.png"
@@ -220,7 +221,8 @@ def save_images(ctx, images, prefix: str, *, kind: str, compress_level: int, nod
                             "%year%, %month%, %day%, %hour%, %minute%, %second%, %batch_num%")],
       outputs=[])
 def save_image(ctx, images, filename_prefix):
-    """Save images as PNG in output/, carrying the graph (prompt and workflow) so `sdgraph run file.png` redoes it."""
+    """Save images as PNG in output/, carrying the graph (prompt and workflow) so `sdgraph run file.png` redoes it,
+    and the manifest (versions, device, dtypes, model hashes, seeds) so `sdgraph replay file.png` checks it."""
     return save_images(ctx, images, filename_prefix, kind="output", compress_level=SAVE_COMPRESS_LEVEL,
                        node_name="SaveImage")
 

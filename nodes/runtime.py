@@ -16,6 +16,7 @@ from typing import Any
 
 from engine import NodeDef, RunContext
 from engine.cache import CachedOutput
+from runtime.hashes import HASHES_FILE, FileHashes
 from runtime.memory import DeviceMemory
 from runtime.models import ModelManager
 
@@ -34,9 +35,11 @@ class Runtime:
     unload_after_use: bool = False  # drop each model once no later node of the run needs it (run --unload)
     memory: DeviceMemory | None = None  # the device accounting (a fake in tests); None: the real devices
     models: ModelManager = field(init=False, repr=False)
+    hashes: FileHashes = field(init=False, repr=False)  # model files' sha256, remembered in user/ (the manifest)
 
     def __post_init__(self) -> None:
         self.models = ModelManager(self.memory, budgets={"cpu": self.ram_budget, "cuda": self.vram_budget})
+        self.hashes = FileHashes(self.folders.base / "user" / HASHES_FILE)
         self._placement: tuple[Any, Any] | None = None
         self._tokenizer: Any = None
 
