@@ -49,6 +49,8 @@ class KeyHistory:
         if len(self._parts) > self.max_entries:
             self._parts.popitem(last=False)
 
+    def save(self) -> None:
+        """Persist what was recorded (nothing to do in memory; `engine.tiers.StoredKeyHistory` writes a file)."""
 
 
 class Step(NamedTuple):
