@@ -29,6 +29,11 @@ SKIP = "skip"  # nothing that runs needs it (its consumers come from the cache)
 
 OutputRef = tuple[str, int]  # (node id, output index)
 
+UNCHANGED = ("same inputs as its last run, but its result is no longer cached (evicted, or never stored on disk: "
+             "outputs without a codec, such as models, or too quick to be worth storing)")
+UNCHANGED_OUTPUT_NODE = ("same inputs as its last run, but an output node's result is kept in memory only: a new "
+                         "process writes its files again")
+
 
 class KeyHistory:
     """The key parts each node id had when it last ran: the one owner of "what changed since the last run".
@@ -77,6 +82,8 @@ class Step(NamedTuple):
             return "not cacheable (it has side effects)"
         if self.previous is None:
             return "no earlier result for this node"
+        if self.previous == self.parts:
+            return UNCHANGED_OUTPUT_NODE if self.definition.output_node else UNCHANGED
         return describe_change(self.previous, self.parts)
 
     def describe(self) -> str:
