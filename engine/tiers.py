@@ -80,7 +80,7 @@ def encode(entry: CachedOutput, types: tuple[str, ...], registry: NodeRegistry) 
         return None
     try:
         json.dumps(entry.ui)
-        return [[codec.dump(value) for value in values] for codec, values in zip(codecs, entry.outputs)]
+        return [[codec.dump(value) for value in values] for codec, values in zip(codecs, entry.outputs, strict=True)]
     except (CodecError, TypeError, ValueError) as exc:
         log.debug("not stored: %s", exc)
         return None
@@ -92,7 +92,7 @@ def decode(entry: Entry, registry: NodeRegistry) -> CachedOutput | None:
     if None in codecs or len(codecs) != len(entry.blobs):
         return None
     try:
-        outputs = tuple([codec.load(blob) for blob in blobs] for codec, blobs in zip(codecs, entry.blobs))
+        outputs = tuple([codec.load(blob) for blob in blobs] for codec, blobs in zip(codecs, entry.blobs, strict=True))
     except Exception as exc:  # noqa: BLE001 - whatever the codec raises, the node is computed instead
         log.warning("cache entry %s could not be decoded (%s); computing the node", entry.header.get("key"), exc)
         return None
