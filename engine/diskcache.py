@@ -26,12 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .files import atomic_write
+from .files import atomic_write, is_temp_name
 
 MAGIC = b"SDGRAPH-CACHE-1\n"
 ENTRY_SUFFIX = ".entry"
 DEFAULT_MAX_BYTES = 10 << 30
 _PREFIX = len(MAGIC) + 8 + 32
+STALE_TEMP_SECONDS = 3600  # a temporary file this old in the cache was left by a process that died
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,8 @@ class DiskCache:
         return path
 
     def entries(self) -> list[tuple[float, int, Path]]:
-        """(last use, size, path) of every entry file; files vanishing meanwhile are left out."""
+        """(last use, size, path) of every entry file; files vanishing meanwhile are left out, and temporary files
+        of writes that died long ago are deleted."""
         found = []
         try:
             shards = list(os.scandir(self.root / "entries"))
@@ -121,13 +123,14 @@ class DiskCache:
             except (FileNotFoundError, NotADirectoryError):
                 continue
             for item in files:
-                if not item.name.endswith(ENTRY_SUFFIX):
-                    continue  # atomic_write's temporary files, or strangers
                 try:
                     stat = item.stat()
                 except FileNotFoundError:
                     continue
-                found.append((stat.st_mtime, stat.st_size, Path(item.path)))
+                if item.name.endswith(ENTRY_SUFFIX):
+                    found.append((stat.st_mtime, stat.st_size, Path(item.path)))
+                elif is_temp_name(item.name) and stat.st_mtime < time.time() - STALE_TEMP_SECONDS:
+                    _unlink(Path(item.path))  # left by a writer that died mid-write (a write takes milliseconds)
         return found
 
     def evict(self) -> list[Path]:

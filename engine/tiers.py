@@ -26,7 +26,7 @@ from .registry import NodeRegistry
 
 log = logging.getLogger(__name__)
 
-HISTORY_MAX_ENTRIES = 5000  # node ids kept in history.json (the most recently run)
+HISTORY_MAX_SAVED = 5000  # node ids kept in history.json (the most recently run)
 
 
 class TieredCache:
@@ -104,11 +104,11 @@ def decode(entry: Entry, registry: NodeRegistry) -> CachedOutput | None:
 class StoredKeyHistory(KeyHistory):
     """A KeyHistory read from and saved to a JSON file beside the disk cache, so `--explain` in a new process can
     say "input 'seed' changed (1 -> 2)". Saving merges with what other processes saved meanwhile (this
-    process's records win) and keeps the `max_entries` most recent node ids."""
+    process's records win) and keeps the `max_saved` most recent node ids."""
 
-    def __init__(self, path: str | os.PathLike, max_entries: int = HISTORY_MAX_ENTRIES):
-        super().__init__(max_entries)
-        self.path = Path(path)
+    def __init__(self, path: str | os.PathLike, max_saved: int = HISTORY_MAX_SAVED):
+        super().__init__()
+        self.path, self.max_saved = Path(path), max_saved
         self._mine: dict[str, KeyParts] = {}
         for node_id, parts in read_history(self.path).items():
             super().record(node_id, parts)
@@ -124,7 +124,7 @@ class StoredKeyHistory(KeyHistory):
         for node_id, parts in self._mine.items():
             merged.pop(node_id, None)
             merged[node_id] = parts
-        kept = list(merged.items())[-self.max_entries:]
+        kept = list(merged.items())[-self.max_saved:]
         text = json.dumps({nid: [p.node_type, p.version, dict(p.constants), dict(p.inputs), p.fingerprint]
                            for nid, p in kept})
         atomic_write(self.path, text.encode())

@@ -205,3 +205,35 @@ def test_entries_are_json_and_safetensors_never_pickle(tmp_path):
     for type_name, value in (("INT", True), ("INT", (1, 2)), ("STRING", object())):
         with pytest.raises(CodecError):
             PRIMITIVE_CODECS[type_name].dump(value)
+
+
+def test_the_saved_key_history_is_bounded_and_merges_what_other_processes_saved(tmp_path):
+    from engine.cache import KeyParts
+    from engine.tiers import StoredKeyHistory
+
+    path = tmp_path / "history.json"
+    one, other = StoredKeyHistory(path, max_saved=3), StoredKeyHistory(path, max_saved=3)
+    parts = [KeyParts("Add", "1", {"b": str(n)}, {}, "") for n in range(5)]
+    one.record("a", parts[0])
+    other.record("b", parts[1])
+    one.save()
+    other.save()  # does not lose "a", which the other process saved meanwhile
+    assert StoredKeyHistory(path).last("a") == parts[0] and StoredKeyHistory(path).last("b") == parts[1]
+    for n, node_id in enumerate("cde"):
+        one.record(node_id, parts[n])
+    one.save()
+    again = StoredKeyHistory(path)
+    assert again.last("a") is None and [again.last(n) for n in "cde"] == parts[:3]
+    path.write_text("{not json")
+    assert StoredKeyHistory(path).last("c") is None  # an unreadable history only costs explanations
+
+
+def test_eviction_deletes_temporary_files_of_writes_that_died_long_ago(tmp_path):
+    disk = DiskCache(tmp_path)
+    disk.write("aa01", {"key": "aa01"}, [[b"x"]])
+    dead, fresh = (disk.path("aa01").parent / f".aa02.entry.{name}.part" for name in ("abcd1234", "efgh5678"))
+    dead.write_bytes(b"half")
+    fresh.write_bytes(b"half")
+    os.utime(dead, (1000, 1000))
+    disk.evict()
+    assert not dead.exists() and fresh.exists() and "aa01" in disk
