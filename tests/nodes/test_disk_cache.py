@@ -130,3 +130,22 @@ def test_the_cli_reuses_the_demo_models_results_in_a_second_process(tmp_path):
     reseeded = sdgraph("--set", "3.seed=7")
     assert {"6", "7"} <= set(reseeded["cached"]) and "3" in reseeded["executed"]
     assert not {"6", "7"} & set(reseeded["executed"])
+
+
+def test_a_prompt_naming_an_embedding_is_keyed_by_the_embedding_files(tiny_base, tmp_path):
+    """CLIPTextEncode reads models/embeddings for `embedding:name`: a changed file must not reuse a stored encoding."""
+    executor, _ = _process(tiny_base, tmp_path)
+    folder = tiny_base / "models" / "embeddings"
+    folder.mkdir(exist_ok=True)
+
+    def keys() -> tuple[str, str]:
+        api = _txt2img()
+        api["6"]["inputs"]["text"] = "a photo, embedding:style"
+        plan = executor.plan(validate(api, executor.registry, resources=executor.resources).graph)
+        return plan["6"].key, plan["7"].key
+
+    before = keys()
+    (folder / "style.safetensors").write_bytes(b"new weights")
+    after = keys()
+    assert after[0] != before[0] and after[1] == before[1]  # the other prompt names no embedding
+    (folder / "style.safetensors").unlink()
