@@ -30,6 +30,7 @@ from engine import (
     validate,
 )
 from engine.deadline import Deadline, stuck_reason, timeout_reason
+from engine.diskcache import add_cache_arguments, disk_cache_from
 from engine.events import Event
 from engine.schema import object_info
 from engine.sizes import add_size_arguments, size_limits_from
@@ -94,6 +95,7 @@ def _parser() -> argparse.ArgumentParser:
                      "(lowest peak memory)")
     run.add_argument("--unsafe-load-pickle", action="store_true", help="allow .ckpt/.pt model files "
                      "(loaded with weights_only=True)")
+    add_cache_arguments(run, _size)
     run.set_defaults(handler=_cmd_run)
 
     replay = sub.add_parser("replay", parents=[common, sizes], help="re-run the graph a saved PNG carries and "
@@ -228,8 +230,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     deadline = Deadline(cancel, args.prompt_timeout, args.prompt_timeout_grace,
                         lambda: _abandon_stuck_run(args, progress)).start()
     try:
-        report = Executor(registry, resources=runtime).run(result.graph, listeners=[progress], cancel=cancel,
-                                                           prompt=api, extra={"extra_pnginfo": {}})
+        executor = Executor(registry, resources=runtime, disk=disk_cache_from(args, runtime.folders.base))
+        report = executor.run(result.graph, listeners=[progress], cancel=cancel, prompt=api,
+                              extra={"extra_pnginfo": {}})
     finally:
         deadline.stop()
         signal.signal(signal.SIGINT, previous)

@@ -12,7 +12,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.stats
 import torch
 from torch import Tensor
 
@@ -100,6 +99,8 @@ def ddim_uniform(schedule: DiscreteSchedule, steps: int) -> Tensor:
 
 def beta(schedule: DiscreteSchedule, steps: int, alpha: float = 0.6, beta_: float = 0.6) -> Tensor:
     """Timesteps at Beta(alpha, beta) quantiles (arXiv 2407.12173), consecutive duplicates dropped."""
+    import scipy.stats  # here: importing it costs ~0.4 s, which a run that needs no beta schedule should not pay
+
     last = len(schedule.sigmas) - 1
     ts = np.rint(scipy.stats.beta.ppf(1 - np.linspace(0, 1, steps, endpoint=False), alpha, beta_) * last)
     kept = [int(t) for i, t in enumerate(ts) if i == 0 or t != ts[i - 1]]

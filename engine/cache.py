@@ -77,11 +77,30 @@ def estimate_nbytes(value: Any, _depth: int = 0) -> int:
     return sys.getsizeof(value)
 
 
+class Written(NamedTuple):
+    """Where a result read from the disk cache came from: the run that wrote it and when (time.time())."""
+
+    run_id: str
+    time: float
+
+
+class About(NamedTuple):
+    """What the runner tells the cache about a result it stores: what made it, its output types, the run and
+    how long it took (the disk tier decides by cost whether it is worth writing)."""
+
+    parts: KeyParts
+    output_types: tuple[str, ...]
+    run_id: str
+    seconds: float
+    output_node: bool = False
+
+
 @dataclass(frozen=True)
 class CachedOutput:
     outputs: tuple[list, ...]
     ui: Mapping[str, Any] | None
     nbytes: int
+    written: Written | None = None  # set when the result was read from the disk cache
 
 
 class OutputCache:
@@ -109,7 +128,8 @@ class OutputCache:
         """(key, result) pairs, least recently used first; looking does not count as a use."""
         return list(self._entries.items())
 
-    def put(self, key: str, entry: CachedOutput) -> None:
+    def put(self, key: str, entry: CachedOutput, about: About | None = None) -> None:
+        """Keep `entry` under `key` (`about` is for the disk tier, `engine.tiers.TieredCache`)."""
         if entry.nbytes > self.max_bytes:
             return
         old = self._entries.pop(key, None)

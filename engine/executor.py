@@ -15,29 +15,35 @@ from typing import Any
 
 from .cache import OutputCache
 from .context import AroundNode, CancelToken, Resources
+from .diskcache import DiskCache
 from .events import Listener
 from .graph import Graph
 from .plan import KeyHistory, Plan, compile_plan
 from .registry import NodeRegistry
 from .runner import NodeError, RunReport, run_plan
+from .tiers import StoredKeyHistory, TieredCache
 
 __all__ = ["Executor", "NodeError", "RunReport"]
 
 
 class Executor:
     def __init__(self, registry: NodeRegistry, *, cache: OutputCache | None = None,
-                 resources: Resources | None = None, around_node: AroundNode | None = None):
+                 resources: Resources | None = None, around_node: AroundNode | None = None,
+                 disk: DiskCache | None = None):
         self.registry = registry
-        self.cache = cache if cache is not None else OutputCache()
+        self.cache = cache if cache is not None else OutputCache()  # the memory tier
+        self.disk = disk  # the persistent tier, shared with other processes (None: memory only)
+        self.tiers = TieredCache(self.cache, disk, registry)
         self.resources = resources
         if around_node is None and isinstance(resources, Resources):
             around_node = resources.around_node
         self.around_node = around_node
-        self.history = KeyHistory()  # what each node id last ran with, to say why it runs again
+        # What each node id last ran with, to say why it runs again (saved beside the disk entries).
+        self.history = KeyHistory() if disk is None else StoredKeyHistory(disk.history_path)
 
     def plan(self, graph: Graph) -> Plan:
         """What running `graph` would do now: order, keys, cached or must run and why. Runs nothing."""
-        return compile_plan(graph, self.registry, self.cache, resources=self.resources, history=self.history)
+        return compile_plan(graph, self.registry, self.tiers, resources=self.resources, history=self.history)
 
     def run(self, graph: Graph, *, listeners: Iterable[Listener] = (), cancel: CancelToken | None = None,
             run_id: str | None = None, prompt: Mapping[str, Any] | None = None,
@@ -47,10 +53,16 @@ class Executor:
         # 1. Plan: which nodes, in which order, under which keys; what the cache holds and why the rest runs.
         plan = self.plan(graph)
         # 2. Run it: cached or computed on demand from the outputs, values released after their last consumer.
-        return run_plan(plan, registry=self.registry, cache=self.cache, history=self.history,
-                        run_id=run_id or uuid.uuid4().hex, resources=self.resources, around_node=self.around_node,
-                        listeners=listeners, cancel=cancel,
-                        prompt=prompt if prompt is not None else _LazyPrompt(graph), extra=extra)
+        report = run_plan(plan, registry=self.registry, cache=self.tiers, history=self.history,
+                          run_id=run_id or uuid.uuid4().hex, resources=self.resources, around_node=self.around_node,
+                          listeners=listeners, cancel=cancel,
+                          prompt=prompt if prompt is not None else _LazyPrompt(graph), extra=extra)
+        # 3. Keep what each node ran with for the next process's explanations (a failed write costs only that).
+        try:
+            self.history.save()
+        except OSError:
+            pass
+        return report
 
 
 class _LazyPrompt(Mapping):

@@ -31,6 +31,11 @@ SKIP = "skip"  # nothing that runs needs it (its consumers come from the cache)
 
 OutputRef = tuple[str, int]  # (node id, output index)
 
+UNCHANGED = ("same inputs as its last run, but its result is no longer cached (evicted, or never stored on disk: "
+             "outputs without a codec, such as models, or too quick to be worth storing)")
+UNCHANGED_OUTPUT_NODE = ("same inputs as its last run, but an output node's result is kept in memory only: a new "
+                         "process writes its files again")
+
 
 class KeyHistory:
     """The key parts each node id had when it last ran: the one owner of "what changed since the last run".
@@ -51,6 +56,8 @@ class KeyHistory:
         if len(self._parts) > self.max_entries:
             self._parts.popitem(last=False)
 
+    def save(self) -> None:
+        """Persist what was recorded (nothing to do in memory; `engine.tiers.StoredKeyHistory` writes a file)."""
 
 
 class Step(NamedTuple):
@@ -77,6 +84,8 @@ class Step(NamedTuple):
             return "not cacheable (it has side effects)"
         if self.previous is None:
             return "no earlier result for this node"
+        if self.previous == self.parts:
+            return UNCHANGED_OUTPUT_NODE if self.definition.output_node else UNCHANGED
         return describe_change(self.previous, self.parts)
 
     def describe(self) -> str:

@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from .codecs import PRIMITIVE_CODECS, Codec
 from .spec import ANY, PRIMITIVE_TYPES, NodeDef, NodeDefinitionError, check_definition
 
 
@@ -13,12 +14,14 @@ from .spec import ANY, PRIMITIVE_TYPES, NodeDef, NodeDefinitionError, check_defi
 class TypeInfo:
     """A data type that flows along links. `adapt` turns a foreign representation (e.g. the plain dict a
     ComfyUI custom node returns for LATENT) into the project's typed object; it runs on every output of the
-    type and must return its argument unchanged when it already is the typed object."""
+    type and must return its argument unchanged when it already is the typed object. `codec` writes values of
+    the type to the disk cache and reads them back (`engine.codecs`); without one they are never stored."""
 
     name: str
     description: str = ""
     adapt: Callable[[Any], Any] | None = None
     source: str = ""
+    codec: Codec | None = None
 
 
 @dataclass(frozen=True)
@@ -39,22 +42,30 @@ class NodeRegistry:
     def __init__(self) -> None:
         self._nodes: dict[str, NodeDef] = {}
         self._aliases: dict[str, str] = {}
-        self._types: dict[str, TypeInfo] = {name: TypeInfo(name, "primitive") for name in PRIMITIVE_TYPES}
+        self._types: dict[str, TypeInfo] = {name: TypeInfo(name, "primitive", codec=PRIMITIVE_CODECS.get(name))
+                                            for name in PRIMITIVE_TYPES}
         self._types[ANY] = TypeInfo(ANY, "any type")
         self.load_errors: list[LoadError] = []
 
     # -- types -------------------------------------------------------------------------------------
     def register_type(self, name: str, *, description: str = "", adapt: Callable[[Any], Any] | None = None,
-                      source: str = "") -> None:
+                      source: str = "", codec: Codec | None = None) -> None:
         existing = self._types.get(name)
         if existing is not None and existing.adapt is not None and adapt is not None and existing.adapt is not adapt:
             raise NodeDefinitionError(f"type {name!r} is registered twice with different adapters "
                                       f"({existing.source or '?'} and {source or '?'})")
-        if existing is None or adapt is not None:
-            self._types[name] = TypeInfo(name, description, adapt, source)
+        if existing is None or adapt is not None or codec is not None:
+            self._types[name] = TypeInfo(name, description or (existing.description if existing else ""),
+                                         adapt or (existing.adapt if existing else None), source,
+                                         codec or (existing.codec if existing else None))
 
     def type_info(self, name: str) -> TypeInfo | None:
         return self._types.get(name)
+
+    def codec(self, name: str) -> Codec | None:
+        """How values of type `name` are stored on disk; None: they are not."""
+        info = self._types.get(name)
+        return info.codec if info is not None else None
 
     @property
     def known_types(self) -> frozenset[str]:

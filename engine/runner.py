@@ -15,8 +15,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .cache import CachedOutput, OutputCache, estimate_nbytes
+from .cache import About, CachedOutput, OutputCache, estimate_nbytes
 from .context import AroundNode, CancelToken, Interrupted, Resources, RunContext, step_keys, step_versions
+from .diskcache import describe_written
 from .events import (
     Event,
     Listener,
@@ -32,6 +33,7 @@ from .graph import Link
 from .plan import KeyHistory, Plan, Step
 from .registry import NodeRegistry
 from .spec import NodeDef, Result, accepted_kwargs
+from .tiers import TieredCache
 
 SKIPPED = ("skipped: nothing that ran needed it (its consumers came from the cache, or it feeds a lazy input that "
            "was not asked for)")
@@ -57,7 +59,7 @@ class RunReport:
         return self.status == "success"
 
 
-def run_plan(plan: Plan, *, registry: NodeRegistry, cache: OutputCache, history: KeyHistory, run_id: str,
+def run_plan(plan: Plan, *, registry: NodeRegistry, cache: OutputCache | TieredCache, history: KeyHistory, run_id: str,
              resources: Resources | None = None, around_node: AroundNode | None = None,
              listeners: Iterable[Listener] = (), cancel: CancelToken | None = None,
              prompt: Mapping[str, Any] | None = None, extra: Mapping[str, Any] | None = None) -> RunReport:
@@ -72,7 +74,7 @@ def run_plan(plan: Plan, *, registry: NodeRegistry, cache: OutputCache, history:
 class _PlanRun:
     """The state of one run of a plan: values computed so far, consumers still to come, the report."""
 
-    def __init__(self, plan: Plan, registry: NodeRegistry, cache: OutputCache, history: KeyHistory,
+    def __init__(self, plan: Plan, registry: NodeRegistry, cache: OutputCache | TieredCache, history: KeyHistory,
                  resources: Resources | None, around_node: AroundNode | None, listeners: list[Listener],
                  cancel: CancelToken, report: RunReport, prompt: Mapping[str, Any], extra: Mapping[str, Any]):
         self.plan, self.registry, self.cache, self.history = plan, registry, cache, history
@@ -158,7 +160,9 @@ class _PlanRun:
         nid = step.node_id
         self.results[nid] = hit
         self.report.cached.append(nid)
-        self.report.explain[nid] = f"same inputs as node {twin}, computed once" if twin else "cached"
+        self.report.explain[nid] = (f"same inputs as node {twin}, computed once" if twin else
+                                    "cached in memory" if hit.written is None else
+                                    f"cached on disk ({describe_written(*hit.written)})")
         if hit.ui:
             self.report.ui[nid] = hit.ui
         self._release_inputs(step)
@@ -221,7 +225,8 @@ class _PlanRun:
         self.report.explain[nid] = f"ran: {step.why}"
         self.history.record(nid, step.parts)
         if definition.cacheable:
-            self.cache.put(step.key, result)
+            self.cache.put(step.key, result, About(step.parts, tuple(out.type for out in definition.outputs),
+                                                   run_id, seconds, definition.output_node))
         self.emit(NodeFinished(run_id, nid, definition.name, result.ui, seconds))
         return result
 

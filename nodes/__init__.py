@@ -14,6 +14,8 @@ from typing import Any
 from engine import NodeRegistry
 from engine.discovery import load_packs, register_module
 
+from .codecs import CODECS
+
 NODE_MODULES: tuple[str, ...] = ("nodes.loaders", "nodes.conditioning", "nodes.latent", "nodes.sampling",
                                  "nodes.image", "nodes.image_io", "nodes.mask")
 
@@ -43,7 +45,8 @@ ADAPTERS = {"LATENT": _adapt_latent, "CONDITIONING": _adapt_conditioning}
 
 def register_types(registry: NodeRegistry) -> None:
     for name, description in DATA_TYPES.items():
-        registry.register_type(name, description=description, adapt=ADAPTERS.get(name), source=__name__)
+        registry.register_type(name, description=description, adapt=ADAPTERS.get(name), source=__name__,
+                               codec=CODECS.get(name))
 
 
 def build_registry(*, pack_dirs: Iterable[str | Path] = (), entry_points: bool = True) -> NodeRegistry:

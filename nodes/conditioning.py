@@ -2,12 +2,33 @@
 
 from __future__ import annotations
 
+import os
+
 from engine import INT, STRING, Input, Output, node
+
+
+def _embedding_files(resources, text=None):
+    """A prompt naming `embedding:` reads files in models/embeddings: their names, sizes and dates are part of the
+    node's key, so a changed embedding is encoded again (and a stored encoding is not reused)."""
+    folders = getattr(resources, "folders", None)
+    if folders is None or (text is not None and "embedding:" not in text.lower()):
+        return ""
+    root = folders.models("embeddings")
+    found = []
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            try:
+                stat = os.stat(os.path.join(dirpath, name))
+            except OSError:
+                continue
+            found.append((os.path.relpath(os.path.join(dirpath, name), root), stat.st_size, stat.st_mtime_ns))
+    return sorted(found)
 
 
 @node("CLIPTextEncode", category="conditioning", aliases=("CLIPEncode",), display_name="CLIP Text Encode (Prompt)",
       description="Encode a prompt with the text encoder. Weighting as ComfyUI: (word) x1.1, (word:1.3), "
                   "\\( escapes; embedding:name uses models/embeddings/name.",
+      fingerprint=_embedding_files,
       inputs=[Input("text", STRING, multiline=True, default="", tooltip="the prompt"),
               Input("clip", "CLIP")],
       outputs=[Output("CONDITIONING", "CONDITIONING")])

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.diskcache import DiskCache
 from engine.sizes import DEFAULT_SIZE_LIMITS, SizeLimits
 
 MIB = 1 << 20
@@ -43,6 +44,7 @@ class ServerConfig:
     prompt_timeout: float | None = 3600.0  # seconds one prompt may run; None: no limit
     stuck_grace: float = 60.0  # after the limit, how long a node that ignores interruption has before the exit
     limits: Limits = field(default_factory=Limits)
+    disk_cache: DiskCache | None = None  # node outputs kept across runs, shared with `sdgraph run` (--cache-dir)
 
     @property
     def pack_dirs(self) -> list[Path]:

@@ -38,7 +38,7 @@ class Service:
         self.registry = registry
         self.runtime = runtime
         self.folders: Folders = runtime.folders
-        self.executor = Executor(registry, resources=runtime)
+        self.executor = Executor(registry, resources=runtime, disk=config.disk_cache)
         self.store = store
         self.accepting = True
         self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="sdgraph-io")
@@ -177,7 +177,10 @@ class Service:
     def counters(self) -> dict[str, Any]:
         """What /system_stats adds under "sdgraph": cache size, queue, clients, prompts run since start."""
         cache = self.executor.cache
+        disk = self.executor.disk
         return {"cache_entries": len(cache), "cache_bytes": cache.nbytes, "cache_budget_bytes": cache.max_bytes,
+                "disk_cache_dir": str(disk.root) if disk else None,
+                "disk_cache_budget_bytes": disk.max_bytes if disk else None,
                 "queue_remaining": self.store.remaining(), "prompts_run": self.worker.completed if self.worker else 0,
                 **self.worker_state(),
                 "websocket_clients": self.hub.count if self.hub else 0,

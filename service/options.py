@@ -7,7 +7,9 @@ import argparse
 import os
 from pathlib import Path
 
+from engine.diskcache import add_cache_arguments, disk_cache_from
 from engine.sizes import add_size_arguments, size_limits_from
+from runtime.memory import parse_bytes
 
 from .config import MIB, Limits, ServerConfig
 from .security import TOKEN_ENV
@@ -46,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels, help="uploaded/viewed image budget")
     p.add_argument("--max-ws-clients", type=int, default=d.max_ws_clients)
     add_size_arguments(p)
+    add_cache_arguments(p, _size)
     p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S", help="on SIGTERM, how long the "
                    "running prompt may take to finish before it is stopped and put back in the queue")
     p.add_argument("--prompt-timeout", type=float, default=3600.0, metavar="S", help="stop and fail a prompt that "
@@ -60,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     """Raises ValueError naming the flag when a value cannot work."""
     for name, value in vars(args).items():
-        if name.startswith("max_") and value <= 0:
+        if (name.startswith("max_") or name == "cache_size") and value <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
     for flag, value in (("--prompt-timeout", args.prompt_timeout), ("--prompt-timeout-grace",
                                                                    args.prompt_timeout_grace)):
@@ -80,7 +83,15 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         allowed_origins=frozenset(_split(args.allowed_origins)), allowed_hosts=frozenset(_split(args.allowed_hosts)),
         nodes_dirs=tuple(Path(p) for p in args.nodes_dir), device=args.device, dtype=args.dtype,
         allow_pickle=args.unsafe_load_pickle, shutdown_timeout=args.shutdown_timeout, limits=limits,
-        prompt_timeout=args.prompt_timeout or None, stuck_grace=args.prompt_timeout_grace)
+        prompt_timeout=args.prompt_timeout or None, stuck_grace=args.prompt_timeout_grace,
+        disk_cache=disk_cache_from(args, base))
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_bytes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _split(values: list[str]) -> list[str]:

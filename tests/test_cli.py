@@ -117,6 +117,45 @@ def test_run_explain(home):
     assert "node 1 (Const): ran: no earlier result for this node" in done.stderr.splitlines()
 
 
+SLOW_GRAPH = {"1": {"class_type": "Const", "inputs": {"value": 3}},
+              "2": {"class_type": "Slow", "inputs": {"value": ["1", 0], "steps": 1, "delay": 0.05}},
+              "3": {"class_type": "Add", "inputs": {"a": ["2", 0], "b": 4}},
+              "4": {"class_type": "SaveText", "inputs": {"text": ["3", 0], "filename_prefix": "sum"}}}
+
+
+def test_a_second_process_takes_the_slow_result_from_disk_and_explains_why_the_rest_ran(home):
+    """Issue #15: the disk cache (BASE/user/cache) across `sdgraph run` processes, and --explain across them."""
+    graph = _graph(home, SLOW_GRAPH)
+    first = sdgraph(home, "run", graph, "--json")
+    assert sorted(json.loads(first.stdout)["executed"]) == ["1", "2", "3", "4"], first.stderr
+    assert list((home / "user" / "cache" / "entries").rglob("*.entry"))  # the 50 ms node was worth storing
+    second = sdgraph(home, "run", graph, "--json", "--explain")
+    result = json.loads(second.stdout)
+    assert result["executed"] == ["3", "4"] and result["cached"] == ["2"], second.stderr  # Add is too quick
+    lines = second.stderr.splitlines()
+    assert any(line.startswith("node 2 (Slow): cached on disk (entry written by run ") for line in lines), lines
+    assert any(line.startswith("node 1 (Const): skipped") for line in lines), lines
+    assert (home / "output" / "sum_00002.txt").read_text() == "7"
+    third = sdgraph(home, "run", graph, "--explain", "--set", "3.b=5")
+    assert "node 3 (Add): ran: input 'b' changed (4 -> 5)" in third.stderr.splitlines(), third.stderr
+    assert (home / "output" / "sum_00003.txt").read_text() == "8"
+
+
+def test_no_disk_cache_and_cache_dir(home):
+    graph = _graph(home, SLOW_GRAPH)
+    for _ in range(2):
+        done = sdgraph(home, "run", graph, "--json", "--no-disk-cache")
+        assert "2" in json.loads(done.stdout)["executed"], done.stderr
+    assert not (home / "user" / "cache").exists()
+    elsewhere = home / "shared-cache"
+    for expected in (["1", "2", "3", "4"], ["3", "4"]):
+        done = sdgraph(home, "run", graph, "--json", "--cache-dir", str(elsewhere), "--cache-size", "1G")
+        assert json.loads(done.stdout)["executed"] == expected, done.stderr
+    assert (elsewhere / "history.json").is_file() and not (home / "user" / "cache").exists()
+    done = sdgraph(home, "run", graph, "--cache-size", "lots")
+    assert done.returncode == 2 and "--cache-size" in done.stderr
+
+
 def test_a_failing_node_exits_1(home):
     api = {"1": {"class_type": "Const", "inputs": {"value": 3}},
            "2": {"class_type": "Fail", "inputs": {"value": ["1", 0]}},

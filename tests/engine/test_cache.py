@@ -32,7 +32,7 @@ def test_changing_a_constant_reruns_that_node_and_what_depends_on_it(runner):
     assert report.ui["6"] == {"text": ["35"]}
     assert report.explain["1"] == "ran: input 'value' changed (1 -> 5)"
     assert report.explain["2"] == "ran: input 'a' changed upstream"
-    assert report.explain["4"] == "cached"
+    assert report.explain["4"] == "cached in memory"
     assert report.explain["3"].startswith("skipped:")
 
 
