@@ -147,13 +147,17 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
+def _pack_dirs(args: argparse.Namespace, folders) -> list:
+    return [folders.base / "custom_nodes", *args.nodes_dir]
+
+
 def _app(args: argparse.Namespace, *, output: str | None = None):
     from nodes import build_registry
     from nodes.folders import Folders
     from nodes.runtime import Runtime
     folders = Folders.at(args.base_dir, output=output, trusted=True)
     folders.remove_stale_temp_files()  # leftovers of writes a crash interrupted (issue #11)
-    registry = build_registry(pack_dirs=[folders.base / "custom_nodes", *args.nodes_dir])
+    registry = build_registry(pack_dirs=_pack_dirs(args, folders))
     runtime = Runtime(folders, device=getattr(args, "device", None), dtype=getattr(args, "dtype", None),
                       allow_pickle=getattr(args, "unsafe_load_pickle", False),
                       ram_budget=getattr(args, "ram_budget", None), vram_budget=getattr(args, "vram_budget", None),
@@ -224,13 +228,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if not result.ok:
         _print_errors(result.errors, args.json)
         return EXIT_INVALID
+    from nodes import code_identity
+    disk = disk_cache_from(args, runtime.folders.base, code=code_identity(_pack_dirs(args, runtime.folders)))
     cancel = CancelToken()
     progress = _ProgressBar(sys.stderr)
     previous = signal.signal(signal.SIGINT, _interrupt_handler(cancel))
     deadline = Deadline(cancel, args.prompt_timeout, args.prompt_timeout_grace,
                         lambda: _abandon_stuck_run(args, progress)).start()
     try:
-        executor = Executor(registry, resources=runtime, disk=disk_cache_from(args, runtime.folders.base))
+        executor = Executor(registry, resources=runtime, disk=disk)
         report = executor.run(result.graph, listeners=[progress], cancel=cancel, prompt=api,
                               extra={"extra_pnginfo": {}})
     finally:

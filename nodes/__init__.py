@@ -57,3 +57,12 @@ def build_registry(*, pack_dirs: Iterable[str | Path] = (), entry_points: bool =
         register_module(registry, importlib.import_module(module_name), pack="sdgraph")
     load_packs(registry, [Path(d) for d in pack_dirs], entry_points=entry_points)
     return registry
+
+
+def code_identity(pack_dirs: Iterable[str | Path] = ()) -> str:
+    """What computed a cached result: the sources of sdgraph's packages and of the node packs in `pack_dirs`
+    (`engine.diskcache.source_digest`). Persistent cache entries of other code are never returned."""
+    from engine.diskcache import source_digest
+
+    root = Path(__file__).resolve().parent.parent
+    return source_digest([root / name for name in ("engine", "runtime", "diffusion", "nodes")] + list(pack_dirs))

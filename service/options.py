@@ -9,6 +9,7 @@ from pathlib import Path
 
 from engine.diskcache import add_cache_arguments, disk_cache_from
 from engine.sizes import add_size_arguments, size_limits_from
+from nodes import code_identity
 from runtime.memory import parse_bytes
 
 from .config import MIB, Limits, ServerConfig
@@ -84,7 +85,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         nodes_dirs=tuple(Path(p) for p in args.nodes_dir), device=args.device, dtype=args.dtype,
         allow_pickle=args.unsafe_load_pickle, shutdown_timeout=args.shutdown_timeout, limits=limits,
         prompt_timeout=args.prompt_timeout or None, stuck_grace=args.prompt_timeout_grace,
-        disk_cache=disk_cache_from(args, base))
+        disk_cache=disk_cache_from(args, base, code=code_identity([base / "custom_nodes", *map(Path, args.nodes_dir)])))
 
 
 def _size(text: str) -> int:

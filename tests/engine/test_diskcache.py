@@ -237,3 +237,21 @@ def test_eviction_deletes_temporary_files_of_writes_that_died_long_ago(tmp_path)
     os.utime(dead, (1000, 1000))
     disk.evict()
     assert not dead.exists() and fresh.exists() and "aa01" in disk
+
+
+def test_entries_of_other_code_are_never_returned(tmp_path):
+    """A result computed by other code (an edited sampler whose node version was not bumped, an upgrade) is not
+    returned: entries are filed under the key and the code's digest (`source_digest`)."""
+    from engine.diskcache import DiskCache, source_digest
+
+    sources = tmp_path / "pack"
+    sources.mkdir()
+    (sources / "node.py").write_text("VALUE = 1\n")
+    before = source_digest([sources])
+    (sources / "node.py").write_text("VALUE = 2\n")
+    after = source_digest([sources])
+    assert before != after and after == source_digest([sources])
+    key = "ab" * 16
+    DiskCache(tmp_path / "cache", code=before).write(key, {"key": key, "blobs": []}, [])
+    assert key in DiskCache(tmp_path / "cache", code=before)
+    assert key not in DiskCache(tmp_path / "cache", code=after)
