@@ -1,6 +1,5 @@
 import hashlib
 import math
-import time
 from pathlib import Path
 
 import pytest
@@ -81,21 +80,19 @@ def test_initialisation_scheme():
     assert torch.equal(ids, torch.arange(77)[None])
 
 
-def test_tiny_runs_a_64px_step_quickly_with_lively_outputs(tmp_path):
+def test_tiny_is_small_and_runs_a_64px_step_with_lively_outputs(tmp_path):
+    """The tiny preset stays tiny (a few million parameters, so tests stay fast; counted, not timed: a timed
+    unit test fails on a loaded machine) and its outputs are neither dead nor exploding."""
     path = make_checkpoint(tmp_path / "tiny.safetensors", preset="tiny", seed=0)
     ckpt = load_checkpoint(path)
+    for part in (ckpt.unet, ckpt.vae, ckpt.text_encoder):
+        assert sum(p.numel() for p in part.parameters()) < 2_000_000
     g = torch.Generator().manual_seed(0)
     latent, context = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 32, generator=g)
     with torch.no_grad():
-        times = []  # best of three: the machine is shared, and the first call also sets up kernels
-        for _ in range(3):
-            start = time.perf_counter()
-            eps = ckpt.unet(latent, torch.tensor([999.0]), context)
-            pixels = ckpt.vae.decode(latent)
-            times.append(time.perf_counter() - start)
-        elapsed = min(times)
+        eps = ckpt.unet(latent, torch.tensor([999.0]), context)
+        pixels = ckpt.vae.decode(latent)
         hidden = ckpt.text_encoder(torch.tensor([[49406, 320, 49407] + [49407] * 74])).last_hidden_state
-    assert elapsed < 1.0, f"a tiny 64x64 step took {elapsed:.2f}s"
     assert pixels.shape == (1, 3, 64, 64)
     for name, out, low, high in (("eps", eps, 0.05, 2.0), ("pixels", pixels, 0.05, 1.0), ("text", hidden, 0.3, 3)):
         assert low < out.std() < high, f"{name} std {out.std():.3f} outside ({low}, {high})"
