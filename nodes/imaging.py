@@ -22,8 +22,9 @@ from PIL import Image, ImageOps, ImageSequence, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
 from diffusion.denoisers import repeat_to_batch_size
+from diffusion.resample import bislerp
 
-from .pixels import MASK_OPERATIONS, UPSCALE_METHODS
+from .pixels import LATENT_UPSCALE_METHODS, MASK_OPERATIONS, UPSCALE_METHODS
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
@@ -74,16 +75,19 @@ def center_crop_offsets(old_width: int, old_height: int, width: int, height: int
 
 
 def upscale(samples: torch.Tensor, width: int, height: int, method: str, crop: str = "disabled") -> torch.Tensor:
-    """Resize [B,C,H,W] to height x width: torch interpolation, or Pillow for lanczos; `crop="center"` first
-    cuts the sides that do not fit the new aspect ratio."""
-    if method not in UPSCALE_METHODS:
-        raise ValueError(f"unknown upscale method {method!r}; use one of {', '.join(UPSCALE_METHODS)}")
+    """Resize [B,C,H,W] to height x width: torch interpolation, Pillow for lanczos, bislerp for latents;
+    `crop="center"` first cuts the sides that do not fit the new aspect ratio."""
+    methods = dict.fromkeys(UPSCALE_METHODS + LATENT_UPSCALE_METHODS)
+    if method not in methods:
+        raise ValueError(f"unknown upscale method {method!r}; use one of {', '.join(methods)}")
     if crop == "center":
         old_h, old_w = samples.shape[-2:]
         x, y = center_crop_offsets(old_w, old_h, width, height)
         samples = samples[:, :, y:old_h - y, x:old_w - x]
     if method == "lanczos":
         return lanczos(samples, width, height)
+    if method == "bislerp":
+        return bislerp(samples, width, height)
     return F.interpolate(samples, size=(height, width), mode=method)
 
 
