@@ -68,3 +68,23 @@ def tiled_scale(samples: torch.Tensor, function: TileFunction, tile: Sequence[in
             weight[tuple(where)] += mask
         results.append(total / weight)
     return torch.cat(results)
+
+
+def tiled_decode(decode: TileFunction, latent: torch.Tensor, tile: int, overlap: int, factor: int,
+                 channels: int = 3) -> torch.Tensor:
+    """ComfyUI's 2-D tiled VAE decode, before the [-1, 1] -> [0, 1] mapping: the mean of three tiled passes with
+    (height, width) tiles of (2t, t/2), (t/2, 2t) and (t, t) latent cells, summed in that order."""
+    def one_pass(height: int, width: int) -> torch.Tensor:
+        return tiled_scale(latent, decode, (height, width), overlap, factor, channels)
+
+    return (one_pass(tile * 2, tile // 2) + one_pass(tile // 2, tile * 2) + one_pass(tile, tile)) / 3.0
+
+
+def tiled_encode(encode: TileFunction, pixels: torch.Tensor, tile: int, overlap: int, factor: int,
+                 channels: int) -> torch.Tensor:
+    """ComfyUI's 2-D tiled VAE encode of [B, C, H, W] pixels: the mean of three tiled passes with (height, width)
+    tiles of (t, t), (t/2, 2t) and (2t, t/2) pixels."""
+    def one_pass(height: int, width: int) -> torch.Tensor:
+        return tiled_scale(pixels, encode, (height, width), overlap, 1 / factor, channels)
+
+    return (one_pass(tile, tile) + one_pass(tile // 2, tile * 2) + one_pass(tile * 2, tile // 2)) / 3.0

@@ -212,6 +212,28 @@ def feather(mask: torch.Tensor, left: int, top: int, right: int, bottom: int) ->
     return out
 
 
+def pad_for_outpaint(image: torch.Tensor, left: int, top: int, right: int, bottom: int,
+                     feathering: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImagePadForOutpaint: IMAGE [B,H',W',C] grown with 0.5 grey, and MASK [1,H',W'] that is 1 on the padding and,
+    inside the image, ((f-d)/f)^2 where d < f is the distance to the nearest padded side (rows from the top count
+    from 0, from the bottom from 1, as ComfyUI does); only when 2f is less than both image sides."""
+    batch, height, width, channels = image.shape
+    out = torch.full((batch, height + top + bottom, width + left + right, channels), 0.5, dtype=torch.float32)
+    out[:, top:top + height, left:left + width, :] = image
+    mask = torch.ones((height + top + bottom, width + left + right), dtype=torch.float32)
+    inside = torch.zeros((height, width), dtype=torch.float32)
+    if 0 < feathering and feathering * 2 < height and feathering * 2 < width:
+        rows = torch.arange(height, dtype=torch.float64)[:, None]
+        cols = torch.arange(width, dtype=torch.float64)[None, :]
+        far = torch.full((height, width), float(max(height, width)), dtype=torch.float64)
+        distance = torch.minimum(torch.minimum(rows if top else far, height - rows if bottom else far),
+                                 torch.minimum(cols if left else far, width - cols if right else far))
+        ramp = ((feathering - distance) / feathering) ** 2
+        inside = torch.where(distance < feathering, ramp, torch.zeros_like(ramp)).to(torch.float32)
+    mask[top:top + height, left:left + width] = inside
+    return out, mask.unsqueeze(0)
+
+
 def _dilate_cross(x: torch.Tensor, steps: int) -> torch.Tensor:
     """`steps` grey dilations with the 3x3 cross (centre and its four neighbours); outside counts as -inf."""
     for _ in range(steps):

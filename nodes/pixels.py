@@ -117,3 +117,17 @@ def latent_upscale_by_size(samples: Size, scale_by: float) -> Size:
     def side(pixels: int) -> int:
         return max(1, round(pixels // LATENT_FACTOR * scale_by)) * LATENT_FACTOR
     return Size(samples.batch, side(samples.height), side(samples.width))
+
+
+def pad_for_outpaint_size(image: Size, left: int, top: int, right: int, bottom: int) -> tuple[Size, Size]:
+    padded = Size(image.batch, image.height + top + bottom, image.width + left + right)
+    return padded, Size(1, padded.height, padded.width)
+
+
+def image_crop_size(image: Size, width: int, height: int, x: int, y: int) -> Size:
+    x, y = min(x, image.width - 1), min(y, image.height - 1)
+    return Size(image.batch, max(0, min(height, image.height - y)), max(0, min(width, image.width - x)))
+
+
+def image_batch_size(image1: Size, image2: Size) -> Size:
+    return Size(image1.batch + image2.batch, image1.height, image1.width)
