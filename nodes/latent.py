@@ -79,7 +79,7 @@ def vae_encode(ctx, pixels, vae):
 
 def _grow_for_inpaint(mask, by: int):
     """ComfyUI's growth: a box sum over a by x by square with padding ceil((by-1)/2), clamped and rounded, cut back
-    to the mask's size; with an even `by` the square is off-centre (grows by/2 up/left, by/2 - 1 down/right)."""
+    to the mask's size; with an even `by` the square is off-centre (grows by/2 - 1 up/left, by/2 down/right)."""
     import torch
     import torch.nn.functional as F
 
