@@ -119,9 +119,9 @@ def latent_upscale_by_size(samples: Size, scale_by: float) -> Size:
     return Size(samples.batch, side(samples.height), side(samples.width))
 
 
-def pad_for_outpaint_size(image: Size, left: int, top: int, right: int, bottom: int) -> tuple[Size, Size]:
-    padded = Size(image.batch, image.height + top + bottom, image.width + left + right)
-    return padded, Size(1, padded.height, padded.width)
+def pad_for_outpaint_size(image: Size, left: int, top: int, right: int, bottom: int) -> Size:
+    """The padded image's size (the mask, one item of that size, is no larger)."""
+    return Size(image.batch, image.height + top + bottom, image.width + left + right)
 
 
 def image_crop_size(image: Size, width: int, height: int, x: int, y: int) -> Size:

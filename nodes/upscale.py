@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine import COMBO, FLOAT, INT, Input, Output, node
+from engine.sizes import Size
 
 from .pixels import (
     CROP_METHODS,
@@ -20,6 +21,7 @@ from .pixels import (
     latent_upscale_size,
 )
 
+ASSUMED_SCALE = 4
 _METHOD = Input("upscale_method", COMBO, options=LATENT_UPSCALE_METHODS, default="nearest-exact",
                 tooltip="bislerp: spherical interpolation of each latent vector; the others are torch's "
                         "interpolation modes")
@@ -114,12 +116,14 @@ def _load(path, what, device):
     return load_upscaler(path, device, what)
 
 
-def _unknown_size(image):
-    return None  # the factor is the model's, known only once the file is read
+def _model_upscaled_size(image: Size) -> Size:
+    """The factor is the model's, known only once its file is read: validation assumes 4x, the factor of ESRGAN,
+    RealESRGAN and most published upscalers."""
+    return Size(image.batch, image.height * ASSUMED_SCALE, image.width * ASSUMED_SCALE)
 
 
 @node("ImageUpscaleWithModel", category="image/upscaling", display_name="Upscale Image (using Model)",
-      size_rule=_unknown_size,
+      size_rule=_model_upscaled_size,
       description="Upscale images with an upscale model, in overlapping 512-pixel tiles (halved when memory runs "
                   "out), so large images fit in memory.",
       inputs=[Input("upscale_model", "UPSCALE_MODEL"), Input("image", "IMAGE")],

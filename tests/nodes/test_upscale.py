@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 from diffusion.tiling import feather_mask, tile_starts, tiled_scale
 from diffusion.upscale import UpscaleModelError, upscale_tiled
 from engine import CancelToken, RunContext
+from engine.sizes import Size
 from nodes import upscale
 from nodes.folders import MODEL_KINDS, Folders
 from nodes.runtime import Runtime
@@ -152,5 +153,6 @@ def test_size_rule_and_registration():
     from nodes import build_registry
 
     registry = build_registry(entry_points=False)
-    assert registry.get("ImageUpscaleWithModel").size_rule is not None
+    rule = registry.get("ImageUpscaleWithModel").size_rule
+    assert rule(image=Size(2, 10, 12)) == Size(2, 40, 48)  # validation assumes the usual 4x
     assert "upscale_models" in MODEL_KINDS
