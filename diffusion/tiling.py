@@ -48,13 +48,13 @@ def tiled_scale(samples: torch.Tensor, function: TileFunction, tile: Sequence[in
     spatial = samples.shape[2:]
     out_size = [round(n * scale) for n in spatial]
     feather = [round(overlap * scale)] * len(spatial)
-    results = []
-    for item in samples.split(1):
+    output = torch.empty([samples.shape[0], out_channels, *out_size])
+    for index, item in enumerate(samples.split(1)):
         if all(n <= t for n, t in zip(spatial, tile, strict=True)):
-            results.append(function(item).float().cpu())
+            output[index:index + 1] = function(item)
             continue
         total = torch.zeros([1, out_channels, *out_size])
-        weight = torch.zeros([1, 1, *out_size])
+        weight = torch.zeros([1, 1, *out_size])  # one channel: the masks are the same for every channel
         starts = [tile_starts(n, t, overlap) for n, t in zip(spatial, tile, strict=True)]
         for corner in itertools.product(*starts):
             piece = item
@@ -62,12 +62,13 @@ def tiled_scale(samples: torch.Tensor, function: TileFunction, tile: Sequence[in
                 piece = piece.narrow(axis + 2, start, min(tile[axis], spatial[axis] - start))
             result = function(piece).float().cpu()
             mask = feather_mask(result.shape[2:], feather)
-            where = [slice(None), slice(None)] + [slice(round(start * scale), round(start * scale) + length)
-                                                  for start, length in zip(corner, result.shape[2:], strict=True)]
-            total[tuple(where)] += result * mask
-            weight[tuple(where)] += mask
-        results.append(total / weight)
-    return torch.cat(results)
+            where = (slice(None), slice(None), *(slice(round(start * scale), round(start * scale) + length)
+                                                 for start, length in zip(corner, result.shape[2:], strict=True)))
+            total[where] += result * mask
+            weight[where] += mask
+            del result
+        torch.div(total, weight, out=output[index:index + 1])
+    return output
 
 
 def tiled_decode(decode: TileFunction, latent: torch.Tensor, tile: int, overlap: int, factor: int,

@@ -111,8 +111,7 @@ def upscale_tiled(model: Callable[[torch.Tensor], torch.Tensor], image: torch.Te
     while True:
         try:
             with torch.inference_mode():
-                out = tiled_scale(image, model, (tile, tile), overlap, scale, channels)
-            return out.clamp(0.0, 1.0)
+                return tiled_scale(image, model, (tile, tile), overlap, scale, channels).clamp_(0.0, 1.0)
         except Exception as exc:
             if not is_out_of_memory(exc) or tile // 2 < MIN_TILE:
                 raise
