@@ -124,6 +124,12 @@ def set_latent_noise_mask(ctx, samples, mask):
     return samples.replace(noise_mask=mask.reshape(-1, 1, mask.shape[-2], mask.shape[-1]).float())
 
 
+def _temporal_inputs() -> list[Input]:
+    """ComfyUI's inputs for video VAEs, accepted so its workflows validate; SD's image VAE does not use them."""
+    return [Input("temporal_size", INT, default=64, min=8, max=4096, step=4, tooltip="video VAEs only (unused)"),
+            Input("temporal_overlap", INT, default=8, min=4, max=4096, step=4, tooltip="video VAEs only (unused)")]
+
+
 @node("VAEDecodeTiled", category="_for_testing", display_name="VAE Decode (Tiled)", size_rule=_size_of_samples,
       description="Latents to pixels in overlapping tiles, for images too large to decode whole: the mean of "
                   "three tilings (tall, wide and square tiles), blended with feathered edges.",
@@ -131,10 +137,7 @@ def set_latent_noise_mask(ctx, samples, mask):
               Input("tile_size", INT, default=512, min=64, max=4096, step=32, tooltip="pixels"),
               Input("overlap", INT, default=64, min=0, max=4096, step=32,
                     tooltip="pixels; lowered to tile_size / 4 when larger"),
-              Input("temporal_size", INT, default=64, min=8, max=4096, step=4,
-                    tooltip="video VAEs only (unused by SD's image VAE)"),
-              Input("temporal_overlap", INT, default=8, min=4, max=4096, step=4,
-                    tooltip="video VAEs only (unused by SD's image VAE)")],
+              *_temporal_inputs()],
       outputs=[Output("IMAGE", "IMAGE")])
 def vae_decode_tiled(ctx, samples, vae, tile_size, overlap, temporal_size, temporal_overlap):
     import torch
@@ -159,10 +162,7 @@ def vae_decode_tiled(ctx, samples, vae, tile_size, overlap, temporal_size, tempo
       inputs=[Input("pixels", "IMAGE"), Input("vae", "VAE"),
               Input("tile_size", INT, default=512, min=64, max=4096, step=64, tooltip="pixels"),
               Input("overlap", INT, default=64, min=0, max=4096, step=32, tooltip="pixels"),
-              Input("temporal_size", INT, default=64, min=8, max=4096, step=4,
-                    tooltip="video VAEs only (unused by SD's image VAE)"),
-              Input("temporal_overlap", INT, default=8, min=4, max=4096, step=4,
-                    tooltip="video VAEs only (unused by SD's image VAE)")],
+              *_temporal_inputs()],
       outputs=[Output("LATENT", "LATENT")])
 def vae_encode_tiled(ctx, pixels, vae, tile_size, overlap, temporal_size, temporal_overlap):
     import torch

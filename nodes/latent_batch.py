@@ -12,7 +12,7 @@ import math
 from engine import BOOLEAN, COMBO, FLOAT, INT, Input, Output, node
 from engine.sizes import Size
 
-from .pixels import LATENT_FACTOR, MAX_RESOLUTION
+from .pixels import LATENT_FACTOR, MAX_RESOLUTION, same_as_destination
 
 
 def _eighths(name: str, tooltip: str) -> Input:
@@ -21,10 +21,6 @@ def _eighths(name: str, tooltip: str) -> Input:
 
 def _same_as_samples_to(samples_to: Size) -> Size:
     return samples_to
-
-
-def _same_as_destination(destination: Size) -> Size:
-    return destination
 
 
 def _same_as_samples1(samples1: Size) -> Size:
@@ -79,7 +75,7 @@ def latent_composite(ctx, samples_to, samples_from, x, y, feather):
 
 
 @node("LatentCompositeMasked", category="latent", display_name="Latent Composite Masked",
-      size_rule=_same_as_destination,
+      size_rule=same_as_destination,
       description="Paste source onto destination at (x, y) pixels (divided by 8), blended by an optional mask "
                   "(stretched to the source's size).",
       inputs=[Input("destination", "LATENT"), Input("source", "LATENT"),

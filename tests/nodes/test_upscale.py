@@ -36,32 +36,28 @@ def _dense_block(prefix, generator, style):
 
 def esrgan_old(seed=0):
     """The original ESRGAN layout (model.0 ... model.10, `sub` trunk, RDB1..3), 4x, one RRDB block."""
-    g = torch.Generator().manual_seed(seed)
-    tensors = {}
-    def put(name, out_channels, in_channels):
-        tensors.update({f"{name}.{k}": v for k, v in _conv(out_channels, in_channels, g).items()})
-    put("model.0", FEATURES, 3)
-    for rdb in (1, 2, 3):
-        tensors.update(_dense_block(f"model.1.sub.0.RDB{rdb}", g, "old"))
-    put("model.1.sub.1", FEATURES, FEATURES)
-    for index in (3, 6, 8):
-        put(f"model.{index}", FEATURES, FEATURES)
-    put("model.10", 3, FEATURES)
-    return tensors
+    return _rrdb_net(seed, "model.0", "model.1.sub.0.RDB{}", "old",
+                     ["model.1.sub.1", "model.3", "model.6", "model.8"], "model.10")
 
 
 def realesrgan(seed=0):
     """The RealESRGAN (BasicSR) layout: conv_first, body.N.rdbK, conv_body, conv_up1/2, conv_hr, conv_last."""
+    return _rrdb_net(seed, "conv_first", "body.0.rdb{}", "new", ["conv_body", "conv_up1", "conv_up2", "conv_hr"],
+                     "conv_last")
+
+
+def _rrdb_net(seed, first, block, style, middle, last):
+    """One RRDB block (three dense blocks) between a first conv from RGB, FEATURES-wide convs and a last to RGB."""
     g = torch.Generator().manual_seed(seed)
     tensors = {}
     def put(name, out_channels, in_channels):
         tensors.update({f"{name}.{k}": v for k, v in _conv(out_channels, in_channels, g).items()})
-    put("conv_first", FEATURES, 3)
+    put(first, FEATURES, 3)
     for rdb in (1, 2, 3):
-        tensors.update(_dense_block(f"body.0.rdb{rdb}", g, "new"))
-    for name in ("conv_body", "conv_up1", "conv_up2", "conv_hr"):
+        tensors.update(_dense_block(block.format(rdb), g, style))
+    for name in middle:
         put(name, FEATURES, FEATURES)
-    put("conv_last", 3, FEATURES)
+    put(last, 3, FEATURES)
     return tensors
 
 
