@@ -217,3 +217,18 @@ def test_vae_encode_for_inpaint_grows_the_mask_as_comfyui(tiny):
     grown = out.noise_mask[0, 0]
     rows, cols = grown.nonzero(as_tuple=True)
     assert (rows.min(), rows.max(), cols.min(), cols.max()) == (8, 13, 18, 23)
+
+
+def test_tiled_decode_passes_use_tall_wide_and_square_tiles():
+    """VAEDecodeTiled's three passes, in ComfyUI's order: (2t, t/2), (t/2, 2t), (t, t) latent cells; a pointwise
+    decoder comes out exactly (the feathered weights are normalised)."""
+    from diffusion.tiling import tiled_decode
+
+    shapes = []
+    def decode(z):
+        shapes.append(tuple(z.shape[-2:]))
+        return z[:, :3].repeat_interleave(8, -1).repeat_interleave(8, -2)
+    z = torch.randn(1, 4, 40, 40)
+    out = tiled_decode(decode, z, 16, 4, 8)
+    assert shapes[0] == (32, 8) and (8, 32) in shapes and shapes[-1] == (16, 16)
+    assert torch.allclose(out, z[:, :3].repeat_interleave(8, -1).repeat_interleave(8, -2), atol=1e-5)
