@@ -14,6 +14,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]' torch==2.13.0
+	# spandrel (upscale models) without its torchvision requirement, which would replace our CPU torch
+	$(BIN)/pip install -q --no-deps spandrel==0.4.2
 	touch $@
 
 $(DEFAULT_CHECKPOINT): | $(VENV)/.installed

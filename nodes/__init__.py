@@ -17,7 +17,7 @@ from engine.discovery import load_packs, register_module
 from .codecs import CODECS
 
 NODE_MODULES: tuple[str, ...] = ("nodes.loaders", "nodes.conditioning", "nodes.latent", "nodes.sampling",
-                                 "nodes.image", "nodes.image_io", "nodes.mask")
+                                 "nodes.image", "nodes.image_io", "nodes.mask", "nodes.upscale")
 
 DATA_TYPES = {
     "MODEL": "a diffusion model (UNet) ready to sample",
@@ -27,6 +27,7 @@ DATA_TYPES = {
     "LATENT": "latent images (unscaled, [B,4,H/8,W/8]), with an optional noise mask",
     "IMAGE": "images as a float tensor [B,H,W,C] in 0..1",
     "MASK": "masks as a float tensor [B,H,W] in 0..1 (1 = selected)",
+    "UPSCALE_MODEL": "an image upscaling network (ESRGAN, SwinIR, ... through spandrel)",
 }
 
 

@@ -18,8 +18,11 @@ from .pixels import (
     CROP_METHODS,
     MAX_RESOLUTION,
     UPSCALE_METHODS,
+    image_batch_size,
+    image_crop_size,
     image_scale_by_size,
     image_scale_size,
+    pad_for_outpaint_size,
     placement_inputs,
     same_as_destination,
     same_as_image,
@@ -89,4 +92,61 @@ def image_composite_masked(ctx, destination, source, x, y, resize_source, mask=N
     return out.movedim(1, -1).contiguous()
 
 
-NODES = [image_scale, image_scale_by, image_invert, image_composite_masked]
+def _side(name: str) -> Input:
+    return Input(name, INT, default=0, min=0, max=MAX_RESOLUTION, step=8, tooltip="pixels of grey to add")
+
+
+@node("ImagePadForOutpaint", category="image", display_name="Pad Image for Outpainting",
+      size_rule=pad_for_outpaint_size,
+      description="Grow images with 0.5 grey on each side, and a mask that is 1 on the new area and fades in "
+                  "over `feathering` pixels inside the image along the padded sides.",
+      inputs=[Input("image", "IMAGE"), _side("left"), _side("top"), _side("right"), _side("bottom"),
+              Input("feathering", INT, default=40, min=0, max=MAX_RESOLUTION, step=1,
+                    tooltip="pixels inside the image over which the mask falls from 1 to 0 (quadratically)")],
+      outputs=[Output("IMAGE", "IMAGE"), Output("MASK", "MASK")])
+def image_pad_for_outpaint(ctx, image, left, top, right, bottom, feathering):
+    from . import imaging
+
+    image = imaging.image_batch(image)
+    return imaging.pad_for_outpaint(image, left, top, right, bottom, feathering)
+
+
+@node("ImageCrop", category="image/transform", display_name="Image Crop", size_rule=image_crop_size,
+      description="The width x height region at (x, y), cut short at the image's edges.",
+      inputs=[Input("image", "IMAGE"),
+              Input("width", INT, default=512, min=1, max=MAX_RESOLUTION, step=1),
+              Input("height", INT, default=512, min=1, max=MAX_RESOLUTION, step=1),
+              Input("x", INT, default=0, min=0, max=MAX_RESOLUTION, step=1,
+                    tooltip="left edge; past the image it is moved to the last column"),
+              Input("y", INT, default=0, min=0, max=MAX_RESOLUTION, step=1,
+                    tooltip="top edge; past the image it is moved to the last row")],
+      outputs=[Output("IMAGE", "IMAGE")])
+def image_crop(ctx, image, width, height, x, y):
+    from . import imaging
+
+    image = imaging.image_batch(image)
+    x, y = min(x, image.shape[2] - 1), min(y, image.shape[1] - 1)
+    return image[:, y:y + height, x:x + width, :].clone()
+
+
+@node("ImageBatch", category="image", display_name="Batch Images", size_rule=image_batch_size,
+      description="image2's items appended to image1's; image2 is resized (bilinear, centre crop) to image1's size "
+                  "and a missing alpha channel on either side is added as opaque.",
+      inputs=[Input("image1", "IMAGE"), Input("image2", "IMAGE")], outputs=[Output("IMAGE", "IMAGE")])
+def image_batch(ctx, image1, image2):
+    import torch
+
+    from . import imaging
+
+    image1, image2 = imaging.image_batch(image1, "image1"), imaging.image_batch(image2, "image2")
+    if image1.shape[-1] < image2.shape[-1]:
+        image1 = imaging.fit_channels(image2, image1)
+    image2 = imaging.fit_channels(image1, image2).to(image1.dtype)
+    if image2.shape[1:3] != image1.shape[1:3]:
+        image2 = imaging.upscale(image2.movedim(-1, 1), image1.shape[2], image1.shape[1], "bilinear", "center")
+        image2 = image2.movedim(1, -1)
+    return torch.cat((image1, image2), dim=0)
+
+
+NODES = [image_scale, image_scale_by, image_invert, image_composite_masked, image_pad_for_outpaint, image_crop,
+         image_batch]

@@ -22,8 +22,9 @@ from PIL import Image, ImageOps, ImageSequence, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
 from diffusion.denoisers import repeat_to_batch_size
+from diffusion.resample import bislerp
 
-from .pixels import MASK_OPERATIONS, UPSCALE_METHODS
+from .pixels import LATENT_UPSCALE_METHODS, MASK_OPERATIONS, UPSCALE_METHODS
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
@@ -74,16 +75,19 @@ def center_crop_offsets(old_width: int, old_height: int, width: int, height: int
 
 
 def upscale(samples: torch.Tensor, width: int, height: int, method: str, crop: str = "disabled") -> torch.Tensor:
-    """Resize [B,C,H,W] to height x width: torch interpolation, or Pillow for lanczos; `crop="center"` first
-    cuts the sides that do not fit the new aspect ratio."""
-    if method not in UPSCALE_METHODS:
-        raise ValueError(f"unknown upscale method {method!r}; use one of {', '.join(UPSCALE_METHODS)}")
+    """Resize [B,C,H,W] to height x width: torch interpolation, Pillow for lanczos, bislerp for latents;
+    `crop="center"` first cuts the sides that do not fit the new aspect ratio."""
+    methods = dict.fromkeys(UPSCALE_METHODS + LATENT_UPSCALE_METHODS)
+    if method not in methods:
+        raise ValueError(f"unknown upscale method {method!r}; use one of {', '.join(methods)}")
     if crop == "center":
         old_h, old_w = samples.shape[-2:]
         x, y = center_crop_offsets(old_w, old_h, width, height)
         samples = samples[:, :, y:old_h - y, x:old_w - x]
     if method == "lanczos":
         return lanczos(samples, width, height)
+    if method == "bislerp":
+        return bislerp(samples, width, height)
     return F.interpolate(samples, size=(height, width), mode=method)
 
 
@@ -206,6 +210,28 @@ def feather(mask: torch.Tensor, left: int, top: int, right: int, bottom: int) ->
     if bottom:
         out[:, height - bottom:, :] *= _ramp(bottom, *kind).flip(0)[:, None]
     return out
+
+
+def pad_for_outpaint(image: torch.Tensor, left: int, top: int, right: int, bottom: int,
+                     feathering: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImagePadForOutpaint: IMAGE [B,H',W',C] grown with 0.5 grey, and MASK [1,H',W'] that is 1 on the padding and,
+    inside the image, ((f-d)/f)^2 where d < f is the distance to the nearest padded side (rows from the top count
+    from 0, from the bottom from 1, as ComfyUI does); only when 2f is less than both image sides."""
+    batch, height, width, channels = image.shape
+    out = torch.full((batch, height + top + bottom, width + left + right, channels), 0.5, dtype=torch.float32)
+    out[:, top:top + height, left:left + width, :] = image
+    mask = torch.ones((height + top + bottom, width + left + right), dtype=torch.float32)
+    inside = torch.zeros((height, width), dtype=torch.float32)
+    if 0 < feathering and feathering * 2 < height and feathering * 2 < width:
+        rows = torch.arange(height, dtype=torch.float64)[:, None]
+        cols = torch.arange(width, dtype=torch.float64)[None, :]
+        far = torch.full((height, width), float(max(height, width)), dtype=torch.float64)
+        distance = torch.minimum(torch.minimum(rows if top else far, height - rows if bottom else far),
+                                 torch.minimum(cols if left else far, width - cols if right else far))
+        ramp = ((feathering - distance) / feathering) ** 2
+        inside = torch.where(distance < feathering, ramp, torch.zeros_like(ramp)).to(torch.float32)
+    mask[top:top + height, left:left + width] = inside
+    return out, mask.unsqueeze(0)
 
 
 def _dilate_cross(x: torch.Tensor, steps: int) -> torch.Tensor:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 from engine import INT, Input, Output, node
 from engine.sizes import Size
 
+from .latent_batch import LATENT_BATCH_NODES
 from .pixels import LATENT_FACTOR, MAX_RESOLUTION
 
 
@@ -74,6 +77,19 @@ def vae_encode(ctx, pixels, vae):
     return Latent(_encode(ctx, vae, pixels))
 
 
+def _grow_for_inpaint(mask, by: int):
+    """ComfyUI's growth: a box sum over a by x by square with padding ceil((by-1)/2), clamped and rounded, cut back
+    to the mask's size; with an even `by` the square is off-centre (grows by/2 - 1 up/left, by/2 down/right)."""
+    import torch
+    import torch.nn.functional as F
+
+    if by == 0:
+        return mask.round()
+    kernel = torch.ones((1, 1, by, by), dtype=mask.dtype)
+    grown = torch.clamp(F.conv2d(mask, kernel, padding=math.ceil((by - 1) / 2)), 0, 1)
+    return grown[:, :, :mask.shape[-2], :mask.shape[-1]].round()
+
+
 @node("VAEEncodeForInpaint", category="latent/inpaint", display_name="VAE Encode (for Inpainting)",
       size_rule=_encoded_size,
       description="Encode pixels with the masked area set to grey, and attach the (grown) mask as the noise mask. "
@@ -82,7 +98,6 @@ def vae_encode(ctx, pixels, vae):
               Input("grow_mask_by", INT, default=6, min=0, max=64, step=1)],
       outputs=[Output("LATENT", "LATENT")])
 def vae_encode_for_inpaint(ctx, pixels, vae, mask, grow_mask_by):
-    import torch
     import torch.nn.functional as F
 
     from diffusion.components import crop_to_multiple
@@ -94,8 +109,7 @@ def vae_encode_for_inpaint(ctx, pixels, vae, mask, grow_mask_by):
                          mode="bilinear")
     pixels = crop_to_multiple(pixels[..., :3], factor)
     mask = crop_to_multiple(mask.movedim(1, -1), factor).movedim(-1, 1)
-    kernel = torch.ones((1, 1, grow_mask_by * 2 + 1, grow_mask_by * 2 + 1))
-    grown = torch.clamp(F.conv2d(mask.round(), kernel, padding=grow_mask_by), 0, 1).round()
+    grown = _grow_for_inpaint(mask.round(), grow_mask_by)
     keep = (1.0 - mask.round()).movedim(1, -1)
     pixels = (pixels - 0.5) * keep + 0.5
     return Latent(_encode(ctx, vae, pixels), noise_mask=grown)
@@ -110,4 +124,62 @@ def set_latent_noise_mask(ctx, samples, mask):
     return samples.replace(noise_mask=mask.reshape(-1, 1, mask.shape[-2], mask.shape[-1]).float())
 
 
-NODES = [empty_latent_image, vae_decode, vae_encode, vae_encode_for_inpaint, set_latent_noise_mask]
+def _temporal_inputs() -> list[Input]:
+    """ComfyUI's inputs for video VAEs, accepted so its workflows validate; SD's image VAE does not use them."""
+    return [Input("temporal_size", INT, default=64, min=8, max=4096, step=4, tooltip="video VAEs only (unused)"),
+            Input("temporal_overlap", INT, default=8, min=4, max=4096, step=4, tooltip="video VAEs only (unused)")]
+
+
+@node("VAEDecodeTiled", category="_for_testing", display_name="VAE Decode (Tiled)", size_rule=_size_of_samples,
+      description="Latents to pixels in overlapping tiles, for images too large to decode whole: the mean of "
+                  "three tilings (tall, wide and square tiles), blended with feathered edges.",
+      inputs=[Input("samples", "LATENT"), Input("vae", "VAE"),
+              Input("tile_size", INT, default=512, min=64, max=4096, step=32, tooltip="pixels"),
+              Input("overlap", INT, default=64, min=0, max=4096, step=32,
+                    tooltip="pixels; lowered to tile_size / 4 when larger"),
+              *_temporal_inputs()],
+      outputs=[Output("IMAGE", "IMAGE")])
+def vae_decode_tiled(ctx, samples, vae, tile_size, overlap, temporal_size, temporal_overlap):
+    import torch
+
+    from diffusion.tiling import tiled_decode
+
+    if tile_size < overlap * 4:
+        overlap = tile_size // 4
+    factor = vae.downscale
+    tile, cells = tile_size // factor, overlap // factor
+    latent = samples.samples
+    working = vae.decode_working_bytes((1, latent.shape[1], min(latent.shape[2], 2 * tile),
+                                        min(latent.shape[3], 2 * tile)))
+    device, dtype = torch.device(vae.handle.device), vae.dtype
+    with ctx.resources.models.use(vae.handle, working=working) as network, torch.inference_mode():
+        out = tiled_decode(lambda z: network.decode(z.to(device=device, dtype=dtype)), latent, tile, cells, factor)
+    return torch.clamp((out + 1.0) / 2.0, 0.0, 1.0).movedim(1, -1).contiguous()
+
+
+@node("VAEEncodeTiled", category="_for_testing", display_name="VAE Encode (Tiled)", size_rule=_encoded_size,
+      description="Pixels to latents in overlapping tiles (the mean of three tilings), for large images.",
+      inputs=[Input("pixels", "IMAGE"), Input("vae", "VAE"),
+              Input("tile_size", INT, default=512, min=64, max=4096, step=64, tooltip="pixels"),
+              Input("overlap", INT, default=64, min=0, max=4096, step=32, tooltip="pixels"),
+              *_temporal_inputs()],
+      outputs=[Output("LATENT", "LATENT")])
+def vae_encode_tiled(ctx, pixels, vae, tile_size, overlap, temporal_size, temporal_overlap):
+    import torch
+
+    from diffusion.components import crop_to_multiple
+    from diffusion.latent import Latent
+    from diffusion.tiling import tiled_encode
+
+    factor = vae.downscale
+    pixels = crop_to_multiple(pixels[..., :3], factor).movedim(-1, 1)
+    working = vae.encode_working_bytes((1, min(pixels.shape[2], 2 * tile_size), min(pixels.shape[3], 2 * tile_size)))
+    device, dtype = torch.device(vae.handle.device), vae.dtype
+    with ctx.resources.models.use(vae.handle, working=working) as network, torch.inference_mode():
+        latent = tiled_encode(lambda x: network.encode((x * 2.0 - 1.0).to(device=device, dtype=dtype)), pixels,
+                              tile_size, overlap, factor, vae.config.latent_channels)
+    return Latent(latent)
+
+
+NODES = [empty_latent_image, vae_decode, vae_encode, vae_encode_for_inpaint, set_latent_noise_mask,
+         vae_decode_tiled, vae_encode_tiled, *LATENT_BATCH_NODES]

@@ -16,6 +16,7 @@ from engine.sizes import Size
 MAX_RESOLUTION = 16384
 LATENT_FACTOR = 8  # pixels per latent cell of SD's autoencoder
 UPSCALE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic", "lanczos")
+LATENT_UPSCALE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic", "bislerp")
 CROP_METHODS = ("disabled", "center")
 MASK_OPERATIONS = ("multiply", "add", "subtract", "and", "or", "xor")
 IMAGE_CHANNELS = ("red", "green", "blue", "alpha")
@@ -36,6 +37,18 @@ def scaled_size(width: int, height: int, old_width: int, old_height: int) -> tup
     elif height == 0:
         height = max(1, round(old_height * width / max(old_width, 1)))
     return width, height
+
+
+def latent_target(width: int, height: int, cells_wide: int, cells_high: int) -> tuple[int, int]:
+    """LatentUpscale's pixel size (ComfyUI's rule): at least 64 pixels a side; a zero side follows the latent's
+    aspect ratio. The latent then gets size // 8 cells."""
+    if width == 0:
+        height = max(64, height)
+        width = max(64, round(cells_wide * height / cells_high))
+    elif height == 0:
+        width = max(64, width)
+        height = max(64, round(cells_high * width / cells_wide))
+    return max(64, width), max(64, height)
 
 
 # --- size rules: each takes inputs by name (linked images as their Size) and returns the output's Size -------
@@ -91,3 +104,30 @@ def image_file_size(path: Any) -> Size | None:
     except Exception:  # unreadable, truncated, a decompression bomb: unknown here, refused when loaded
         return None
     return Size(frames, height, width)
+
+
+def latent_upscale_size(samples: Size, width: int, height: int) -> Size:
+    if width == 0 and height == 0:
+        return samples
+    width, height = latent_target(width, height, samples.width, samples.height)
+    return Size(samples.batch, height // LATENT_FACTOR * LATENT_FACTOR, width // LATENT_FACTOR * LATENT_FACTOR)
+
+
+def latent_upscale_by_size(samples: Size, scale_by: float) -> Size:
+    def side(pixels: int) -> int:
+        return max(1, round(pixels // LATENT_FACTOR * scale_by)) * LATENT_FACTOR
+    return Size(samples.batch, side(samples.height), side(samples.width))
+
+
+def pad_for_outpaint_size(image: Size, left: int, top: int, right: int, bottom: int) -> Size:
+    """The padded image's size (the mask, one item of that size, is no larger)."""
+    return Size(image.batch, image.height + top + bottom, image.width + left + right)
+
+
+def image_crop_size(image: Size, width: int, height: int, x: int, y: int) -> Size:
+    x, y = min(x, image.width - 1), min(y, image.height - 1)
+    return Size(image.batch, max(0, min(height, image.height - y)), max(0, min(width, image.width - x)))
+
+
+def image_batch_size(image1: Size, image2: Size) -> Size:
+    return Size(image1.batch + image2.batch, image1.height, image1.width)

@@ -26,15 +26,23 @@ def demo_base(tiny_base: Path) -> Path:
 
 
 def expected_size(api: dict) -> tuple[int, int]:
-    """(height, width) of the saved picture: the empty latent's size, or the size the input is scaled to."""
+    """(height, width) of the saved picture: the empty latent's size, or the size the input is scaled to, then
+    grown by an outpainting pad and scaled by a hires-fix latent upscale."""
+    height, width = 256, 256
     for node in api.values():
         if node["class_type"] in ("EmptyLatentImage", "ImageScale"):
-            return node["inputs"]["height"], node["inputs"]["width"]
-    return 256, 256
+            height, width = node["inputs"]["height"], node["inputs"]["width"]
+    for node in api.values():
+        inputs = node["inputs"]
+        if node["class_type"] == "ImagePadForOutpaint":
+            height, width = height + inputs["top"] + inputs["bottom"], width + inputs["left"] + inputs["right"]
+        if node["class_type"] == "LatentUpscaleBy":
+            height, width = (round(side // 8 * inputs["scale_by"]) * 8 for side in (height, width))
+    return height, width
 
 
 def test_every_graph_is_covered():
-    assert {p.stem for p in GRAPHS} >= {"txt2img", "img2img", "inpaint"}
+    assert {p.stem for p in GRAPHS} >= {"txt2img", "img2img", "inpaint", "hires_fix", "outpaint"}
 
 
 @pytest.mark.parametrize("path", GRAPHS, ids=lambda p: p.stem)

@@ -212,3 +212,43 @@ def test_composite_channel_counts(ctx):
     assert out.shape == (1, 2, 2, 4)
     assert out[0, 0, 0].tolist() == [0.5, 0.5, 0.5, 1.0]  # the source's missing alpha counts as opaque
     assert out[0, 1, 1].tolist() == [0, 0, 0, 0]
+
+
+# --- ImagePadForOutpaint, ImageCrop, ImageBatch (issue #12) ----------------------------------------------------
+
+def pad(ctx, image, left=0, top=0, right=0, bottom=0, feathering=0):
+    return image_nodes.image_pad_for_outpaint.fn(ctx, image=image, left=left, top=top, right=right, bottom=bottom,
+                                                 feathering=feathering)
+
+
+def test_pad_for_outpaint_grey_padding_and_mask(ctx):
+    """Padding is 0.5 grey with mask 1; inside, ((f-d)/f)^2 with d the distance to a padded side only: columns
+    count from 0 at the left, rows from 1 at the bottom (ComfyUI's d2 - i)."""
+    image = torch.zeros(1, 10, 10, 3)
+    out, mask = pad(ctx, image, left=4, bottom=2, feathering=3)
+    assert out.shape == (1, 12, 14, 3) and mask.shape == (1, 12, 14)
+    assert torch.all(out[:, :, :4] == 0.5) and torch.all(out[:, 10:] == 0.5) and torch.all(out[:, :10, 4:] == 0)
+    assert torch.all(mask[0, :, :4] == 1) and torch.all(mask[0, 10:] == 1)
+    inside = mask[0, :10, 4:]
+    ramp = [1.0, (2 / 3) ** 2, (1 / 3) ** 2, 0.0]
+    assert torch.allclose(inside[0, :4], torch.tensor(ramp))  # top row: only the left side is padded
+    assert torch.allclose(inside[7:, 9], torch.tensor([0.0, (1 / 3) ** 2, (2 / 3) ** 2]))
+    assert inside[:7, 5:].abs().max() == 0  # top is not padded: no ramp there
+
+
+def test_pad_for_outpaint_skips_feathering_wider_than_half_the_image(ctx):
+    _out, mask = pad(ctx, torch.zeros(1, 8, 8, 3), left=8, feathering=4)  # 2 * 4 is not < 8
+    assert mask[0, :, 8:].abs().max() == 0 and torch.all(mask[0, :, :8] == 1)
+
+
+def test_image_crop_clamps_the_corner(ctx):
+    image = torch.arange(16.0).reshape(1, 4, 4, 1)
+    out = image_nodes.image_crop.fn(ctx, image=image, width=3, height=2, x=2, y=9)
+    assert out.shape == (1, 1, 2, 1) and out.flatten().tolist() == [14.0, 15.0]
+
+
+def test_image_batch_resizes_and_pads_channels(ctx):
+    first = torch.zeros(1, 4, 4, 4)
+    second = torch.ones(2, 8, 8, 3)
+    out = image_nodes.image_batch.fn(ctx, image1=first, image2=second)
+    assert out.shape == (3, 4, 4, 4) and torch.all(out[1:] == 1) and torch.all(out[:1] == 0)

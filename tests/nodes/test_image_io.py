@@ -72,7 +72,7 @@ def test_modules_register_with_comfyui_names():
     assert {d.name for d in registry} == {
         "ImageScale", "ImageScaleBy", "ImageInvert", "ImageCompositeMasked", "MaskComposite", "SolidMask",
         "InvertMask", "CropMask", "FeatherMask", "GrowMask", "ThresholdMask", "ImageToMask", "MaskToImage",
-        "LoadImage", "LoadImageMask", "SaveImage", "PreviewImage"}
+        "LoadImage", "LoadImageMask", "SaveImage", "PreviewImage", "ImagePadForOutpaint", "ImageCrop", "ImageBatch"}
     assert registry.get("LoadImage").input("image").extra == {"image_upload": True}
     assert [o.type for o in registry.get("LoadImage").outputs] == ["IMAGE", "MASK"]
     assert registry.get("SaveImage").output_node and registry.get("PreviewImage").output_node

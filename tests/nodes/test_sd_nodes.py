@@ -165,7 +165,8 @@ def test_vae_encode_for_inpaint_greys_masked_pixels_and_grows_mask(tmp_path):
     assert float(seen["pixels"][0, 8, 8, 0]) == 0.5 and float(seen["pixels"][0, 0, 0, 0]) == 0.0
     grown = latent.noise_mask[0, 0]
     assert grown.shape == (16, 16)
-    assert float(grown[6:11, 6:11].min()) == 1.0 and float(grown.sum()) == 25.0
+    # ComfyUI's growth by 2: a 2x2 box with padding 1, cut to size: one pixel down and right (issue #12)
+    assert float(grown[8:10, 8:10].min()) == 1.0 and float(grown.sum()) == 4.0
 
 
 def test_set_latent_noise_mask_reshapes_to_batch_channel():
