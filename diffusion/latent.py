@@ -6,8 +6,8 @@ nodes written for ComfyUI can read and produce them.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
 import dataclasses
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 

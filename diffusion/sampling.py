@@ -16,8 +16,8 @@ from torch import Tensor
 
 from diffusion.denoisers import CFGDenoiser, EpsDenoiser, InpaintDenoiser, UNet, prepare_mask
 from diffusion.latent import Conditioning, Latent
-from diffusion.regions import percent_to_sigma
 from diffusion.noise import check_seed, inpaint_noise, prepare_noise
+from diffusion.regions import percent_to_sigma
 from diffusion.samplers import DISCARD_PENULTIMATE_SIGMA_SAMPLERS, RANDOM_INPAINT_NOISE_SAMPLERS, SAMPLERS
 from diffusion.schedules import SCHEDULERS, DiscreteSchedule, calculate_sigmas, sd1_schedule
 
