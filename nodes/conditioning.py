@@ -192,7 +192,8 @@ def _average(entry, source, strength: float):
 
 
 def _inpaint_conditioning_size(pixels):
-    return None, None, Size(pixels.batch, pixels.height // LATENT_FACTOR * LATENT_FACTOR,
+    """The latent's size (whole latent cells of the image); it is also given to the two conditionings."""
+    return Size(pixels.batch, pixels.height // LATENT_FACTOR * LATENT_FACTOR,
                             pixels.width // LATENT_FACTOR * LATENT_FACTOR)
 
 
