@@ -31,6 +31,7 @@ from diffusion.regions import (
     is_active,
     region_weight,
     resolve,
+    share_controls_with_uncond,
 )
 from diffusion.schedules import DiscreteSchedule
 
@@ -158,6 +159,7 @@ class CFGDenoiser:
         size = tuple(x.shape[2:])
         sides = [[resolve(e, size, self.to_sigma) for e in c.entries] for c in (self.positive, self.negative)]
         positive, negative = add_opposite_areas(sides)
+        negative = share_controls_with_uncond(positive, negative)
         if math.isclose(self.cfg, 1.0):
             negative = []
         cond, uncond = predict_regions(self.model, x, sigma, [positive, negative])

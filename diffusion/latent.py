@@ -90,7 +90,8 @@ class CondEntry:
     area: None (whole latent), (h, w, y, x) in latent cells, or ("percentage", h, w, y, x) as fractions.
     mask: [B?, H, W] weights (any size, resized to the latent), times mask_strength; set_area_to_bounds
     restricts the prediction to the mask's bounding box. start_percent/end_percent: the part of the schedule
-    where the entry is used. control: a ControlNet chain the model is called with. concat_latent_image and
+    where the entry is used. control: a ControlNet chain the model is called with; control_apply_to_uncond
+    (ControlNetApply) also gives it to the negative's whole-latent entries. concat_latent_image and
     concat_mask: the inputs of 9-channel inpainting models (ignored by ordinary ones).
     """
 
@@ -104,6 +105,7 @@ class CondEntry:
     start_percent: float = 0.0
     end_percent: float = 1.0
     control: Any = None
+    control_apply_to_uncond: bool = False
     concat_latent_image: Tensor | None = None
     concat_mask: Tensor | None = None
 
@@ -121,6 +123,7 @@ class CondEntry:
         for name in ("strength", "mask_strength", "start_percent", "end_percent"):
             object.__setattr__(self, name, float(getattr(self, name)))
         object.__setattr__(self, "set_area_to_bounds", bool(self.set_area_to_bounds))
+        object.__setattr__(self, "control_apply_to_uncond", bool(self.control_apply_to_uncond))
 
     def replace(self, **changes: Any) -> CondEntry:
         return dataclasses.replace(self, **changes)
@@ -140,14 +143,15 @@ def _check_area(area: Any) -> Area:
 # ComfyUI cond-dict keys read into CondEntry fields (the tensor is the context; strength is its own field).
 _FIELD_KEYS = {"pooled_output": "pooled", "area": "area", "mask": "mask", "mask_strength": "mask_strength",
                "set_area_to_bounds": "set_area_to_bounds", "start_percent": "start_percent",
-               "end_percent": "end_percent", "control": "control", "concat_latent_image": "concat_latent_image",
+               "end_percent": "end_percent", "control": "control",
+               "control_apply_to_uncond": "control_apply_to_uncond", "concat_latent_image": "concat_latent_image",
                "concat_mask": "concat_mask", "strength": "strength"}
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(CondEntry) if f.name != "context"}
 
 # ComfyUI cond-dict keys that change how sampling works and that we do not implement: refusing them beats
 # silently drawing a different image. Other unknown keys are dropped.
 UNSUPPORTED_COND_KEYS = frozenset({
-    "control_apply_to_uncond", "gligen", "timestep_start", "timestep_end", "hooks", "noise_augmentation",
+    "gligen", "timestep_start", "timestep_end", "hooks", "noise_augmentation",
     "default",
 })
 

@@ -96,6 +96,7 @@ def test_comfy_cond_keys_round_trip():
     context, mask, image, control = torch.zeros(1, 77, 8), torch.ones(1, 4, 4), torch.ones(1, 4, 2, 2), object()
     extra = {"pooled_output": None, "area": (8, 4, 2, 0), "mask": mask, "mask_strength": 0.5,
              "set_area_to_bounds": True, "start_percent": 0.25, "end_percent": 0.75, "control": control,
+             "control_apply_to_uncond": True,
              "concat_latent_image": image, "concat_mask": mask, "strength": 2.0}
     entry = Conditioning.from_value([[context, extra]]).entries[0]
     assert entry.area == (8, 4, 2, 0) and entry.mask is mask and entry.mask_strength == 0.5

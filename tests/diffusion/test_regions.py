@@ -174,3 +174,15 @@ def test_no_twin_when_the_other_side_has_the_same_area():
     positive, negative = Conditioning((entry(4.0, area=area),)), Conditioning((entry(0.5, area=area),))
     CFGDenoiser(model, positive, negative, 3.0)(torch.zeros(1, 4, 32, 32), torch.tensor([1.0]))
     assert len(model.calls) == 1 and model.calls[0]["x"].shape[0] == 2
+
+
+@pytest.mark.parametrize("to_uncond", [True, False])
+def test_control_apply_to_uncond_gives_the_negative_the_positive_control(to_uncond):
+    """ControlNetApply (ComfyUI's apply_empty_x_to_equal_area): the negative is run with the same control."""
+    control, model = object(), FakeModel()
+    positive = Conditioning((entry(2.0, control=control, control_apply_to_uncond=to_uncond),))
+    CFGDenoiser(model, positive, Conditioning((entry(0.5),)), 3.0)(torch.zeros(1, 4, 4, 4), torch.tensor([1.0]))
+    if to_uncond:
+        assert len(model.calls) == 1 and model.calls[0]["control"] is control
+    else:
+        assert [c["control"] for c in model.calls] == [control, None]
