@@ -142,7 +142,7 @@ def _first_context(node_name: str, conditioning_from):
     return conditioning_from.entries[0]
 
 
-@node("ConditioningConcat", category="advanced/conditioning",
+@node("ConditioningConcat", category="conditioning",
       description="Append conditioning_from's tokens to each entry of conditioning_to (the prompts are "
                   "attended to together, unlike Combine).",
       inputs=[Input("conditioning_to", "CONDITIONING"), Input("conditioning_from", "CONDITIONING")],
