@@ -48,7 +48,7 @@ class Region:
     sigma_start: float | None = None
     sigma_end: float | None = None
     control: Any = None
-    control_to_uncond: bool = False
+    control_to_uncond: bool = False  # the entry's control_apply_to_uncond, or its control's apply_to_uncond
 
 
 def _percentage_area(area: tuple, size: Sequence[int]) -> tuple[int, int, int, int]:
@@ -93,8 +93,9 @@ def resolve(entry: CondEntry, size: Sequence[int], to_sigma: PercentToSigma | No
             raise ValueError("this conditioning has a timestep range (ConditioningSetTimestepRange) but the "
                              "sampler was not given the model's schedule to map percents to sigmas")
         sigma_start, sigma_end = to_sigma(entry.start_percent), to_sigma(entry.end_percent)
+    to_uncond = entry.control_apply_to_uncond or bool(getattr(entry.control, "apply_to_uncond", False))
     return Region(entry.context, entry.strength, area, mask, entry.mask_strength, sigma_start, sigma_end,
-                  entry.control, entry.control_apply_to_uncond)
+                  entry.control, to_uncond)
 
 
 def is_active(region: Region, sigma: Tensor) -> bool:
@@ -193,7 +194,8 @@ def _twin(others: list[Region], region: Region) -> Region | None:
 def share_controls_with_uncond(positive: Sequence[Region], negative: list[Region]) -> list[Region]:
     """ComfyUI's apply_empty_x_to_equal_area for ControlNetApply (control_apply_to_uncond): unless a
     whole-latent negative entry already has a control, the i-th such positive control goes to the
-    (i mod n)-th of the n whole-latent negative entries without one (a later control replaces an earlier)."""
+    (i mod n)-th of the n whole-latent negative entries without one (a later control replaces an earlier).
+    Applying it twice changes nothing (the negative then has a control)."""
     controls = [r.control for r in positive if r.control_to_uncond and r.area is None and r.control is not None]
     whole = [i for i, r in enumerate(negative) if r.area is None]
     if not controls or any(negative[i].control is not None for i in whole) or not whole:

@@ -186,3 +186,11 @@ def test_control_apply_to_uncond_gives_the_negative_the_positive_control(to_unco
         assert len(model.calls) == 1 and model.calls[0]["control"] is control
     else:
         assert [c["control"] for c in model.calls] == [control, None]
+
+
+def test_a_control_that_asks_for_the_uncond_is_shared_too():
+    """A ControlNetApply chain marks itself (apply_to_uncond) instead of the entry: same effect."""
+    control, model = type("Chain", (), {"apply_to_uncond": True})(), FakeModel()
+    positive = Conditioning((entry(2.0, control=control),))
+    CFGDenoiser(model, positive, Conditioning((entry(0.5),)), 3.0)(torch.zeros(1, 4, 4, 4), torch.tensor([1.0]))
+    assert len(model.calls) == 1 and model.calls[0]["control"] is control
