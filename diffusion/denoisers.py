@@ -15,12 +15,24 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from diffusion.latent import CondEntry, Conditioning
+from diffusion.regions import (
+    PercentToSigma,
+    Region,
+    add_opposite_areas,
+    clipped_area,
+    crop,
+    is_active,
+    region_weight,
+    resolve,
+    share_controls_with_uncond,
+)
 from diffusion.schedules import DiscreteSchedule
 
 UNet = Callable[[Tensor, Tensor, Tensor], Tensor]  # (x_scaled, timesteps, context) -> eps
@@ -74,43 +86,83 @@ def _concat_contexts(contexts: Sequence[Tensor]) -> Tensor:
     return torch.cat([c.repeat(1, length // c.shape[1], 1) if c.shape[1] < length else c for c in contexts])
 
 
-def predict_sides(model: ContextDenoiser, x: Tensor, sigma: Tensor,
-                  sides: Sequence[Sequence[CondEntry]]) -> list[Tensor]:
-    """For each side, the strength-weighted mean of its entries' predictions (zeros for an empty side).
+def predict_sides(model: ContextDenoiser, x: Tensor, sigma: Tensor, sides: Sequence[Sequence[CondEntry]],
+                  to_sigma: PercentToSigma | None = None) -> list[Tensor]:
+    """For each side, the weighted mean of its entries' predictions (zeros for an empty side).
 
-    Entries from every side are batched together when their contexts concatenate, in ComfyUI's order.
+    `to_sigma` maps timestep-range percents to sigmas (the model's schedule; needed only by entries that
+    have a range). Areas, masks and timestep ranges act as in ComfyUI's calc_cond_batch.
     """
+    size = tuple(x.shape[2:])
+    return predict_regions(model, x, sigma, [[resolve(e, size, to_sigma) for e in side] for side in sides])
+
+
+class _Run(NamedTuple):
+    """One entry to predict: its context at the latent's batch, region, clipped area, side and crop size."""
+
+    context: Tensor
+    region: Region
+    area: tuple[int, int, int, int] | None
+    side: int
+    crop_size: tuple[int, ...]
+
+
+def _same_batch(a: _Run, b: _Run) -> bool:
+    """ComfyUI's can_concat_cond: same crop size, the same control object, concatenable contexts."""
+    return a.crop_size == b.crop_size and a.region.control is b.region.control and _can_concat(a.context, b.context)
+
+
+def predict_regions(model: ContextDenoiser, x: Tensor, sigma: Tensor,
+                    sides: Sequence[Sequence[Region]]) -> list[Tensor]:
+    """predict_sides on resolved regions: the entries active at `sigma`, batched into as few model calls as
+    ComfyUI makes, each prediction added to its crop of the side's sum with its weight."""
     outs = [torch.zeros_like(x) for _ in sides]
     counts = [torch.ones_like(x) * 1e-37 for _ in sides]
-    to_run = [(entry, side) for side, entries in enumerate(sides) for entry in entries]
-    batch = x.shape[0]
+    size, batch = tuple(x.shape[2:]), x.shape[0]
+    to_run = []
+    for side, regions in enumerate(sides):
+        for r in (r for r in regions if is_active(r, sigma)):
+            area = clipped_area(r, size)
+            to_run.append(_Run(repeat_to_batch_size(r.context, batch).to(x.device), r, area, side,
+                               size if area is None else area[:2]))
     while to_run:
-        first = repeat_to_batch_size(to_run[0][0].context, batch)
-        picked = [i for i, (e, _) in enumerate(to_run) if _can_concat(repeat_to_batch_size(e.context, batch), first)]
+        picked = [i for i, run in enumerate(to_run) if _same_batch(run, to_run[0])]
         group = [to_run[i] for i in reversed(picked)]
         to_run = [r for i, r in enumerate(to_run) if i not in set(picked)]
-        context = _concat_contexts([repeat_to_batch_size(e.context, batch).to(x.device) for e, _ in group])
-        n = len(group)
-        chunks = model(torch.cat([x] * n), torch.cat([sigma] * n), context).chunk(n)
-        for (entry, side), pred in zip(group, chunks, strict=True):
-            mult = torch.ones_like(x) * entry.strength
-            outs[side] += pred * mult
-            counts[side] += mult
+        n, control = len(group), group[0].region.control
+        extra = {} if control is None else {"control": control}
+        inputs = torch.cat([crop(x, run.area) for run in group])
+        context = _concat_contexts([run.context for run in group])
+        chunks = model(inputs, torch.cat([sigma] * n), context, **extra).chunk(n)
+        for run, pred in zip(group, chunks, strict=True):
+            weight = region_weight(run.region, x, run.area)
+            crop(outs[run.side], run.area).add_(pred * weight)
+            crop(counts[run.side], run.area).add_(weight)
     return [o / c for o, c in zip(outs, counts, strict=True)]
 
 
 @dataclass(frozen=True, eq=False)
 class CFGDenoiser:
-    """uncond + (cond - uncond) * cfg on the denoised predictions; the negative side is skipped when cfg ~ 1."""
+    """uncond + (cond - uncond) * cfg on the denoised predictions; the negative side is skipped when cfg ~ 1.
+
+    to_sigma: the model schedule's percent -> sigma (for timestep ranges). Area entries on one side get a twin
+    on the other (ComfyUI's create_cond_with_same_area_if_none) before the negative is dropped at cfg 1.
+    """
 
     model: ContextDenoiser
     positive: Conditioning
     negative: Conditioning
     cfg: float
+    to_sigma: PercentToSigma | None = None
 
     def __call__(self, x: Tensor, sigma: Tensor, **_: object) -> Tensor:
-        negative = () if math.isclose(self.cfg, 1.0) else self.negative.entries
-        cond, uncond = predict_sides(self.model, x, sigma, [self.positive.entries, negative])
+        size = tuple(x.shape[2:])
+        sides = [[resolve(e, size, self.to_sigma) for e in c.entries] for c in (self.positive, self.negative)]
+        positive, negative = add_opposite_areas(sides)
+        negative = share_controls_with_uncond(positive, negative)
+        if math.isclose(self.cfg, 1.0):
+            negative = []
+        cond, uncond = predict_regions(self.model, x, sigma, [positive, negative])
         return uncond + (cond - uncond) * self.cfg
 
 

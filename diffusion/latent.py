@@ -6,6 +6,7 @@ nodes written for ComfyUI can read and produce them.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,25 +78,81 @@ class Latent(Mapping):
     __hash__ = object.__hash__
 
 
+Area = tuple  # (h, w, y, x) in latent cells, or ("percentage", h, w, y, x) as fractions of the latent
+
+
 @dataclass(frozen=True, eq=False)
 class CondEntry:
-    """One text conditioning: cross-attention context [1 or B, T, D], optional pooled output, and strength."""
+    """One text conditioning: cross-attention context [1 or B, T, D], optional pooled output, and strength.
+
+    The rest mirror ComfyUI's cond-dict keys (ConditioningSetArea/Mask/TimestepRange, ControlNetApply,
+    InpaintModelConditioning); their defaults leave sampling as plain text conditioning:
+    area: None (whole latent), (h, w, y, x) in latent cells, or ("percentage", h, w, y, x) as fractions.
+    mask: [B?, H, W] weights (any size, resized to the latent), times mask_strength; set_area_to_bounds
+    restricts the prediction to the mask's bounding box. start_percent/end_percent: the part of the schedule
+    where the entry is used. control: a ControlNet chain the model is called with; control_apply_to_uncond
+    (ControlNetApply) also gives it to the negative's whole-latent entries. concat_latent_image and
+    concat_mask: the inputs of 9-channel inpainting models (ignored by ordinary ones).
+    """
 
     context: Tensor
     pooled: Tensor | None = None
     strength: float = 1.0
+    area: Area | None = None
+    mask: Tensor | None = None
+    mask_strength: float = 1.0
+    set_area_to_bounds: bool = False
+    start_percent: float = 0.0
+    end_percent: float = 1.0
+    control: Any = None
+    control_apply_to_uncond: bool = False
+    concat_latent_image: Tensor | None = None
+    concat_mask: Tensor | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.context, Tensor) or self.context.ndim != 3:
             raise ValueError(f"CondEntry.context must be a [B, T, D] tensor, got {_describe(self.context)}")
+        if self.area is not None:
+            object.__setattr__(self, "area", _check_area(self.area))
+        for name in ("mask", "concat_latent_image", "concat_mask"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Tensor):
+                raise ValueError(f"CondEntry.{name} must be a tensor or None, got {_describe(value)}")
+        if self.mask is not None and not 2 <= self.mask.ndim <= 4:
+            raise ValueError(f"CondEntry.mask must be [H, W] or [B, H, W], got {_describe(self.mask)}")
+        for name in ("strength", "mask_strength", "start_percent", "end_percent"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+        object.__setattr__(self, "set_area_to_bounds", bool(self.set_area_to_bounds))
+        object.__setattr__(self, "control_apply_to_uncond", bool(self.control_apply_to_uncond))
 
+    def replace(self, **changes: Any) -> CondEntry:
+        return dataclasses.replace(self, **changes)
+
+
+def _check_area(area: Any) -> Area:
+    """ComfyUI's area tuple, typed: 4 ints, or "percentage" and 4 fractions."""
+    values = tuple(area) if isinstance(area, Sequence) and not isinstance(area, str) else ()
+    if len(values) == 5 and values[0] == "percentage":
+        return ("percentage", *(float(v) for v in values[1:]))
+    if len(values) == 4 and all(isinstance(v, int) or (isinstance(v, float) and v.is_integer()) for v in values):
+        return tuple(int(v) for v in values)
+    raise ValueError(f"CondEntry.area must be (h, w, y, x) in latent cells or ('percentage', h, w, y, x), "
+                     f"got {area!r}")
+
+
+# ComfyUI cond-dict keys read into CondEntry fields (the tensor is the context; strength is its own field).
+_FIELD_KEYS = {"pooled_output": "pooled", "area": "area", "mask": "mask", "mask_strength": "mask_strength",
+               "set_area_to_bounds": "set_area_to_bounds", "start_percent": "start_percent",
+               "end_percent": "end_percent", "control": "control",
+               "control_apply_to_uncond": "control_apply_to_uncond", "concat_latent_image": "concat_latent_image",
+               "concat_mask": "concat_mask", "strength": "strength"}
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(CondEntry) if f.name != "context"}
 
 # ComfyUI cond-dict keys that change how sampling works and that we do not implement: refusing them beats
 # silently drawing a different image. Other unknown keys are dropped.
 UNSUPPORTED_COND_KEYS = frozenset({
-    "area", "mask", "mask_strength", "set_area_to_bounds", "control", "control_apply_to_uncond", "gligen",
-    "start_percent", "end_percent", "timestep_start", "timestep_end", "hooks", "concat_latent_image",
-    "concat_mask", "noise_augmentation", "default",
+    "gligen", "timestep_start", "timestep_end", "hooks", "noise_augmentation",
+    "default",
 })
 
 
@@ -134,15 +191,18 @@ class Conditioning:
             bad = sorted(UNSUPPORTED_COND_KEYS.intersection(extra))
             if bad:
                 raise ValueError(f"conditioning uses {', '.join(bad)}, which sdgraph's sampler does not support")
-            entries.append(CondEntry(context, extra.get("pooled_output"), float(extra.get("strength", 1.0))))
+            fields = {name: extra[key] for key, name in _FIELD_KEYS.items() if extra.get(key) is not None}
+            entries.append(CondEntry(context, **fields))
         return cls(tuple(entries))
 
     def to_comfy(self) -> list[list[Any]]:
         out = []
         for e in self.entries:
             extra: dict[str, Any] = {"pooled_output": e.pooled}
-            if e.strength != 1.0:
-                extra["strength"] = e.strength
+            for key, name in _FIELD_KEYS.items():
+                value, default = getattr(e, name), _DEFAULTS[name]
+                if key != "pooled_output" and (value is not None if default is None else value != default):
+                    extra[key] = value
             out.append([e.context, extra])
         return out
 

@@ -6,6 +6,7 @@ It reproduces ComfyUI's `common_ksampler` -> `comfy.sample.sample` -> `KSampler.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -16,6 +17,7 @@ from torch import Tensor
 from diffusion.denoisers import CFGDenoiser, EpsDenoiser, InpaintDenoiser, UNet, prepare_mask
 from diffusion.latent import Conditioning, Latent
 from diffusion.noise import check_seed, inpaint_noise, prepare_noise
+from diffusion.regions import percent_to_sigma
 from diffusion.samplers import DISCARD_PENULTIMATE_SIGMA_SAMPLERS, RANDOM_INPAINT_NOISE_SAMPLERS, SAMPLERS
 from diffusion.schedules import SCHEDULERS, DiscreteSchedule, calculate_sigmas, sd1_schedule
 
@@ -109,7 +111,8 @@ def sample(unet: UNet, latent: Latent | dict[str, Any], positive: Conditioning |
         latent_in = samples * SD1_LATENT_SCALE
 
         # 5. The denoiser: eps parameterisation -> guidance -> optional inpainting blend.
-        model: Callable[..., Tensor] = CFGDenoiser(EpsDenoiser(unet, schedule), positive, negative, cfg)
+        to_sigma = functools.partial(percent_to_sigma, schedule)
+        model: Callable[..., Tensor] = CFGDenoiser(EpsDenoiser(unet, schedule), positive, negative, cfg, to_sigma)
         mask = None
         if latent.noise_mask is not None:
             mask = prepare_mask(latent.noise_mask.to(samples.device), samples.shape)

@@ -76,9 +76,40 @@ def test_conditioning_roundtrip_and_combine():
 
 
 def test_conditioning_refuses_what_it_cannot_sample():
-    with pytest.raises(ValueError, match="area"):
-        Conditioning.from_value([[torch.zeros(1, 77, 8), {"area": (8, 8, 0, 0)}]])
+    with pytest.raises(ValueError, match="gligen"):
+        Conditioning.from_value([[torch.zeros(1, 77, 8), {"gligen": ("position", None, [])}]])
     with pytest.raises(TypeError):
         Conditioning.from_value([torch.zeros(1, 77, 8)])
     with pytest.raises(ValueError):
         CondEntry(torch.zeros(77, 8))
+
+
+def test_cond_entry_defaults_keep_plain_text_conditioning():
+    e = CondEntry(torch.zeros(1, 77, 8))
+    assert (e.area, e.mask, e.mask_strength, e.set_area_to_bounds) == (None, None, 1.0, False)
+    assert (e.start_percent, e.end_percent, e.control, e.concat_latent_image, e.concat_mask) == (0.0, 1.0, None,
+                                                                                                None, None)
+
+
+def test_comfy_cond_keys_round_trip():
+    """Issue #12: area, mask, timestep range, control and inpaint keys read from and written to ComfyUI's dict."""
+    context, mask, image, control = torch.zeros(1, 77, 8), torch.ones(1, 4, 4), torch.ones(1, 4, 2, 2), object()
+    extra = {"pooled_output": None, "area": (8, 4, 2, 0), "mask": mask, "mask_strength": 0.5,
+             "set_area_to_bounds": True, "start_percent": 0.25, "end_percent": 0.75, "control": control,
+             "control_apply_to_uncond": True,
+             "concat_latent_image": image, "concat_mask": mask, "strength": 2.0}
+    entry = Conditioning.from_value([[context, extra]]).entries[0]
+    assert entry.area == (8, 4, 2, 0) and entry.mask is mask and entry.mask_strength == 0.5
+    assert entry.set_area_to_bounds and (entry.start_percent, entry.end_percent) == (0.25, 0.75)
+    assert entry.control is control and entry.concat_latent_image is image and entry.concat_mask is mask
+    assert entry.strength == 2.0
+    assert Conditioning((entry,)).to_comfy() == [[context, extra]]
+    percentage = Conditioning.from_value([[context, {"area": ("percentage", 0.5, 1.0, 0.0, 0.5)}]])
+    assert percentage.entries[0].area == ("percentage", 0.5, 1.0, 0.0, 0.5)
+    assert percentage.to_comfy()[0][1]["area"] == ("percentage", 0.5, 1.0, 0.0, 0.5)
+
+
+@pytest.mark.parametrize("area", [(8, 8, 0), ("percent", 1, 1, 0, 0), (8.5, 8, 0, 0), "8,8,0,0"])
+def test_bad_areas_are_refused(area):
+    with pytest.raises(ValueError, match="area"):
+        CondEntry(torch.zeros(1, 77, 8), area=area)
