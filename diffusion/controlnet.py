@@ -298,11 +298,13 @@ class ControlChain:
     end_percent: float = 1.0
     previous: ControlChain | None = None
     apply_to_uncond: bool = False
+    origin: str = "ControlNet"  # who applied it, for errors: "ControlNetApplyAdvanced (node 13)"
 
     def __post_init__(self) -> None:
-        if self.hint.ndim != 4 or self.hint.shape[1] != self.net_handle.config.hint_channels:
-            raise ValueError(f"the ControlNet hint must be images with {self.net_handle.config.hint_channels} "
-                             f"channels, got a tensor of shape {list(self.hint.shape)} (channels first)")
+        channels = self.net_handle.config.hint_channels
+        if self.hint.ndim != 4 or self.hint.shape[1] != channels or 0 in self.hint.shape:
+            raise ValueError(f"{self.origin}: the hint must be a non-empty image with {channels} channels, got "
+                             f"one of shape {list(self.hint.shape)} ([B, C, H, W]); convert it to RGB")
 
     def active(self, sigma: Tensor) -> bool:
         """Whether this link runs at `sigma` (ComfyUI: skipped when sigma > sigma(start) or < sigma(end))."""
@@ -316,7 +318,10 @@ class ControlChain:
         if not self.active(sigma):
             return previous
         height, width = x_in.shape[-2] * LATENT_SCALE, x_in.shape[-1] * LATENT_SCALE
-        hint = prepare_hint(self.hint, height, width, x_in.shape[0])
+        try:
+            hint = prepare_hint(self.hint, height, width, x_in.shape[0])
+        except ValueError as e:
+            raise ValueError(f"{self.origin}: {e}") from None
         raw = self.net_handle.residuals(x_in, timesteps, context, hint)
         own = ControlResiduals(tuple(r * self.strength for r in raw.skips), raw.middle * self.strength)
         return add_residuals(previous, own)

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from diffusion.controlnet import share_with_uncond
 from diffusion.denoisers import CFGDenoiser, EpsDenoiser, InpaintDenoiser, UNet, prepare_mask
 from diffusion.latent import Conditioning, Latent
 from diffusion.noise import check_seed, inpaint_noise, prepare_noise
@@ -87,6 +88,7 @@ def sample(unet: UNet, latent: Latent | dict[str, Any], positive: Conditioning |
     # 1. Check and type the inputs.
     latent = Latent.from_value(latent)
     positive, negative = Conditioning.from_value(positive), Conditioning.from_value(negative)
+    negative = Conditioning(share_with_uncond(positive.entries, negative.entries))  # ControlNetApply's controls
     _check(sampler_name, scheduler, steps, positive, negative, cfg)
     check_seed(seed)
     schedule = sd1_schedule()

@@ -15,7 +15,7 @@ from engine import NodeRegistry
 from engine.discovery import load_packs, register_module
 
 NODE_MODULES: tuple[str, ...] = ("nodes.loaders", "nodes.conditioning", "nodes.latent", "nodes.sampling",
-                                 "nodes.image", "nodes.image_io", "nodes.mask")
+                                 "nodes.image", "nodes.image_io", "nodes.mask", "nodes.controlnet")
 
 DATA_TYPES = {
     "MODEL": "a diffusion model (UNet) ready to sample",
@@ -25,6 +25,7 @@ DATA_TYPES = {
     "LATENT": "latent images (unscaled, [B,4,H/8,W/8]), with an optional noise mask",
     "IMAGE": "images as a float tensor [B,H,W,C] in 0..1",
     "MASK": "masks as a float tensor [B,H,W] in 0..1 (1 = selected)",
+    "CONTROL_NET": "a ControlNet that steers sampling from a hint image",
 }
 
 
