@@ -98,7 +98,7 @@ def controlnet_config_from_state_dict(state_dict) -> ControlNetConfig:
     """The architecture from shapes alone (keys without `control_model.`)."""
     if "input_hint_block.0.weight" not in state_dict:
         raise ValueError("ControlNet weights lack 'input_hint_block.0.weight' (the hint encoder)")
-    return ControlNetConfig(unet_config_from_state_dict(state_dict),
+    return ControlNetConfig(unet_config_from_state_dict(state_dict, has_output=False),
                             hint_channels=tuple(state_dict["input_hint_block.0.weight"].shape)[1])
 
 

@@ -391,15 +391,15 @@ def _single(values: list, what: str):
     return distinct[0]
 
 
-def unet_config_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> UNetConfig:
-    """Read a UNetConfig from the shapes of UNet weights (keys without `model.diffusion_model.`).
+def unet_config_from_state_dict(state_dict: Mapping[str, torch.Tensor], *, has_output: bool = True) -> UNetConfig:
+    """Read a UNetConfig from the shapes of UNet weights (keys without `model.diffusion_model.`); without
+    `has_output` (a ControlNet's copy of the input and middle blocks) out_channels is taken as in_channels.
 
     Only shapes are looked at, so meta tensors do. Heads cannot be seen in shapes: like ComfyUI, a 1024-wide
     context (SD2's OpenCLIP) means 64-wide heads, anything else SD1's 8 heads.
     """
     model_channels, in_channels = _shape(state_dict, "input_blocks.0.0.weight")[:2]
-    # a ControlNet copies only the input and middle blocks: it has no output layer
-    out_channels = _shape(state_dict, "out.2.weight")[0] if "out.2.weight" in state_dict else in_channels
+    out_channels = _shape(state_dict, "out.2.weight")[0] if has_output else in_channels
 
     levels: list[list[tuple[int, int]]] = [[]]  # per level: (output width, transformer depth) per res block
     for n in _block_ids(state_dict, "input_blocks")[1:]:
