@@ -21,11 +21,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 PARITY = Path.home() / ".cache" / "sdgraph-parity"
 
 
-def timed(call, repeats: int) -> list[float]:
+def timed(call, repeats: int, *args, **kwargs) -> list[float]:
+    """Seconds of each of `repeats` calls of call(*args, **kwargs)."""
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        call()
+        call(*args, **kwargs)
         times.append(time.perf_counter() - start)
     return times
 
@@ -73,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
             with torch.inference_mode():
                 denoiser(x, sigma, context)
                 denoiser(x, sigma, context, control=chain)
-                plain = timed(lambda: denoiser(x, sigma, context), args.repeats)
-                control = timed(lambda: denoiser(x, sigma, context, control=chain), args.repeats)
+                plain = timed(denoiser, args.repeats, x, sigma, context)
+                control = timed(denoiser, args.repeats, x, sigma, context, control=chain)
         ratio = min(control) / min(plain)
         print(f"{size}px: plain step {min(plain):.2f} s (median {statistics.median(plain):.2f}), with ControlNet "
               f"{min(control):.2f} s (median {statistics.median(control):.2f}): ratio {ratio:.2f}x "
