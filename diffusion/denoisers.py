@@ -95,15 +95,12 @@ def predict_sides(model: ContextDenoiser, x: Tensor, sigma: Tensor,
     batch = x.shape[0]
     while to_run:
         first = repeat_to_batch_size(to_run[0][0].context, batch)
-        control = to_run[0][0].control  # TEMP (H9, drop for H11's version): entries of one control batch together
-        picked = [i for i, (e, _) in enumerate(to_run)
-                  if e.control is control and _can_concat(repeat_to_batch_size(e.context, batch), first)]
+        picked = [i for i, (e, _) in enumerate(to_run) if _can_concat(repeat_to_batch_size(e.context, batch), first)]
         group = [to_run[i] for i in reversed(picked)]
         to_run = [r for i, r in enumerate(to_run) if i not in set(picked)]
         context = _concat_contexts([repeat_to_batch_size(e.context, batch).to(x.device) for e, _ in group])
         n = len(group)
-        extra = {"control": control} if control is not None else {}  # TEMP (H9)
-        chunks = model(torch.cat([x] * n), torch.cat([sigma] * n), context, **extra).chunk(n)
+        chunks = model(torch.cat([x] * n), torch.cat([sigma] * n), context).chunk(n)
         for (entry, side), pred in zip(group, chunks, strict=True):
             mult = torch.ones_like(x) * entry.strength
             outs[side] += pred * mult

@@ -84,7 +84,6 @@ class CondEntry:
     context: Tensor
     pooled: Tensor | None = None
     strength: float = 1.0
-    control: Any = None  # TEMP (H9, drop for H11's version): a ControlChain
 
     def __post_init__(self) -> None:
         if not isinstance(self.context, Tensor) or self.context.ndim != 3:
