@@ -106,14 +106,15 @@ class DiffusionModel:
         return elements * UNET_WORKING_PER_ELEMENT + UNET_WORKING_MARGIN
 
     def eps_function(self, unet: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
-        """`eps(x, timesteps, context)` with the borrowed `unet`, taking and returning tensors of the caller's
-        device and dtype (the network computes in its own, channels_last)."""
+        """`eps(x, timesteps, context, control=None)` with the borrowed `unet`, taking and returning tensors of
+        the caller's device and dtype (the network computes in its own, channels_last; ControlNet residuals are
+        added in it)."""
         device, dtype = torch.device(self.handle.device), self.dtype  # weights may be elsewhere when streamed
 
-        def eps(x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        def eps(x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, control=None) -> torch.Tensor:
             with torch.inference_mode():
                 x_in = x.to(device=device, dtype=dtype, memory_format=torch.channels_last)
-                out = unet(x_in, timesteps.to(device), context.to(device, dtype))
+                out = unet(x_in, timesteps.to(device), context.to(device, dtype), control)
                 return out.to(device=x.device, dtype=x.dtype, memory_format=torch.contiguous_format)
 
         return eps

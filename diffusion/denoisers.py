@@ -59,16 +59,25 @@ def repeat_to_batch_size(t: Tensor, batch_size: int) -> Tensor:
 
 @dataclass(frozen=True, eq=False)
 class EpsDenoiser:
-    """denoised = x - eps * sigma, with the UNet fed x / sqrt(sigma^2 + 1) and the nearest timestep."""
+    """denoised = x - eps * sigma, with the UNet fed x / sqrt(sigma^2 + 1) and the nearest timestep.
+
+    A `control` (a conditioning entry's ControlChain, diffusion/controlnet.py) is called with the UNet's own
+    inputs and sigma, `control(x_in, timesteps, context, sigma) -> residuals or None`; residuals go to the UNet
+    as its `control` argument."""
 
     unet: UNet
     schedule: DiscreteSchedule
 
-    def __call__(self, x: Tensor, sigma: Tensor, context: Tensor) -> Tensor:
+    def __call__(self, x: Tensor, sigma: Tensor, context: Tensor, control: Callable | None = None) -> Tensor:
         s = sigma.view(sigma.shape[:1] + (1,) * (x.ndim - 1))
         x_in = x / (s**2 + 1.0) ** 0.5
-        eps = self.unet(x_in, self.schedule.timestep(sigma).float(), context).float()
-        return x - eps * s
+        timesteps = self.schedule.timestep(sigma).float()
+        residuals = control(x_in, timesteps, context, sigma) if control is not None else None
+        if residuals is None:
+            eps = self.unet(x_in, timesteps, context)
+        else:
+            eps = self.unet(x_in, timesteps, context, control=residuals)
+        return x - eps.float() * s
 
 
 def _can_concat(a: Tensor, b: Tensor) -> bool:

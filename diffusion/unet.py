@@ -11,6 +11,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -231,33 +232,49 @@ class UNetBlock(nn.ModuleList):
         return x
 
 
+def encoder_blocks(c: UNetConfig) -> tuple[nn.ModuleList, UNetBlock, list[int]]:
+    """The input blocks, the middle block and the channels of each input block's output (one per skip): the half
+    of the UNet a ControlNet copies (diffusion/controlnet.py)."""
+    input_blocks = nn.ModuleList([UNetBlock([nn.Conv2d(c.in_channels, c.model_channels, 3, padding=1)])])
+    skip_channels = [c.model_channels]
+    ch = c.model_channels
+    last_level = len(c.channel_mult) - 1
+    for level, width in enumerate(c.level_channels):
+        for _ in range(c.num_res_blocks):
+            layers = [ResBlock(ch, c.embed_dim, width)]
+            ch = width
+            if level in c.attention_levels:
+                layers.append(SpatialTransformer(ch, c))
+            input_blocks.append(UNetBlock(layers))
+            skip_channels.append(ch)
+        if level != last_level:
+            input_blocks.append(UNetBlock([Downsample(ch)]))
+            skip_channels.append(ch)
+    middle_block = UNetBlock([ResBlock(ch, c.embed_dim, ch), SpatialTransformer(ch, c), ResBlock(ch, c.embed_dim, ch)])
+    return input_blocks, middle_block, skip_channels
+
+
+def time_embedding(c: UNetConfig) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(c.model_channels, c.embed_dim), nn.SiLU(), nn.Linear(c.embed_dim, c.embed_dim))
+
+
+class ControlResiduals(NamedTuple):
+    """What a ControlNet adds to a UNet call: one tensor (or None) per skip connection, in input-block order,
+    added to the skip as the output side takes it, and one added after the middle block (ComfyUI's
+    `apply_control` 'output' and 'middle')."""
+
+    skips: tuple[torch.Tensor | None, ...]
+    middle: torch.Tensor | None
+
+
 class UNetModel(nn.Module):
     def __init__(self, config: UNetConfig):
         super().__init__()
         self.config = config
         c = config
-        self.time_embed = nn.Sequential(
-            nn.Linear(c.model_channels, c.embed_dim), nn.SiLU(), nn.Linear(c.embed_dim, c.embed_dim)
-        )
-        self.input_blocks = nn.ModuleList([UNetBlock([nn.Conv2d(c.in_channels, c.model_channels, 3, padding=1)])])
-        skip_channels = [c.model_channels]
-        ch = c.model_channels
-        last_level = len(c.channel_mult) - 1
-        for level, width in enumerate(c.level_channels):
-            for _ in range(c.num_res_blocks):
-                layers = [ResBlock(ch, c.embed_dim, width)]
-                ch = width
-                if level in c.attention_levels:
-                    layers.append(SpatialTransformer(ch, c))
-                self.input_blocks.append(UNetBlock(layers))
-                skip_channels.append(ch)
-            if level != last_level:
-                self.input_blocks.append(UNetBlock([Downsample(ch)]))
-                skip_channels.append(ch)
-
-        self.middle_block = UNetBlock(
-            [ResBlock(ch, c.embed_dim, ch), SpatialTransformer(ch, c), ResBlock(ch, c.embed_dim, ch)]
-        )
+        self.time_embed = time_embedding(c)
+        self.input_blocks, self.middle_block, skip_channels = encoder_blocks(c)
+        ch = skip_channels[-1]
 
         self.output_blocks = nn.ModuleList()
         for level, width in reversed(list(enumerate(c.level_channels))):
@@ -274,8 +291,10 @@ class UNetModel(nn.Module):
             nn.GroupNorm(GROUPS, ch), nn.SiLU(), nn.Conv2d(c.model_channels, c.out_channels, 3, padding=1)
         )
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """Predict the noise in latents x [B, C, H, W] at timesteps [B] (float, 0..999) given context [B, T, D].
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                control: ControlResiduals | None = None) -> torch.Tensor:
+        """Predict the noise in latents x [B, C, H, W] at timesteps [B] (float, 0..999) given context [B, T, D],
+        plus a ControlNet's `control` residuals if given.
 
         Works for any H, W (upsampling matches each skip's size). Runs on x's device; each block computes in the
         dtype of its own weights (all one dtype, unless the loader kept some layers in fp32: see
@@ -298,10 +317,26 @@ class UNetModel(nn.Module):
             h = block(*cast(block, h))
             skips.append(h)
         h = self.middle_block(*cast(self.middle_block, h))
+        residuals = list(control.skips) if control is not None else []
+        if control is not None:
+            h = _add_residual(h, control.middle)
         for block in self.output_blocks:
-            h = torch.cat([h, skips.pop()], dim=1)
+            skip = skips.pop()
+            if residuals:
+                skip = _add_residual(skip, residuals.pop())
+            h = torch.cat([h, skip], dim=1)
             h = block(*cast(block, h), skips[-1].shape[-2:] if skips else None)
         return self.out(h.to(weight_dtype(self.out, h.dtype)))
+
+
+def _add_residual(h: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    if residual is None:
+        return h
+    if residual.shape != h.shape:
+        raise ValueError(f"a ControlNet residual of shape {list(residual.shape)} does not fit the UNet's "
+                         f"{list(h.shape)}: the ControlNet was made for another model; use one made for this "
+                         "checkpoint's family")
+    return h + residual.to(h.device, h.dtype)
 
 
 def weight_dtype(module: nn.Module, default: torch.dtype) -> torch.dtype:
@@ -356,14 +391,15 @@ def _single(values: list, what: str):
     return distinct[0]
 
 
-def unet_config_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> UNetConfig:
-    """Read a UNetConfig from the shapes of UNet weights (keys without `model.diffusion_model.`).
+def unet_config_from_state_dict(state_dict: Mapping[str, torch.Tensor], *, has_output: bool = True) -> UNetConfig:
+    """Read a UNetConfig from the shapes of UNet weights (keys without `model.diffusion_model.`); without
+    `has_output` (a ControlNet's copy of the input and middle blocks) out_channels is taken as in_channels.
 
     Only shapes are looked at, so meta tensors do. Heads cannot be seen in shapes: like ComfyUI, a 1024-wide
     context (SD2's OpenCLIP) means 64-wide heads, anything else SD1's 8 heads.
     """
     model_channels, in_channels = _shape(state_dict, "input_blocks.0.0.weight")[:2]
-    out_channels = _shape(state_dict, "out.2.weight")[0]
+    out_channels = _shape(state_dict, "out.2.weight")[0] if has_output else in_channels
 
     levels: list[list[tuple[int, int]]] = [[]]  # per level: (output width, transformer depth) per res block
     for n in _block_ids(state_dict, "input_blocks")[1:]:

@@ -17,7 +17,8 @@ from engine.discovery import load_packs, register_module
 from .codecs import CODECS
 
 NODE_MODULES: tuple[str, ...] = ("nodes.loaders", "nodes.conditioning", "nodes.latent", "nodes.sampling",
-                                 "nodes.image", "nodes.image_io", "nodes.mask", "nodes.upscale")
+                                 "nodes.image", "nodes.image_io", "nodes.mask", "nodes.upscale",
+                                 "nodes.controlnet")
 
 DATA_TYPES = {
     "MODEL": "a diffusion model (UNet) ready to sample",
@@ -28,6 +29,7 @@ DATA_TYPES = {
     "IMAGE": "images as a float tensor [B,H,W,C] in 0..1",
     "MASK": "masks as a float tensor [B,H,W] in 0..1 (1 = selected)",
     "UPSCALE_MODEL": "an image upscaling network (ESRGAN, SwinIR, ... through spandrel)",
+    "CONTROL_NET": "a ControlNet that steers sampling from a hint image",
 }
 
 

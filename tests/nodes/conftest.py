@@ -9,14 +9,17 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CHECKPOINT = "sdgraph-tiny.safetensors"
+TINY_CONTROLNET = "sdgraph-tiny-controlnet.safetensors"  # graphs/controlnet.json names it
 
 
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> Path:
     from diffusion.make_checkpoint import make_checkpoint
+    from diffusion.make_controlnet import write_controlnet
 
     base = tmp_path_factory.mktemp("base")
     make_checkpoint(base / "models" / "checkpoints" / DEFAULT_CHECKPOINT, preset="tiny", seed=0)
+    write_controlnet(base / "models" / "controlnet" / TINY_CONTROLNET, preset="tiny", seed=0)
     shutil.copytree(ROOT / "input", base / "input")
     return base
 

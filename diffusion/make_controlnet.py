@@ -1,0 +1,44 @@
+"""Random-weight ControlNets in the published SD1.5 single-file layout (control_v11p_sd15_*: `control_model.*`
+keys, fp16), for the checkpoints `make_checkpoint` writes: preset `tiny` fits its tiny checkpoint, `sd15` SD1.5.
+
+The key list comes from our own `ControlNet` built on the meta device; values follow `make_checkpoint`
+(one generator per key, torch's default init). The "zero" convolutions, zero in an untrained ControlNet, get the
+same init as the others so that the control visibly changes what the model predicts.
+
+CLI: `sdgraph make-checkpoint OUT --kind controlnet --preset tiny|sd15 [--seed N]` calls `write_controlnet`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from diffusion.controlnet import PREFIX, ControlNet, ControlNetConfig
+from diffusion.make_checkpoint import PRESETS, _preset, _sort_header_metadata, random_weights
+
+
+def controlnet_layout(preset: str = "tiny") -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """{key: (dtype, shape)} of a preset's ControlNet file, sorted by key, without allocating weights."""
+    p = _preset(preset)
+    with torch.device("meta"):
+        state = ControlNet(ControlNetConfig(p.unet)).state_dict()
+    return dict(sorted((PREFIX + k, (p.dtype, tuple(t.shape))) for k, t in state.items()))
+
+
+def write_controlnet(path: str | os.PathLike, *, preset: str = "tiny", seed: int = 0) -> Path:
+    """Write the ControlNet for the `preset` checkpoint (see PRESETS), deterministic in (preset, seed)."""
+    if seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed}")
+    if preset not in PRESETS:
+        raise ValueError(f"unknown ControlNet preset {preset!r}; choose one of {', '.join(sorted(PRESETS))}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    metadata = {"format": "pt", "note": f"random ControlNet, preset {preset}, seed {seed}"}
+    save_file(random_weights(controlnet_layout(preset), seed), partial, metadata=metadata)
+    _sort_header_metadata(partial, metadata)
+    os.replace(partial, path)
+    return path
