@@ -15,7 +15,8 @@ from engine import NodeRegistry
 from engine.discovery import load_packs, register_module
 
 NODE_MODULES: tuple[str, ...] = ("nodes.loaders", "nodes.conditioning", "nodes.latent", "nodes.sampling",
-                                 "nodes.image", "nodes.image_io", "nodes.mask")
+                                 "nodes.image", "nodes.image_io", "nodes.mask",
+                                 "nodes.lora")
 
 DATA_TYPES = {
     "MODEL": "a diffusion model (UNet) ready to sample",
