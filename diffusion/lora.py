@@ -161,8 +161,8 @@ def decompose(weight: torch.Tensor, diff: torch.Tensor, dora_scale: torch.Tensor
 
 
 def group_keys(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
-    """{layer prefix: {role: tensor}} and the keys no known suffix ends."""
-    groups: dict[str, dict[str, torch.Tensor]] = {}
+    """{layer prefix: {role: tensor, "#keys": the file's keys}} and the keys no known suffix ends."""
+    groups: dict[str, dict] = {}
     unknown = []
     by_length = sorted(SUFFIXES, key=len, reverse=True)
     for key, tensor in state.items():
@@ -172,7 +172,8 @@ def group_keys(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, dict[str, t
             continue
         kind, role = SUFFIXES[suffix]
         prefix = strip_wrapper(key[: -len(suffix)]) + ("#bias" if kind == "diff_b" else "")
-        groups.setdefault(prefix, {})[role] = tensor
+        groups.setdefault(prefix, {"#keys": []})[role] = tensor
+        groups[prefix]["#keys"].append(key)
         if kind is not None:
             groups[prefix].setdefault("#kind", kind)
     return groups, unknown
@@ -247,7 +248,7 @@ def map_lora(path: str | os.PathLike, state: Mapping[str, torch.Tensor], unet_co
         adapter = _adapter(group)
         target = targets.get(prefix)
         if adapter is None or target is None:
-            unmatched += [prefix + role for role in group if not role.startswith("#")]
+            unmatched += group["#keys"]
             continue
         part, name, shape = target
         if adapter.delta_numel() != math.prod(shape):
