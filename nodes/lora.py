@@ -54,10 +54,9 @@ def _open_lora(ctx, node_name: str, lora_name: str, model, clip):
     return lora
 
 
-def _result(outputs: tuple, lora) -> Result | tuple:
-    if lora is None or not lora.unmatched:
-        return outputs
-    return Result(outputs, {"lora_unmatched_keys": list(lora.unmatched)})
+def _result(outputs: tuple, lora) -> Result:
+    """The outputs, with the unmatched keys (if any) in the UI output."""
+    return Result(outputs, {"lora_unmatched_keys": list(lora.unmatched)} if lora.unmatched else None)
 
 
 @node("LoraLoader", category="loaders", display_name="Load LoRA",
