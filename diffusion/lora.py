@@ -138,9 +138,16 @@ class Adapter:
         return torch.kron(w1, w2), rank
 
     def apply(self, weight: torch.Tensor, strength: float) -> torch.Tensor:
-        """Patch an fp32 weight (in place where ComfyUI does) and return it."""
-        diff, scale = self.delta(weight.shape, weight.device)
+        """Patch a contiguous fp32 weight (in place where ComfyUI does) and return it."""
         dora = self.tensors.get("dora_scale")
+        if self.kind == "lora" and dora is None and "mid" not in self.tensors:
+            # the common case in one pass over the weight: W += (strength * alpha / rank) * up @ down
+            down = self._t("down", weight.device).flatten(1)
+            scale = self.alpha / down.shape[0] if self.alpha is not None else 1.0
+            weight.view(weight.shape[0], -1).addmm_(self._t("up", weight.device).flatten(1), down,
+                                                    alpha=strength * scale)
+            return weight
+        diff, scale = self.delta(weight.shape, weight.device)
         if dora is None:
             weight += (strength * scale) * diff
             return weight
@@ -293,7 +300,7 @@ class PatchedWeight(nn.Module):
 def patched_weight(weight: torch.Tensor, patches: list[tuple[Adapter, float]],
                    rounding: torch.dtype | None = None) -> torch.Tensor:
     """ComfyUI's `calculate_weight`: fp32 copy, every patch in order, cast back to the weight's dtype."""
-    out = weight.to(torch.float32, copy=True)
+    out = weight.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
     for adapter, strength in patches:
         out = adapter.apply(out, strength)
     if rounding is not None:
