@@ -76,7 +76,7 @@ def part_handle(layout: PartLayout, *, dtype: torch.dtype, device: torch.device,
 
 
 def _set_patches(part: str, module: torch.nn.Module, patches: tuple) -> None:
-    from .lora import set_patches
+    from .lora_patch import set_patches
 
     set_patches(module, patches, part=part)
 

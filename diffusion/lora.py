@@ -11,12 +11,7 @@ order, `W += (strength * alpha / rank) * delta` (alpha / rank is 1 without an al
 the result is cast back to the stored dtype. Text-encoder results are rounded through fp16 first, because ComfyUI
 keeps its text encoder in fp16 (also on the CPU).
 
-Patching (`set_patches`): the network's own tensors are never written. Each patched weight becomes a
-parametrization (torch.nn.utils.parametrize) that computes the patched weight from the untouched original when
-the layer runs; removing it gives back the very same tensor object, so switching LoRAs is exact, costs no copy and
-never re-reads the checkpoint. The price is a little work per call (one fp32 add per patched weight, plus the
-low-rank product). Convolutions packed for oneDNN (diffusion/onednn.py) keep their weight in a blocked layout:
-their patch is added to the output instead (`conv(x, W) + conv(x, delta)`; the same up to float rounding).
+Patching a loaded network without writing its weights is diffusion/lora_patch.py's (docs/lora.md).
 """
 
 from __future__ import annotations
@@ -29,9 +24,6 @@ from pathlib import Path
 from types import MappingProxyType
 
 import torch
-import torch.nn.functional as F
-from torch import nn
-from torch.nn.utils import parametrize
 
 from .lora_keys import family_hint, lora_targets, strip_wrapper
 
@@ -53,7 +45,7 @@ SUFFIXES = MappingProxyType({
 })  # fmt: skip
 REQUIRED = MappingProxyType({"lora": ("up", "down"), "loha": ("w1a", "w1b", "w2a", "w2b"), "diff": ("diff",),
                              "diff_b": ("diff",)})
-TEXT_ROUNDING = torch.float16  # ComfyUI's text encoder dtype, also on the CPU
+
 
 
 class LoraError(ValueError):
@@ -281,91 +273,3 @@ def _bytes(adapters: Mapping[str, Adapter]) -> int:
 
 def load_lora(path: str | os.PathLike, unet_config, text_config, *, allow_pickle: bool = False) -> LoraFile:
     return map_lora(path, read_lora_state(Path(path), allow_pickle=allow_pickle), unet_config, text_config)
-
-
-# -- patching a loaded network ----------------------------------------------------------------------------------
-
-
-class PatchedWeight(nn.Module):
-    """A parametrization: the stored weight with patches applied in fp32, cast back (through `rounding` first)."""
-
-    def __init__(self, patches: list[tuple[Adapter, float]], rounding: torch.dtype | None):
-        super().__init__()
-        self.patches, self.rounding = patches, rounding
-
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return patched_weight(weight, self.patches, self.rounding)
-
-
-def patched_weight(weight: torch.Tensor, patches: list[tuple[Adapter, float]],
-                   rounding: torch.dtype | None = None) -> torch.Tensor:
-    """ComfyUI's `calculate_weight`: fp32 copy, every patch in order, cast back to the weight's dtype."""
-    out = weight.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
-    for adapter, strength in patches:
-        out = adapter.apply(out, strength)
-    if rounding is not None:
-        out = out.to(rounding)
-    return out.to(weight.dtype)
-
-
-def _patch_groups(module: nn.Module, patches: tuple, part: str) -> dict[str, list[tuple[Adapter, float]]]:
-    """{parameter name in `module`: [(adapter, strength), ...]} in the order the patches were added."""
-    prefix = "text_model." if part == "text_encoder" and hasattr(module, "text_model") else ""
-    grouped: dict[str, list[tuple[Adapter, float]]] = {}
-    for patch, strength in patches:
-        for name, adapter in patch.adapters.items():
-            grouped.setdefault(prefix + name, []).append((adapter, strength))
-    return grouped
-
-
-def set_patches(module: nn.Module, patches: tuple, *, part: str) -> None:
-    """Make `module` compute with exactly `patches` ((PartPatch, strength) pairs, applied in order): the previous
-    set is removed first, restoring the original tensors."""
-    remove_patches(module)
-    hooks = []
-    rounding = TEXT_ROUNDING if part == "text_encoder" else None
-    for name, chain in _patch_groups(module, patches, part).items():
-        owner_name, _, attr = name.rpartition(".")
-        owner = module.get_submodule(owner_name)
-        if _is_packed(owner) and attr == "weight":
-            hooks.append(owner.register_forward_hook(_added_conv(chain)))
-        else:
-            parametrize.register_parametrization(owner, attr, PatchedWeight(chain, rounding), unsafe=True)
-    module._lora_hooks = hooks  # what remove_patches undoes besides the parametrizations
-
-
-def remove_patches(module: nn.Module) -> None:
-    for hook in getattr(module, "_lora_hooks", ()):
-        hook.remove()
-    module._lora_hooks = []
-    for sub in module.modules():
-        if parametrize.is_parametrized(sub):
-            for attr in list(sub.parametrizations.keys()):
-                if any(isinstance(p, PatchedWeight) for p in sub.parametrizations[attr]):
-                    parametrize.remove_parametrizations(sub, attr, leave_parametrized=False)
-
-
-def _is_packed(module: nn.Module) -> bool:
-    return type(module).__name__ == "PackedConv2d"
-
-
-def _added_conv(chain: list[tuple[Adapter, float]]):
-    """A forward hook adding `conv(x, sum of patches)` to a packed convolution's output."""
-    def hook(conv: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        x = args[0]
-        if any("dora_scale" in a.tensors for a, _ in chain):
-            raise LoraError("DoRA patches on 3x3 convolutions need the plain weights; run with --dtype fp16 or on "
-                            "a device where convolutions are not packed")
-        shape = torch.Size([conv.out_channels, conv.in_channels // conv.groups, *_kernel(conv, chain)])
-        delta = torch.zeros(shape, device=x.device)
-        for adapter, strength in chain:
-            delta = adapter.apply(delta, strength)
-        return output + F.conv2d(x.contiguous(memory_format=torch.channels_last), delta.to(x.dtype), None,
-                                 conv.stride, conv.padding, conv.dilation, conv.groups)
-    return hook
-
-
-def _kernel(conv: nn.Module, chain: list[tuple[Adapter, float]]) -> tuple[int, int]:
-    per_channel = chain[0][0].delta_numel() // (conv.out_channels * (conv.in_channels // conv.groups))
-    side = math.isqrt(per_channel)
-    return side, side

@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from diffusion.lora import LoraError, load_lora, patched_weight, remove_patches, set_patches
+from diffusion.lora import LoraError, load_lora
+from diffusion.lora_patch import patched_weight, remove_patches, set_patches
 from diffusion.make_checkpoint import PRESETS, random_state_dict
 from diffusion.make_lora import random_lora
 
@@ -175,12 +176,22 @@ def test_patches_compute_on_the_fly_and_removal_restores_the_very_same_tensors(t
     before = {k: (v, v.clone()) for k, v in unet.state_dict(keep_vars=True).items()}
     lora = _map(tmp_path, random_lora("tiny", seed=2))
     x, t, ctx = _rand(1, 4, 8, 8, seed=1), torch.tensor([500.0]), _rand(1, 77, 32, seed=2)
+    prefix = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_k"
+    loha = _map(tmp_path, {f"{prefix}.hada_w1_a": _rand(32, 2, seed=1), f"{prefix}.hada_w1_b": _rand(2, 32, seed=2),
+                           f"{prefix}.hada_w2_a": _rand(32, 2, seed=3), f"{prefix}.hada_w2_b": _rand(2, 32, seed=4)},
+                "loha.safetensors")
+    attn_k = ATTN_Q.replace("to_q", "to_k")
     with torch.inference_mode():
         plain = unet(x, t, ctx)
-        set_patches(unet, ((lora.unet, 1.0),), part="unet")
-        module = unet.get_submodule(ATTN_Q.removesuffix(".weight"))
-        expected = patched_weight(before[ATTN_Q][1], [(lora.unet.adapters[ATTN_Q], 1.0)])
-        assert torch.equal(module.weight, expected)
+        set_patches(unet, ((lora.unet, 1.0), (loha.unet, 0.5)), part="unet")
+        # a plain LoRA is added beside the layer: the merged weight's output up to rounding
+        module, h = unet.get_submodule(ATTN_Q.removesuffix(".weight")), _rand(1, 5, 32, seed=3)
+        merged = patched_weight(before[ATTN_Q][1], [(lora.unet.adapters[ATTN_Q], 1.0)])
+        torch.testing.assert_close(module(h), torch.nn.functional.linear(h, merged), rtol=1e-5, atol=1e-6)
+        # other kinds compute ComfyUI's merged weight from the untouched one
+        chain = [(lora.unet.adapters[attn_k], 1.0), (loha.unet.adapters[attn_k], 0.5)]  # both, in order
+        expected = patched_weight(before[attn_k][1], chain)
+        assert torch.equal(unet.get_submodule(attn_k.removesuffix(".weight")).weight, expected)
         patched = unet(x, t, ctx)
         set_patches(unet, ((lora.unet, -1.0),), part="unet")
         remove_patches(unet)
