@@ -202,3 +202,12 @@ def test_patches_compute_on_the_fly_and_removal_restores_the_very_same_tensors(t
     assert after.keys() == before.keys()
     for key, (tensor, copy) in before.items():
         assert after[key] is tensor and torch.equal(after[key], copy), key
+
+
+def test_make_checkpoint_kind_lora_writes_a_lora_for_the_tiny_checkpoint(tmp_path, capsys):
+    from diffusion.make_checkpoint import main
+
+    assert main([str(tmp_path / "tiny-lora.safetensors"), "--kind", "lora", "--preset", "tiny", "--seed", "3"]) == 0
+    assert "lora for preset tiny" in capsys.readouterr().out
+    lora = load_lora(tmp_path / "tiny-lora.safetensors", UNET, TEXT)
+    assert lora.unmatched == () and lora.unet.adapters and lora.text_encoder.adapters
