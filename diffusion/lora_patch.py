@@ -24,8 +24,10 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .lora import Adapter, LoraError
+from .unet import GEGLU
 
 TEXT_ROUNDING = torch.float16  # ComfyUI's text encoder dtype, also on the CPU
+READS_WEIGHTS = (GEGLU,)  # modules that use a child's weight directly instead of calling it: no output hooks
 
 
 class PatchedWeight(nn.Module):
@@ -69,7 +71,9 @@ def set_patches(module: nn.Module, patches: tuple, *, part: str) -> None:
     for name, chain in _patch_groups(module, patches, part).items():
         owner_name, _, attr = name.rpartition(".")
         owner = module.get_submodule(owner_name)
-        if attr == "weight" and part == "unet" and all(_low_rank(a) for a, _ in chain) and _bypassable(owner):
+        parent = module.get_submodule(owner_name.rpartition(".")[0])
+        if attr == "weight" and part == "unet" and all(_low_rank(a) for a, _ in chain) and _bypassable(owner) \
+                and not isinstance(parent, READS_WEIGHTS):
             hooks.append(owner.register_forward_hook(_low_rank_bypass(owner, chain)))
         elif attr == "weight" and _is_packed(owner):
             hooks.append(owner.register_forward_hook(_added_conv(chain)))

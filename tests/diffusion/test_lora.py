@@ -211,3 +211,21 @@ def test_make_checkpoint_kind_lora_writes_a_lora_for_the_tiny_checkpoint(tmp_pat
     assert "lora for preset tiny" in capsys.readouterr().out
     lora = load_lora(tmp_path / "tiny-lora.safetensors", UNET, TEXT)
     assert lora.unmatched == () and lora.unet.adapters and lora.text_encoder.adapters
+
+
+def test_a_patched_unet_computes_what_merged_weights_compute(tmp_path):
+    """Every patched layer takes part, including the feed-forward's GEGLU projection, whose weight its parent
+    reads directly (a hook on the projection's forward would never run)."""
+    from diffusion.checkpoint import UNET_PREFIX
+    from diffusion.unet import build_unet
+
+    state = {k[len(UNET_PREFIX):]: v.float() for k, v in random_state_dict("tiny", seed=0).items()
+             if k.startswith(UNET_PREFIX)}
+    lora = _map(tmp_path, random_lora("tiny", seed=4, rel=2.0))
+    merged = {k: patched_weight(v, [(lora.unet.adapters[k], 1.0)]) if k in lora.unet.adapters else v
+              for k, v in state.items()}
+    x, t, ctx = _rand(1, 4, 8, 8, seed=1), torch.tensor([500.0]), _rand(1, 77, 32, seed=2)
+    unet = build_unet(state)
+    with torch.inference_mode():
+        set_patches(unet, ((lora.unet, 1.0),), part="unet")
+        torch.testing.assert_close(unet(x, t, ctx), build_unet(merged)(x, t, ctx), rtol=1e-4, atol=1e-5)
