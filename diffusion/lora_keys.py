@@ -101,7 +101,8 @@ def _unet_aliases(module: str, config: UNetConfig) -> list[str]:
 
 def _text_aliases(module: str) -> list[str]:
     full = f"text_model.{module}"
-    return [f"lora_te_{full.replace('.', '_')}", f"text_encoder.{full}", full]
+    kohya = full.replace(".", "_")
+    return [f"lora_te_{kohya}", f"lora_te1_{kohya}", f"text_encoder.{full}", full]  # te1: ComfyUI accepts it too
 
 
 def lora_targets(unet: UNetConfig | None, text: CLIPTextConfig | None) -> dict[str, tuple[str, str, tuple]]:
@@ -130,7 +131,7 @@ def strip_wrapper(prefix: str) -> str:
 
 
 OTHER_FAMILY_MARKERS = (
-    ("lora_te1_", "SDXL (two text encoders)"), ("lora_te2_", "SDXL (two text encoders)"),
+    ("lora_te2_", "SDXL (two text encoders)"),
     ("text_encoder_2.", "SDXL (two text encoders)"), ("lora_unet_input_blocks_4_1_transformer_blocks_1", "SDXL"),
     ("lora_unet_double_blocks", "Flux"), ("lora_transformer_", "a DiT model (Flux, SD3)"),
     ("transformer.transformer_blocks", "a DiT model (Flux, SD3)"), ("lora_unet_joint_blocks", "SD3"),

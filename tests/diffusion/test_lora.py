@@ -151,8 +151,8 @@ def test_unmatched_keys_are_reported_by_name(tmp_path):
 def test_an_sdxl_lora_is_refused_naming_the_file(tmp_path):
     prefix = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"  # SDXL: 2048-wide context
     state = {f"{prefix}.lora_up.weight": torch.zeros(32, 4), f"{prefix}.lora_down.weight": torch.zeros(4, 2048),
-             "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(3072, 4),
-             "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(4, 768)}
+             "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(5120, 4),
+             "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(4, 1280)}
     with pytest.raises(LoraError, match=r"xl_style\.safetensors.*do not fit.*SDXL"):
         _map(tmp_path, state, "xl_style.safetensors")
     del state[f"{prefix}.lora_up.weight"], state[f"{prefix}.lora_down.weight"]
