@@ -44,6 +44,7 @@ VAE_DECODE_WORKING_PER_ELEMENT = 50_000
 VAE_ENCODE_WORKING_PER_PIXEL = 3_000
 VAE_WORKING_MARGIN = 128 << 20
 TWO_BYTE_FACTOR = 0.65
+PATCHABLE_PARTS = ("unet", "text_encoder")  # parts LoRAs patch (diffusion/lora.py)
 
 
 def _handle_bytes(layout: PartLayout) -> int:
@@ -70,7 +71,19 @@ def part_handle(layout: PartLayout, *, dtype: torch.dtype, device: torch.device,
         load=partial(_load_part, layout, dtype, channels_last, overrides),
         label=f"{label} of {layout.file.path.name}",
         streamable=streamable,
+        patch=partial(_set_patches, layout.part) if layout.part in PATCHABLE_PARTS else None,
     )
+
+
+def _set_patches(part: str, module: torch.nn.Module, patches: tuple) -> None:
+    from .lora_patch import set_patches
+
+    set_patches(module, patches, part=part)
+
+
+def with_patch(handle: ModelHandle, patch, strength: float) -> ModelHandle:
+    """The handle with one more (patch, strength) after those it has: the same loaded weights, patched."""
+    return replace(handle, patches=(*handle.patches, (patch, float(strength))))
 
 
 def _load_part(layout: PartLayout, dtype: torch.dtype, channels_last: bool, overrides: dict[str, torch.dtype],
@@ -98,6 +111,10 @@ class DiffusionModel:
 
     def model_handles(self) -> tuple[ModelHandle, ...]:
         return (self.handle,)
+
+    def with_lora(self, patch, strength: float) -> DiffusionModel:
+        """This model with a LoRA's UNet patch added (applied when the manager hands out the network)."""
+        return replace(self, handle=with_patch(self.handle, patch, strength), nbytes=self.nbytes + patch.nbytes)
 
     def working_bytes(self, latent_shape: tuple[int, ...], batch_multiplier: int = 2) -> int:
         """Memory one UNet call needs beside its weights, for latents of `latent_shape` [B, C, h, w] run
@@ -139,6 +156,10 @@ class TextEncoder:
     @property
     def layers(self) -> int:
         return self.config.num_hidden_layers
+
+    def with_lora(self, patch, strength: float) -> TextEncoder:
+        """This text encoder with a LoRA's patch added (applied when the manager hands out the network)."""
+        return replace(self, handle=with_patch(self.handle, patch, strength), nbytes=self.nbytes + patch.nbytes)
 
     def with_layer(self, layer: int) -> TextEncoder:
         """CLIPSetLastLayer: -1 is the last layer, -2 the one before ("clip skip 2")."""

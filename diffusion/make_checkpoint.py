@@ -7,7 +7,9 @@ byte: each tensor comes from its own generator seeded with (seed, crc32(key)); l
 uniform(+-1/sqrt(fan_in)) (torch's default), norm weights 1 + 0.1 N(0,1) and biases 0.1 N(0,1), embeddings
 N(0,1); the UNet's output conv is halved so predictions are neither flat nor saturated.
 
-CLI: `sdgraph make-checkpoint OUT --preset tiny|sd15 [--seed N]` calls `main`.
+CLI: `sdgraph make-checkpoint OUT --preset tiny|sd15 [--seed N] [--kind checkpoint|lora|controlnet]` calls `main`;
+`--kind lora` writes a random kohya LoRA for the preset's checkpoint (diffusion/make_lora.py), `--kind controlnet`
+a random ControlNet for it (diffusion/make_controlnet.py).
 """
 
 import argparse
@@ -147,6 +149,18 @@ def _sort_header_metadata(path: Path, metadata: Mapping[str, str]) -> None:
         f.write(canonical)
 
 
+KINDS = ("checkpoint", "lora", "controlnet")
+
+
+def _write_addon(kind: str, out: Path, *, preset: str, seed: int) -> Path:
+    """A LoRA or ControlNet for the preset's checkpoint (imported only when asked for)."""
+    if kind == "lora":
+        from diffusion.make_lora import write_lora
+        return write_lora(out, preset=preset, seed=seed)
+    from diffusion.make_controlnet import write_controlnet
+    return write_controlnet(out, preset=preset, seed=seed)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="sdgraph make-checkpoint",
@@ -155,9 +169,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", type=Path, help="output .safetensors path")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="tiny (a few MB) or sd15 (2 GB)")
     parser.add_argument("--seed", type=int, default=0, help="non-negative seed; same seed, same file")
+    parser.add_argument("--kind", choices=KINDS, default="checkpoint",
+                        help="checkpoint, or a LoRA / ControlNet made for the preset's checkpoint")
     args = parser.parse_args(argv)
     if args.seed < 0:
         parser.error(f"--seed must be non-negative, got {args.seed}")
+    if args.kind != "checkpoint":
+        path = _write_addon(args.kind, args.out, preset=args.preset, seed=args.seed)
+        print(f"wrote {path}: {args.kind} for preset {args.preset}, seed {args.seed}, {path.stat().st_size:,} bytes")
+        return 0
     path = make_checkpoint(args.out, preset=args.preset, seed=args.seed)
     params = sum(math.prod(shape) for _, shape in checkpoint_layout(args.preset).values())
     print(f"wrote {path}: preset {args.preset}, seed {args.seed}, {params:,} values, {path.stat().st_size:,} bytes")

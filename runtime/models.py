@@ -27,6 +27,10 @@ Policies, in the order they apply:
 6. **Out of memory.** `guard(call)` catches an out-of-memory error, unloads every idle model, releases caches
    and calls once more; a second failure raises `OutOfMemory` saying what was needed and what was free. Nothing
    stays marked in use, so the next call starts clean.
+7. **Patches.** A handle may carry patches (LoRAs) and the function that applies them. Patches are not part of the
+   identity: one copy of the weights is loaded, and when a handle asks for another patch set than the module has,
+   the manager calls `handle.patch(module, patches)` before handing the module out (diffusion/lora.py computes
+   patched weights from the untouched originals, so nothing is re-read and removing a set is exact).
 """
 
 from __future__ import annotations
@@ -76,6 +80,8 @@ class ModelHandle:
     device: where it computes ("cpu", "cuda:0").
     load: builds the module on a torch device ("cpu", "cuda:0"); called by the manager only.
     streamable: its computation goes through submodule forwards, so blocks can be streamed (lowvram).
+    patches: what `patch(module, patches)` makes the loaded module compute with (e.g. LoRAs and their strengths);
+        not part of the identity, so handles that differ only in patches share one loaded copy of the weights.
     """
 
     origin: str
@@ -86,6 +92,8 @@ class ModelHandle:
     load: Callable[[str], Any] | None = field(default=None, compare=False, repr=False)
     label: str = field(default="", compare=False)
     streamable: bool = field(default=False, compare=False)
+    patches: tuple = field(default=(), compare=False)
+    patch: Callable[[Any, tuple], None] | None = field(default=None, compare=False, repr=False)
 
     @property
     def name(self) -> str:
@@ -117,6 +125,7 @@ class _Entry:
     nbytes: int = 0
     users: int = 0
     tick: int = 0
+    patches: tuple = ()  # the patch set the loaded module currently computes with
 
 
 @dataclass(frozen=True)
@@ -191,6 +200,7 @@ class ModelManager:
             entry = self._admit(handle)
             self._request = _Request(handle, device, working)
             streamer = self._place(entry, device, max(0, working))
+            self._patch(entry, handle)
             entry.users += 1
         try:
             if streamer is None:
@@ -329,6 +339,17 @@ class ModelManager:
             self.stats["moves"] += 1
         self.memory.move(entry.module, device)
         entry.device = device
+
+    def _patch(self, entry: _Entry, handle: ModelHandle) -> None:
+        """Give the module the handle's patch set (removing the previous one) when it differs; the weights are not
+        read again. Runs are one at a time, so no other user computes with the previous set meanwhile."""
+        if entry.patches == handle.patches:
+            return
+        if handle.patch is None:
+            raise RuntimeError(f"{handle.name} carries patches but no way to apply them")
+        handle.patch(entry.module, handle.patches)
+        entry.patches = handle.patches
+        self.stats["patch_sets"] += 1
 
     def _make_room(self, device: str, need: int, keep: frozenset[int]) -> None:
         """Evict idle models from `device` (never those whose id is in `keep`) until `need` bytes fit."""

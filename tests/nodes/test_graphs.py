@@ -22,6 +22,10 @@ def demo_base(tiny_base: Path) -> Path:
     target = tiny_base / "models" / "checkpoints" / DEMO_CHECKPOINT.name
     if not target.exists():
         shutil.copyfile(DEMO_CHECKPOINT, target)
+    lora = tiny_base / "models" / "loras" / "sdgraph-tiny-lora.safetensors"  # graphs/lora.json
+    if not lora.exists():
+        from diffusion.make_lora import write_lora
+        write_lora(lora, preset="tiny", seed=0)
     return tiny_base
 
 
@@ -42,7 +46,8 @@ def expected_size(api: dict) -> tuple[int, int]:
 
 
 def test_every_graph_is_covered():
-    assert {p.stem for p in GRAPHS} >= {"txt2img", "img2img", "inpaint", "hires_fix", "outpaint"}
+    assert {p.stem for p in GRAPHS} >= {"txt2img", "img2img", "inpaint", "hires_fix", "outpaint", "lora",
+                                        "controlnet", "regional_prompt"}
 
 
 @pytest.mark.parametrize("path", GRAPHS, ids=lambda p: p.stem)
