@@ -93,6 +93,7 @@ class About(NamedTuple):
     run_id: str
     seconds: float
     output_node: bool = False
+    input_types: tuple[str, ...] = ()  # the types of its linked inputs
 
 
 @dataclass(frozen=True)

@@ -42,8 +42,10 @@ class StorePolicy:
 
     fixed_seconds: a file created, fsynced, renamed, later opened and checked (a few ms on a local disk).
     bytes_per_second: encoding, hashing, writing, reading, hashing again and decoding, all told (~100 MB/s on
-    one CPU core). So a prompt encoding (~0.25 MB) is stored when it took over ~7.5 ms, a 512x512 image
-    (3 MB) over ~36 ms; a node that returns a number at once is not."""
+    one CPU core). So a 512x512 image (3 MB) is stored when it took over ~36 ms; a node that returns a number at
+    once is not. A result computed from a value that has no codec (a model: MODEL, CLIP, VAE) is always stored
+    (`TieredCache.put`): recomputing it in a new process would first load the model, which this call's time
+    does not show when the model was already loaded (the second of two prompt encodings)."""
 
     fixed_seconds: float = 0.005
     bytes_per_second: float = 100e6

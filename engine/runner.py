@@ -225,8 +225,9 @@ class _PlanRun:
         self.report.explain[nid] = f"ran: {step.why}"
         self.history.record(nid, step.parts)
         if definition.cacheable:
+            input_types = tuple(self.plan[link.source].definition.outputs[link.output].type for _, link in step.links)
             self.cache.put(step.key, result, About(step.parts, tuple(out.type for out in definition.outputs),
-                                                   run_id, seconds, definition.output_node))
+                                                   run_id, seconds, definition.output_node, input_types))
         self.emit(NodeFinished(run_id, nid, definition.name, result.ui, seconds))
         return result
 

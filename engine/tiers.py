@@ -53,7 +53,10 @@ class TieredCache:
         self.memory.put(key, entry)
         if self.disk is None or about is None or about.output_node:
             return  # an output node's result is a file the user expects every run to write
-        if not self.disk.policy.worth_storing(about.seconds, entry.nbytes):
+        # A result made from a value that cannot be stored (a model handle) is always worth it: recomputing it in
+        # another process would first load that model, whatever this call took with the model already loaded.
+        from_model = any(self.registry.codec(name) is None for name in about.input_types)
+        if not from_model and not self.disk.policy.worth_storing(about.seconds, entry.nbytes):
             return
         blobs = encode(entry, about.output_types, self.registry)
         if blobs is None:

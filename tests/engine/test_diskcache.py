@@ -255,3 +255,20 @@ def test_entries_of_other_code_are_never_returned(tmp_path):
     DiskCache(tmp_path / "cache", code=before).write(key, {"key": key, "blobs": []}, [])
     assert key in DiskCache(tmp_path / "cache", code=before)
     assert key not in DiskCache(tmp_path / "cache", code=after)
+
+
+def test_a_quick_result_made_from_a_model_is_stored(tmp_path):
+    """Recomputing a result made from a value without a codec (a loaded model) needs that model in a new process:
+    it is stored however quick the call was (the second prompt encoding, with the text encoder already loaded)."""
+    from engine.cache import About, CachedOutput, KeyParts, OutputCache
+    from engine.diskcache import DiskCache
+    from engine.tiers import TieredCache
+
+    registry = NodeRegistry()
+    registry.register_type("HANDLE")  # no codec, as MODEL/CLIP/VAE
+    tiers = TieredCache(OutputCache(), DiskCache(tmp_path), registry)
+    parts = KeyParts("Encode", "1", {}, {}, "")
+    quick = CachedOutput(([7],), None, 8)
+    tiers.put("aa" * 16, quick, About(parts, ("INT",), "run", 0.0, input_types=("INT",)))
+    tiers.put("bb" * 16, quick, About(parts, ("INT",), "run", 0.0, input_types=("HANDLE",)))
+    assert "aa" * 16 not in tiers.disk and "bb" * 16 in tiers.disk
