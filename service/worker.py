@@ -151,18 +151,20 @@ class Worker:
             self._wake.clear()  # before looking: a prompt queued from now on wakes the wait below
             self._apply_free()
             try:
-                item = self.store.claim()
+                with self._lock:  # claimed and current at once: an interrupt for it is never lost in between
+                    item = self.store.claim()
+                    current = self._current = _Current(item) if item is not None else None
             except Exception:
                 log.exception("could not read the queue; retrying in a second")
                 time.sleep(1)
                 continue
-            if item is None:
+            if item is None or current is None:
                 if not self._stopping:
                     self._wake.wait(1.0)
                 continue
             self.on_queue_change()
             try:
-                self._run(item)
+                self._run(current)
             except Exception:  # never let one prompt take the worker down
                 log.exception("prompt %s: the worker failed while running it", item.prompt_id)
                 self._record_failure(item, self._messages(item), "WorkerError",
@@ -176,11 +178,9 @@ class Worker:
     def _messages(self, item: QueueItem) -> RunMessages:
         return RunMessages(item.prompt_id, scrub=self.scrub)
 
-    def _run(self, item: QueueItem) -> None:
+    def _run(self, current: _Current) -> None:
         started = time.perf_counter()
-        current = _Current(item)
-        with self._lock:
-            self._current = current
+        item = current.item
         messages = self._messages(item)
         result = validate(item.prompt, self.registry, targets=item.outputs or None, resources=self.executor.resources,
                           sizes=self.sizes)
