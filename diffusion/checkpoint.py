@@ -203,7 +203,7 @@ def _family_hint(meta: Mapping[str, torch.Tensor]) -> str:
     return f" Its keys start with: {examples(tops)}."
 
 
-def _load_part(source: TensorFile, keys: Mapping[str, str], build: Callable, dtype, device, *,
+def load_part(source: TensorFile, keys: Mapping[str, str], build: Callable, dtype, device, *,
                channels_last: bool = False, overrides: Mapping[str, torch.dtype] | None = None):
     """Read the part's tensors one by one, convert each to dtype/device as its own copy, and build the module.
 
@@ -255,7 +255,7 @@ def open_vae(path: str | os.PathLike, *, allow_pickle: bool = False) -> "PartLay
     """A separate SD1 VAE file, checked from shapes alone; nothing read."""
     identity = FileIdentity.of(path)
     source, keys, config = _open_vae(path, allow_pickle)
-    return _part_layout("vae", source, identity, config, keys, allow_pickle)
+    return part_layout("vae", source, identity, config, keys, allow_pickle)
 
 
 def load_vae(
@@ -304,7 +304,7 @@ class PartLayout:
         if FileIdentity.of(self.file.path) != self.file:
             raise CheckpointError(f"{self.file.path} changed on disk since it was opened; load it again")
         source = TensorFile(self.file.path, allow_pickle=self.allow_pickle)
-        return _load_part(source, self.keys, _BUILDERS[self.part], dtype, device, channels_last=channels_last,
+        return load_part(source, self.keys, _BUILDERS[self.part], dtype, device, channels_last=channels_last,
                           overrides=overrides)
 
 
@@ -326,7 +326,7 @@ class CheckpointLayout:
         return self.vae.file if self.vae.file != self.unet.file else None
 
 
-def _part_layout(part: str, source: TensorFile, identity: FileIdentity, config: Any, keys: Mapping[str, str],
+def part_layout(part: str, source: TensorFile, identity: FileIdentity, config: Any, keys: Mapping[str, str],
                  allow_pickle: bool) -> PartLayout:
     tensors = {k: source.meta[k] for k in keys.values()}
     floats = {k: t.numel() for k, t in tensors.items() if t.is_floating_point()}
@@ -386,9 +386,9 @@ def open_checkpoint(
             f"the UNet predicts {unet_config.out_channels}; use a VAE made for SD1"
         )
     return CheckpointLayout(
-        unet=_part_layout("unet", source, identity, unet_config, unet_keys, allow_pickle),
-        text_encoder=_part_layout("text_encoder", source, identity, text_config, text_keys, allow_pickle),
-        vae=_part_layout("vae", vae_source, vae_file or identity, vae_config, vae_keys, allow_pickle),
+        unet=part_layout("unet", source, identity, unet_config, unet_keys, allow_pickle),
+        text_encoder=part_layout("text_encoder", source, identity, text_config, text_keys, allow_pickle),
+        vae=part_layout("vae", vae_source, vae_file or identity, vae_config, vae_keys, allow_pickle),
     )
 
 

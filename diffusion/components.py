@@ -68,7 +68,7 @@ def part_handle(layout: PartLayout, *, dtype: torch.dtype, device: torch.device,
         variant=(str(dtype).removeprefix("torch."), str(device), kept),
         weight_bytes=layout.weight_bytes(dtype, overrides),
         device=str(device),
-        load=partial(_load_part, layout, dtype, channels_last, overrides),
+        load=partial(load_part, layout, dtype, channels_last, overrides),
         label=f"{label} of {layout.file.path.name}",
         streamable=streamable,
         patch=partial(_set_patches, layout.part) if layout.part in PATCHABLE_PARTS else None,
@@ -86,7 +86,7 @@ def with_patch(handle: ModelHandle, patch, strength: float) -> ModelHandle:
     return replace(handle, patches=(*handle.patches, (patch, float(strength))))
 
 
-def _load_part(layout: PartLayout, dtype: torch.dtype, channels_last: bool, overrides: dict[str, torch.dtype],
+def load_part(layout: PartLayout, dtype: torch.dtype, channels_last: bool, overrides: dict[str, torch.dtype],
                device: str) -> torch.nn.Module:
     """Read a part; on the CPU, its convolutions are packed for oneDNN once (diffusion/onednn.py). A UNet's
     attention computes in the part's dtype even in blocks whose weights `overrides` keep in fp32: that moves

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from runtime.models import ModelHandle
 
-from .checkpoint import FileIdentity, PartLayout, TensorFile, _load_part, _part_layout
+from .checkpoint import FileIdentity, PartLayout, TensorFile, load_part, part_layout
 from .checkpoint_checks import MAX_ARCHITECTURE_COUNT, check_part, meta_state
 from .regions import percent_to_sigma
 from .safetensors_header import CheckpointError
@@ -127,7 +127,7 @@ class ControlNetLayout(PartLayout):
         if FileIdentity.of(self.file.path) != self.file:
             raise CheckpointError(f"{self.file.path} changed on disk since it was opened; load it again")
         source = TensorFile(self.file.path, allow_pickle=self.allow_pickle)
-        return _load_part(source, self.keys, build_controlnet, dtype, device, channels_last=channels_last)
+        return load_part(source, self.keys, build_controlnet, dtype, device, channels_last=channels_last)
 
 
 def _refusal(path, keys) -> str:
@@ -159,7 +159,7 @@ def open_controlnet(path: str | os.PathLike, *, allow_pickle: bool = False) -> C
                               "the file is damaged or crafted")
     check_part(path, "ControlNet", meta_state(ControlNet, config), keys, meta, prefix,
                "Use an SD1.5 ControlNet in the single-file layout (control_v11p_sd15_*).")
-    layout = _part_layout("controlnet", source, identity, config, keys, allow_pickle)
+    layout = part_layout("controlnet", source, identity, config, keys, allow_pickle)
     return ControlNetLayout(**{f: getattr(layout, f) for f in layout.__dataclass_fields__})
 
 

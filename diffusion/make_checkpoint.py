@@ -64,7 +64,7 @@ PRESETS = MappingProxyType({
 
 def checkpoint_layout(preset: str) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
     """{key: (dtype, shape)} of a preset's file, sorted by key, computed without allocating any weights."""
-    p = _preset(preset)
+    p = preset_config(preset)
     with torch.device("meta"):
         parts = {UNET_PREFIX: UNetModel(p.unet).state_dict(), VAE_PREFIX: AutoencoderKL(p.vae).state_dict()}
     text = expected_text_weights(text_encoder_on_meta(p.text))
@@ -75,7 +75,7 @@ def checkpoint_layout(preset: str) -> dict[str, tuple[torch.dtype, tuple[int, ..
     return dict(sorted(layout.items()))
 
 
-def _preset(name: str) -> Preset:
+def preset_config(name: str) -> Preset:
     if name not in PRESETS:
         raise ValueError(f"unknown checkpoint preset {name!r}; choose one of {', '.join(sorted(PRESETS))}")
     return PRESETS[name]
@@ -124,12 +124,12 @@ def make_checkpoint(out_path: str | os.PathLike, preset: str = "tiny", seed: int
     partial = out_path.with_name(out_path.name + ".partial")
     metadata = {"format": "pt", "note": f"random weights, seed {seed}"}
     save_file(state, partial, metadata=metadata)
-    _sort_header_metadata(partial, metadata)
+    sort_header_metadata(partial, metadata)
     os.replace(partial, out_path)
     return out_path
 
 
-def _sort_header_metadata(path: Path, metadata: Mapping[str, str]) -> None:
+def sort_header_metadata(path: Path, metadata: Mapping[str, str]) -> None:
     """Rewrite the header's `__metadata__` with sorted keys, in place and at the same length.
 
     safetensors writes metadata in hash-map order, which changes from process to process; sorted, the same

@@ -17,12 +17,12 @@ import torch
 from safetensors.torch import save_file
 
 from diffusion.controlnet import PREFIX, ControlNet, ControlNetConfig
-from diffusion.make_checkpoint import PRESETS, _preset, _sort_header_metadata, random_weights
+from diffusion.make_checkpoint import PRESETS, preset_config, random_weights, sort_header_metadata
 
 
 def controlnet_layout(preset: str = "tiny") -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
     """{key: (dtype, shape)} of a preset's ControlNet file, sorted by key, without allocating weights."""
-    p = _preset(preset)
+    p = preset_config(preset)
     with torch.device("meta"):
         state = ControlNet(ControlNetConfig(p.unet)).state_dict()
     return dict(sorted((PREFIX + k, (p.dtype, tuple(t.shape))) for k, t in state.items()))
@@ -39,6 +39,6 @@ def write_controlnet(path: str | os.PathLike, *, preset: str = "tiny", seed: int
     partial = path.with_name(path.name + ".partial")
     metadata = {"format": "pt", "note": f"random ControlNet, preset {preset}, seed {seed}"}
     save_file(random_weights(controlnet_layout(preset), seed), partial, metadata=metadata)
-    _sort_header_metadata(partial, metadata)
+    sort_header_metadata(partial, metadata)
     os.replace(partial, path)
     return path

@@ -230,10 +230,10 @@ def _inpaint_conditioning_size(pixels):
 def inpaint_model_conditioning(ctx, positive, negative, vae, pixels, mask, noise_mask):
     from diffusion.latent import Latent
 
-    from .latent import _encode
+    from .latent import vae_encode_pixels
     masked, mask = masked_pixels(pixels, mask, vae.downscale)
-    concat_latent = _encode(ctx, vae, masked)
-    latent = Latent(_encode(ctx, vae, pixels), noise_mask=mask if noise_mask else None)
+    concat_latent = vae_encode_pixels(ctx, vae, masked)
+    latent = Latent(vae_encode_pixels(ctx, vae, pixels), noise_mask=mask if noise_mask else None)
     fields = {"concat_latent_image": concat_latent, "concat_mask": mask}
     return _set(positive, **fields), _set(negative, **fields), latent
 

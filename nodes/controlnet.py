@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from engine import COMBO, FLOAT, Input, Output, node
 
-from .loaders import _file_identity
+from .loaders import file_identity
 from .pixels import same_as_image
 
 CONTROL_NET = "CONTROL_NET"
@@ -22,7 +22,7 @@ def _controlnet_names(resources) -> list[str]:
 
 
 def _controlnet_identity(resources, control_net_name):
-    return _file_identity(resources, "controlnet", control_net_name)
+    return file_identity(resources, "controlnet", control_net_name)
 
 
 @node("ControlNetLoader", category="loaders", display_name="Load ControlNet Model",

@@ -64,7 +64,7 @@ def vae_decode(ctx, samples, vae):
         return vae.decode(samples.samples, network)
 
 
-def _encode(ctx, vae, pixels):
+def vae_encode_pixels(ctx, vae, pixels):
     with ctx.resources.models.use(vae.handle, working=vae.encode_working_bytes(tuple(pixels.shape))) as network:
         return vae.encode(pixels, network)
 
@@ -74,7 +74,7 @@ def _encode(ctx, vae, pixels):
       inputs=[Input("pixels", "IMAGE"), Input("vae", "VAE")], outputs=[Output("LATENT", "LATENT")])
 def vae_encode(ctx, pixels, vae):
     from diffusion.latent import Latent
-    return Latent(_encode(ctx, vae, pixels))
+    return Latent(vae_encode_pixels(ctx, vae, pixels))
 
 
 def _grow_for_inpaint(mask, by: int):
@@ -112,7 +112,7 @@ def vae_encode_for_inpaint(ctx, pixels, vae, mask, grow_mask_by):
     grown = _grow_for_inpaint(mask.round(), grow_mask_by)
     keep = (1.0 - mask.round()).movedim(1, -1)
     pixels = (pixels - 0.5) * keep + 0.5
-    return Latent(_encode(ctx, vae, pixels), noise_mask=grown)
+    return Latent(vae_encode_pixels(ctx, vae, pixels), noise_mask=grown)
 
 
 @node("SetLatentNoiseMask", category="latent/inpaint", display_name="Set Latent Noise Mask",

@@ -17,7 +17,7 @@ def _vae_names(resources) -> list[str]:
     return resources.folders.list_models("vae") if resources is not None else []
 
 
-def _file_identity(resources, kind: str, name: str) -> tuple:
+def file_identity(resources, kind: str, name: str) -> tuple:
     """Name, size and modification time: a file replaced under the same name loads again."""
     path = resources.folders.model_path(kind, name)
     stat = path.stat()
@@ -25,11 +25,11 @@ def _file_identity(resources, kind: str, name: str) -> tuple:
 
 
 def _checkpoint_identity(resources, ckpt_name):
-    return _file_identity(resources, "checkpoints", ckpt_name)
+    return file_identity(resources, "checkpoints", ckpt_name)
 
 
 def _vae_identity(resources, vae_name):
-    return _file_identity(resources, "vae", vae_name)
+    return file_identity(resources, "vae", vae_name)
 
 
 @node("CheckpointLoaderSimple", category="loaders", aliases=("LoadCheckpoint",), display_name="Load Checkpoint",
