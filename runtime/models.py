@@ -186,6 +186,11 @@ class ModelManager:
             entries = sorted((e for e in self._entries.values() if e.device is not None), key=lambda e: -e.tick)
             return [LoadedModel(e.handle.name, e.device, e.nbytes, e.users > 0) for e in entries]
 
+    def loaded_versions(self) -> set[tuple[str, tuple]]:
+        """(origin, version) of every model whose weights are loaded: the files a worker holds (scale-out routing)."""
+        with self._lock:
+            return {(e.handle.origin, e.handle.version) for e in self._entries.values() if e.device is not None}
+
     def where(self, handle: ModelHandle) -> str | None:
         entry = self._entries.get(handle)
         return entry.device if entry is not None else None

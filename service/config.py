@@ -8,6 +8,8 @@ from pathlib import Path
 from engine.diskcache import DiskCache
 from engine.sizes import DEFAULT_SIZE_LIMITS, SizeLimits
 
+from .scale_options import ScaleOut
+
 MIB = 1 << 20
 
 
@@ -45,6 +47,7 @@ class ServerConfig:
     stuck_grace: float = 60.0  # after the limit, how long a node that ignores interruption has before the exit
     limits: Limits = field(default_factory=Limits)
     disk_cache: DiskCache | None = None  # node outputs kept across runs, shared with `sdgraph run` (--cache-dir)
+    scale_out: ScaleOut | None = None  # --ray: prompts run on Ray worker actors (service/ray_pool.py)
 
     @property
     def pack_dirs(self) -> list[Path]:

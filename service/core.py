@@ -74,10 +74,14 @@ class Service:
             except RuntimeError:  # the loop has closed: the server is stopping already
                 pass
 
-        self.worker = Worker(store=self.store, executor=self.executor, registry=self.registry, hub=self.hub,
-                             on_queue_change=self.status_changed, prompt_timeout=self.config.prompt_timeout,
-                             stuck_grace=self.config.stuck_grace, on_fatal=fatal,
-                             scrub=self.scrub, sizes=self.limits.sizes)
+        common = {"registry": self.registry, "hub": self.hub, "on_queue_change": self.status_changed,
+                  "prompt_timeout": self.config.prompt_timeout, "stuck_grace": self.config.stuck_grace,
+                  "on_fatal": fatal, "scrub": self.scrub, "sizes": self.limits.sizes}
+        if self.config.scale_out is not None:  # prompts run on Ray actors (docs/scale-out.md); Ray loads only here
+            from .ray_pool import pool_for
+            self.worker = pool_for(self.config, store=self.store, resources=self.runtime, **common)
+        else:
+            self.worker = Worker(store=self.store, executor=self.executor, **common)
         self.worker.start()
 
     async def stop(self, *, close_store: bool = True) -> None:
@@ -171,8 +175,11 @@ class Service:
         """Whether prompts still run here: `worker_alive` false (with `worker_error` saying why) means the
         process is about to exit for its supervisor to restart it; the queue is kept."""
         worker = self.worker
-        return {"worker_alive": worker.alive if worker else False,
-                "worker_error": worker.failure if worker else "the worker has not started"}
+        state = {"worker_alive": worker.alive if worker else False,
+                 "worker_error": worker.failure if worker else "the worker has not started"}
+        if callable(getattr(worker, "routing", None)):  # scale-out: workers, what they hold, routing decisions
+            state["routing"] = worker.routing()
+        return state
 
     def counters(self) -> dict[str, Any]:
         """What /system_stats adds under "sdgraph": cache size, queue, clients, prompts run since start."""

@@ -13,6 +13,7 @@ from nodes import code_identity
 from runtime.memory import parse_bytes
 
 from .config import MIB, Limits, ServerConfig
+from .scale_options import add_ray_arguments, scale_out_from
 from .security import TOKEN_ENV
 
 
@@ -58,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "how long a node that does not stop has before the prompt is marked failed and the server exits "
                    "(code 4) to be restarted")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add_ray_arguments(p)
     return p
 
 
@@ -85,7 +87,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         nodes_dirs=tuple(Path(p) for p in args.nodes_dir), device=args.device, dtype=args.dtype,
         allow_pickle=args.unsafe_load_pickle, shutdown_timeout=args.shutdown_timeout, limits=limits,
         prompt_timeout=args.prompt_timeout or None, stuck_grace=args.prompt_timeout_grace,
-        disk_cache=disk_cache_from(args, base, code=code_identity([base / "custom_nodes", *map(Path, args.nodes_dir)])))
+        disk_cache=disk_cache_from(args, base, code=code_identity([base / "custom_nodes", *map(Path, args.nodes_dir)])),
+        scale_out=scale_out_from(args))
 
 
 def _size(text: str) -> int:

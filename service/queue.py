@@ -130,17 +130,27 @@ class QueueStore:
                 "VALUES (?, ?, ?, ?, ?, ?, ?)", (prompt_id, number, client_id, *texts, time.time()))
         return number
 
-    def claim(self) -> QueueItem | None:
-        """The next pending prompt, now marked running with one more attempt (committed before it runs)."""
+    def claim(self, prompt_id: str | None = None) -> QueueItem | None:
+        """The next pending prompt (or the pending prompt `prompt_id`), now marked running with one more attempt
+        (committed before it runs)."""
         with self._lock, _transaction(self._db):
             row = self._db.execute(
                 "SELECT prompt_id, number, prompt, extra_data, outputs, client_id, attempts FROM queue "
-                "WHERE state='pending' ORDER BY number, seq LIMIT 1").fetchone()
+                "WHERE state='pending' AND (? IS NULL OR prompt_id=?) ORDER BY number, seq LIMIT 1",
+                (prompt_id, prompt_id)).fetchone()
             if row is None:
                 return None
             self._db.execute("UPDATE queue SET state='running', attempts=attempts+1, started_at=? WHERE prompt_id=?",
                              (time.time(), row[0]))
         return _item(row, attempts=row[6] + 1)
+
+    def pending(self, limit: int) -> list[QueueItem]:
+        """The first `limit` pending prompts in run order, not claimed (scale-out routing looks ahead)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT prompt_id, number, prompt, extra_data, outputs, client_id, attempts FROM queue "
+                "WHERE state='pending' ORDER BY number, seq LIMIT ?", (limit,)).fetchall()
+        return [_item(row, attempts=row[6]) for row in rows]
 
     def running(self) -> list[QueueItem]:
         """Prompts marked running: at start-up, those a previous process was running when it stopped."""

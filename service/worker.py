@@ -43,6 +43,15 @@ class FreesMemory(Protocol):
     def free_memory(self, unload_models: bool, free_memory: bool) -> None: ...
 
 
+class WorkerLost(Exception):
+    """The process running a prompt died under it (scale-out: a Ray worker actor killed, its node lost).
+    `retry`: put the prompt back in the queue (for another worker); else it is recorded as failed with the reason."""
+
+    def __init__(self, reason: str, *, retry: bool):
+        super().__init__(reason)
+        self.retry = retry
+
+
 @dataclass
 class _Current:
     item: QueueItem
@@ -196,6 +205,9 @@ class Worker:
         try:
             report = self.executor.run(result.graph, listeners=[self._listener(current, messages)],
                                        cancel=current.token, run_id=item.prompt_id, prompt=item.prompt, extra=extra)
+        except WorkerLost as lost:  # scale-out: the worker process died; once more elsewhere, then failed
+            self._lost(current, messages, lost)
+            return
         except BaseException as exc:  # SystemExit, KeyboardInterrupt from a node; or the engine itself failed
             log.error("prompt %s: the run raised %s", item.prompt_id, type(exc).__name__, exc_info=True)
             if not self._still_ours(current):
@@ -224,6 +236,16 @@ class Worker:
         self._send(item, out)
         log.info("prompt %s: %s in %.2f s (%d ran, %d cached)", item.prompt_id, report.status,
                  time.perf_counter() - started, len(report.executed), len(report.cached))
+
+    def _lost(self, current: _Current, messages: RunMessages, lost: WorkerLost) -> None:
+        item = current.item
+        if lost.retry:
+            log.warning("prompt %s: %s; it runs again on another worker", item.prompt_id, lost)
+            self.store.requeue(item.prompt_id, forget_attempt=False)
+            return
+        log.error("prompt %s: %s; marked failed", item.prompt_id, lost)
+        self._record_failure(item, messages, "WorkerLost", str(lost), node_id=current.node,
+                             node_type=self._type_of(item, current.node))
 
     def _still_ours(self, current: _Current) -> bool:
         """False when the deadline has already recorded this prompt as failed (its node ran on regardless)."""
