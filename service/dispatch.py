@@ -89,42 +89,46 @@ class Router:
 
     # -- claiming -----------------------------------------------------------------------------------------------
     def claim(self, name: str) -> QueueItem | None:
-        """Called by worker `name` when it is free: the prompt it should run now (claimed), or None."""
+        """Called by worker `name` when it is free: the prompt it should run now (claimed), or None. Free workers
+        that may suit the rest of the queue better are woken."""
         while True:
             with self._lock:
-                if name not in self._views:
-                    return None
-                self.update(name, busy=False)
-                pending = self.store.pending(self.lookahead)
-                if not pending:
-                    return None
-                candidates = [self._candidate(item) for item in pending]
-                views = list(self._views.values())
-                stuck = next((u for c in candidates if (u := unroutable(c, views)) is not None), None)
-                if stuck is None:
-                    route = choose(self.policy, name, candidates, views, round_robin=self._round_robin,
-                                   patience=self.patience)
-                    if route is None:
-                        self._pass_over(candidates)
-                        wake = [w for n, w in self._wakers.items() if n != name and not self._views[n].busy]
-                    else:
-                        item = self.store.claim(route.prompt_id)
-                        if item is not None:
-                            if route.prompt_id != candidates[0].prompt_id:
-                                self._pass_over(candidates)
-                            self._note(route)
-                            self.update(name, busy=True)
-                            return item
-                        continue  # removed meanwhile (POST /queue delete): look again
-            if stuck is not None:
-                item = self.store.claim(stuck.prompt_id)
+                again, item, wake = self._try_claim(name)
+            for waker in wake:
+                waker()
+            if not again:
+                return item
+
+    def _try_claim(self, name: str) -> tuple[bool, QueueItem | None, list[Callable[[], None]]]:
+        """(look again, the claimed prompt, wakers of the other free workers)."""
+        if name not in self._views:
+            return False, None, []
+        self.update(name, busy=False)
+        pending = self.store.pending(self.lookahead)
+        if not pending:
+            return False, None, []
+        candidates = [self._candidate(item) for item in pending]
+        views = list(self._views.values())
+        for c in candidates:
+            stuck = unroutable(c, views)
+            if stuck is not None:  # no worker has the memory for it: failed with the reason, never run
+                item = self.store.claim(c.prompt_id)
                 if item is not None:
                     self.on_unroutable(item, stuck.reason)
                     self._forget(item.prompt_id)
-                continue
-            for waker in wake:
-                waker()
-            return None
+                return True, None, []
+        route = choose(self.policy, name, candidates, views, round_robin=self._round_robin, patience=self.patience)
+        others = [w for n, w in self._wakers.items() if n != name and not self._views[n].busy]
+        if route is None:
+            return False, None, others
+        item = self.store.claim(route.prompt_id)
+        if item is None:  # removed meanwhile (POST /queue delete): look again
+            return True, None, []
+        if route.prompt_id != candidates[0].prompt_id:
+            self._pass_over(candidates)
+        self._note(route)
+        self.update(name, busy=True)
+        return False, item, others
 
     def decision(self, prompt_id: str) -> Route | None:
         with self._lock:

@@ -1,0 +1,189 @@
+"""Issue #16 on a real local Ray cluster: one durable queue, two worker actors (tiny generated checkpoints A and B).
+
+A module-scoped cluster (`ray.init(num_cpus=2)`, no dashboard) and one pool of two actors serve every test; each
+test waits a bounded time. Skipped only when ray is not installed (`pip install -e '.[dev,ray]'`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+pytestmark = [pytest.mark.ray]
+
+REPO = Path(__file__).resolve().parents[2]
+SLOW_NODE = '''
+import os, time
+from engine import FLOAT, INT, Input, Result, node
+
+@node("SlowPid", category="test/ray", output_node=True,
+      inputs=[Input("seconds", FLOAT, default=1.0, min=0.0, max=60.0), Input("tag", INT, default=0)], outputs=[])
+def slow_pid(ctx, seconds, tag):
+    """Runs `seconds`, checking for cancellation, and shows the pid of the process that ran it."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        ctx.check_cancelled()
+        time.sleep(0.02)
+    return Result((), {"pid": [os.getpid()]})
+'''
+
+
+class RecordingHub:
+    """The websocket hub's surface the workers use: what each client was sent."""
+
+    def __init__(self):
+        self.sent: dict[str, list] = {}
+
+    def publish(self, client: str, message) -> None:
+        self.sent.setdefault(client, []).append(message)
+
+    def publish_all(self, message) -> None:
+        pass
+
+    def kinds(self, client: str) -> list[str]:
+        return [json.loads(m)["type"] for m in self.sent.get(client, []) if isinstance(m, str)]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    from diffusion.make_checkpoint import make_checkpoint
+    from engine.sizes import DEFAULT_SIZE_LIMITS
+    from nodes import build_registry
+    from nodes.folders import Folders
+    from nodes.runtime import Runtime
+    from service.queue import QueueStore
+    from service.ray_pool import RayPool, WorkerSettings
+    from service.scale_options import ScaleOut
+
+    base = tmp_path_factory.mktemp("ray") / "base"
+    for folder in ("custom_nodes", "input", "output", "models/checkpoints"):
+        (base / folder).mkdir(parents=True)
+    (base / "custom_nodes" / "slow_pid.py").write_text(SLOW_NODE)
+    make_checkpoint(base / "models/checkpoints/a.safetensors", preset="tiny", seed=1)
+    make_checkpoint(base / "models/checkpoints/b.safetensors", preset="tiny", seed=2)
+    ray.init(num_cpus=2, include_dashboard=False, namespace="sdgraph", log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    store = QueueStore(base / "user" / "q.sqlite3")
+    registry = build_registry(pack_dirs=[base / "custom_nodes"])
+    hub = RecordingHub()
+    pool = RayPool(store=store, registry=registry, resources=Runtime(Folders.at(base)), hub=hub,
+                   scale=ScaleOut("local", workers=2, memory=512 << 20), sizes=DEFAULT_SIZE_LIMITS,
+                   settings=WorkerSettings(str(base), (str(base / "custom_nodes"),), device="cpu", dtype="fp32",
+                                           memory=512 << 20, cpus=1))
+    pool.start()
+    yield pool, store, hub, base
+    pool.stop(5, grace=5)
+    store.close()
+    ray.shutdown()
+
+
+def submit(pool, store, prompt: dict, client: str | None = None) -> str:
+    prompt_id = uuid.uuid4().hex
+    store.put(prompt_id=prompt_id, prompt=prompt, extra_data={}, outputs=[n for n in prompt if n.startswith("o")],
+              client_id=client, number=None, front=False, max_pending=100)
+    pool.wake()
+    return prompt_id
+
+
+def wait_for(store, prompt_ids: list[str], *, timeout: float = 60) -> dict[str, dict]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        states = {pid: store.describe(pid) for pid in prompt_ids}
+        if all(s["state"] in ("success", "failed", "interrupted") for s in states.values()):
+            return states
+        time.sleep(0.1)
+    raise AssertionError(f"not finished in {timeout} s: {states}")
+
+
+def wait_running(pool, prompt_id: str, *, timeout: float = 30) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(r[0] == prompt_id for r in pool.running_all()):
+            return pool.router.decision(prompt_id).worker
+        time.sleep(0.05)
+    raise AssertionError(f"{prompt_id} did not start")
+
+
+def slow(seconds: float, tag: int) -> dict:
+    return {"o1": {"class_type": "SlowPid", "inputs": {"seconds": seconds, "tag": tag}}}
+
+
+def txt2img(ckpt: str, seed: int) -> dict:
+    prompt = json.loads((REPO / "graphs" / "txt2img.json").read_text())
+    prompt["4"]["inputs"]["ckpt_name"] = ckpt
+    prompt["3"]["inputs"].update(steps=2, seed=seed)
+    prompt["5"]["inputs"].update(width=64, height=64)
+    prompt["o9"] = prompt.pop("9")
+    return prompt
+
+
+def test_prompts_are_spread_over_both_workers_with_the_websocket_events(cluster):
+    pool, store, hub, _ = cluster
+    ids = [submit(pool, store, slow(1.0, tag), client="c1") for tag in range(4)]
+    states = wait_for(store, ids)
+    assert all(s["state"] == "success" for s in states.values()), states
+    assert {pool.router.decision(pid).worker for pid in ids} == {s.name for s in pool.slots}
+    pids = {json.loads(store.history_entry_json(pid))["outputs"]["o1"]["pid"][0] for pid in ids}
+    assert pids == {s.info["pid"] for s in pool.slots}  # ran in the two actor processes, not here
+    assert os.getpid() not in pids
+    kinds = hub.kinds("c1")
+    assert kinds.count("execution_start") == 4 and kinds.count("execution_success") == 4
+    assert kinds.count("executed") == 4
+
+
+def test_a_prompt_needing_model_a_goes_to_the_worker_holding_a(cluster):
+    pool, store, _, base = cluster
+    first_a = submit(pool, store, txt2img("a.safetensors", 1))
+    wait_for(store, [first_a], timeout=120)
+    first_b = submit(pool, store, txt2img("b.safetensors", 1))
+    wait_for(store, [first_b], timeout=120)
+    holder_a, holder_b = pool.router.decision(first_a).worker, pool.router.decision(first_b).worker
+    assert holder_a != holder_b  # B went to the worker with the most free memory, not the one holding A
+    later = [submit(pool, store, txt2img(name, seed)) for seed in (2, 3) for name in ("a.safetensors",
+                                                                                      "b.safetensors")]
+    states = wait_for(store, later, timeout=120)
+    assert all(s["state"] == "success" for s in states.values()), states
+    for pid, name in zip(later, ["a", "b", "a", "b"], strict=True):
+        route = pool.router.decision(pid)
+        assert route.worker == (holder_a if name == "a" else holder_b), (name, route)
+        assert route.reason.startswith("holds its models"), route
+    images = list((base / "output").glob("*.png"))
+    assert len(images) >= 6 and not list((base / "output").glob(".*.part"))
+    routing = pool.routing()
+    assert routing["policy"] == "affinity" and {w["name"] for w in routing["workers"]} == {holder_a, holder_b}
+    assert routing["decisions"][later[0]]["worker"] == holder_a
+
+
+def test_killing_a_worker_mid_prompt_requeues_it_and_every_prompt_completes(cluster):
+    pool, store, _, _ = cluster
+    victim_prompt = submit(pool, store, slow(4.0, 100))
+    worker = wait_running(pool, victim_prompt)
+    others = [submit(pool, store, slow(0.5, 101 + i)) for i in range(3)]
+    slot = next(s for s in pool.slots if s.name == worker)
+    dead_pid = slot.info["pid"]
+    time.sleep(0.5)
+    os.kill(dead_pid, signal.SIGKILL)
+    states = wait_for(store, [victim_prompt, *others], timeout=90)
+    assert all(s["state"] == "success" for s in states.values()), states
+    assert states[victim_prompt]["attempts"] == 2  # ran once more, after the loss
+    assert pool.router.decision(victim_prompt).worker != worker  # on the other worker
+    assert slot.info["pid"] != dead_pid  # the started worker was replaced
+
+
+def test_cancel_reaches_the_worker_running_that_prompt(cluster):
+    pool, store, hub, _ = cluster
+    keep = submit(pool, store, slow(3.0, 200), client="c2")
+    stop = submit(pool, store, slow(30.0, 201), client="c2")
+    assert wait_running(pool, keep) != wait_running(pool, stop)
+    assert pool.interrupt(stop)
+    states = wait_for(store, [keep, stop], timeout=30)
+    assert states[stop]["state"] == "interrupted" and states[keep]["state"] == "success"
+    assert "execution_interrupted" in hub.kinds("c2")
+    assert not pool.interrupt("no-such-prompt")
