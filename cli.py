@@ -34,6 +34,7 @@ from engine.diskcache import add_cache_arguments, disk_cache_from
 from engine.events import Event
 from engine.schema import object_info
 from engine.sizes import add_size_arguments, size_limits_from
+from service.scale_options import add_ray_arguments
 
 EXIT_OK, EXIT_NODE_FAILED, EXIT_INVALID, EXIT_TIMEOUT, EXIT_INTERRUPTED = 0, 1, 2, 124, 130
 
@@ -46,6 +47,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] == "make-checkpoint":
         from diffusion.make_checkpoint import main as make_checkpoint
         return make_checkpoint(argv[1:])
+    if argv and argv[0] == "worker":  # scale-out: a Ray worker actor on this machine (imports ray)
+        from service.ray_pool import worker_main
+        return worker_main(argv[1:])
     if argv and argv[0] == "train-demo":
         from demo_model.cli import main as train_demo
         return train_demo(argv[1:])
@@ -96,6 +100,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--unsafe-load-pickle", action="store_true", help="allow .ckpt/.pt model files "
                      "(loaded with weights_only=True)")
     add_cache_arguments(run, _size)
+    run.add_argument("--sweep", action="append", default=[], metavar="ID.INPUT=A..B|a,b,c", help="run the graph "
+                     "for each value (several --sweep: every combination), e.g. --sweep 3.seed=1..64")
+    add_ray_arguments(run)
     run.set_defaults(handler=_cmd_run)
 
     replay = sub.add_parser("replay", parents=[common, sizes], help="re-run the graph a saved PNG carries and "
@@ -126,6 +133,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("serve", help="start the HTTP/WebSocket server (see `sdgraph serve --help`)")
     sub.add_parser("make-checkpoint", help="write a random-weight SD1 checkpoint (see its --help)")
     sub.add_parser("train-demo", help="train the bundled demo model (see its --help)")
+    sub.add_parser("worker", help="serve prompts of `sdgraph serve --ray` from this machine (see its --help)")
     return parser
 
 
@@ -230,6 +238,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return EXIT_INVALID
     from nodes import code_identity
     disk = disk_cache_from(args, runtime.folders.base, code=code_identity(_pack_dirs(args, runtime.folders)))
+    if args.sweep or args.ray:
+        from service.sweep import run_sweep
+        return run_sweep(args, api, registry=registry, runtime=runtime, disk=disk, files_of=_output_files)
     cancel = CancelToken()
     progress = _ProgressBar(sys.stderr)
     previous = signal.signal(signal.SIGINT, _interrupt_handler(cancel))

@@ -60,6 +60,7 @@ class WorkerSettings:
     memory: int | None = None  # bytes for models on its device; None: what the device has
     cpus: float = 1.0
     gpus: float = 0.0
+    output: str | None = None  # write outputs here instead of BASE/output (sdgraph run --out)
 
 
 class PromptRunner:
@@ -76,7 +77,7 @@ class PromptRunner:
             import torch
             torch.set_num_threads(int(settings.cpus))
         self.name = name
-        folders = Folders.at(settings.base_dir)
+        folders = Folders.at(settings.base_dir, output=settings.output)
         self.registry = build_registry(pack_dirs=[Path(p) for p in settings.pack_dirs])
         on_gpu = bool(settings.device and settings.device.startswith("cuda"))
         self.runtime = Runtime(folders, device=settings.device, dtype=settings.dtype,
@@ -436,3 +437,53 @@ def pool_for(config: Any, *, store: QueueStore, resources: Any, **worker_kwargs:
                               device=config.device, dtype=config.dtype, allow_pickle=config.allow_pickle,
                               memory=scale.memory, cpus=scale.cpus, gpus=scale.gpus)
     return RayPool(store=store, resources=resources, scale=scale, settings=settings, **worker_kwargs)
+
+
+def worker_main(argv: list[str]) -> int:
+    """`sdgraph worker`: start a worker actor on this machine's Ray node (one per device) and keep it until
+    SIGTERM/SIGINT. `sdgraph serve --ray ADDRESS` finds it by name and routes prompts to it."""
+    import argparse
+    import signal
+    import socket
+
+    from .scale_options import _size
+
+    p = argparse.ArgumentParser(prog="sdgraph worker", description="Serve prompts of `sdgraph serve --ray` from "
+                                "this machine: one worker actor (one per device) in the Ray cluster.")
+    p.add_argument("--ray", default="auto", metavar="ADDRESS", help="the cluster (default auto: the one `ray start` "
+                   "runs on this machine)")
+    p.add_argument("--name", default=None, help="its name in routing (default HOST-DEVICE)")
+    p.add_argument("--base-dir", default=None, help="models/, output/, custom_nodes/: the same folder the server "
+                   "uses, or a shared mount of it (default: the working directory)")
+    p.add_argument("--nodes-dir", action="append", default=[], metavar="DIR", help="also load node packs from DIR")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: best available)")
+    p.add_argument("--dtype", default=None, choices=["auto", "fp32", "fp16", "bf16"])
+    p.add_argument("--memory", type=_size, default=None, metavar="SIZE", help="memory for models (default: what "
+                   "the device has); a model needing more is never routed here")
+    p.add_argument("--cpus", type=float, default=1.0, help="Ray CPUs it takes (and its torch threads)")
+    p.add_argument("--gpus", type=float, default=None, help="Ray GPUs it takes (default 1 with a cuda device)")
+    p.add_argument("--unsafe-load-pickle", action="store_true")
+    args = p.parse_args(argv)
+    base = Path(args.base_dir or os.getcwd()).absolute()
+    gpus = args.gpus if args.gpus is not None else (1.0 if (args.device or "").startswith("cuda") else 0.0)
+    name = args.name or f"{socket.gethostname()}-{(args.device or 'auto').replace(':', '')}"
+    settings = WorkerSettings(str(base), tuple(str(d) for d in [base / "custom_nodes", *args.nodes_dir]),
+                              device=args.device, dtype=args.dtype, allow_pickle=args.unsafe_load_pickle,
+                              memory=args.memory, cpus=args.cpus, gpus=gpus)
+    import ray
+
+    connect(args.ray)
+    actor = start_actor(name, settings, detached=True, here=True)
+    info = ray.get(actor.info.remote())
+    print(f"sdgraph worker {name} ready (pid {info['pid']}, {info['capacity']} bytes for models)", flush=True)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    while not stop.wait(5):
+        try:
+            ray.get(actor.info.remote(), timeout=30)
+        except Exception as exc:  # noqa: BLE001 - the actor is gone: say so and exit for a supervisor
+            print(f"sdgraph worker {name}: the actor is gone ({type(exc).__name__}); exiting", flush=True)
+            return 3
+    ray.kill(actor)
+    return 0
