@@ -1,0 +1,121 @@
+"""Issue #16's routing, without a cluster: the model files a prompt needs, the affinity and round-robin policies,
+memory limits, retries away from a lost worker, the sweep syntax; and Ray is never imported without --ray."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine import GraphFormatError
+from service.affinity import Candidate, ModelFile, RoundRobin, WorkerView, choose_affinity, eligible, unroutable
+from service.dispatch import Router
+from service.queue import QueueStore
+from service.sweep import expand, parse_axis
+
+REPO = Path(__file__).resolve().parents[2]
+A = ModelFile("/m/a.safetensors", 100, 1)
+B = ModelFile("/m/b.safetensors", 100, 2)
+HUGE = ModelFile("/m/xl.safetensors", 10_000, 3)
+
+
+def view(name, holds=(), *, free=500, capacity=1000, busy=False):
+    return WorkerView(name, frozenset(holds), capacity, free, busy)
+
+
+def test_a_free_worker_takes_the_prompt_whose_models_it_holds_before_the_head():
+    workers = [view("w1", [A]), view("w2", [B], busy=True)]
+    route = choose_affinity("w1", [Candidate("p1", (B,)), Candidate("p2", (A,))], workers)
+    assert route.prompt_id == "p2" and route.reason.startswith("holds its models")
+
+
+def test_without_a_holder_the_free_worker_with_most_free_memory_gets_it():
+    workers = [view("w1", free=100), view("w2", free=900)]
+    assert choose_affinity("w1", [Candidate("p1", (A,))], workers) is None  # w2 suits it better
+    route = choose_affinity("w2", [Candidate("p1", (A,))], workers)
+    assert route.prompt_id == "p1" and "most free memory" in route.reason
+
+
+def test_a_model_bigger_than_a_worker_never_goes_there():
+    workers = [view("small", capacity=500, free=500), view("big", capacity=50_000, free=10, busy=True)]
+    assert eligible(Candidate("p", (HUGE,)), workers) == [workers[1]]
+    assert choose_affinity("small", [Candidate("p", (HUGE,))], workers) is None  # waits for the big one
+    assert unroutable(Candidate("p", (HUGE,)), workers[:1]).reason.startswith("its models need 10000 bytes")
+
+
+def test_a_prompt_lost_on_a_worker_is_retried_elsewhere():
+    workers = [view("w1", [A], free=900), view("w2", free=100)]
+    lost = Candidate("p", (A,), avoid=frozenset({"w1"}))
+    assert choose_affinity("w1", [lost], workers) is None
+    assert choose_affinity("w2", [lost], workers).prompt_id == "p"
+
+
+def test_the_head_is_not_passed_over_for_ever():
+    workers = [view("w1", [A])]
+    head = Candidate("pb", (B,), skipped=8)
+    assert choose_affinity("w1", [head, Candidate("pa", (A,))], workers, patience=8).prompt_id == "pb"
+
+
+def test_round_robin_takes_turns_whatever_the_workers_hold():
+    rr, workers = RoundRobin(), [view("w1", [A]), view("w2", [B])]
+    heads = [Candidate("p1", (A,)), Candidate("p2", (A,))]
+    assert rr.choose("w2", heads, workers) is None
+    assert rr.choose("w1", heads, workers).prompt_id == "p1"
+    assert rr.choose("w2", heads[1:], workers).prompt_id == "p2"
+
+
+def _queue(tmp_path, needs):
+    store = QueueStore(tmp_path / "q.sqlite3")
+    for pid in needs:
+        store.put(prompt_id=pid, prompt={}, extra_data={}, outputs=[], client_id=None, number=None, front=False,
+                  max_pending=100)
+    return store
+
+
+def test_the_router_claims_by_affinity_and_records_its_decisions(tmp_path):
+    needs = {"p1": (A,), "p2": (B,), "p3": (A,)}
+    store = _queue(tmp_path, needs)
+    router = Router(store, needs=lambda item: needs[item.prompt_id])
+    woken = []
+    router.register(view("w1", [B], free=100), lambda: woken.append("w1"))
+    router.register(view("w2", [A], free=100), lambda: woken.append("w2"))
+    assert router.claim("w1").prompt_id == "p2"
+    assert router.claim("w2").prompt_id == "p1"
+    assert store.describe("p1")["state"] == "running" and store.describe("p3")["state"] == "pending"
+    state = router.state()
+    assert state["decisions"]["p2"] == {"worker": "w1", "reason": "holds its models (b.safetensors)"}
+    assert [w["name"] for w in state["workers"] if w["busy"]] == ["w1", "w2"]
+
+
+def test_the_router_fails_a_prompt_no_worker_has_the_memory_for(tmp_path):
+    store = _queue(tmp_path, ["big", "ok"])
+    failed = []
+    router = Router(store, needs=lambda item: (HUGE,) if item.prompt_id == "big" else (A,),
+                    on_unroutable=lambda item, reason: (failed.append((item.prompt_id, reason)),
+                                                        store.finish(item.prompt_id, number=item.number,
+                                                                     status="failed", attempts=1, entry={})))
+    router.register(view("w1", capacity=1000), lambda: None)
+    assert router.claim("w1").prompt_id == "ok"
+    assert failed[0][0] == "big" and "largest worker has 1000 bytes" in failed[0][1]
+
+
+def test_sweep_axes_parse_ranges_lists_and_make_products():
+    assert parse_axis("3.seed=1..4").values == ("1", "2", "3", "4")
+    assert parse_axis("6.text=a cat,a dog").values == ("a cat", "a dog")
+    api = {"3": {"class_type": "K", "inputs": {"seed": 0}}, "6": {"class_type": "T", "inputs": {"text": ""}}}
+    prompts = expand(api, [parse_axis("3.seed=1..2"), parse_axis("6.text=x,y")])
+    assert [p[0] for p in prompts] == [("3.seed=1", "6.text=x"), ("3.seed=1", "6.text=y"),
+                                      ("3.seed=2", "6.text=x"), ("3.seed=2", "6.text=y")]
+    assert prompts[3][1]["3"]["inputs"]["seed"] == 2 and prompts[3][1]["6"]["inputs"]["text"] == "y"
+    for bad in ("seed=1..3", "3.seed=4..1", "3.seed=a..b", "3.seed="):
+        with pytest.raises(GraphFormatError, match="--sweep"):
+            parse_axis(bad)
+    with pytest.raises(GraphFormatError, match="no node '9'"):
+        expand(api, [parse_axis("9.seed=1")])
+
+
+def test_the_server_and_the_cli_do_not_import_ray_without_the_flag():
+    code = "import sys, server, cli; cli._parser(); sys.exit(1 if 'ray' in sys.modules else 0)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO, env={"PYTHONPATH": str(REPO)}).returncode == 0
