@@ -187,3 +187,50 @@ def test_cancel_reaches_the_worker_running_that_prompt(cluster):
     assert states[stop]["state"] == "interrupted" and states[keep]["state"] == "success"
     assert "execution_interrupted" in hub.kinds("c2")
     assert not pool.interrupt("no-such-prompt")
+
+
+def test_the_http_api_is_unchanged_with_prompts_on_the_workers(cluster, tmp_path):
+    """`sdgraph serve --ray auto` in-process, attached to the running worker actors (as to `sdgraph worker`
+    ones): POST /prompt, the websocket events, history, /view, and the routing in GET /queue."""
+    import asyncio
+
+    import aiohttp
+    from aiohttp.test_utils import TestServer
+    from serverkit import Api, messages_until_done
+
+    import server
+    from service.core import Service
+    from service.options import build_parser, config_from_args
+
+    _, _, _, base = cluster
+    config = config_from_args(build_parser().parse_args(["--base-dir", str(base), "--database",
+                                                         str(tmp_path / "front.sqlite3"), "--ray", "auto"]))
+
+    async def scenario():
+        service = Service.open(config)
+        service.start(asyncio.get_running_loop())
+        assert {s.name for s in service.worker.slots} == {s.name for s in cluster[0].slots}
+        assert not any(s.owned for s in service.worker.slots)
+        test_server = TestServer(server.create_app(service), host="127.0.0.1")
+        await test_server.start_server()
+        try:
+            async with aiohttp.ClientSession() as session:
+                api = Api(session, str(test_server.make_url("")).rstrip("/"))
+                async with session.ws_connect(str(test_server.make_url("/ws?clientId=web"))) as ws:
+                    prompt = txt2img("a.safetensors", 77)
+                    prompt_id = await api.queue(prompt, client_id="web")
+                    seen = await messages_until_done(ws, prompt_id, timeout=90)
+                kinds = [m["type"] for m in seen if isinstance(m, dict)]
+                assert "execution_start" in kinds and "execution_success" in kinds and "progress" in kinds
+                status, queue = await api.get("/queue")
+                assert queue["routing"]["decisions"][prompt_id]["worker"] in {s.name for s in service.worker.slots}
+                status, history = await api.get(f"/history/{prompt_id}")
+                image = history[prompt_id]["outputs"]["o9"]["images"][0]
+                status, data = await api.get(f"/view?filename={image['filename']}&type=output")
+                assert status == 200 and data[:8] == b"\x89PNG\r\n\x1a\n"
+        finally:
+            await test_server.close()
+            await service.stop()
+
+    asyncio.run(scenario())
+    assert ray.is_initialized()  # the front attached to a cluster it did not start: it leaves it running
