@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]' torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev,ray]' torch==2.13.0
 	# spandrel (upscale models) without its torchvision requirement, which would replace our CPU torch
 	$(BIN)/pip install -q --no-deps spandrel==0.4.2
 	touch $@

@@ -13,4 +13,6 @@ Modules, in the order a request meets them:
   hub       - websocket clients, each with its own bounded outbox
   uploads   - /upload/image, /upload/mask and /view files
   openapi   - the OpenAPI document; answers - the JSON schemas of the routes' answers
+Scale-out (--ray, docs/scale-out.md): scale_options (flags), affinity (routing policies), dispatch (the router
+over one queue), ray_pool (worker actors; the only module importing ray), sweep (`sdgraph run --sweep`).
 """
