@@ -212,10 +212,10 @@ async def get_ws(request: web.Request) -> web.StreamResponse:
     conn = svc.hub.attach(client_id, ws, abort=lambda: transport.abort() if transport is not None else None)
     try:
         conn.outbox.put_nowait(status_text(await svc.call(svc.store.remaining), sid=client_id))
-        running = svc.worker.running()
-        if running is not None and running[1] == client_id and running[2] is not None:
-            conn.outbox.put_nowait(ws_text("executing", {"node": running[2], "display_node": running[2],
-                                                         "prompt_id": running[0]}))
+        for running in svc.worker.running_all():
+            if running[1] == client_id and running[2] is not None:
+                conn.outbox.put_nowait(ws_text("executing", {"node": running[2], "display_node": running[2],
+                                                             "prompt_id": running[0]}))
         async for _message in ws:  # clients may send messages (feature flags); nothing here needs them
             pass
     finally:

@@ -195,7 +195,7 @@ class Service:
 
     async def describe(self, prompt_id: str) -> dict[str, Any] | None:
         described = await self.call(self.store.describe, prompt_id)
-        running = self.worker.running() if self.worker else None
-        if described is not None and running is not None and running[0] == prompt_id:
-            described["node"] = running[2]
+        for running in self.worker.running_all() if self.worker else ():
+            if described is not None and running[0] == prompt_id:
+                described["node"] = running[2]
         return described

@@ -103,6 +103,11 @@ class Worker:
             cur = self._current
             return None if cur is None else (cur.item.prompt_id, cur.item.client_id, cur.node)
 
+    def running_all(self) -> list[tuple[str, str | None, str | None]]:
+        """Every running prompt as `running()` gives it (one here; one per worker when scaled out)."""
+        running = self.running()
+        return [] if running is None else [running]
+
     def interrupt(self, prompt_id: str | None = None) -> bool:
         """Cancel the running prompt (only if it is `prompt_id`, when given). Returns whether one was cancelled."""
         with self._lock:
