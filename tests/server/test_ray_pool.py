@@ -234,3 +234,18 @@ def test_the_http_api_is_unchanged_with_prompts_on_the_workers(cluster, tmp_path
 
     asyncio.run(scenario())
     assert ray.is_initialized()  # the front attached to a cluster it did not start: it leaves it running
+
+
+def test_a_sweep_with_ray_fans_over_the_workers_and_collects_every_result(cluster, tmp_path, capsys):
+    import cli
+
+    pool, _, _, base = cluster
+    graph = tmp_path / "g.json"
+    graph.write_text(json.dumps(slow(0.3, 0)))
+    code = cli.main(["run", str(graph), "--base-dir", str(base), "--sweep", "o1.tag=1..6", "--ray", "auto",
+                     "--json", "--explain"])
+    assert code == 0
+    rows = json.loads(capsys.readouterr().out)["prompts"]
+    assert len(rows) == 6 and all(r["status"] == "success" for r in rows)
+    assert {r["worker"] for r in rows} == {s.name for s in pool.slots}  # both workers took part
+    assert all(r["reason"] for r in rows)

@@ -119,3 +119,24 @@ def test_sweep_axes_parse_ranges_lists_and_make_products():
 def test_the_server_and_the_cli_do_not_import_ray_without_the_flag():
     code = "import sys, server, cli; cli._parser(); sys.exit(1 if 'ray' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO, env={"PYTHONPATH": str(REPO)}).returncode == 0
+
+
+def test_a_sweep_without_ray_runs_every_combination_here(tmp_path, capsys):
+    import json
+    import shutil
+
+    import cli
+
+    base = tmp_path / "base"
+    (base / "custom_nodes").mkdir(parents=True)
+    shutil.copy(REPO / "tests" / "server" / "toy_server_nodes.py", base / "custom_nodes")
+    graph = tmp_path / "g.json"
+    graph.write_text(json.dumps({"1": {"class_type": "ToySaveImage", "inputs": {"value": 0, "filename_prefix": "s"}}}))
+    code = cli.main(["run", str(graph), "--base-dir", str(base), "--sweep", "1.value=1..3",
+                     "--sweep", "1.filename_prefix=x,y", "--json"])
+    assert code == 0
+    rows = json.loads(capsys.readouterr().out)["prompts"]
+    assert [r["values"] for r in rows][:2] == [["1.value=1", "1.filename_prefix=x"], ["1.value=1", "1.filename_prefix=y"]]
+    assert all(r["status"] == "success" and r["worker"] == "here" for r in rows) and len(rows) == 6
+    assert sorted(p.name for p in (base / "output").iterdir()) == [f"{p}_0000{i}_.png" for p in "xy" for i in (1, 2, 3)]
+    assert cli.main(["run", str(graph), "--base-dir", str(base), "--sweep", "1.value=3..1"]) == 2
