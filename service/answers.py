@@ -39,8 +39,11 @@ UPLOADED = obj({"name": STRING, "subfolder": STRING, "type": STRING})
 ROOT = obj({"name": STRING, "version": STRING, "openapi": STRING, "websocket": STRING})
 PROMPT_ACCEPTED = obj({"prompt_id": STRING, "number": NUMBER, "node_errors": OBJECT})
 QUEUE_REMAINING = obj({"exec_info": obj({"queue_remaining": {**INT, "minimum": 0}})})
+ROUTING = {**obj({"policy": STRING, "workers": {"type": "array", "items": OBJECT}, "decisions": OBJECT}),
+           "description": "with --ray only (docs/scale-out.md): the workers, what they hold, and prompt_id -> "
+                          "{worker, reason}"}
 QUEUE = obj({"queue_running": {"type": "array", "items": QUEUE_ITEM},
-             "queue_pending": {"type": "array", "items": QUEUE_ITEM}, **WORKER})
+             "queue_pending": {"type": "array", "items": QUEUE_ITEM}, **WORKER}, routing=ROUTING)
 INTERRUPTED = obj({"interrupted": BOOL})
 PROMPT_STATE = obj({"prompt_id": STRING, "state": {"enum": ["pending", "running", "success", "failed",
                                                             "interrupted"]},

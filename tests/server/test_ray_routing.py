@@ -136,7 +136,8 @@ def test_a_sweep_without_ray_runs_every_combination_here(tmp_path, capsys):
                      "--sweep", "1.filename_prefix=x,y", "--json"])
     assert code == 0
     rows = json.loads(capsys.readouterr().out)["prompts"]
-    assert [r["values"] for r in rows][:2] == [["1.value=1", "1.filename_prefix=x"], ["1.value=1", "1.filename_prefix=y"]]
+    assert [r["values"] for r in rows][:2] == [["1.value=1", "1.filename_prefix=x"],
+                                               ["1.value=1", "1.filename_prefix=y"]]
     assert all(r["status"] == "success" and r["worker"] == "here" for r in rows) and len(rows) == 6
     assert sorted(p.name for p in (base / "output").iterdir()) == [f"{p}_0000{i}_.png" for p in "xy" for i in (1, 2, 3)]
     assert cli.main(["run", str(graph), "--base-dir", str(base), "--sweep", "1.value=3..1"]) == 2
