@@ -141,3 +141,43 @@ def test_a_sweep_without_ray_runs_every_combination_here(tmp_path, capsys):
     assert all(r["status"] == "success" and r["worker"] == "here" for r in rows) and len(rows) == 6
     assert sorted(p.name for p in (base / "output").iterdir()) == [f"{p}_0000{i}_.png" for p in "xy" for i in (1, 2, 3)]
     assert cli.main(["run", str(graph), "--base-dir", str(base), "--sweep", "1.value=3..1"]) == 2
+
+
+class LosingExecutor:
+    """Stands for a remote worker whose process dies under every prompt."""
+
+    resources = None
+
+    def __init__(self, retry: bool):
+        self.retry = retry
+
+    def run(self, graph, **_):
+        from service.worker import WorkerLost
+        raise WorkerLost("worker w1 (pid 42) died while running the prompt: ActorDiedError", retry=self.retry)
+
+
+@pytest.mark.parametrize("retry", [True, False])
+def test_a_prompt_whose_worker_died_is_requeued_once_then_failed_with_the_reason(tmp_path, retry):
+    import json
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(REPO / "tests" / "engine"))
+    from toy_nodes import toy_registry
+
+    from engine import CancelToken
+    from service.worker import Worker
+
+    store = QueueStore(tmp_path / "q.sqlite3")
+    store.put(prompt_id="p", prompt={"1": {"class_type": "Const", "inputs": {"value": 1}},
+                                     "2": {"class_type": "Show", "inputs": {"value": ["1", 0]}}},
+              extra_data={}, outputs=["2"], client_id=None, number=None, front=False, max_pending=10)
+    worker = Worker(store=store, executor=LosingExecutor(retry), registry=toy_registry(), hub=None)
+    item = store.claim()
+    worker._run(SimpleNamespace(item=item, token=CancelToken(), node=None, for_shutdown=False, abandoned=False))
+    if retry:
+        assert store.describe("p") == {"prompt_id": "p", "state": "pending", "number": 0, "attempts": 1,
+                                       "position": 0}
+    else:
+        assert store.describe("p")["state"] == "failed"
+        error = dict(json.loads(store.history_entry_json("p"))["status"]["messages"])["execution_error"]
+        assert error["exception_type"] == "WorkerLost" and "pid 42" in error["exception_message"]
