@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from dataclasses import dataclass
 
 from runtime.memory import parse_bytes
@@ -44,6 +45,8 @@ def scale_out_from(args: argparse.Namespace) -> ScaleOut | None:
     """None without --ray. Raises ValueError naming the flag when a value cannot work."""
     if not getattr(args, "ray", None):
         return None
+    if importlib.util.find_spec("ray") is None:  # looked up, not imported
+        raise ValueError("--ray needs Ray, which is not installed: pip install 'sdgraph[ray]' (or ray>=2.40)")
     if args.ray_workers < 0:
         raise ValueError(f"--ray-workers must be 0 or more, got {args.ray_workers}")
     if args.routing_lookahead < 1:

@@ -177,10 +177,14 @@ def run_sweep(args: Any, api: dict[str, Any], *, registry: NodeRegistry, runtime
     from .scale_options import scale_out_from
 
     prompts = expand(api, [parse_axis(spec) for spec in args.sweep])
+    try:
+        scale = scale_out_from(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     sizes, cancel = size_limits_from(args), CancelToken()
     previous = signal.signal(signal.SIGINT, lambda *_: cancel.cancel())
     try:
-        scale = scale_out_from(args)
         if scale is None:
             results = run_here(prompts, registry=registry, runtime=runtime, targets=args.only, cancel=cancel,
                                sizes=sizes, disk=disk)

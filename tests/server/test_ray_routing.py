@@ -181,3 +181,15 @@ def test_a_prompt_whose_worker_died_is_requeued_once_then_failed_with_the_reason
         assert store.describe("p")["state"] == "failed"
         error = dict(json.loads(store.history_entry_json("p"))["status"]["messages"])["execution_error"]
         assert error["exception_type"] == "WorkerLost" and "pid 42" in error["exception_message"]
+
+
+def test_ray_flags_without_ray_installed_say_how_to_install_it(monkeypatch):
+    import importlib.util
+
+    from service.options import build_parser, config_from_args
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    with pytest.raises(ValueError, match=r"pip install 'sdgraph\[ray\]'"):
+        config_from_args(build_parser().parse_args(["--ray", "auto"]))
+    assert config_from_args(build_parser().parse_args([])).scale_out is None
