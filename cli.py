@@ -48,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from diffusion.make_checkpoint import main as make_checkpoint
         return make_checkpoint(argv[1:])
     if argv and argv[0] == "worker":  # scale-out: a Ray worker actor on this machine (imports ray)
-        from service.ray_pool import worker_main
+        from service.ray_worker import worker_main
         return worker_main(argv[1:])
     if argv and argv[0] == "train-demo":
         from demo_model.cli import main as train_demo

@@ -4,12 +4,12 @@
 
 Two tiny random-weight checkpoints A and B (`sdgraph make-checkpoint --preset tiny`, seeds 1 and 2); prompts use
 them in turn (`alternate`: A B A B ..., `pairs`: A A B B ...), each with its own seed so nothing comes from the
-output cache. Each worker may hold one model at a time (`--worker-memory` of 1.5 checkpoints), so a worker given
-the other model must load it again. For each of 1 and 2 workers and each policy, a fresh pool (actors started
-before the clock starts) runs the same prompts: wall time from queueing to the last prompt done, prompts/s, and
-model loads (every part of a checkpoint counts: UNet, text encoder, VAE). The closing note prints both, and the
-ratios affinity / round-robin and 2 workers / 1 worker. On a real cluster see docs/scale-out.md.
-"""
+output cache. Each worker may hold one model at a time (a memory budget of 1.5 checkpoints plus the working memory
+the model manager reserves at 64 px), so a worker given the other model must load it again. For each of 1 and 2
+workers and each policy, a fresh pool (actors started before the clock starts) runs the same prompts: wall time from
+queueing to the last prompt done, prompts/s, and model loads (every part of a checkpoint counts: UNet, text encoder,
+VAE). The closing note prints both, and the ratios affinity / round-robin and 2 workers / 1 worker. On a real
+cluster see docs/scale-out.md."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ import uuid
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+WORKING = 144 << 20  # calibrated for the tiny preset at 64 px (a budget that holds one model, not two)
 sys.path.insert(0, str(REPO))
 
 
@@ -95,7 +96,9 @@ def main() -> int:
             (base / folder).mkdir(parents=True)
         for seed, name in ((1, "a"), (2, "b")):
             make_checkpoint(base / "models" / "checkpoints" / f"{name}.safetensors", preset="tiny", seed=seed)
-        memory = int(1.5 * os.path.getsize(base / "models" / "checkpoints" / "a.safetensors"))
+        # room for one model's weights and the working memory the model manager reserves beside them (its
+        # estimate for the VAE at 64 px is about 140 MB), not for two models' weights
+        memory = WORKING + int(1.5 * os.path.getsize(base / "models" / "checkpoints" / "a.safetensors"))
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="sdgraph-bench",
                  runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
         prompts = prompts_for(args.prompts, args.pattern, args.steps, args.size)
