@@ -72,11 +72,12 @@ def run_pool(base: Path, prompts: list[dict], *, workers: int, policy: str, memo
             seconds = time.perf_counter() - started
             infos = ray.get([slot.actor.info.remote() for slot in pool.slots])
             failed = store.history_json().count('"status_str":"error"')
+            shares = [info["prompts"] for info in infos]
         finally:
             pool.stop(5, grace=5)
             store.close()
     return {"workers": workers, "policy": policy, "seconds": seconds, "per_s": len(prompts) / seconds,
-            "loads": sum(i["loads"] for i in infos), "failed": failed}
+            "loads": sum(i["loads"] for i in infos), "failed": failed, "shares": shares}
 
 
 def main() -> int:
@@ -109,7 +110,8 @@ def main() -> int:
                     row = run_pool(base, prompts, workers=workers, policy=policy, memory=memory)
                     rows.append(row)
                     print(f"{workers} worker(s) {policy:12s} {row['seconds']:7.1f} s  {row['per_s']:.2f} prompts/s  "
-                          f"{row['loads']:3d} model loads  {row['failed']} failed", flush=True)
+                          f"{row['loads']:3d} model loads  {row['failed']} failed  prompts per worker "
+                          f"{row['shares']}", flush=True)
         finally:
             ray.shutdown()
     by = {(r["workers"], r["policy"]): r for r in rows}

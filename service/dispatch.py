@@ -125,7 +125,7 @@ class Router:
         if item is None:  # removed meanwhile (POST /queue delete): look again
             return True, None, []
         if route.prompt_id != candidates[0].prompt_id:
-            self._pass_over(candidates)
+            self._pass_over(candidates[0], views)
         self._note(route)
         self.update(name, busy=True)
         return False, item, others
@@ -153,9 +153,11 @@ class Router:
         return Candidate(item.prompt_id, models, self._avoid.get(item.prompt_id, frozenset()),
                          self._skipped.get(item.prompt_id, 0))
 
-    def _pass_over(self, candidates: list[Candidate]) -> None:
-        for c in candidates[:1]:
-            self._skipped[c.prompt_id] = c.skipped + 1
+    def _pass_over(self, head: Candidate, views: list[WorkerView]) -> None:
+        """The first in line was passed over for a later prompt. That counts towards its patience only when no
+        worker holds its models (a busy one that does takes it as soon as it is free)."""
+        if not any(v.holds and all(m in v.holds for m in head.models) for v in views if head.models):
+            self._skipped[head.prompt_id] = head.skipped + 1
 
     def _note(self, route: Route) -> None:
         self._decisions[route.prompt_id] = route

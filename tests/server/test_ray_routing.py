@@ -193,3 +193,17 @@ def test_ray_flags_without_ray_installed_say_how_to_install_it(monkeypatch):
     with pytest.raises(ValueError, match=r"pip install 'sdgraph\[ray\]'"):
         config_from_args(build_parser().parse_args(["--ray", "auto"]))
     assert config_from_args(build_parser().parse_args([])).scale_out is None
+
+
+def test_passing_over_the_head_counts_only_when_no_worker_holds_its_models(tmp_path):
+    """With two workers each holding one model, the busy holder of the head's model takes it next: the free one
+    must not flip to the head's model after `patience` prompts (that reloaded models in the benchmark)."""
+    needs = {f"p{i}": ((B,) if i % 2 == 0 else (A,)) for i in range(20)}
+    store = _queue(tmp_path, needs)
+    router = Router(store, needs=lambda item: needs[item.prompt_id], patience=2)
+    router.register(view("wa", [A]), lambda: None)
+    router.register(view("wb", [B], busy=True), lambda: None)
+    taken = [router.claim("wa").prompt_id for _ in range(5)]  # wb stays busy: its B prompts wait for it
+    assert taken == ["p1", "p3", "p5", "p7", "p9"]
+    router.retire("wb")  # now nobody holds B: the head is passed over `patience` times at most
+    assert [router.claim("wa").prompt_id for _ in range(3)] == ["p11", "p13", "p0"]
