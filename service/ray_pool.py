@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from engine import CancelToken, NodeRegistry, validate
+from engine.deadline import stuck_reason
 from engine.sizes import DEFAULT_SIZE_LIMITS, SizeLimits
 
 from .affinity import ModelFile, WorkerView, models_needed
@@ -114,6 +115,23 @@ class Slot(Worker):
     def reported(self, info: dict[str, Any]) -> None:
         self.info = info
         self.pool.router.update(self.name, holds=view_of(info).holds, free=info["free"], capacity=info["capacity"])
+
+    def _abandon(self, current: Any, messages: RunMessages) -> None:
+        """The deadline's grace has passed and the node on the actor still runs (stuck in C code): unlike a local
+        worker, the server need not exit. The prompt is failed (PromptTimeout, not retried) and the actor is killed,
+        which ends the run and replaces the worker (from the deadline's timer thread)."""
+        import ray
+
+        with self._lock:
+            if self._current is not current:
+                return
+            current.abandoned = True
+        item = current.item
+        reason = f"{stuck_reason(self.prompt_timeout or 0, self.stuck_grace)}; its worker {self.name} was restarted"
+        log.error("prompt %s: %s", item.prompt_id, reason)
+        self._record_failure(item, messages, "PromptTimeout", reason, node_id=current.node,
+                             node_type=self._type_of(item, current.node))
+        ray.kill(self.actor)
 
     def _apply_free(self) -> None:  # POST /free reaches the actor, between its prompts
         with self._lock:

@@ -244,6 +244,8 @@ class Worker:
 
     def _lost(self, current: _Current, messages: RunMessages, lost: WorkerLost) -> None:
         item = current.item
+        if not self._still_ours(current):  # already failed by the deadline, which stopped the worker itself
+            return
         if lost.retry:
             log.warning("prompt %s: %s; it runs again on another worker", item.prompt_id, lost)
             self.store.requeue(item.prompt_id, forget_attempt=False)

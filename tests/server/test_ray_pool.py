@@ -32,6 +32,13 @@ def slow_pid(ctx, seconds, tag):
         ctx.check_cancelled()
         time.sleep(0.02)
     return Result((), {"pid": [os.getpid()]})
+
+
+@node("StuckPid", category="test/ray", output_node=True, inputs=[Input("seconds", FLOAT, default=30.0)], outputs=[])
+def stuck_pid(ctx, seconds):
+    """Never checks for cancellation (as a node stuck in C code)."""
+    time.sleep(seconds)
+    return Result((), {"pid": [os.getpid()]})
 '''
 
 
@@ -249,3 +256,26 @@ def test_a_sweep_with_ray_fans_over_the_workers_and_collects_every_result(cluste
     assert len(rows) == 6 and all(r["status"] == "success" for r in rows)
     assert {r["worker"] for r in rows} == {s.name for s in pool.slots}  # both workers took part
     assert all(r["reason"] for r in rows)
+
+
+def test_a_node_stuck_on_a_worker_fails_its_prompt_and_restarts_that_worker_not_the_server(cluster):
+    """--prompt-timeout on a remote worker: the node ignores the interrupt, so after the grace period the prompt
+    is failed (PromptTimeout, not retried) and its actor is killed and replaced; the pool carries on."""
+    pool, store, _, _ = cluster
+    for slot in pool.slots:
+        slot.prompt_timeout, slot.stuck_grace = 1.0, 1.0
+    try:
+        stuck = submit(pool, store, {"o1": {"class_type": "StuckPid", "inputs": {"seconds": 60.0}}})
+        worker = wait_running(pool, stuck)
+        slot = next(s for s in pool.slots if s.name == worker)
+        old_pid = slot.info["pid"]
+        assert wait_for(store, [stuck], timeout=30)[stuck]["state"] == "failed"
+        error = dict(json.loads(store.history_entry_json(stuck))["status"]["messages"])["execution_error"]
+        assert error["exception_type"] == "PromptTimeout" and f"worker {worker} was restarted" in \
+            error["exception_message"]
+    finally:
+        for slot in pool.slots:
+            slot.prompt_timeout, slot.stuck_grace = None, 60.0
+    after = [submit(pool, store, slow(0.2, 300 + i)) for i in range(2)]
+    assert all(s["state"] == "success" for s in wait_for(store, after, timeout=90).values())
+    assert pool.alive and slot.info["pid"] != old_pid
