@@ -46,7 +46,7 @@ def scale_out_from(args: argparse.Namespace) -> ScaleOut | None:
     if not getattr(args, "ray", None):
         return None
     if importlib.util.find_spec("ray") is None:  # looked up, not imported
-        raise ValueError("--ray needs Ray, which is not installed: pip install 'sdgraph[ray]' (or ray>=2.40)")
+        raise ValueError("--ray needs Ray, which is not installed: pip install 'sdgraph[ray]' (ray 2.60)")
     if args.ray_workers < 0:
         raise ValueError(f"--ray-workers must be 0 or more, got {args.ray_workers}")
     if args.routing_lookahead < 1:
