@@ -157,7 +157,7 @@ def _app(args: argparse.Namespace, *, output: str | None = None):
     from nodes.runtime import Runtime
     folders = Folders.at(args.base_dir, output=output, trusted=True)
     folders.remove_stale_temp_files()  # leftovers of writes a crash interrupted (issue #11)
-    registry = build_registry(pack_dirs=_pack_dirs(args, folders))
+    registry = build_registry(pack_dirs=_pack_dirs(args, folders), folders=folders)
     runtime = Runtime(folders, device=getattr(args, "device", None), dtype=getattr(args, "dtype", None),
                       allow_pickle=getattr(args, "unsafe_load_pickle", False),
                       ram_budget=getattr(args, "ram_budget", None), vram_budget=getattr(args, "vram_budget", None),

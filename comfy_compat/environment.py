@@ -26,12 +26,17 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from .unavailable import UnavailableModule
+from .unavailable import ComfyInternalsMissing, UnavailableModule, internals_used
+
+# The RunContext of the pack node running in this thread (or task): what ProgressBar, interruption checks and the
+# built-in node classes of `comfy_nodes` act on. Set only by `PackEnvironment.running`.
+CURRENT_RUN: ContextVar[Any] = ContextVar("sdgraph_pack_run", default=None)
 
 # module name -> the shim module that builds it (`build(env) -> ModuleType`)
 SHIMS = {
@@ -76,7 +81,6 @@ class PackEnvironment:
         self.message_listeners: list[Callable[[str, Any, str | None], None]] = []
         self.current_pack = ""
         self._modules: dict[str, ModuleType] = {}
-        self._local = threading.local()
         self._lock = threading.RLock()
         self._depth = 0
         self._saved: dict[str, ModuleType | None] = {}
@@ -87,7 +91,7 @@ class PackEnvironment:
     @property
     def context(self) -> Any:
         """The RunContext of the pack node running in this thread, or None (loading, or no node running)."""
-        return getattr(self._local, "ctx", None)
+        return CURRENT_RUN.get()
 
     def run_folders(self) -> Any:
         """The Folders a node's file access goes through: the running application's, else the loading one's."""
@@ -103,6 +107,18 @@ class PackEnvironment:
     def send(self, event: str, data: Any, sid: str | None = None) -> None:
         for listener in list(self.message_listeners):
             listener(event, data, sid)
+
+    def refusal(self, cls: type, definition: Any) -> str | None:
+        """Why a pack's node class cannot run under sdgraph (None: it can): its code uses ComfyUI's model
+        internals. (A node taking MODEL, CLIP or VAE registers: it gets sdgraph's model values, and a method of
+        ComfyUI's ModelPatcher it calls fails at run time with that explanation, see `running`.)"""
+        used = internals_used(cls)
+        if used:
+            return (f"uses ComfyUI's model internals ({', '.join(used)}), which sdgraph does not provide; the rest "
+                    "of the pack loads")
+        if definition is None:
+            return None
+        return None
 
     # -- activation --------------------------------------------------------------------------------
     @contextmanager
@@ -121,13 +137,17 @@ class PackEnvironment:
 
     @contextmanager
     def running(self, ctx: Any) -> Iterator[PackEnvironment]:
-        previous = self.context
-        self._local.ctx = ctx
+        token = CURRENT_RUN.set(ctx)
         try:
             with self.active():
                 yield self
+        except AttributeError as exc:
+            explained = _model_object_error(exc)
+            if explained is None:
+                raise
+            raise explained from exc
         finally:
-            self._local.ctx = previous
+            CURRENT_RUN.reset(token)
 
     @contextmanager
     def loading(self, pack: str) -> Iterator[PackEnvironment]:
@@ -180,6 +200,17 @@ class PackEnvironment:
         return module
 
 
+def _model_object_error(exc: AttributeError) -> ComfyInternalsMissing | None:
+    """A pack node calling a ComfyUI ModelPatcher/CLIP/VAE method on one of sdgraph's model values: say so."""
+    value = getattr(exc, "obj", None)
+    home = type(value).__module__ or ""
+    if value is None or not home.startswith(("diffusion", "runtime", "nodes")):
+        return None
+    return ComfyInternalsMissing(
+        f"the node called {exc.name!r} on sdgraph's {type(value).__name__}: it expects ComfyUI's model object "
+        "(ModelPatcher, CLIP, VAE), which sdgraph does not provide; use sdgraph's own nodes for this step")
+
+
 class _ShimFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     """Answers for the environment's names, after every other finder has had its turn."""
 
@@ -205,15 +236,18 @@ class _TorchvisionPreparer(importlib.abc.MetaPathFinder):
     for `torchvision::nms`/`qnms`: declaring those two schemas first lets its pure-Python parts (transforms)
     import; its compiled operators (nms, roi_align) still fail when called."""
 
+    def __init__(self) -> None:
+        self.done = False
+
     def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> None:
-        if fullname == "torchvision" and "torchvision" not in sys.modules:
+        if fullname == "torchvision" and not self.done and "torchvision" not in sys.modules:
+            self.done = True
             declare_missing_torchvision_ops()
         return None
 
 
 def declare_missing_torchvision_ops() -> None:
-    import importlib.util
-    spec = importlib.util.find_spec("torchvision")
+    spec = importlib.machinery.PathFinder.find_spec("torchvision")
     if spec is None or not spec.submodule_search_locations:
         return
     import torch

@@ -36,8 +36,8 @@ class _UnavailableMeta(type):
             raise AttributeError(name)
         return placeholder(f"{cls.__comfy_name__}.{name}")
 
-    def __iter__(cls) -> Iterator[Any]:
-        raise _missing(cls.__comfy_name__)
+    def __iter__(cls) -> Iterator[Any]:  # `(*Base.RETURN_TYPES, ...)` in a class body must not stop the module
+        return iter(())
 
     def __bool__(cls) -> bool:
         return False

@@ -10,17 +10,20 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 from .context import RunContext
-from .spec import COMBO, INT, MISSING, SEED_NAMES, Input, NodeDef, NodeDefinitionError, Output, Result, accepted_kwargs
+from .spec import COMBO, FLOAT, INT, MISSING, SEED_NAMES, Input, NodeDef, NodeDefinitionError, Output, Result, accepted_kwargs
 
 _INPUT_OPTION_NAMES = {"default", "min", "max", "step", "multiline", "tooltip", "forceInput", "lazy",
                        "control_after_generate", "options", "defaultInput"}
 
 
-def adapt_class(name: str, cls: type, *, display_name: str = "", source: str = "") -> NodeDef:
-    """Describe a V1 class as a NodeDef; raises NodeDefinitionError naming what is wrong."""
+def adapt_class(name: str, cls: type, *, display_name: str = "", source: str = "",
+                around: Callable[[RunContext], AbstractContextManager[Any]] | None = None) -> NodeDef:
+    """Describe a V1 class as a NodeDef; raises NodeDefinitionError naming what is wrong. `around(ctx)` is
+    entered while the class's FUNCTION runs (the pack environment: ComfyUI's modules, the current context)."""
     where = f"{source or cls.__module__}: class {cls.__name__} (node {name!r})"
     try:
         declared = cls.INPUT_TYPES()
@@ -45,17 +48,19 @@ def adapt_class(name: str, cls: type, *, display_name: str = "", source: str = "
     input_is_list = bool(getattr(cls, "INPUT_IS_LIST", False))
 
     instances: dict[tuple[str, str], Any] = {}
+    enter = around or (lambda _ctx: nullcontext())
 
     def run(ctx: RunContext, **kwargs: Any) -> Result:
-        # One instance per node and run (ComfyUI keeps one per node id; state across runs is the cache's job).
-        instance = instances.get((ctx.run_id, ctx.node_id))
-        if instance is None:
-            instances.clear()
-            instance = instances[(ctx.run_id, ctx.node_id)] = cls()
         for arg_name, kind in hidden_names.items():
             value = _hidden_value(ctx, kind)
             kwargs[arg_name] = [value] if input_is_list else value
-        returned = getattr(instance, function_name)(**kwargs)
+        with enter(ctx):
+            # One instance per node and run (ComfyUI keeps one per node id; state across runs is the cache's job).
+            instance = instances.get((ctx.run_id, ctx.node_id))
+            if instance is None:
+                instances.clear()
+                instance = instances[(ctx.run_id, ctx.node_id)] = cls()
+            returned = getattr(instance, function_name)(**kwargs)
         return _result(where, returned, len(outputs))
 
     lazy_check = None
@@ -96,9 +101,7 @@ def _input(where: str, input_name: str, entry: Any, *, optional: bool, cls: type
         combo = tuple(options.get("options", ()))
     if not isinstance(kind, str):
         raise NodeDefinitionError(f"{where}: input {input_name!r} has a type that is not a string: {kind!r}")
-    default = options.get("default", MISSING)
-    if kind == INT and isinstance(default, float) and default.is_integer():
-        default = int(default)
+    default = _tolerated_default(kind, options.get("default", MISSING), options.get("min"), options.get("max"))
     extra = {k: v for k, v in options.items() if k not in _INPUT_OPTION_NAMES}
     # The front end's rule: an explicit flag wins, else INT inputs named seed/noise_seed get the control widget.
     control = options.get("control_after_generate")
@@ -120,6 +123,22 @@ def _input(where: str, input_name: str, entry: Any, *, optional: bool, cls: type
         control_after_generate=bool(control),
         extra=extra,
     )
+
+
+def _tolerated_default(kind: str, default: Any, low: Any, high: Any) -> Any:
+    """ComfyUI tolerates numeric defaults its front end then fixes: None or a list (no default), and a value
+    outside min..max (clamped into range, as the widget does)."""
+    if kind not in (INT, FLOAT) or default is MISSING:
+        return default
+    if default is None or isinstance(default, list | tuple | dict | str):
+        return MISSING
+    if kind == INT and isinstance(default, float) and default.is_integer():
+        default = int(default)
+    if isinstance(low, int | float) and default < low:
+        default = low
+    if isinstance(high, int | float) and default > high:
+        default = high
+    return default
 
 
 def _live_combo(cls: type, section: str, input_name: str, first: tuple) -> Callable[[], tuple]:

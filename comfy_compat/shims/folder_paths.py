@@ -90,6 +90,11 @@ def build(env: Any, name: str) -> ShimModule:
         counter = _next_counter(full_folder, filename)
         return str(full_folder), filename, counter, subfolder, prefix
 
+    def get_input_directory() -> str:
+        """The input folder, made if missing (ComfyUI makes it at start-up; packs list it in INPUT_TYPES)."""
+        folders().input.mkdir(parents=True, exist_ok=True)
+        return str(folders().input)
+
     def add_model_folder_path(kind: str, path: str, is_default: bool = False) -> None:
         """Packs register extra model folders; sdgraph keeps every model folder under models/ (a no-op)."""
 
@@ -102,7 +107,7 @@ def build(env: Any, name: str) -> ShimModule:
         get_annotated_filepath, exists_annotated_filepath, get_save_image_path, add_model_folder_path)}
     return ShimModule(name, {
         **functions,
-        "get_input_directory": lambda: str(folders().input),
+        "get_input_directory": get_input_directory,
         "get_output_directory": lambda: str(folders().output),
         "get_temp_directory": lambda: str(folders().temp),
         "get_user_directory": lambda: str(folders().base / "user"),
