@@ -80,6 +80,8 @@ class PackEnvironment:
         self.web_directories: dict[str, Path] = {}
         self.message_listeners: list[Callable[[str, Any, str | None], None]] = []
         self.current_pack = ""
+        self.pack_folders: dict[str, Path] = {}  # pack -> its folder (where `add_model_folder_path` may point)
+        self.extra_folders: dict[str, list[Path]] = {}  # a pack's own kind -> folders (`add_model_folder_path`)
         self._modules: dict[str, ModuleType] = {}
         self._lock = threading.RLock()
         self._depth = 0
@@ -150,7 +152,9 @@ class PackEnvironment:
             CURRENT_RUN.reset(token)
 
     @contextmanager
-    def loading(self, pack: str) -> Iterator[PackEnvironment]:
+    def loading(self, pack: str, folder: Path | None = None) -> Iterator[PackEnvironment]:
+        if folder is not None:
+            self.pack_folders[pack] = folder
         previous, self.current_pack = self.current_pack, pack
         try:
             with self.active():

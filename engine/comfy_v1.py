@@ -204,6 +204,7 @@ def _result(where: str, returned: Any, n_outputs: int) -> Result:
     if isinstance(returned, Mapping):
         result = returned.get("result", ())
         values = tuple(result) if isinstance(result, tuple | list) else (result,)
+        values = values[:n_outputs] if len(values) > n_outputs else values  # ComfyUI ignores undeclared extras
         if not values and n_outputs:
             raise NodeDefinitionError(f"{where}: returned a dict without 'result' but declares {n_outputs} outputs")
         return Result(values, returned.get("ui"))
@@ -212,4 +213,4 @@ def _result(where: str, returned: Any, n_outputs: int) -> Result:
     if not isinstance(returned, tuple | list):
         raise NodeDefinitionError(f"{where}: must return a tuple of {n_outputs} values (or a dict with "
                                   f"'result'), returned {type(returned).__name__}")
-    return Result(tuple(returned), None)
+    return Result(tuple(returned)[:n_outputs] if len(returned) > n_outputs else tuple(returned), None)

@@ -32,7 +32,7 @@ class ModuleEnvironment(Protocol):
     """What packs load and run in: `loading(pack)` while a pack's modules import, `running(ctx)` while one of its
     nodes runs, and `refusal(cls, definition)`: why a node class cannot run here (None: it can)."""
 
-    def loading(self, pack: str) -> AbstractContextManager[Any]: ...
+    def loading(self, pack: str, folder: Path | None = None) -> AbstractContextManager[Any]: ...
 
     def running(self, ctx: Any) -> AbstractContextManager[Any]: ...
 
@@ -141,7 +141,7 @@ def load_pack_dir(registry: NodeRegistry, root: Path, *, environment: ModuleEnvi
         else:
             continue
         pack = entry.stem if entry.is_file() else entry.name
-        with environment.loading(pack) if environment else nullcontext():
+        with environment.loading(pack, entry) if environment else nullcontext():
             module = _import_file(registry, pack, file, package=entry.is_dir())
         if module is not None:
             register_module(registry, module, pack=pack, environment=environment)

@@ -25,25 +25,30 @@ def build(env: Any, name: str) -> ShimModule:
     def model_root(kind: str) -> Path:
         return folders().models(kind)
 
+    def roots(kind: str) -> list[Path]:
+        """models/<kind>, then the folders packs added for a kind of their own (`add_model_folder_path`)."""
+        return [model_root(kind)] + ([] if kind in MODEL_KINDS else list(env.extra_folders.get(kind, ())))
+
     def get_folder_paths(kind: str) -> list[str]:
-        return [str(model_root(kind))]
+        return [str(root) for root in roots(kind)]
 
     def get_filename_list(kind: str) -> list[str]:
+        """Model files of sdgraph's model kinds; every file for a pack's own kind (ComfyUI: no extension set)."""
         if kind in MODEL_KINDS:
             return folders().list_models(kind)
-        root = model_root(kind)
-        if not root.is_dir():
-            return []
-        return sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
-                      if p.is_file() and p.suffix.lower() in MODEL_EXTENSIONS)
+        return sorted({p.relative_to(root).as_posix() for root in roots(kind) if root.is_dir()
+                       for p in root.rglob("*") if p.is_file()})
 
     def get_full_path(kind: str, filename: str) -> str | None:
         """The file's path, or None when it does not exist; a name leaving the folder raises."""
         if kind in MODEL_KINDS:
             path = folders().inside(kind, filename, what=f"folder_paths {kind} name")
-        else:
-            path = resolve_inside(model_root(kind), filename, what=f"folder_paths {kind} name", follow_links=False)
-        return str(path) if path.is_file() else None
+            return str(path) if path.is_file() else None
+        for root in roots(kind):
+            path = resolve_inside(root, filename, what=f"folder_paths {kind} name", follow_links=False)
+            if path.is_file():
+                return str(path)
+        return None
 
     def get_full_path_or_raise(kind: str, filename: str) -> str:
         path = get_full_path(kind, filename)
@@ -92,11 +97,19 @@ def build(env: Any, name: str) -> ShimModule:
 
     def get_input_directory() -> str:
         """The input folder, made if missing (ComfyUI makes it at start-up; packs list it in INPUT_TYPES)."""
-        folders().input.mkdir(parents=True, exist_ok=True)
-        return str(folders().input)
+        return _made(folders().input)
 
     def add_model_folder_path(kind: str, path: str, is_default: bool = False) -> None:
-        """Packs register extra model folders; sdgraph keeps every model folder under models/ (a no-op)."""
+        """A pack adds a folder for a kind of its own (e.g. its bundled LUTs). Admitted only inside the pack's
+        own folder or models/; sdgraph's model kinds keep their one folder under models/."""
+        if kind in MODEL_KINDS:
+            return
+        folder = Path(path).resolve()
+        allowed = [folders().base.resolve() / "models"] + [p.resolve() for p in env.pack_folders.values()]
+        if any(folder == root or root in folder.parents for root in allowed):
+            env.extra_folders.setdefault(kind, [])
+            if folder not in env.extra_folders[kind]:
+                env.extra_folders[kind].append(folder)
 
     def folder_names_and_paths() -> dict[str, tuple[list[str], set[str]]]:
         return {kind: ([str(model_root(kind))], set(MODEL_EXTENSIONS)) for kind in MODEL_KINDS}
@@ -108,8 +121,8 @@ def build(env: Any, name: str) -> ShimModule:
     return ShimModule(name, {
         **functions,
         "get_input_directory": get_input_directory,
-        "get_output_directory": lambda: str(folders().output),
-        "get_temp_directory": lambda: str(folders().temp),
+        "get_output_directory": lambda: _made(folders().output),
+        "get_temp_directory": lambda: _made(folders().temp),
         "get_user_directory": lambda: str(folders().base / "user"),
         "base_path": str(initial.base),
         "models_dir": str(initial.base / "models"),
@@ -121,6 +134,12 @@ def build(env: Any, name: str) -> ShimModule:
         "filter_files_extensions": lambda files, extensions: sorted(
             f for f in files if not extensions or os.path.splitext(f)[1].lower() in extensions),
     })
+
+
+def _made(folder: Path) -> str:
+    """ComfyUI makes input/, output/ and temp/ at start-up; packs write into them without checking."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return str(folder)
 
 
 def _next_counter(folder: Path, filename: str) -> int:

@@ -88,4 +88,9 @@ def build(env: Any, name: str) -> ShimModule:
             env.send("progress_text", {"text": text, "node_id": node_id}, sid)
 
     PromptServer.instance = PromptServer()
-    return ShimModule(name, {"PromptServer": PromptServer, "BinaryEventTypes": BinaryEventTypes})
+    PromptServer.__module__ = name
+    # Packs locate "ComfyUI's folder" from this module's file (inspect.getfile(PromptServer)) and may make folders
+    # there (web/extensions/...): point it inside the user's base folder, never into sdgraph's sources.
+    home = env.run_folders().base / "user" / "comfy_compat"
+    return ShimModule(name, {"PromptServer": PromptServer, "BinaryEventTypes": BinaryEventTypes,
+                             "__file__": str(home / "server.py")})
