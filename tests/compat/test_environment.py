@@ -1,0 +1,241 @@
+"""The ComfyUI compatibility layer (issue #18, "Compatibility layer"): the modules packs import exist only while
+packs load and run, never shadow a real module, keep file access inside sdgraph's roots, wire progress and
+interruption, refuse pickles, collect routes, and isolate ComfyUI's model internals per node."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from comfy_compat import ComfyInternalsMissing, PackEnvironment
+from engine import CancelToken, Executor, NodeRegistry, validate
+from engine.context import Interrupted, RunContext
+from engine.discovery import load_pack_dir
+from nodes.folders import Folders, UnsafePathError
+
+COMPAT_NAMES = ("folder_paths", "comfy", "comfy.utils", "node_helpers", "comfy_api.latest", "latent_preview")
+
+INTERNALS_PACK = '''
+from comfy.ldm.flux.math import apply_rope            # ComfyUI internals at the module's top
+import comfy.sd
+import comfy.utils
+import folder_paths
+from nodes import MAX_RESOLUTION
+from server import PromptServer
+
+
+@PromptServer.instance.routes.get("/toy/hello")
+async def hello(request):
+    return None
+
+
+class UsesRope:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"x": ("FLOAT", {"default": 1.0})}}
+    RETURN_TYPES = ("FLOAT",)
+    FUNCTION = "run"
+    def run(self, x):
+        return (apply_rope(x),)
+
+
+class LoadsCheckpoint:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"name": ("STRING", {"default": "a"})}}
+    RETURN_TYPES = ("FLOAT",)
+    FUNCTION = "run"
+    def run(self, name):
+        return (comfy.sd.load_checkpoint_guess_config(name),)
+
+
+class Counts:
+    """Plain node: reports progress through comfy.utils.ProgressBar, reads MAX_RESOLUTION."""
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"steps": ("INT", {"default": 3, "min": 1, "max": MAX_RESOLUTION})}}
+    RETURN_TYPES = ("INT",)
+    FUNCTION = "run"
+    def run(self, steps):
+        bar = comfy.utils.ProgressBar(steps)
+        for _ in range(steps):
+            bar.update(1)
+        PromptServer.instance.send_sync("toy.done", {"steps": steps})
+        return (steps,)
+
+
+NODE_CLASS_MAPPINGS = {"ToyUsesRope": UsesRope, "ToyLoadsCheckpoint": LoadsCheckpoint, "ToyCounts": Counts}
+WEB_DIRECTORY = "./web"
+'''
+
+
+@pytest.fixture
+def folders(tmp_path: Path) -> Folders:
+    for name in ("input", "output", "temp", "models/checkpoints"):
+        (tmp_path / "base" / name).mkdir(parents=True)
+    return Folders.at(tmp_path / "base")
+
+
+@pytest.fixture
+def env(folders: Folders) -> PackEnvironment:
+    return PackEnvironment(folders)
+
+
+@pytest.fixture
+def loaded(tmp_path: Path, env: PackEnvironment) -> NodeRegistry:
+    pack = tmp_path / "packs" / "toy_internals"
+    (pack / "web").mkdir(parents=True)
+    (pack / "__init__.py").write_text(textwrap.dedent(INTERNALS_PACK))
+    registry = NodeRegistry()
+    assert load_pack_dir(registry, tmp_path / "packs", environment=env) == ["toy_internals"]
+    return registry
+
+
+def test_modules_exist_only_while_active(env):
+    for name in COMPAT_NAMES:
+        assert name not in sys.modules
+    own_server = sys.modules.get("server")
+    with env.active():
+        import folder_paths  # noqa: F401
+        import server
+        assert hasattr(server, "PromptServer")
+        assert "folder_paths" in sys.modules
+    for name in COMPAT_NAMES:
+        assert name not in sys.modules, name
+    assert sys.modules.get("server") is own_server  # sdgraph's own server module is back (or still absent)
+    with pytest.raises(ImportError):
+        import folder_paths  # noqa: F401, F811
+
+
+def test_a_real_module_is_never_shadowed(tmp_path, env, monkeypatch):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "folder_paths.py").write_text("REAL = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "real"))
+    try:
+        with env.active():
+            import folder_paths
+            assert getattr(folder_paths, "REAL", False)
+    finally:
+        sys.modules.pop("folder_paths", None)
+
+
+def test_internals_refuse_only_the_nodes_using_them(loaded):
+    """A module importing comfy.ldm/comfy.sd at its top still loads; the nodes whose code uses them are refused
+    with a reason naming what they need, and the node that does not use them registers."""
+    assert loaded.get("ToyCounts") is not None
+    assert loaded.get("ToyUsesRope") is None and loaded.get("ToyLoadsCheckpoint") is None
+    reasons = {e.reason.split("'")[1]: e.reason for e in loaded.load_errors}
+    assert "comfy.ldm.flux.math.apply_rope" in reasons["ToyUsesRope"]
+    assert "comfy.sd" in reasons["ToyLoadsCheckpoint"]
+    assert "model internals" in reasons["ToyUsesRope"]
+
+
+def test_placeholder_raises_a_clear_error_when_used(env):
+    with env.active():
+        from comfy.sd import VAE
+        with pytest.raises(ComfyInternalsMissing, match="comfy.sd.VAE is one of ComfyUI's model internals"):
+            VAE()
+
+
+def test_progress_bar_reports_and_stops_a_cancelled_run(loaded, env, folders):
+    events: list = []
+    report = Executor(loaded).run(validate({"1": {"class_type": "ToyCounts", "inputs": {"steps": 3}}}, loaded,
+                                           targets=["1"]).graph, listeners=[events.append])
+    assert report.outputs["1"] == ([3],)
+    assert [(e.value, e.max) for e in events if e.kind == "progress"] == [(1, 3), (2, 3), (3, 3)]
+    token = CancelToken()
+    token.cancel()
+    ctx = RunContext("r", "1", "ToyCounts", None, token, lambda e: None)
+    with pytest.raises(Interrupted):
+        loaded.get("ToyCounts").fn(ctx, steps=2)
+
+
+def test_routes_messages_and_web_directory(loaded, env, tmp_path):
+    assert [(r.pack, r.method, r.path) for r in env.routes] == [("toy_internals", "GET", "/toy/hello")]
+    assert loaded.web_directories == {"toy_internals": (tmp_path / "packs" / "toy_internals" / "web").resolve()}
+    heard: list = []
+    env.message_listeners.append(lambda event, data, sid: heard.append((event, data)))
+    Executor(loaded).run(validate({"1": {"class_type": "ToyCounts", "inputs": {"steps": 1}}}, loaded,
+                                  targets=["1"]).graph)
+    assert heard == [("toy.done", {"steps": 1})]
+
+
+def test_folder_paths_keeps_names_inside_the_roots(env, folders):
+    (folders.models("checkpoints") / "a.safetensors").write_bytes(b"x")
+    with env.active():
+        import folder_paths
+        assert folder_paths.get_filename_list("checkpoints") == ["a.safetensors"]
+        assert folder_paths.get_full_path("checkpoints", "a.safetensors") == str(folders.models("checkpoints") /
+                                                                                 "a.safetensors")
+        assert folder_paths.get_full_path("checkpoints", "missing.safetensors") is None
+        with pytest.raises(UnsafePathError):
+            folder_paths.get_full_path("checkpoints", "../../secret.txt")
+        with pytest.raises(UnsafePathError):
+            folder_paths.get_annotated_filepath("../secret.txt [output]")
+        with pytest.raises(UnsafePathError):
+            folder_paths.get_save_image_path("../../escape", folder_paths.get_output_directory())
+        folder, name, counter, subfolder, _ = folder_paths.get_save_image_path("shots/cat", str(folders.output))
+        assert (Path(folder), name, counter, subfolder) == (folders.output / "shots", "cat", 1, "shots")
+        assert folder_paths.get_annotated_filepath("x.png [temp]") == str(folders.temp / "x.png")
+
+
+def test_add_model_folder_path_only_inside_pack_or_models(env, folders, tmp_path):
+    with env.loading("p", tmp_path / "packdir"):
+        import folder_paths
+        folder_paths.add_model_folder_path("luts", str(tmp_path / "packdir" / "luts"))
+        folder_paths.add_model_folder_path("luts", "/etc")
+        assert folder_paths.get_folder_paths("luts") == [str(folders.models("luts")),
+                                                         str((tmp_path / "packdir" / "luts").resolve())]
+
+
+def test_load_torch_file_never_unpickles(env, tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.ones(2)}, str(tmp_path / "ok.safetensors"))
+    torch.save({"w": torch.zeros(2)}, tmp_path / "plain.pt")
+    torch.save({"w": Path("x")}, tmp_path / "pickled.pt")  # an arbitrary object: needs pickle
+    with env.active():
+        import comfy.utils
+        assert torch.equal(comfy.utils.load_torch_file(str(tmp_path / "ok.safetensors"))["w"], torch.ones(2))
+        assert torch.equal(comfy.utils.load_torch_file(str(tmp_path / "plain.pt"))["w"], torch.zeros(2))
+        with pytest.raises(ValueError, match="never unpickles"):
+            comfy.utils.load_torch_file(str(tmp_path / "pickled.pt"), safe_load=False)
+
+
+def test_common_upscale_and_interruption_helpers(env):
+    with env.active():
+        import comfy.model_management as mm
+        import comfy.utils
+        out = comfy.utils.common_upscale(torch.rand(1, 3, 8, 12), 6, 4, "bilinear", "disabled")
+        assert out.shape == (1, 3, 4, 6)
+        mm.throw_exception_if_processing_interrupted()  # no node running: nothing to stop
+        token = CancelToken()
+        token.cancel()
+        with env.running(RunContext("r", "1", "X", None, token, lambda e: None)):
+            with pytest.raises(Interrupted):
+                mm.throw_exception_if_processing_interrupted()
+
+
+def test_built_in_classes_under_comfy_names():
+    """`from nodes import ...` in a pack: constants, SaveImage to subclass, sdgraph's nodes as V1 classes."""
+    from nodes import MAX_RESOLUTION, ConditioningCombine, SaveImage
+    assert MAX_RESOLUTION == 16384
+    assert SaveImage.FUNCTION == "save_images"
+    assert ConditioningCombine.FUNCTION == "combine" and ConditioningCombine.RETURN_TYPES == ("CONDITIONING",)
+    import nodes
+    with pytest.raises(AttributeError):
+        nodes.not_a_comfy_name  # noqa: B018 - lower-case names stay sdgraph's (its submodules import)
+
+
+def test_model_object_misuse_is_explained(env):
+    class FakeUnet:
+        pass
+
+    FakeUnet.__module__ = "diffusion.unet"
+    with pytest.raises(ComfyInternalsMissing, match="expects ComfyUI's model object"):
+        with env.running(RunContext("r", "1", "X", None, CancelToken(), lambda e: None)):
+            FakeUnet().clone()
