@@ -5,6 +5,7 @@ Which names, and how:
   `comfy.samplers` (only `KSampler.SAMPLERS/SCHEDULERS`), `comfy.comfy_types.node_typing`, `comfy.cli_args`,
   `comfy_api`, `comfy_api.latest` (V3: `io`, `ui`, `ComfyExtension`): shims in `comfy_compat.shims`, answered
   by a finder at the END of `sys.meta_path`, so only when no real module of that name is importable.
+- `comfy_extras.nodes_mask` (`composite`).
 - any other `comfy.*`, `comfy_extras.*`, `comfy_execution.*`, `comfy_api.*` module: an `UnavailableModule`
   (ComfyUI's model internals are not faked; see `unavailable.py`).
 - `server` (`PromptServer.instance`): sdgraph has its own top-level `server` module, so the shim takes its place
@@ -54,6 +55,7 @@ SHIMS = {
     "comfy_api.latest": "comfy_compat.shims.v3_modules",
     "comfy_api.latest.io": "comfy_compat.shims.v3_modules",
     "comfy_api.latest.ui": "comfy_compat.shims.v3_modules",
+    "comfy_extras.nodes_mask": "comfy_compat.shims.comfy_extras",
     "server": "comfy_compat.shims.prompt_server",
 }
 SWAPPED = ("server",)  # names sdgraph itself uses: put in sys.modules only while active
