@@ -29,7 +29,8 @@ from service.core import Service
 from service.messages import status_text, ws_text
 from service.options import build_parser, config_from_args
 from service.queue import DatabaseInUse, json_text
-from service.routing import Param, RequestError, RouteTable, json_errors, json_response, query_int, raw_json
+from service.routing import (Param, RequestError, RouteTable, install_pack_routes, json_errors, json_response,
+                             query_int, raw_json)
 
 SERVICE = web.AppKey("service", Service)
 ROUTES = web.AppKey("routes", RouteTable)
@@ -300,6 +301,7 @@ def create_app(service: Service) -> web.Application:
     app[SERVICE] = service
     app[ROUTES] = table = route_table()
     table.install(app)
+    install_pack_routes(app, service.registry.pack_environment)  # custom nodes' routes, behind the same checks
     return app
 
 

@@ -68,11 +68,19 @@ def test_mixed_graph_runs_from_the_cli(home):
 
 
 def test_mixed_graph_runs_from_the_server(home):
+    """Also: the pack's HTTP routes are mounted, behind the server's security checks."""
+    (home / "models" / "loras").mkdir(parents=True)
+    (home / "models" / "loras" / "style.safetensors").write_bytes(b"x")
     server = ServerProcess(home).wait_ready()
     try:
         async def scenario() -> dict:
             async with aiohttp.ClientSession() as session:
                 api = Api(session, server.url)
+                assert await api.get("/pysssss/loras") == (200, ["style"])  # through folder_paths
+                assert (await api.get("/api/pysssss/loras"))[0] == 200
+                status, _ = await api.post("/pysssss/autocomplete", {"x": 1},
+                                           headers={"Origin": "http://evil.example"})
+                assert status == 403  # a cross-site page cannot change anything through a pack's route either
                 status, info = await api.get("/object_info")
                 assert status == 200 and "ConstrainImage|pysssss" in info and "SaveImage" in info
                 prompt_id = await api.queue(GRAPH)
