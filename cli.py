@@ -202,10 +202,8 @@ def _cmd_nodes(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(errors, indent=1))
         else:
-            for e in errors:
-                print(f"{e['pack']}: {e['file']}: {e['reason']}")
-            if not errors:
-                print("every node pack loaded")
+            from engine.discovery import load_report
+            print("\n".join(load_report(registry)) or "every node pack loaded")
         return EXIT_OK
     if args.json:
         print(json.dumps(object_info(registry, runtime), indent=1))

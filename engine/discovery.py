@@ -223,3 +223,25 @@ def _reason(exc: BaseException) -> str:
     frames = traceback.extract_tb(exc.__traceback__)
     where = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
     return f"{type(exc).__name__}: {exc}{where}"
+
+
+def load_report(registry: NodeRegistry) -> list[str]:
+    """`sdgraph nodes --errors`: per pack with a problem, how many nodes registered, then each problem (the node
+    and why), e.g. "ComfyUI-KJNodes: 207 nodes registered, 42 problems" / "  node 'X' (Cls): uses ...". """
+    from .schema import python_module
+
+    registered: dict[str, int] = {}
+    for definition in registry:
+        module = python_module(definition)
+        if module.startswith("custom_nodes."):
+            pack = module.split(".")[1]
+            registered[pack] = registered.get(pack, 0) + 1
+    by_pack: dict[str, list[LoadError]] = {}
+    for error in registry.load_errors:
+        by_pack.setdefault(error.pack, []).append(error)
+    lines = []
+    for pack, errors in by_pack.items():
+        lines.append(f"{pack}: {registered.get(pack, 0)} nodes registered, {len(errors)} "
+                     f"problem{'s' if len(errors) != 1 else ''}")
+        lines += [f"  {Path(error.file).name}: {error.reason}" for error in errors]
+    return lines
