@@ -22,15 +22,14 @@ from collections.abc import Sequence
 from aiohttp import web
 
 from engine.schema import node_info, object_info
-from service import answers, openapi, security, system, uploads
+from service import answers, openapi, routing, security, system, uploads
 from service.bodies import FreeRequest, HistoryRequest, InterruptRequest, PromptRequest, QueueRequest
 from service.config import MIB, ServerConfig
 from service.core import Service
 from service.messages import status_text, ws_text
 from service.options import build_parser, config_from_args
 from service.queue import DatabaseInUse, json_text
-from service.routing import (Param, RequestError, RouteTable, install_pack_routes, json_errors, json_response,
-                             query_int, raw_json)
+from service.routing import Param, RequestError, RouteTable, json_errors, json_response, query_int, raw_json
 
 SERVICE = web.AppKey("service", Service)
 ROUTES = web.AppKey("routes", RouteTable)
@@ -301,7 +300,7 @@ def create_app(service: Service) -> web.Application:
     app[SERVICE] = service
     app[ROUTES] = table = route_table()
     table.install(app)
-    install_pack_routes(app, service.registry.pack_environment)  # custom nodes' routes, behind the same checks
+    routing.install_pack_routes(app, service.registry.pack_environment)  # custom nodes' routes, behind the same checks
     return app
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from enum import Enum
+from enum import Enum, StrEnum
 from typing import Any
 
 
@@ -17,18 +17,18 @@ class Unsupported(Exception):
     """A V3 feature sdgraph does not run (dynamic inputs)."""
 
 
-class NumberDisplay(str, Enum):
+class NumberDisplay(StrEnum):
     number = "number"
     slider = "slider"
 
 
-class FolderType(str, Enum):
+class FolderType(StrEnum):
     input = "input"
     output = "output"
     temp = "temp"
 
 
-class Hidden(str, Enum):
+class Hidden(StrEnum):
     unique_id = "UNIQUE_ID"
     prompt = "PROMPT"
     extra_pnginfo = "EXTRA_PNGINFO"

@@ -14,7 +14,19 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 from .context import RunContext
-from .spec import COMBO, FLOAT, INT, MISSING, SEED_NAMES, Input, NodeDef, NodeDefinitionError, Output, Result, accepted_kwargs
+from .spec import (
+    COMBO,
+    FLOAT,
+    INT,
+    MISSING,
+    SEED_NAMES,
+    Input,
+    NodeDef,
+    NodeDefinitionError,
+    Output,
+    Result,
+    accepted_kwargs,
+)
 
 _INPUT_OPTION_NAMES = {"default", "min", "max", "step", "multiline", "tooltip", "forceInput", "lazy",
                        "control_after_generate", "options", "defaultInput"}

@@ -101,6 +101,7 @@ def test_modules_exist_only_while_active(env):
     own_server = sys.modules.get("server")
     with env.active():
         import folder_paths  # noqa: F401
+
         import server
         assert hasattr(server, "PromptServer")
         assert "folder_paths" in sys.modules

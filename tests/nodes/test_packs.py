@@ -111,9 +111,11 @@ def test_every_plain_node_runs_on_sample_inputs(registry, base, pack):
             returned = definition.fn(packkit.context(definition.name, runtime),
                                      **packkit.sample_inputs(definition, runtime))
             values = packkit.outputs_of(returned, definition)
-            problems = [packkit.output_problem(o.type, v, o.is_list) for o, v in zip(definition.outputs, values)]
             if len(values) != len(definition.outputs):
-                problems.append(f"{len(values)} values for {len(definition.outputs)} outputs")
+                problems = [f"{len(values)} values for {len(definition.outputs)} outputs"]
+            else:
+                problems = [packkit.output_problem(o.type, v, o.is_list)
+                            for o, v in zip(definition.outputs, values, strict=True)]
             problems = [p for p in problems if p]
         except ModuleNotFoundError as error:  # a requirement of the pack itself that is not installed
             assert importlib.util.find_spec(error.name.split(".")[0]) is None
