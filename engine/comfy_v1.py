@@ -91,9 +91,9 @@ def adapt_class(name: str, cls: type, *, display_name: str = "", source: str = "
         version=str(getattr(cls, "VERSION", "1")),
         output_node=bool(getattr(cls, "OUTPUT_NODE", False)),
         cacheable=not bool(getattr(cls, "NOT_IDEMPOTENT", False)),
-        fingerprint=_without_resources(_bound(is_changed)),
-        validate=_bound(validate_inputs),
-        check_lazy=lazy_check,
+        fingerprint=within(enter, _without_resources(_bound(is_changed))),
+        validate=within(enter, _bound(validate_inputs)),
+        check_lazy=within(enter, lazy_check),
         input_is_list=input_is_list,
         hidden=hidden,
         source=source or f"{cls.__module__}.{cls.__qualname__}",
@@ -135,6 +135,21 @@ def _input(where: str, input_name: str, entry: Any, *, optional: bool, cls: type
         control_after_generate=bool(control),
         extra=extra,
     )
+
+
+def within(enter: Callable[[Any], AbstractContextManager[Any]], fn: Callable[..., Any] | None
+           ) -> Callable[..., Any] | None:
+    """`fn` called inside `enter(None)` (the pack environment, no node running): IS_CHANGED, VALIDATE_INPUTS
+    and lazy checks may import ComfyUI's modules too. The signature stays `fn`'s (inputs are passed by name)."""
+    if fn is None:
+        return None
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        with enter(None):
+            return fn(*args, **kwargs)
+
+    return call
 
 
 def _tolerated_default(kind: str, default: Any, low: Any, high: Any) -> Any:

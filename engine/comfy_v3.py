@@ -14,7 +14,7 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 from . import comfy_io as io
-from .comfy_v1 import _hidden_value, _without_resources
+from .comfy_v1 import _hidden_value, _without_resources, within
 from .context import RunContext
 from .spec import COMBO, INT, MISSING, SEED_NAMES, Input, NodeDef, NodeDefinitionError, Output, Result
 
@@ -78,9 +78,9 @@ def adapt_v3(name: str, cls: type, *, display_name: str = "", source: str = "",
         display_name=display_name or str(schema.display_name or ""),
         output_node=bool(schema.is_output_node),
         cacheable=not schema.not_idempotent,
-        fingerprint=_without_resources(fingerprint),
-        validate=validate,
-        check_lazy=(lambda **available: list(check_lazy(**available) or ())) if check_lazy else None,
+        fingerprint=within(enter, _without_resources(fingerprint)),
+        validate=within(enter, validate),
+        check_lazy=within(enter, (lambda **available: list(check_lazy(**available) or ())) if check_lazy else None),
         input_is_list=is_list,
         hidden=hidden,
         source=source or f"{cls.__module__}.{cls.__qualname__}",

@@ -4,6 +4,7 @@ interruption, refuse pickles, collect routes, and isolate ComfyUI's model intern
 
 from __future__ import annotations
 
+import json
 import sys
 import textwrap
 from pathlib import Path
@@ -240,3 +241,68 @@ def test_model_object_misuse_is_explained(env):
     with pytest.raises(ComfyInternalsMissing, match="expects ComfyUI's model object"):
         with env.running(RunContext("r", "1", "X", None, CancelToken(), lambda e: None)):
             FakeUnet().clone()
+
+
+LAZY_IMPORTS_PACK = '''
+class Stamps:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"name": ("STRING", {"default": "a.txt"})}}
+    RETURN_TYPES = ("STRING",)
+    FUNCTION = "run"
+
+    @classmethod
+    def IS_CHANGED(cls, name):
+        import folder_paths  # imported when asked, as many packs do
+        return folder_paths.get_annotated_filepath(name)
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, name):
+        import folder_paths
+        return True if folder_paths.exists_annotated_filepath(name) else f"no file {name}"
+
+    def run(self, name):
+        import comfy.model_management
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        return (name,)
+
+
+NODE_CLASS_MAPPINGS = {"ToyStamps": Stamps}
+'''
+
+
+def test_checks_that_import_comfy_modules_when_called(tmp_path, env, folders):
+    """IS_CHANGED and VALIDATE_INPUTS run in the environment too (a lazy `import folder_paths` works)."""
+    (tmp_path / "lazy").mkdir()
+    (tmp_path / "lazy" / "lazy_pack.py").write_text(textwrap.dedent(LAZY_IMPORTS_PACK))
+    registry = NodeRegistry()
+    load_pack_dir(registry, tmp_path / "lazy", environment=env)
+    stamps = registry.get("ToyStamps")
+    assert stamps.fingerprint(None, name="a.txt") == str(folders.input / "a.txt")
+    assert stamps.validate(name="a.txt") == "no file a.txt"
+    (folders.input / "a.txt").write_text("x")
+    result = validate({"1": {"class_type": "ToyStamps", "inputs": {"name": "a.txt"}}}, registry, targets=["1"])
+    assert result.ok, result.errors
+    assert Executor(registry).run(result.graph).outputs["1"] == (["a.txt"],)
+
+
+def test_send_sync_reaches_the_websocket_hub():
+    from service.routing import pack_message_sender
+
+    class Hub:
+        def __init__(self):
+            self.sent = []
+
+        def publish_all(self, message):
+            self.sent.append(("*", message))
+
+        def publish(self, client_id, message):
+            self.sent.append((client_id, message))
+
+    hub = Hub()
+    send = pack_message_sender(hub)
+    send("pysssss.update", {"n": 1}, None)
+    send("to.one", {"n": 2}, "client-7")
+    send(1, b"binary preview", None)  # ComfyUI's binary events are not sent as JSON
+    assert [(who, json.loads(text)) for who, text in hub.sent] == [
+        ("*", {"type": "pysssss.update", "data": {"n": 1}}), ("client-7", {"type": "to.one", "data": {"n": 2}})]
