@@ -135,9 +135,9 @@ def _built_in_definition(name: str) -> Any:
 
 
 def attribute(name: str) -> Any:
-    """A ComfyUI `nodes` name: provided, one of sdgraph's built-in nodes, or (capitalised names and
-    `common_ksampler`) a placeholder of ComfyUI's internals. Other lower-case names are not ComfyUI's:
-    AttributeError, so sdgraph's own submodules import."""
+    """A ComfyUI `nodes` name: provided, one of sdgraph's built-in nodes, or (CamelCase class names and
+    `common_ksampler`) a placeholder of ComfyUI's internals. Other names are not ComfyUI's: AttributeError, so
+    sdgraph's own submodules import and `getattr(nodes, "NODES", None)` stays None."""
     if name in PROVIDED:
         return PROVIDED[name]
     if name in BUILT_IN_METHODS:
@@ -145,6 +145,6 @@ def attribute(name: str) -> Any:
             return built_in_class(name, BUILT_IN_METHODS[name])
         except AttributeError:
             pass
-    if name[:1].isupper() or name == "common_ksampler":
+    if (name[:1].isupper() and not name.isupper()) or name == "common_ksampler":  # ComfyUI's class names
         return placeholder(f"nodes.{name}")
     raise AttributeError(f"module 'nodes' has no attribute {name!r}")

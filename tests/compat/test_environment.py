@@ -231,6 +231,7 @@ def test_built_in_classes_under_comfy_names():
     import nodes
     with pytest.raises(AttributeError):
         nodes.not_a_comfy_name  # noqa: B018 - lower-case names stay sdgraph's (its submodules import)
+    assert getattr(nodes, "NODE_CLASS_MAPPINGS", None) is None  # the package is not mistaken for a V1 pack
 
 
 def test_model_object_misuse_is_explained(env):
