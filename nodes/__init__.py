@@ -80,4 +80,5 @@ def code_identity(pack_dirs: Iterable[str | Path] = ()) -> str:
     from engine.diskcache import source_digest
 
     root = Path(__file__).resolve().parent.parent
-    return source_digest([root / name for name in ("engine", "runtime", "diffusion", "nodes")] + list(pack_dirs))
+    return source_digest([root / name for name in ("engine", "runtime", "diffusion", "nodes", "comfy_compat")]
+                         + list(pack_dirs))

@@ -307,3 +307,13 @@ def test_send_sync_reaches_the_websocket_hub():
     send(1, b"binary preview", None)  # ComfyUI's binary events are not sent as JSON
     assert [(who, json.loads(text)) for who, text in hub.sent] == [
         ("*", {"type": "pysssss.update", "data": {"n": 1}}), ("client-7", {"type": "to.one", "data": {"n": 2}})]
+
+
+def test_the_disk_cache_code_identity_covers_the_compat_layer(monkeypatch):
+    """A change in comfy_compat changes what pack nodes compute: their persistent cache entries must not survive
+    it (nodes.code_identity digests comfy_compat/ too)."""
+    import engine.diskcache
+    import nodes
+
+    monkeypatch.setattr(engine.diskcache, "source_digest", lambda paths: [Path(p).name for p in paths])
+    assert "comfy_compat" in nodes.code_identity()
