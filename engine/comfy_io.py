@@ -48,6 +48,11 @@ class HiddenHolder:
         self.auth_token_comfy_org = None
         self.api_key_comfy_org = None
 
+    def __getattr__(self, name: str) -> Any:  # any other hidden value a node asks for: not given
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return None
+
 
 class InputSpec:
     """One declared input. `io_type` is the link type; options follow ComfyUI's keyword names."""

@@ -317,3 +317,39 @@ def test_the_disk_cache_code_identity_covers_the_compat_layer(monkeypatch):
 
     monkeypatch.setattr(engine.diskcache, "source_digest", lambda paths: [Path(p).name for p in paths])
     assert "comfy_compat" in nodes.code_identity()
+
+
+V3_PREVIEW_PACK = '''
+from comfy_api.latest import io, ui
+
+
+class Preview(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(node_id="ToyV3Preview", inputs=[io.Image.Input("image")], outputs=[io.Image.Output()],
+                         is_output_node=True, hidden=[io.Hidden.prompt])
+
+    @classmethod
+    def execute(cls, image):
+        assert cls.hidden.auth_token_comfy_org is None and cls.hidden.anything_else is None
+        return io.NodeOutput(image.flip(2), ui=ui.PreviewImage(image))
+
+
+NODE_CLASS_MAPPINGS = {"ToyV3Preview": Preview}
+'''
+
+
+def test_v3_node_with_a_preview_runs_on_tensors(tmp_path, env, folders):
+    (tmp_path / "v3").mkdir()
+    (tmp_path / "v3" / "v3_preview.py").write_text(textwrap.dedent(V3_PREVIEW_PACK))
+    registry = NodeRegistry()
+    import nodes
+    nodes.register_types(registry)
+    load_pack_dir(registry, tmp_path / "v3", environment=env)
+    image = torch.rand(2, 8, 12, 3)
+    ctx = RunContext("r", "1", "ToyV3Preview", None, CancelToken(), lambda e: None)
+    result = registry.get("ToyV3Preview").fn(ctx, image=image)
+    assert torch.equal(result.outputs[0], image.flip(2))
+    shown = result.ui["images"]
+    assert len(shown) == 2 and all((folders.temp / entry["filename"]).is_file() for entry in shown)
+    assert {entry["type"] for entry in shown} == {"temp"}
