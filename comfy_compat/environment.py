@@ -74,12 +74,12 @@ class PackRoute:
 
 
 class PackEnvironment:
-    """One per registry: the shim modules, the routes and web folders packs declared, and the node running now."""
+    """One per registry: the shim modules, the routes packs declared, the folders they added, and (through
+    CURRENT_RUN) the node running now."""
 
     def __init__(self, folders: Any = None) -> None:
         self.folders = folders  # nodes.folders.Folders for module-level folder_paths calls (else the run's)
         self.routes: list[PackRoute] = []
-        self.web_directories: dict[str, Path] = {}
         self.message_listeners: list[Callable[[str, Any, str | None], None]] = []
         self.current_pack = ""
         self.pack_folders: dict[str, Path] = {}  # pack -> its folder (where `add_model_folder_path` may point)
@@ -120,8 +120,6 @@ class PackEnvironment:
         if used:
             return (f"uses ComfyUI's model internals ({', '.join(used)}), which sdgraph does not provide; the rest "
                     "of the pack loads")
-        if definition is None:
-            return None
         return None
 
     # -- activation --------------------------------------------------------------------------------
