@@ -112,6 +112,13 @@ class PackEnvironment:
         for listener in list(self.message_listeners):
             listener(event, data, sid)
 
+    @staticmethod
+    def comfy_value(type_name: str, value: Any) -> Any:
+        """An input as ComfyUI's code expects it: sdgraph's CONDITIONING becomes ComfyUI's list of
+        `[tensor, {options}]` (LATENT, IMAGE and MASK already are ComfyUI's forms)."""
+        to_comfy = getattr(value, "to_comfy", None)
+        return to_comfy() if type_name == "CONDITIONING" and callable(to_comfy) else value
+
     def refusal(self, cls: type, definition: Any) -> str | None:
         """Why a pack's node class cannot run under sdgraph (None: it can): its code uses ComfyUI's model
         internals. (A node taking MODEL, CLIP or VAE registers: it gets sdgraph's model values, and a method of

@@ -33,9 +33,11 @@ _INPUT_OPTION_NAMES = {"default", "min", "max", "step", "multiline", "tooltip", 
 
 
 def adapt_class(name: str, cls: type, *, display_name: str = "", source: str = "",
-                around: Callable[[RunContext], AbstractContextManager[Any]] | None = None) -> NodeDef:
+                around: Callable[[RunContext], AbstractContextManager[Any]] | None = None,
+                convert: Callable[[str, Any], Any] | None = None) -> NodeDef:
     """Describe a V1 class as a NodeDef; raises NodeDefinitionError naming what is wrong. `around(ctx)` is
-    entered while the class's FUNCTION runs (the pack environment: ComfyUI's modules, the current context)."""
+    entered while the class's FUNCTION runs (the pack environment: ComfyUI's modules, the current context);
+    `convert(type, value)` turns each input into the form ComfyUI's code expects (`comfy_inputs`)."""
     where = f"{source or cls.__module__}: class {cls.__name__} (node {name!r})"
     try:
         declared = cls.INPUT_TYPES()
@@ -62,7 +64,10 @@ def adapt_class(name: str, cls: type, *, display_name: str = "", source: str = "
     instances: dict[tuple[str, str], Any] = {}
     enter = around or (lambda _ctx: nullcontext())
 
+    types = {spec.name: spec.type for spec in inputs}
+
     def run(ctx: RunContext, **kwargs: Any) -> Result:
+        kwargs = comfy_inputs(kwargs, types, convert, listed=input_is_list)
         for arg_name, kind in hidden_names.items():
             value = _hidden_value(ctx, kind)
             kwargs[arg_name] = [value] if input_is_list else value
@@ -135,6 +140,15 @@ def _input(where: str, input_name: str, entry: Any, *, optional: bool, cls: type
         control_after_generate=bool(control),
         extra=extra,
     )
+
+
+def comfy_inputs(values: dict[str, Any], types: Mapping[str, str], convert: Callable[[str, Any], Any] | None, *,
+                 listed: bool) -> dict[str, Any]:
+    """Each input through `convert(type, value)` (each element of it for INPUT_IS_LIST nodes)."""
+    if convert is None:
+        return values
+    return {key: ([convert(types.get(key, ""), v) for v in value] if listed and isinstance(value, list)
+                  else convert(types.get(key, ""), value)) for key, value in values.items()}
 
 
 def within(enter: Callable[[Any], AbstractContextManager[Any]], fn: Callable[..., Any] | None

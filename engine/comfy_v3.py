@@ -14,7 +14,7 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 from . import comfy_io as io
-from .comfy_v1 import _hidden_value, _without_resources, within
+from .comfy_v1 import _hidden_value, _without_resources, comfy_inputs, within
 from .context import RunContext
 from .spec import COMBO, INT, MISSING, SEED_NAMES, Input, NodeDef, NodeDefinitionError, Output, Result
 
@@ -41,8 +41,9 @@ def extension_nodes(entrypoint: Callable[[], Any]) -> list[type]:
 
 
 def adapt_v3(name: str, cls: type, *, display_name: str = "", source: str = "",
-             around: Around | None = None) -> NodeDef:
-    """Describe a V3 ComfyNode class as a NodeDef; raises NodeDefinitionError naming what is wrong."""
+             around: Around | None = None, convert: Callable[[str, Any], Any] | None = None) -> NodeDef:
+    """Describe a V3 ComfyNode class as a NodeDef; raises NodeDefinitionError naming what is wrong. `around` and
+    `convert` as for V1 classes (`comfy_v1.adapt_class`)."""
     where = f"{source or cls.__module__}: class {cls.__name__} (node {name!r})"
     try:
         schema = cls.define_schema()
@@ -56,8 +57,10 @@ def adapt_v3(name: str, cls: type, *, display_name: str = "", source: str = "",
     hidden = tuple(h.value if isinstance(h, io.Hidden) else str(h) for h in schema.hidden)
     enter = around or (lambda _ctx: nullcontext())
     is_list = bool(schema.is_input_list)
+    types = {spec.name: spec.type for spec in inputs}
 
     def run(ctx: RunContext, **kwargs: Any) -> Result:
+        kwargs = comfy_inputs(kwargs, types, convert, listed=is_list)
         holder = io.HiddenHolder(**{field: _hidden_value(ctx, kind.value) for kind, field in _HIDDEN_FIELDS.items()
                                     if kind.value in hidden})
         bound = type(cls.__name__, (cls,), {"hidden": holder, "__module__": cls.__module__})

@@ -30,7 +30,8 @@ ENTRY_POINT_GROUP = "sdgraph.nodes"
 
 class ModuleEnvironment(Protocol):
     """What packs load and run in: `loading(pack)` while a pack's modules import, `running(ctx)` while one of its
-    nodes runs, and `refusal(cls, definition)`: why a node class cannot run here (None: it can)."""
+    nodes runs, and `refusal(cls, definition)`: why a node class cannot run here (None: it can). It may also
+    offer `comfy_value(type, value)`: an input in the form ComfyUI's code expects."""
 
     def loading(self, pack: str, folder: Path | None = None) -> AbstractContextManager[Any]: ...
 
@@ -81,7 +82,8 @@ def _adapt(name: str, cls: Any, display_name: str, file: str, pack: str, errors:
     try:
         adapt = adapt_v3 if is_v3_class(cls) else adapt_class
         with environment.loading(pack) if environment else nullcontext():
-            definition = adapt(name, cls, display_name=display_name, source=file, around=around)
+            definition = adapt(name, cls, display_name=display_name, source=file, around=around,
+                               convert=getattr(environment, "comfy_value", None))
     except Exception as error:  # a bad declaration, or e.g. a mapping value that is not a class
         refusal = environment.refusal(cls, None) if environment is not None and isinstance(cls, type) else None
         if refusal:  # INPUT_TYPES failing on a missing ComfyUI base class: say which

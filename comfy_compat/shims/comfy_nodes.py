@@ -107,6 +107,7 @@ def built_in_class(name: str, method: str) -> type:
         ctx = CURRENT_RUN.get()
         if ctx is None:
             raise RuntimeError(f"nodes.{name}.{method}() can only be called while a node runs")
+        kwargs = {key: _adapted(definition, key, value) for key, value in kwargs.items()}
         returned = definition.fn(ctx, **kwargs)
         if isinstance(returned, Result):
             return tuple(returned.outputs)
@@ -119,6 +120,16 @@ def built_in_class(name: str, method: str) -> type:
         "FUNCTION": method, method: run, "CATEGORY": definition.category,
         "OUTPUT_NODE": definition.output_node, "__module__": "nodes",
         "__doc__": f"sdgraph's {name} under ComfyUI's class interface ({method})"})
+
+
+def _adapted(definition: Any, name: str, value: Any) -> Any:
+    """A pack passes ComfyUI's plain values (`[[tensor, {...}]]`, `{"samples": ...}`): sdgraph's node gets its
+    typed value, as if the value had come along a link."""
+    from nodes import ADAPTERS
+
+    spec = definition.input(name)
+    adapt = ADAPTERS.get(spec.type) if spec is not None else None
+    return adapt(value) if adapt is not None and value is not None else value
 
 
 def _built_in_definition(name: str) -> Any:

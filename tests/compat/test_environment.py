@@ -353,3 +353,50 @@ def test_v3_node_with_a_preview_runs_on_tensors(tmp_path, env, folders):
     shown = result.ui["images"]
     assert len(shown) == 2 and all((folders.temp / entry["filename"]).is_file() for entry in shown)
     assert {entry["type"] for entry in shown} == {"temp"}
+
+
+def test_built_in_class_runs_sdgraphs_node_on_comfy_values(env):
+    """`nodes.ConditioningCombine().combine(a, b)` in a pack: sdgraph's node, given ComfyUI's plain values."""
+    from nodes import ConditioningCombine
+
+    first, second = [[torch.ones(1, 77, 768), {}]], [[torch.zeros(1, 77, 768), {"strength": 0.5}]]
+    with env.running(RunContext("r", "1", "X", None, CancelToken(), lambda e: None)):
+        (combined,) = ConditioningCombine().combine(conditioning_1=first, conditioning_2=second)
+    assert len(combined) == 2
+    assert torch.equal(combined.to_comfy()[1][0], torch.zeros(1, 77, 768))
+    with pytest.raises(RuntimeError, match="only be called while a node runs"):
+        ConditioningCombine().combine(conditioning_1=first, conditioning_2=second)
+
+
+CONDITIONING_PACK = '''
+class CountEntries:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"conditioning": ("CONDITIONING",)}}
+    RETURN_TYPES = ("INT", "CONDITIONING")
+    FUNCTION = "run"
+    def run(self, conditioning):
+        tokens = [t.shape[1] for t, options in conditioning]   # ComfyUI's [[tensor, {...}], ...]
+        return (sum(tokens), [[conditioning[0][0] * 2, dict(conditioning[0][1])]])
+
+
+NODE_CLASS_MAPPINGS = {"ToyCountEntries": CountEntries}
+'''
+
+
+def test_pack_nodes_get_comfyuis_conditioning_lists(tmp_path, env):
+    """sdgraph's CONDITIONING reaches a pack node as ComfyUI's list of [tensor, options], and what it returns
+    becomes sdgraph's again."""
+    from diffusion.latent import Conditioning
+
+    import nodes
+    (tmp_path / "cond").mkdir()
+    (tmp_path / "cond" / "cond_pack.py").write_text(textwrap.dedent(CONDITIONING_PACK))
+    registry = NodeRegistry()
+    nodes.register_types(registry)
+    load_pack_dir(registry, tmp_path / "cond", environment=env)
+    ours = Conditioning.from_value([[torch.ones(1, 77, 8), {}], [torch.ones(1, 154, 8), {}]])
+    ctx = RunContext("r", "1", "ToyCountEntries", None, CancelToken(), lambda e: None)
+    count, doubled = registry.get("ToyCountEntries").fn(ctx, conditioning=ours).outputs
+    assert count == 77 + 154
+    assert torch.equal(Conditioning.from_value(doubled).to_comfy()[0][0], torch.full((1, 77, 8), 2.0))
