@@ -387,9 +387,8 @@ NODE_CLASS_MAPPINGS = {"ToyCountEntries": CountEntries}
 def test_pack_nodes_get_comfyuis_conditioning_lists(tmp_path, env):
     """sdgraph's CONDITIONING reaches a pack node as ComfyUI's list of [tensor, options], and what it returns
     becomes sdgraph's again."""
-    from diffusion.latent import Conditioning
-
     import nodes
+    from diffusion.latent import Conditioning
     (tmp_path / "cond").mkdir()
     (tmp_path / "cond" / "cond_pack.py").write_text(textwrap.dedent(CONDITIONING_PACK))
     registry = NodeRegistry()
