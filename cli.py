@@ -165,7 +165,7 @@ def _app(args: argparse.Namespace, *, output: str | None = None):
     from nodes.runtime import Runtime
     folders = Folders.at(args.base_dir, output=output, trusted=True)
     folders.remove_stale_temp_files()  # leftovers of writes a crash interrupted (issue #11)
-    registry = build_registry(pack_dirs=_pack_dirs(args, folders))
+    registry = build_registry(pack_dirs=_pack_dirs(args, folders), folders=folders)
     runtime = Runtime(folders, device=getattr(args, "device", None), dtype=getattr(args, "dtype", None),
                       allow_pickle=getattr(args, "unsafe_load_pickle", False),
                       ram_budget=getattr(args, "ram_budget", None), vram_budget=getattr(args, "vram_budget", None),
@@ -210,10 +210,8 @@ def _cmd_nodes(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(errors, indent=1))
         else:
-            for e in errors:
-                print(f"{e['pack']}: {e['file']}: {e['reason']}")
-            if not errors:
-                print("every node pack loaded")
+            from engine.discovery import load_report
+            print("\n".join(load_report(registry)) or "every node pack loaded")
         return EXIT_OK
     if args.json:
         print(json.dumps(object_info(registry, runtime), indent=1))

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from aiohttp import web
 
 from engine.schema import node_info, object_info
-from service import answers, openapi, security, system, uploads
+from service import answers, openapi, routing, security, system, uploads
 from service.bodies import FreeRequest, HistoryRequest, InterruptRequest, PromptRequest, QueueRequest
 from service.config import MIB, ServerConfig
 from service.core import Service
@@ -300,6 +300,7 @@ def create_app(service: Service) -> web.Application:
     app[SERVICE] = service
     app[ROUTES] = table = route_table()
     table.install(app)
+    routing.install_pack_routes(app, service.registry.pack_environment)  # custom nodes' routes, behind the same checks
     return app
 
 

@@ -10,17 +10,34 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 from .context import RunContext
-from .spec import COMBO, INT, MISSING, SEED_NAMES, Input, NodeDef, NodeDefinitionError, Output, Result, accepted_kwargs
+from .spec import (
+    COMBO,
+    FLOAT,
+    INT,
+    MISSING,
+    SEED_NAMES,
+    Input,
+    NodeDef,
+    NodeDefinitionError,
+    Output,
+    Result,
+    accepted_kwargs,
+)
 
 _INPUT_OPTION_NAMES = {"default", "min", "max", "step", "multiline", "tooltip", "forceInput", "lazy",
                        "control_after_generate", "options", "defaultInput"}
 
 
-def adapt_class(name: str, cls: type, *, display_name: str = "", source: str = "") -> NodeDef:
-    """Describe a V1 class as a NodeDef; raises NodeDefinitionError naming what is wrong."""
+def adapt_class(name: str, cls: type, *, display_name: str = "", source: str = "",
+                around: Callable[[RunContext], AbstractContextManager[Any]] | None = None,
+                convert: Callable[[str, Any], Any] | None = None) -> NodeDef:
+    """Describe a V1 class as a NodeDef; raises NodeDefinitionError naming what is wrong. `around(ctx)` is
+    entered while the class's FUNCTION runs (the pack environment: ComfyUI's modules, the current context);
+    `convert(type, value)` turns each input into the form ComfyUI's code expects (`comfy_inputs`)."""
     where = f"{source or cls.__module__}: class {cls.__name__} (node {name!r})"
     try:
         declared = cls.INPUT_TYPES()
@@ -45,17 +62,22 @@ def adapt_class(name: str, cls: type, *, display_name: str = "", source: str = "
     input_is_list = bool(getattr(cls, "INPUT_IS_LIST", False))
 
     instances: dict[tuple[str, str], Any] = {}
+    enter = around or (lambda _ctx: nullcontext())
+
+    types = {spec.name: spec.type for spec in inputs}
 
     def run(ctx: RunContext, **kwargs: Any) -> Result:
-        # One instance per node and run (ComfyUI keeps one per node id; state across runs is the cache's job).
-        instance = instances.get((ctx.run_id, ctx.node_id))
-        if instance is None:
-            instances.clear()
-            instance = instances[(ctx.run_id, ctx.node_id)] = cls()
+        kwargs = comfy_inputs(kwargs, types, convert, listed=input_is_list)
         for arg_name, kind in hidden_names.items():
             value = _hidden_value(ctx, kind)
             kwargs[arg_name] = [value] if input_is_list else value
-        returned = getattr(instance, function_name)(**kwargs)
+        with enter(ctx):
+            # One instance per node and run (ComfyUI keeps one per node id; state across runs is the cache's job).
+            instance = instances.get((ctx.run_id, ctx.node_id))
+            if instance is None:
+                instances.clear()
+                instance = instances[(ctx.run_id, ctx.node_id)] = cls()
+            returned = getattr(instance, function_name)(**kwargs)
         return _result(where, returned, len(outputs))
 
     lazy_check = None
@@ -74,9 +96,9 @@ def adapt_class(name: str, cls: type, *, display_name: str = "", source: str = "
         version=str(getattr(cls, "VERSION", "1")),
         output_node=bool(getattr(cls, "OUTPUT_NODE", False)),
         cacheable=not bool(getattr(cls, "NOT_IDEMPOTENT", False)),
-        fingerprint=_without_resources(_bound(is_changed)),
-        validate=_bound(validate_inputs),
-        check_lazy=lazy_check,
+        fingerprint=within(enter, _without_resources(_bound(is_changed))),
+        validate=within(enter, _bound(validate_inputs)),
+        check_lazy=within(enter, lazy_check),
         input_is_list=input_is_list,
         hidden=hidden,
         source=source or f"{cls.__module__}.{cls.__qualname__}",
@@ -96,9 +118,7 @@ def _input(where: str, input_name: str, entry: Any, *, optional: bool, cls: type
         combo = tuple(options.get("options", ()))
     if not isinstance(kind, str):
         raise NodeDefinitionError(f"{where}: input {input_name!r} has a type that is not a string: {kind!r}")
-    default = options.get("default", MISSING)
-    if kind == INT and isinstance(default, float) and default.is_integer():
-        default = int(default)
+    default = _tolerated_default(kind, options.get("default", MISSING), options.get("min"), options.get("max"))
     extra = {k: v for k, v in options.items() if k not in _INPUT_OPTION_NAMES}
     # The front end's rule: an explicit flag wins, else INT inputs named seed/noise_seed get the control widget.
     control = options.get("control_after_generate")
@@ -120,6 +140,46 @@ def _input(where: str, input_name: str, entry: Any, *, optional: bool, cls: type
         control_after_generate=bool(control),
         extra=extra,
     )
+
+
+def comfy_inputs(values: dict[str, Any], types: Mapping[str, str], convert: Callable[[str, Any], Any] | None, *,
+                 listed: bool) -> dict[str, Any]:
+    """Each input through `convert(type, value)` (each element of it for INPUT_IS_LIST nodes)."""
+    if convert is None:
+        return values
+    return {key: ([convert(types.get(key, ""), v) for v in value] if listed and isinstance(value, list)
+                  else convert(types.get(key, ""), value)) for key, value in values.items()}
+
+
+def within(enter: Callable[[Any], AbstractContextManager[Any]], fn: Callable[..., Any] | None
+           ) -> Callable[..., Any] | None:
+    """`fn` called inside `enter(None)` (the pack environment, no node running): IS_CHANGED, VALIDATE_INPUTS
+    and lazy checks may import ComfyUI's modules too. The signature stays `fn`'s (inputs are passed by name)."""
+    if fn is None:
+        return None
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        with enter(None):
+            return fn(*args, **kwargs)
+
+    return call
+
+
+def _tolerated_default(kind: str, default: Any, low: Any, high: Any) -> Any:
+    """ComfyUI tolerates numeric defaults its front end then fixes: None or a list (no default), and a value
+    outside min..max (clamped into range, as the widget does)."""
+    if kind not in (INT, FLOAT) or default is MISSING:
+        return default
+    if default is None or isinstance(default, list | tuple | dict | str):
+        return MISSING
+    if kind == INT and isinstance(default, float) and default.is_integer():
+        default = int(default)
+    if isinstance(low, int | float) and default < low:
+        default = low
+    if isinstance(high, int | float) and default > high:
+        default = high
+    return default
 
 
 def _live_combo(cls: type, section: str, input_name: str, first: tuple) -> Callable[[], tuple]:
@@ -185,6 +245,7 @@ def _result(where: str, returned: Any, n_outputs: int) -> Result:
     if isinstance(returned, Mapping):
         result = returned.get("result", ())
         values = tuple(result) if isinstance(result, tuple | list) else (result,)
+        values = values[:n_outputs] if len(values) > n_outputs else values  # ComfyUI ignores undeclared extras
         if not values and n_outputs:
             raise NodeDefinitionError(f"{where}: returned a dict without 'result' but declares {n_outputs} outputs")
         return Result(values, returned.get("ui"))
@@ -193,4 +254,4 @@ def _result(where: str, returned: Any, n_outputs: int) -> Result:
     if not isinstance(returned, tuple | list):
         raise NodeDefinitionError(f"{where}: must return a tuple of {n_outputs} values (or a dict with "
                                   f"'result'), returned {type(returned).__name__}")
-    return Result(tuple(returned), None)
+    return Result(tuple(returned)[:n_outputs] if len(returned) > n_outputs else tuple(returned), None)

@@ -52,14 +52,26 @@ def register_types(registry: NodeRegistry) -> None:
                                codec=CODECS.get(name))
 
 
-def build_registry(*, pack_dirs: Iterable[str | Path] = (), entry_points: bool = True) -> NodeRegistry:
-    """Types, the built-in nodes, then custom node packs (a broken pack is listed in `load_errors`)."""
+def build_registry(*, pack_dirs: Iterable[str | Path] = (), entry_points: bool = True,
+                   folders: Any = None) -> NodeRegistry:
+    """Types, the built-in nodes, then custom node packs (a broken pack is listed in `load_errors`); ComfyUI packs
+    load in comfy_compat's environment, whose `folder_paths` uses `folders` until a run gives its own."""
+    from comfy_compat import PackEnvironment
+
     registry = NodeRegistry()
     register_types(registry)
     for module_name in NODE_MODULES:
         register_module(registry, importlib.import_module(module_name), pack="sdgraph")
-    load_packs(registry, [Path(d) for d in pack_dirs], entry_points=entry_points)
+    load_packs(registry, [Path(d) for d in pack_dirs], entry_points=entry_points,
+               environment=PackEnvironment(folders))
     return registry
+
+
+def __getattr__(name: str) -> Any:
+    """ComfyUI's `nodes` names a custom-node pack imports (`from nodes import MAX_RESOLUTION, SaveImage`),
+    answered by comfy_compat (docs/custom-nodes.md)."""
+    from comfy_compat.shims import comfy_nodes
+    return comfy_nodes.attribute(name)
 
 
 def code_identity(pack_dirs: Iterable[str | Path] = ()) -> str:
@@ -68,4 +80,5 @@ def code_identity(pack_dirs: Iterable[str | Path] = ()) -> str:
     from engine.diskcache import source_digest
 
     root = Path(__file__).resolve().parent.parent
-    return source_digest([root / name for name in ("engine", "runtime", "diffusion", "nodes")] + list(pack_dirs))
+    return source_digest([root / name for name in ("engine", "runtime", "diffusion", "nodes", "comfy_compat")]
+                         + list(pack_dirs))

@@ -24,6 +24,7 @@ from .config import ServerConfig
 from .hub import Hub
 from .messages import error_body, status_text, validation_failure
 from .queue import QueueStore, StoreError, number_json
+from .routing import pack_message_sender
 from .scrub import PathScrubber
 from .worker import Worker, recover
 
@@ -50,7 +51,7 @@ class Service:
     @classmethod
     def open(cls, config: ServerConfig) -> Service:
         folders = Folders.at(config.base_dir)
-        registry = build_registry(pack_dirs=config.pack_dirs)
+        registry = build_registry(pack_dirs=config.pack_dirs, folders=folders)
         for problem in registry.load_errors:
             log.warning("node pack %s failed to load (%s): %s", problem.pack, problem.file, problem.reason)
         runtime = Runtime(folders, device=config.device, dtype=config.dtype, allow_pickle=config.allow_pickle)
@@ -65,6 +66,8 @@ class Service:
     def start(self, loop: asyncio.AbstractEventLoop, on_fatal: Callable[[], None] = lambda: None) -> None:
         """Start the worker; `on_fatal` is called (on the loop) when it is out of action for good."""
         self.hub = Hub(loop, outbox_size=self.limits.ws_outbox, max_clients=self.limits.max_ws_clients)
+        if self.registry.pack_environment is not None:  # custom nodes' PromptServer.instance.send_sync
+            self.registry.pack_environment.message_listeners.append(pack_message_sender(self.hub))
 
         def fatal(reason: str, code: int) -> None:  # from the worker's thread or its deadline's
             self.accepting = False

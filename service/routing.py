@@ -241,3 +241,50 @@ async def json_errors(request: web.Request, handler) -> web.StreamResponse:
 # What only a request's content (not a bug in the server) raises when it gets past the checks: text that is not
 # Unicode, numbers too large for SQLite or floats, nesting too deep for a recursive function.
 CONTENT_ERRORS = (UnicodeError, OverflowError, RecursionError)
+
+
+def install_pack_routes(app: web.Application, environment: Any) -> list[str]:
+    """Mount the HTTP routes custom-node packs declared (`PromptServer.instance.routes`, collected by
+    comfy_compat) at their path and under `/api`, as ComfyUI does. They sit behind the same middlewares as
+    sdgraph's own routes (host, origin and token checks); a route that would take an existing path is left out.
+    Returns what was left out, one line each."""
+    taken = {(r.method, r.resource.canonical) for r in app.router.routes() if r.resource is not None}
+    skipped = []
+    for route in getattr(environment, "routes", ()):
+        for prefix in ("", "/api"):
+            path = prefix + route.path
+            if (route.method, path) in taken or (route.method == "STATIC" and ("GET", path) in taken):
+                skipped.append(f"{route.pack}: {route.method} {path} is sdgraph's own route; not mounted")
+                continue
+            try:
+                if route.method == "STATIC":
+                    app.router.add_static(path, dict(route.options)["directory"], follow_symlinks=False)
+                else:
+                    app.router.add_route(route.method, path, route.handler)
+                taken.add((route.method, path))
+            except (ValueError, RuntimeError) as error:
+                skipped.append(f"{route.pack}: {route.method} {path}: {error}")
+    for line in skipped:
+        log.warning("custom node route %s", line)
+    return skipped
+
+
+def pack_message_sender(hub: Any) -> Callable[[Any, Any, str | None], None]:
+    """`PromptServer.instance.send_sync(event, data, sid)` of a custom node: a JSON websocket message to that
+    client, or to every client when `sid` is None. Binary events (ComfyUI's numbered preview types) are dropped."""
+    from .messages import ws_text
+
+    def send(event: Any, data: Any, sid: str | None) -> None:
+        if not isinstance(event, str):
+            return
+        try:
+            message = ws_text(event, data)
+        except (TypeError, ValueError):  # data that is not JSON
+            log.warning("custom node message %r dropped: its data is not JSON", event)
+            return
+        if sid is None:
+            hub.publish_all(message)
+        else:
+            hub.publish(sid, message)
+
+    return send

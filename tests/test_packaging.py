@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGE_ROOTS = ("engine", "runtime", "diffusion", "nodes", "service", "demo_model")
+PACKAGE_ROOTS = ("engine", "runtime", "diffusion", "nodes", "service", "demo_model", "comfy_compat")
 DATA_FILES = ("diffusion/data/bpe_simple_vocab_16e6.txt.gz",)
 
 
