@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from .registry import NodeRegistry
+from .subgraphs import SubgraphError, flatten_workflow, has_subgraphs
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MODE_MUTED, MODE_BYPASSED = 2, 4
@@ -30,8 +31,8 @@ class _Slot(BaseModel):
     model_config = ConfigDict(extra="allow")
     name: str = ""
     type: Any = None
-    link: int | None = None
-    links: list[int] | None = None
+    link: int | str | None = None
+    links: list[int | str] | None = None
     widget: dict | None = None
 
 
@@ -44,6 +45,7 @@ class _UINode(BaseModel):
     inputs: list[_Slot] = Field(default_factory=list)
     outputs: list[_Slot] = Field(default_factory=list)
     widgets_values: list | dict | None = None
+    properties: dict = Field(default_factory=dict)
 
 
 class _Workflow(BaseModel):
@@ -126,7 +128,13 @@ def workflow_to_api(workflow: Mapping[str, Any], registry: NodeRegistry) -> dict
     """Convert ComfyUI's UI workflow (nodes + links, positional widgets_values) to the API format.
 
     Muted nodes (mode 2) vanish; bypassed ones (mode 4) pass each output through an input of the same type;
-    Reroutes and PrimitiveNodes are resolved into direct links and constants; Notes are dropped."""
+    Reroutes and PrimitiveNodes are resolved into direct links and constants; Notes are dropped. Subgraphs and
+    group nodes are flattened first (`subgraphs.py`)."""
+    if has_subgraphs(workflow):
+        try:
+            workflow = flatten_workflow(workflow)
+        except SubgraphError as exc:
+            raise GraphFormatError(str(exc)) from exc
     try:
         parsed = _Workflow.model_validate(workflow)
     except Exception as exc:
@@ -161,9 +169,21 @@ def workflow_to_api(workflow: Mapping[str, Any], registry: NodeRegistry) -> dict
             # None: the link leads nowhere (an empty Reroute, a bypass with no matching input); a widget keeps
             # its own value, a socket stays unset.
         entry: dict[str, Any] = {"class_type": ui_node.type, "inputs": inputs}
-        entry["_meta"] = {"title": ui_node.title or ui_node.type}
+        entry["_meta"] = _meta(ui_node, registry)
         api[node_id] = entry
     return api
+
+
+def _meta(ui_node: _UINode, registry: NodeRegistry) -> dict[str, Any]:
+    """The front end's `_meta`: the node's title (its display name unless renamed) and the node pack's registry
+    id and version when the node's properties carry them."""
+    definition = registry.get(ui_node.type)
+    known = definition is not None and definition.name == ui_node.type  # an alias is not in /object_info
+    default = (definition.display_name or definition.name) if known else ui_node.type
+    meta: dict[str, Any] = {"title": ui_node.title or default}
+    meta.update({key: ui_node.properties[key] for key in ("cnr_id", "aux_id", "ver")
+                 if isinstance(ui_node.properties.get(key), str)})
+    return meta
 
 
 class _Constant:

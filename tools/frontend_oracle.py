@@ -53,7 +53,7 @@ def workflow_types(workflow: dict[str, Any]) -> set[str]:
 
 def is_workflow(path: Path) -> bool:
     data = json.loads(path.read_text())
-    return isinstance(data, dict) and isinstance(data.get("nodes"), list)
+    return isinstance(data, dict) and isinstance(data.get("nodes"), list) and bool(data["nodes"])
 
 
 def make_app(object_info: dict[str, Any]) -> web.Application:
