@@ -160,14 +160,12 @@ def workflow_to_api(workflow: Mapping[str, Any], registry: NodeRegistry) -> dict
             if slot.link is None:
                 continue
             source = _resolve(nodes, links, slot.link, slot.type)
-            if source is _MUTED:  # the front end drops inputs fed by muted nodes; validation reports them
-                inputs.pop(slot.name, None)
-            elif isinstance(source, _Constant):
+            if isinstance(source, _Constant):
                 inputs[slot.name] = _api_value(source.value)
             elif source is not None:
                 inputs[slot.name] = [source[0], source[1]]
-            # None: the link leads nowhere (an empty Reroute, a bypass with no matching input); a widget keeps
-            # its own value, a socket stays unset.
+            # None: the link leads nowhere (a muted node, an empty Reroute, a bypass with no matching input); a
+            # widget keeps its own value, a socket stays unset (frontend 1.58's graphToPrompt).
         entry: dict[str, Any] = {"class_type": ui_node.type, "inputs": inputs}
         entry["_meta"] = _meta(ui_node, registry)
         api[node_id] = entry
@@ -191,14 +189,11 @@ class _Constant:
         self.value = value
 
 
-_MUTED = object()
-
-
 def _resolve(nodes: Mapping[str, _UINode], links: Mapping[Any, tuple[str, int]], link_id: int, wanted: Any,
-             ) -> tuple[str, int] | _Constant | object | None:
+             ) -> tuple[str, int] | _Constant | None:
     """Follow a link back through Reroutes and bypassed nodes to a real output (or a PrimitiveNode's value).
     `wanted` is the type of the input being fed (a bypassed node passes on its first input of that type).
-    Returns _MUTED when the chain ends at a muted node, None when it ends nowhere."""
+    Returns None when the chain ends at a muted node or nowhere."""
     seen = set()
     while link_id in links and link_id not in seen:
         seen.add(link_id)
@@ -207,7 +202,7 @@ def _resolve(nodes: Mapping[str, _UINode], links: Mapping[Any, tuple[str, int]],
         if node is None:
             return None
         if node.mode == MODE_MUTED:
-            return _MUTED
+            return None
         if node.type == "PrimitiveNode":
             values = node.widgets_values
             return _Constant(values[0]) if isinstance(values, list) and values else None

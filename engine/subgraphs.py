@@ -6,9 +6,10 @@ instance by its inner nodes, with the front end's rules (its `ExecutableNodeDTO.
 `graphToPrompt`, learnt from frontend 1.58):
 
 - inner node ids become "instance:inner" ("outer:middle:inner" when nested);
-- a link from the subgraph's input node (id -10) takes what feeds the instance's input at that position: its link,
-  else the value of the instance's promoted widget (`widgets_values_named`, else `widgets_values` in the order of
-  the instance's widget inputs), else nothing (an inner widget then keeps its own value);
+- a link from the subgraph's input node (id -10) takes what feeds the instance's input at that position: the link
+  into it, else the value of the instance's promoted widget (the subgraph's inputs that feed an inner widget, in
+  order, are the instance's widgets, their values its `widgets_values` by position; `widgets_values_named` is
+  ignored as the front end ignores it), else nothing (an inner widget then keeps its own value);
 - a link from an instance's output takes what feeds the subgraph's output node (id -20) at that position;
 - a muted (2) or bypassed (4) instance at the top level is kept as one node (muted: what it feeds loses that
   input; bypassed: it passes its inputs through, as any bypassed node), and its inner nodes are not queued; an
@@ -55,6 +56,24 @@ class _Level:
     parent: _Level | None = None
     path: tuple[str, ...] = ()  # the subgraph ids expanded so far (a subgraph inside itself is refused)
     children: dict[str, _Level] = field(default_factory=dict)  # expanded instances, by local node id
+
+    def feeds(self) -> dict[tuple[str, int], _Link]:
+        """Each link by its (target node id, target slot)."""
+        return {(str(link.target), link.target_slot): link for link in self.links.values()}
+
+    def promoted_inputs(self) -> list[int]:
+        """The subgraph's inputs that feed an inner widget, in order: the instance's promoted widgets, whose values
+        its `widgets_values` hold by position."""
+        promoted = set()
+        for link in self.links.values():
+            if link.origin != INPUT_NODE:
+                continue
+            node = self.nodes.get(str(link.target), {})
+            slots = node.get("inputs") or []
+            if link.target_slot < len(slots) and isinstance(slots[link.target_slot], Mapping) and \
+                    slots[link.target_slot].get("widget"):
+                promoted.add(link.slot)
+        return sorted(promoted)
 
 
 def has_subgraphs(workflow: Mapping[str, Any]) -> bool:
@@ -196,29 +215,21 @@ def _origin(level: _Level, origin: Any, slot: int, subgraphs: Mapping[str, Any],
 
 
 def _instance_input(level: _Level, slot: int) -> _Link | _Value | None:
-    """What feeds the instance's input at position `slot`: its link (in the parent level), else its promoted
-    widget's value, else nothing."""
+    """What feeds the instance's input at position `slot`: the link into it (in the parent level), else the value
+    of its promoted widget, else nothing (an inner widget keeps its own value)."""
     instance, parent = level.instance, level.parent
-    inputs = [s for s in instance.get("inputs") or [] if isinstance(s, Mapping)]
-    if slot >= len(inputs):
-        return None
-    entry = inputs[slot]
-    link = entry.get("link")
+    link = parent.feeds().get((str(instance["id"]), slot))
     if link is not None:
-        return parent.links.get(str(link))
-    if not entry.get("widget"):
+        return link
+    promoted = level.promoted_inputs()
+    if slot not in promoted:
         return None
-    name = entry.get("name")
-    named = instance.get("widgets_values_named")
-    if isinstance(named, Mapping) and name in named:
-        return _Value(named[name])
     values = instance.get("widgets_values")
-    properties = instance.get("properties") or {}
-    if isinstance(values, list) and not properties.get("proxyWidgets"):
-        index = [s.get("name") for s in inputs if s.get("widget")].index(name)
-        if index < len(values):
-            return _Value(values[index])
-    return None
+    if isinstance(values, list) and not (instance.get("properties") or {}).get("proxyWidgets"):
+        position = promoted.index(slot)
+        if position < len(values):
+            return _Value(values[position])
+    return None  # `widgets_values_named` is not read by the front end either
 
 
 def group_nodes_as_subgraphs(workflow: Mapping[str, Any]) -> dict[str, dict[str, Any]]:

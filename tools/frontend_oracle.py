@@ -111,9 +111,7 @@ MAKE_SUBGRAPH = """async ([workflow, groups, modes]) => {
     if (made) items.add(made);
     made = graph.convertToSubgraph(items).node;
   }
-  const saved = window.app.graph.serialize();
-  const result = await window.app.graphToPrompt();
-  return [saved, result.output];
+  return (await window.app.graphToPrompt()).workflow;
 }"""
 
 
@@ -147,8 +145,9 @@ async def run_oracle(workflows: list[Path], out: Path, object_info: dict[str, An
                 save(out, path.stem, workflow, prompt)
                 if make_subgraphs:
                     for suffix, (groups, modes) in subgraph_plans(workflow).items():
-                        saved, prompt = await page.evaluate(MAKE_SUBGRAPH, [workflow, groups, modes])
-                        save(out, f"{path.stem}-{suffix}", saved, prompt)
+                        made = without_null_lists(await page.evaluate(MAKE_SUBGRAPH, [workflow, groups, modes]))
+                        # the prompt of the saved file, loaded afresh: what a user queueing that file gets
+                        save(out, f"{path.stem}-{suffix}", made, await page.evaluate(TO_PROMPT, made))
             await browser.close()
     finally:
         await runner.cleanup()
@@ -166,6 +165,18 @@ def subgraph_plans(workflow: dict[str, Any]) -> dict[str, tuple[list[list[int]],
             "sub-modes": ([middle], {str(middle[0]): 4, str(middle[-1]): 2})}
 
 
+def without_null_lists(workflow: dict[str, Any]) -> dict[str, Any]:
+    """The front end serializes absent `floatingLinks`/`reroutes` as null but cannot load its own null back: leave
+    them out (as a saved file does)."""
+    def clean(graph: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in graph.items() if not (k in ("floatingLinks", "reroutes") and v is None)}
+    result = clean(workflow)
+    subgraphs = (result.get("definitions") or {}).get("subgraphs")
+    if subgraphs:
+        result["definitions"] = {**result["definitions"], "subgraphs": [clean(s) for s in subgraphs]}
+    return result
+
+
 def save(out: Path, stem: str, workflow: dict[str, Any], prompt: dict[str, Any]) -> None:
     (out / f"{stem}.workflow.json").write_text(json.dumps(workflow, indent=1) + "\n")
     (out / f"{stem}.prompt.json").write_text(json.dumps(prompt, indent=1, sort_keys=True) + "\n")
@@ -179,11 +190,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--templates", action="store_true", help="every template whose nodes we have")
     parser.add_argument("--make-subgraphs", action="store_true", help="also convert parts into subgraphs")
     parser.add_argument("--chromium", default="/usr/bin/chromium")
+    parser.add_argument("--registry", metavar="MODULE:FUNCTION",
+                        help="the node registry to describe (default: ours, nodes.build_registry); e.g. "
+                             "toy_nodes:toy_registry with tests/engine on PYTHONPATH")
     args = parser.parse_args(argv)
 
+    import importlib
+
     from engine.schema import object_info
-    from nodes import build_registry
-    registry = build_registry(pack_dirs=[])
+    if args.registry:
+        module, _, function = args.registry.partition(":")
+        registry = getattr(importlib.import_module(module), function)()
+    else:
+        from nodes import build_registry
+        registry = build_registry(pack_dirs=[])
     info = object_info(registry)
     workflows = list(args.workflows)
     if args.templates:
