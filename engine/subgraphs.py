@@ -56,6 +56,7 @@ class _Level:
     parent: _Level | None = None
     path: tuple[str, ...] = ()  # the subgraph ids expanded so far (a subgraph inside itself is refused)
     children: dict[str, _Level] = field(default_factory=dict)  # expanded instances, by local node id
+    input_names: tuple[str, ...] = ()  # the subgraph's inputs, in order
 
     def feeds(self) -> dict[tuple[str, int], _Link]:
         """Each link by its (target node id, target slot)."""
@@ -172,8 +173,9 @@ def _child_level(level: _Level, local_id: str, node: Mapping[str, Any], sub: Map
         raise SubgraphError(f"node {level.prefix}{local_id}: subgraph {sub.get('name') or sub_id!r} contains "
                             "itself; a subgraph cannot be nested in itself")
     where = f"subgraph {sub.get('name') or sub_id!r} (node {level.prefix}{local_id})"
+    names = tuple(str(i.get("name", "")) if isinstance(i, Mapping) else "" for i in sub.get("inputs") or [])
     return _Level(f"{level.prefix}{local_id}:", _nodes_by_id(sub.get("nodes", []), where),
-                  _links_by_id(sub.get("links", []), where), node, level, (*level.path, sub_id))
+                  _links_by_id(sub.get("links", []), where), node, level, (*level.path, sub_id), {}, names)
 
 
 def _flat_node(level: _Level, node: Mapping[str, Any]) -> dict[str, Any]:
@@ -218,7 +220,8 @@ def _instance_input(level: _Level, slot: int) -> _Link | _Value | None:
     """What feeds the instance's input at position `slot`: the link into it (in the parent level), else the value
     of its promoted widget, else nothing (an inner widget keeps its own value)."""
     instance, parent = level.instance, level.parent
-    link = parent.feeds().get((str(instance["id"]), slot))
+    position = _instance_slot(instance, level.input_names, slot)
+    link = None if position is None else parent.feeds().get((str(instance["id"]), position))
     if link is not None:
         return link
     promoted = level.promoted_inputs()
@@ -230,6 +233,15 @@ def _instance_input(level: _Level, slot: int) -> _Link | _Value | None:
         if position < len(values):
             return _Value(values[position])
     return None  # `widgets_values_named` is not read by the front end either
+
+
+def _instance_slot(instance: Mapping[str, Any], input_names: tuple[str, ...], slot: int) -> int | None:
+    """The position among the instance's saved inputs of the subgraph's input `slot`: a saved instance leaves out
+    its unlinked widget inputs, so the two are matched by name (by position when the subgraph names none)."""
+    if slot >= len(input_names):
+        return slot
+    names = [entry.get("name") if isinstance(entry, Mapping) else None for entry in instance.get("inputs") or []]
+    return names.index(input_names[slot]) if input_names[slot] in names else None
 
 
 def group_nodes_as_subgraphs(workflow: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
