@@ -97,16 +97,76 @@ def flatten_workflow(workflow: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _subgraph_definitions(workflow: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
-    definitions = workflow.get("definitions") or {}
-    raw = definitions.get("subgraphs") or [] if isinstance(definitions, Mapping) else []
     subgraphs: dict[str, Mapping[str, Any]] = {}
-    for sub in raw:
+    for sub in _renumbered(workflow, _all_definitions(workflow)):
+        subgraphs.setdefault(sub["id"], sub)  # the front end keeps the first of two with one id
+    subgraphs.update(group_nodes_as_subgraphs(workflow))
+    return subgraphs
+
+
+def _all_definitions(graph: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """`definitions.subgraphs`, with those a subgraph holds in its own `definitions` after it (in that order)."""
+    definitions = graph.get("definitions")
+    raw = definitions.get("subgraphs") if isinstance(definitions, Mapping) else None
+    found: list[Mapping[str, Any]] = []
+    for sub in raw or []:
         if not isinstance(sub, Mapping) or not isinstance(sub.get("id"), str):
             raise SubgraphError("a subgraph in definitions.subgraphs has no string 'id'; re-save the workflow "
                                 "from the front end")
-        subgraphs[sub["id"]] = sub
-    subgraphs.update(group_nodes_as_subgraphs(workflow))
-    return subgraphs
+        found.append(sub)
+        found.extend(_all_definitions(sub))
+    return found
+
+
+def _renumbered(workflow: Mapping[str, Any], subgraphs: list[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Inner node ids that repeat an id already used (at the top level or in an earlier subgraph) get fresh ids, as
+    the front end gives them when it loads the file: the next free number after the graph's last node id, in the
+    order of the definitions and their nodes. The API prompt's "instance:inner" ids use the fresh ids."""
+    top = workflow.get("nodes") or []
+    taken = {str(n.get("id")) for n in top if isinstance(n, Mapping)}
+    numbers = {int(i) for i in taken if i.isdigit()}
+    state = workflow.get("state") if isinstance(workflow.get("state"), Mapping) else {}
+    last = max(_number(workflow.get("last_node_id")), _number(state.get("lastNodeId")))
+    result = []
+    for sub in subgraphs:
+        fresh: dict[str, int] = {}
+        for node in sub.get("nodes") or []:
+            node_id = str(node.get("id")) if isinstance(node, Mapping) else ""
+            if node_id in taken:
+                last += 1
+                while last in numbers:
+                    last += 1
+                fresh[node_id] = last
+                numbers.add(last)
+                taken.add(str(last))
+            else:
+                taken.add(node_id)
+                if node_id.isdigit():
+                    numbers.add(int(node_id))
+                    last = max(last, int(node_id))
+        result.append(_with_fresh_ids(sub, fresh) if fresh else sub)
+    return result
+
+
+def _number(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def _with_fresh_ids(sub: Mapping[str, Any], fresh: Mapping[str, int]) -> dict[str, Any]:
+    def renamed(node_id: Any) -> Any:
+        return fresh.get(str(node_id), node_id)
+
+    nodes = [{**n, "id": renamed(n["id"])} if isinstance(n, Mapping) and "id" in n else n for n in sub["nodes"]]
+    links = []
+    for link in sub.get("links") or []:
+        if isinstance(link, Mapping):
+            links.append({**link, "origin_id": renamed(link.get("origin_id")),
+                          "target_id": renamed(link.get("target_id"))})
+        elif isinstance(link, list | tuple) and len(link) >= 5:
+            links.append([link[0], renamed(link[1]), link[2], renamed(link[3]), *link[4:]])
+        else:
+            links.append(link)
+    return {**sub, "nodes": nodes, "links": links}
 
 
 def _nodes_by_id(raw: Any, where: str) -> dict[str, Mapping[str, Any]]:

@@ -106,3 +106,22 @@ def test_installed_templates_whose_nodes_we_have_match_the_fixtures(registry):
         expected = FIXTURES / f"{path.stem}.prompt.json"
         if expected.exists():
             assert api == json.loads(expected.read_text()), path.name
+
+
+STRUCTURE = Path(__file__).parent / "fixtures" / "templates-structure"
+
+
+def _links(inputs: dict) -> dict:
+    return {name: value for name, value in inputs.items()
+            if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str)}
+
+
+@pytest.mark.parametrize("path", sorted(STRUCTURE.glob("*.workflow.json")), ids=_name)
+def test_subgraph_templates_flatten_to_the_front_ends_ids_and_links(path: Path, registry):
+    """Real subgraph templates: the same node ids (inner ids the front end renumbers on load included) and the same
+    links as the front end's prompt."""
+    expected = json.loads(path.with_name(f"{_name(path)}.prompt.json").read_text())
+    api = workflow_to_api(json.loads(path.read_text()), registry)
+    assert sorted(api) == sorted(expected)
+    assert {nid: _links(node["inputs"]) for nid, node in api.items()} == \
+        {nid: _links(node["inputs"]) for nid, node in expected.items()}
