@@ -16,9 +16,10 @@ instance by its inner nodes, with the front end's rules (its `ExecutableNodeDTO.
   instance nested inside another is expanded whatever its mode (the front end queues its inner nodes), and its
   own mode still decides what its outputs give.
 
-Group nodes (`extra.groupNodes`, the older format, node types "workflow>NAME") are turned into subgraphs first
-(`group_nodes_as_subgraphs`), so one set of rules flattens both. The result is a plain workflow (string node and
-link ids) for `formats.workflow_to_api`, which resolves bypasses, muted nodes, Reroutes and PrimitiveNodes.
+Inner node ids that repeat an id in use are renumbered as the front end does when it loads the file. Group nodes
+(`extra.groupNodes`, the older format) are refused with how to convert them (`refuse_group_nodes`). The result is a
+plain workflow (string node and link ids) for `formats.workflow_to_api`, which resolves bypasses, muted nodes,
+Reroutes and PrimitiveNodes.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from typing import Any
 
 INPUT_NODE, OUTPUT_NODE = -10, -20
 MODE_MUTED, MODE_BYPASSED = 2, 4
-GROUP_PREFIX = "workflow>"
 
 
 class SubgraphError(ValueError):
@@ -87,6 +87,7 @@ def has_subgraphs(workflow: Mapping[str, Any]) -> bool:
 def flatten_workflow(workflow: Mapping[str, Any]) -> dict[str, Any]:
     """The workflow with every subgraph instance (and group node) replaced by its inner nodes: `{"nodes",
     "links"}` with string ids, links as [id, origin_id, origin_slot, target_id, target_slot, type]."""
+    refuse_group_nodes(workflow)
     subgraphs = _subgraph_definitions(workflow)
     root = _Level("", _nodes_by_id(workflow.get("nodes", []), "the workflow"),
                   _links_by_id(workflow.get("links", []), "the workflow"))
@@ -100,7 +101,6 @@ def _subgraph_definitions(workflow: Mapping[str, Any]) -> dict[str, Mapping[str,
     subgraphs: dict[str, Mapping[str, Any]] = {}
     for sub in _renumbered(workflow, _all_definitions(workflow)):
         subgraphs.setdefault(sub["id"], sub)  # the front end keeps the first of two with one id
-    subgraphs.update(group_nodes_as_subgraphs(workflow))
     return subgraphs
 
 
@@ -304,15 +304,14 @@ def _instance_slot(instance: Mapping[str, Any], input_names: tuple[str, ...], sl
     return names.index(input_names[slot]) if input_names[slot] in names else None
 
 
-def group_nodes_as_subgraphs(workflow: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """The older group nodes (`extra.groupNodes`) as subgraph definitions under their node type "workflow>NAME"."""
+def refuse_group_nodes(workflow: Mapping[str, Any]) -> None:
+    """Group nodes (`extra.groupNodes`, node types "workflow>NAME") are not flattened: frontend 1.58 converts each
+    into a subgraph when it loads the file (pasting its nodes under fresh ids, applying the group's widget values by
+    name, then "convert to subgraph" under another fresh id), and those ids are not reproduced here yet."""
     extra = workflow.get("extra")
     groups = extra.get("groupNodes") if isinstance(extra, Mapping) else None
-    if not isinstance(groups, Mapping):
-        return {}
-    return {GROUP_PREFIX + name: _group_as_subgraph(name, group) for name, group in groups.items()}
-
-
-def _group_as_subgraph(name: str, group: Any) -> dict[str, Any]:
-    raise SubgraphError(f"group node {name!r}: group nodes are not supported yet; convert it to a subgraph in "
-                        "the front end (right-click > Convert to subgraph) and save again")
+    if isinstance(groups, Mapping) and groups:
+        name = next(iter(groups))
+        raise SubgraphError(f"group node {name!r}: group nodes are not supported; open the workflow in the front end "
+                            "(it turns group nodes into subgraphs, or right-click > Convert to subgraph) and save "
+                            "it again")
