@@ -96,11 +96,10 @@ def resolved_outputs(expansion: Expansion, prefix: str, outputs: Mapping[str, tu
             for value in expansion.result]
 
 
-def node_events_only(listeners: Sequence[Callable[[Event], None]]) -> Callable[[Event], None]:
-    """The inner run's events for the outer run's listeners, without its own start and finish (and failure,
-    which the outer run reports as the parent's)."""
+def node_events_only(emit: Callable[[Event], None]) -> Callable[[Event], None]:
+    """The inner run's events for the outer run's `emit`, without its own start and finish (and failure, which
+    the outer run reports as the parent's)."""
     def forward(event: Event) -> None:
         if not isinstance(event, RUN_EVENTS):
-            for listener in listeners:
-                listener(event)
+            emit(event)
     return forward

@@ -258,7 +258,7 @@ class _PlanRun:
         plan = compile_plan(checked.graph, self.registry, self.cache, resources=self.resources, history=self.history)
         inner = run_plan(plan, registry=self.registry, cache=self.cache, history=self.history,
                          run_id=self.report.run_id, resources=self.resources, around_node=self.around_node,
-                         listeners=[node_events_only(self.listeners)], cancel=self.cancel, prompt=self.prompt,
+                         listeners=[node_events_only(self.emit)], cancel=self.cancel, prompt=self.prompt,
                          extra=self.extra)
         self.report.executed.extend(inner.executed)
         self.report.cached.extend(inner.cached)

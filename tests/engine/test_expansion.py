@@ -4,7 +4,7 @@ other, and the expansion's outputs replace the node's (ComfyUI's comfy_execution
 
 from __future__ import annotations
 
-from engine import INT, STRING, Executor, Input, Output, validate
+from engine import INT, STRING, CancelToken, Executor, Input, Output, validate
 from engine import node as declare
 from engine.comfy_v1 import adapt_class
 from engine.expansion import Expansion
@@ -130,3 +130,28 @@ def test_a_failing_inner_node_fails_the_parent_naming_it(registry, counter):
     report = _run(_executor(registry, counter), _graph("BadExpansion", kind="fail"))
     assert report.status == "failed" and report.error.node_id == "1"
     assert "node 1.n (Fail)" in report.error.message
+
+
+def test_inner_nodes_report_their_events_in_the_outer_run(registry, counter):
+    executor = _executor(registry, counter)
+    events = []
+    result = validate(_graph(x=5), executor.registry)
+    executor.run(result.graph, listeners=[events.append])
+    started = [e.node_id for e in events if e.kind == "node_started"]
+    assert {"1", "1.first", "1.second", "2"} <= set(started)
+    assert [e.kind for e in events].count("run_started") == 1
+    assert [e.kind for e in events].count("run_finished") == 1
+
+
+def test_cancelling_inside_an_expansion_interrupts_the_run(registry, counter):
+    executor = _executor(registry, counter)
+    cancel = CancelToken()
+
+    def cancel_at_inner(event):
+        if event.kind == "node_started" and event.node_id == "1.second":
+            cancel.cancel()
+
+    result = validate({**_graph(x=5), "3": {"class_type": "Add", "inputs": {"a": ["1", 0], "b": 1}},
+                       "4": {"class_type": "Show", "inputs": {"value": ["3", 0]}}}, executor.registry)
+    report = executor.run(result.graph, listeners=[cancel_at_inner], cancel=cancel)
+    assert report.status == "interrupted"
