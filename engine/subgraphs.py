@@ -1,4 +1,4 @@
-"""Subgraphs and group nodes of UI workflows, flattened into one plain workflow as the front end does when it queues.
+"""Subgraphs of UI workflows, flattened into one plain workflow as the front end does when it queues.
 
 A workflow saved by a 1.2x+ front end may hold `definitions.subgraphs`: each has its own nodes, links, `inputs`
 and `outputs`; a node whose `type` is a subgraph's id is an instance of it. `flatten_workflow` replaces every
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 INPUT_NODE, OUTPUT_NODE = -10, -20
@@ -58,10 +59,16 @@ class _Level:
     children: dict[str, _Level] = field(default_factory=dict)  # expanded instances, by local node id
     input_names: tuple[str, ...] = ()  # the subgraph's inputs, in order
 
+    @cached_property
     def feeds(self) -> dict[tuple[str, int], _Link]:
-        """Each link by its (target node id, target slot)."""
-        return {(str(link.target), link.target_slot): link for link in self.links.values()}
+        """Each link by its (target node id, target slot); the first when a stale second one is left in the file
+        (the front end takes an output's first link)."""
+        feeds: dict[tuple[str, int], _Link] = {}
+        for link in self.links.values():
+            feeds.setdefault((str(link.target), link.target_slot), link)
+        return feeds
 
+    @cached_property
     def promoted_inputs(self) -> list[int]:
         """The subgraph's inputs that feed an inner widget, in order: the instance's promoted widgets, whose values
         its `widgets_values` hold by position."""
@@ -268,8 +275,7 @@ def _origin(level: _Level, origin: Any, slot: int, subgraphs: Mapping[str, Any],
         child = level.children.get(str(origin))
         if child is None or level.nodes[str(origin)].get("mode", 0) in (MODE_MUTED, MODE_BYPASSED):
             return level.prefix + str(origin), slot
-        inner = next((link for link in child.links.values()
-                      if link.target == OUTPUT_NODE and link.target_slot == slot), None)
+        inner = child.feeds.get((str(OUTPUT_NODE), slot))
         if inner is None:
             return None
         level, origin, slot = child, inner.origin, inner.slot
@@ -281,10 +287,10 @@ def _instance_input(level: _Level, slot: int) -> _Link | _Value | None:
     of its promoted widget, else nothing (an inner widget keeps its own value)."""
     instance, parent = level.instance, level.parent
     position = _instance_slot(instance, level.input_names, slot)
-    link = None if position is None else parent.feeds().get((str(instance["id"]), position))
+    link = None if position is None else parent.feeds.get((str(instance["id"]), position))
     if link is not None:
         return link
-    promoted = level.promoted_inputs()
+    promoted = level.promoted_inputs
     if slot not in promoted:
         return None
     values = instance.get("widgets_values")
