@@ -241,7 +241,9 @@ def _hidden_value(ctx: RunContext, kind: str) -> Any:
     return None
 
 
-def _result(where: str, returned: Any, n_outputs: int) -> Result:
+def _result(where: str, returned: Any, n_outputs: int) -> Any:
+    if isinstance(returned, Mapping) and "expand" in returned:
+        return returned  # node expansion: the runner runs the graph (engine/expansion.py)
     if isinstance(returned, Mapping):
         result = returned.get("result", ())
         values = tuple(result) if isinstance(result, tuple | list) else (result,)

@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from .registry import NodeRegistry
+from .subgraphs import SubgraphError, flatten_workflow, has_subgraphs
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MODE_MUTED, MODE_BYPASSED = 2, 4
@@ -30,8 +31,8 @@ class _Slot(BaseModel):
     model_config = ConfigDict(extra="allow")
     name: str = ""
     type: Any = None
-    link: int | None = None
-    links: list[int] | None = None
+    link: int | str | None = None
+    links: list[int | str] | None = None
     widget: dict | None = None
 
 
@@ -44,6 +45,7 @@ class _UINode(BaseModel):
     inputs: list[_Slot] = Field(default_factory=list)
     outputs: list[_Slot] = Field(default_factory=list)
     widgets_values: list | dict | None = None
+    properties: dict = Field(default_factory=dict)
 
 
 class _Workflow(BaseModel):
@@ -126,7 +128,13 @@ def workflow_to_api(workflow: Mapping[str, Any], registry: NodeRegistry) -> dict
     """Convert ComfyUI's UI workflow (nodes + links, positional widgets_values) to the API format.
 
     Muted nodes (mode 2) vanish; bypassed ones (mode 4) pass each output through an input of the same type;
-    Reroutes and PrimitiveNodes are resolved into direct links and constants; Notes are dropped."""
+    Reroutes and PrimitiveNodes are resolved into direct links and constants; Notes are dropped. Subgraphs and
+    group nodes are flattened first (`subgraphs.py`)."""
+    if has_subgraphs(workflow):
+        try:
+            workflow = flatten_workflow(workflow)
+        except SubgraphError as exc:
+            raise GraphFormatError(str(exc)) from exc
     try:
         parsed = _Workflow.model_validate(workflow)
     except Exception as exc:
@@ -152,18 +160,28 @@ def workflow_to_api(workflow: Mapping[str, Any], registry: NodeRegistry) -> dict
             if slot.link is None:
                 continue
             source = _resolve(nodes, links, slot.link, slot.type)
-            if source is _MUTED:  # the front end drops inputs fed by muted nodes; validation reports them
-                inputs.pop(slot.name, None)
-            elif isinstance(source, _Constant):
+            if isinstance(source, _Constant):
                 inputs[slot.name] = _api_value(source.value)
             elif source is not None:
                 inputs[slot.name] = [source[0], source[1]]
-            # None: the link leads nowhere (an empty Reroute, a bypass with no matching input); a widget keeps
-            # its own value, a socket stays unset.
+            # None: the link leads nowhere (a muted node, an empty Reroute, a bypass with no matching input); a
+            # widget keeps its own value, a socket stays unset (frontend 1.58's graphToPrompt).
         entry: dict[str, Any] = {"class_type": ui_node.type, "inputs": inputs}
-        entry["_meta"] = {"title": ui_node.title or ui_node.type}
+        entry["_meta"] = _meta(ui_node, registry)
         api[node_id] = entry
     return api
+
+
+def _meta(ui_node: _UINode, registry: NodeRegistry) -> dict[str, Any]:
+    """The front end's `_meta`: the node's title (its display name unless renamed) and the node pack's registry
+    id and version when the node's properties carry them."""
+    definition = registry.get(ui_node.type)
+    known = definition is not None and definition.name == ui_node.type  # an alias is not in /object_info
+    default = (definition.display_name or definition.name) if known else ui_node.type
+    meta: dict[str, Any] = {"title": ui_node.title or default}
+    meta.update({key: ui_node.properties[key] for key in ("cnr_id", "aux_id", "ver")
+                 if isinstance(ui_node.properties.get(key), str)})
+    return meta
 
 
 class _Constant:
@@ -171,14 +189,11 @@ class _Constant:
         self.value = value
 
 
-_MUTED = object()
-
-
 def _resolve(nodes: Mapping[str, _UINode], links: Mapping[Any, tuple[str, int]], link_id: int, wanted: Any,
-             ) -> tuple[str, int] | _Constant | object | None:
+             ) -> tuple[str, int] | _Constant | None:
     """Follow a link back through Reroutes and bypassed nodes to a real output (or a PrimitiveNode's value).
     `wanted` is the type of the input being fed (a bypassed node passes on its first input of that type).
-    Returns _MUTED when the chain ends at a muted node, None when it ends nowhere."""
+    Returns None when the chain ends at a muted node or nowhere."""
     seen = set()
     while link_id in links and link_id not in seen:
         seen.add(link_id)
@@ -187,7 +202,7 @@ def _resolve(nodes: Mapping[str, _UINode], links: Mapping[Any, tuple[str, int]],
         if node is None:
             return None
         if node.mode == MODE_MUTED:
-            return _MUTED
+            return None
         if node.type == "PrimitiveNode":
             values = node.widgets_values
             return _Constant(values[0]) if isinstance(values, list) and values else None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 import traceback
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,11 +29,21 @@ from .events import (
     RunInterrupted,
     RunStarted,
 )
+from .expansion import (
+    Expansion,
+    ExpansionError,
+    as_expansion,
+    inner_prefix,
+    node_events_only,
+    prefixed_graph,
+    resolved_outputs,
+)
 from .graph import Link
-from .plan import KeyHistory, Plan, Step
+from .plan import KeyHistory, Plan, Step, compile_plan
 from .registry import NodeRegistry
 from .spec import NodeDef, Result, accepted_kwargs
 from .tiers import TieredCache
+from .validation import validate
 
 SKIPPED = ("skipped: nothing that ran needed it (its consumers came from the cache, or it feeds a lazy input that "
            "was not asked for)")
@@ -211,7 +221,8 @@ class _PlanRun:
                          self.extra, upcoming=lambda: self._upcoming(step), node_keys=step_keys(self.plan.steps),
                          node_versions=step_versions(self.plan.steps))
         inputs = self._input_lists(step)
-        call = lambda: call_node(definition, ctx, inputs, self.registry)  # noqa: E731
+        expand = lambda expansion, index, calls: self._expand(step, expansion, index, calls)  # noqa: E731
+        call = lambda: call_node(definition, ctx, inputs, self.registry, expand=expand)  # noqa: E731
         started = time.perf_counter()
         try:
             result = call() if self.around_node is None else self.around_node(definition=definition, call=call,
@@ -230,6 +241,36 @@ class _PlanRun:
                                                    run_id, seconds, definition.output_node, input_types))
         self.emit(NodeFinished(run_id, nid, definition.name, result.ui, seconds))
         return result
+
+    def _expand(self, step: Step, expansion: Expansion, call_index: int, calls: int) -> list[list]:
+        """Run the graph the node expanded into (engine/expansion.py), in this run, and return the node's outputs:
+        inner ids derived from the parent's, inner nodes cached by content, the inner outputs the node's own."""
+        nid, name = step.node_id, step.definition.name
+        prefix = inner_prefix(nid, call_index, calls)
+        api, links = prefixed_graph(expansion, prefix, nid)
+        outputs = {inner for inner, node in api.items()
+                   if (d := self.registry.get(str(node.get("class_type")))) is not None and d.output_node}
+        checked = validate(api, self.registry, targets=sorted({source for source, _ in links} | outputs),
+                           resources=self.resources)
+        if not checked.ok:
+            raise ExpansionError(f"node {nid} ({name}) expanded into a graph that is not valid: "
+                                 + "; ".join(str(error) for error in checked.errors[:5]))
+        plan = compile_plan(checked.graph, self.registry, self.cache, resources=self.resources, history=self.history)
+        inner = run_plan(plan, registry=self.registry, cache=self.cache, history=self.history,
+                         run_id=self.report.run_id, resources=self.resources, around_node=self.around_node,
+                         listeners=[node_events_only(self.emit)], cancel=self.cancel, prompt=self.prompt,
+                         extra=self.extra)
+        self.report.executed.extend(inner.executed)
+        self.report.cached.extend(inner.cached)
+        self.report.ui.update(inner.ui)
+        self.report.explain.update(inner.explain)
+        if inner.status == "interrupted":
+            raise Interrupted(f"the run was cancelled inside the expansion of node {nid}")
+        if inner.error is not None:
+            error = inner.error
+            raise ExpansionError(f"node {error.node_id} ({error.node_type}) of the graph node {nid} expanded into "
+                                 f"failed: {error.exception_type}: {error.message}")
+        return resolved_outputs(expansion, prefix, inner.outputs, len(step.definition.outputs), nid)
 
     def _failure(self, step: Step, exc: BaseException, shown: dict[str, str], doing: str = "") -> _NodeFailure:
         """The failure to report for what a node's code raised; re-raises `Interrupted` if the run was cancelled.
@@ -251,9 +292,11 @@ class _NodeFailure(Exception):
         self.event = event
 
 
-def call_node(definition: NodeDef, ctx: RunContext, inputs: dict[str, list], registry: NodeRegistry) -> CachedOutput:
+def call_node(definition: NodeDef, ctx: RunContext, inputs: dict[str, list], registry: NodeRegistry, *,
+              expand: Callable[[Expansion, int, int], list[list]] | None = None) -> CachedOutput:
     """Call the node's function, once per list element unless it takes whole lists (ComfyUI's list rules:
-    the longest input sets the count, shorter ones repeat their last element)."""
+    the longest input sets the count, shorter ones repeat their last element). A call that returns a graph to
+    expand (engine/expansion.py) gets its outputs from `expand(expansion, call_index, calls)`."""
     if definition.input_is_list:
         calls = [inputs]
     else:
@@ -263,8 +306,16 @@ def call_node(definition: NodeDef, ctx: RunContext, inputs: dict[str, list], reg
         calls = [{name: v[min(i, len(v) - 1)] for name, v in inputs.items()} for i in range(count)]
     outputs: tuple[list, ...] = tuple([] for _ in definition.outputs)
     ui: dict[str, Any] | None = None
-    for kwargs in calls:
-        values, call_ui = _split_return(definition, definition.fn(ctx, **kwargs))
+    for index, kwargs in enumerate(calls):
+        returned = definition.fn(ctx, **kwargs)
+        expansion = as_expansion(returned)
+        if expansion is not None:
+            if expand is None:
+                raise NodeError(f"{definition.name} returned a graph to expand, which only a run can do")
+            for j, values in enumerate(expand(expansion, index, len(calls))):
+                outputs[j].extend(values)
+            continue
+        values, call_ui = _split_return(definition, returned)
         for j, out in enumerate(definition.outputs):
             if out.is_list:
                 if not isinstance(values[j], list | tuple):

@@ -315,3 +315,14 @@ def test_a_node_stuck_past_the_timeout_grace_exits_124(home):
 def test_prompt_timeout_must_be_seconds(home):
     done = sdgraph(home, "run", _graph(home, GRAPH), "--prompt-timeout", "nan")
     assert done.returncode == 2 and "expected a number of seconds" in done.stderr
+
+
+def test_convert_and_run_accept_a_workflow_with_nested_subgraphs(home):
+    """Issue #18: subgraph workflows convert to the front end's own prompt (the fixture) and run."""
+    fixtures = ROOT / "tests" / "fixtures" / "subgraphs"
+    path = str(fixtures / "nested.workflow.json")
+    done = sdgraph(home, "convert", path)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == json.loads((fixtures / "nested.prompt.json").read_text())
+    run = sdgraph(home, "run", path)
+    assert run.returncode == 0, run.stderr

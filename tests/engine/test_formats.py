@@ -38,13 +38,14 @@ def _load(name: str) -> dict:
 
 def test_default_workflow_converts_to_the_api_format(sd_registry):
     api = workflow_to_api(_load("default.json"), sd_registry)
+    # _meta titles are the display names (the front end's node titles) unless a node was renamed
     assert api == {
         "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "text, watermark", "clip": ["4", 1]},
-              "_meta": {"title": "CLIPTextEncode"}},
+              "_meta": {"title": "CLIP Text Encode (Prompt)"}},
         "6": {"class_type": "CLIPTextEncode",
               "inputs": {"text": "beautiful scenery nature glass bottle landscape, , purple galaxy bottle,",
                          "clip": ["4", 1]},
-              "_meta": {"title": "CLIPTextEncode"}},
+              "_meta": {"title": "CLIP Text Encode (Prompt)"}},
         "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 512, "height": 512, "batch_size": 1},
               "_meta": {"title": "EmptyLatentImage"}},
         # [seed, control (true: an old file), steps, cfg, sampler, scheduler, denoise]
@@ -54,8 +55,8 @@ def test_default_workflow_converts_to_the_api_format(sd_registry):
                          "negative": ["7", 0], "latent_image": ["5", 0]},
               "_meta": {"title": "KSampler"}},
         "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]},
-              "_meta": {"title": "VAEDecode"}},
-        "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0]}, "_meta": {"title": "SaveImage"}},
+              "_meta": {"title": "VAE Decode"}},
+        "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0]}, "_meta": {"title": "Save Image"}},
         "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "v1-5-pruned-emaonly-fp16.safetensors"},
               "_meta": {"title": "CheckpointLoaderSimple"}},
     }
