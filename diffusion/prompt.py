@@ -7,11 +7,12 @@ segment; in ``(blue hat), x`` the comma belongs to the unweighted segment ``", x
 group of tokens (as ComfyUI has done since it stopped tokenizing word by word).
 
 Chunks hold 77 tokens: start, up to 75 tokens, end, then padding: end tokens for OpenAI's CLIP-L (SD1, SDXL's
-first encoder), token 0 for OpenCLIP's encoders (SD2's ViT-H, SDXL's bigG), as their tokenizers pad. A group that does not fit
-moves whole to the next chunk, unless it has 8 or more tokens, in which case it fills the chunk and continues in
-the next one. So a long unweighted prompt is cut at exactly 75 tokens, while a short ``(weighted words)`` group is
-kept together. ``embedding:name`` puts a textual inversion's vectors in its place (``diffusion.embeddings``; from a file with
-one tensor per encoder, SDXL's ``clip_l``/``clip_g``, the one named by ``embedding_key``).
+first encoder), token 0 for OpenCLIP's encoders (SD2's ViT-H, SDXL's bigG), as their tokenizers pad. A group that
+does not fit moves whole to the next chunk, unless it has 8 or more tokens, in which case it fills the chunk and
+continues in the next one. So a long unweighted prompt is cut at exactly 75 tokens, while a short
+``(weighted words)`` group is kept together. ``embedding:name`` puts a textual inversion's vectors in its
+place (``diffusion.embeddings``; from a file with one tensor per encoder, SDXL's ``clip_l``/``clip_g``, the one
+named by ``embedding_key``).
 
 Encoding runs the ``transformers.CLIPTextModel`` submodules directly: token embeddings with the textual-inversion
 vectors spliced in, plus position embeddings, the causal mask, the encoder layers, and the final layer norm on the
