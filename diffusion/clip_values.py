@@ -129,13 +129,13 @@ class TextEncoder:
         from .prompt import encode_chunks
 
         networks = text_model if isinstance(text_model, torch.nn.ModuleDict) else {self.encoders[0]: text_model}
-        chunks = {name: self._tokenize(name, texts[name], networks[name]) for name in self.encoders}
+        chunks = {name: self.tokenize_for(name, texts[name]) for name in self.encoders}
         count = max(len(c) for c in chunks.values())
         outputs = []
         with torch.inference_mode():
             for name, config in zip(self.encoders, self.encoder_configs, strict=True):
                 use = encoder_use(self.clip_type, name)
-                padded = chunks[name] + self._tokenize(name, "", networks[name]) * (count - len(chunks[name]))
+                padded = chunks[name] + self.tokenize_for(name, "") * (count - len(chunks[name]))
                 outputs.append(encode_chunks(
                     networks[name], padded, layer=effective_layer(self.layer, use, config.num_hidden_layers),
                     bos_id=self.tokenizer.bos_id, eos_id=self.tokenizer.eos_id, pad_id=use.pad_id,
@@ -144,21 +144,19 @@ class TextEncoder:
             context = torch.cat([c[:, :tokens].float() for c, _ in outputs], dim=-1)
             return Conditioning((CondEntry(context.cpu(), outputs[-1][1].float().cpu()),))
 
-    def _tokenize(self, name: str, text: str, network: torch.nn.Module) -> list:
+    def tokenize_for(self, encoder: str, text: str) -> list:
+        """The weighted 77-token chunks `encoder` encodes for `text` (its padding, its embedding vectors);
+        warnings about the prompt are issued as PromptWarning."""
         from .prompt import PromptWarning, tokenize_prompt
 
-        use = encoder_use(self.clip_type, name)
+        use = encoder_use(self.clip_type, encoder)
+        width = self.encoder_configs[self.encoders.index(encoder)].hidden_size
         tokenized = tokenize_prompt(
             self.tokenizer, text, embeddings_dir=str(self.embeddings_dir) if self.embeddings_dir else None,
-            embedding_width=network_width(network), allow_pickle=self.allow_pickle, pad_id=use.pad_id,
-            embedding_key=use.embedding_key)
+            embedding_width=width, allow_pickle=self.allow_pickle, pad_id=use.pad_id, embedding_key=use.embedding_key)
         for note in tokenized.warnings:
             warnings.warn(note, PromptWarning, stacklevel=3)
         return tokenized.chunks
-
-
-def network_width(network: torch.nn.Module) -> int:
-    return network.config.hidden_size
 
 
 def _with_patch(handle: ModelHandle, patch, strength: float) -> ModelHandle:

@@ -121,3 +121,23 @@ def shaped_meta(sources: Mapping[str, Source], meta: Mapping[str, torch.Tensor])
     """{transformers name: meta tensor of the shape and dtype it will have once read}."""
     return {k: torch.empty(source_shape(s, meta), dtype=meta[s.file_key].dtype, device="meta")
             for k, s in sources.items()}
+
+
+def openclip_layout(*, width: int, layers: int, projection: int | None = None, vocab_size: int = 49408,
+                    positions: int = 77) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """{OpenCLIP key: (dtype, shape)} of a text tower (MLP 4x wide), e.g. for `make_checkpoint.random_weights`:
+    ViT-H is width 1024, 24 layers, projection 1024; bigG 1280, 32 layers, projection 1280."""
+    f32 = torch.float32
+    layout = {"token_embedding.weight": (f32, (vocab_size, width)), "positional_embedding": (f32, (positions, width)),
+              "ln_final.weight": (f32, (width,)), "ln_final.bias": (f32, (width,))}
+    for n in range(layers):
+        block = f"transformer.resblocks.{n}."
+        layout |= {block + "attn.in_proj_weight": (f32, (3 * width, width)),
+                   block + "attn.in_proj_bias": (f32, (3 * width,)),
+                   block + "attn.out_proj.weight": (f32, (width, width)), block + "attn.out_proj.bias": (f32, (width,)),
+                   block + "mlp.c_fc.weight": (f32, (4 * width, width)), block + "mlp.c_fc.bias": (f32, (4 * width,)),
+                   block + "mlp.c_proj.weight": (f32, (width, 4 * width)), block + "mlp.c_proj.bias": (f32, (width,))}
+        layout |= {block + f"{ln}.{p}": (f32, (width,)) for ln in ("ln_1", "ln_2") for p in ("weight", "bias")}
+    if projection is not None:
+        layout["text_projection"] = (f32, (width, projection))
+    return layout
