@@ -8,9 +8,8 @@ import torch
 from safetensors.torch import save_file
 
 from engine import CancelToken, RunContext, validate
-from nodes import build_registry
+from nodes import build_registry, conditioning
 from nodes import clip_loaders as loaders
-from nodes import conditioning
 from nodes.folders import Folders
 from nodes.runtime import Runtime
 
