@@ -92,6 +92,12 @@ class TextEncoder:
         return (self.handle,)
 
     @property
+    def family(self) -> str:
+        """The family these encoders condition ("sd1", "sd2", "sdxl", "sdxl_refiner"; inpainting models share
+        their base's), for nodes that need a particular one (CLIPTextEncodeSDXL, ...Refiner)."""
+        return "sdxl_refiner" if self.clip_type == "sdxl" and self.encoders == ("open_clip_g",) else self.clip_type
+
+    @property
     def encoder_configs(self) -> tuple[CLIPTextConfig, ...]:
         return self.configs or (self.config,)
 

@@ -66,15 +66,16 @@ def test_files_of_both_folders_are_offered(base):
     assert (error.code, error.input_name) == ("value_not_in_list", "clip_name")
 
 
-@pytest.mark.parametrize(("name", "type_", "clip_type", "encoders"), [
+@pytest.mark.parametrize(("name", "type_", "family", "encoders"), [
     ("clip_l.safetensors", "stable_diffusion", "sd1", ("clip_l",)),
     ("open_clip_h.safetensors", "stable_diffusion", "sd2", ("open_clip_h",)),
     ("open_clip_h.safetensors", "sd2", "sd2", ("open_clip_h",)),
-    ("clip_g.safetensors", "sdxl", "sdxl", ("open_clip_g",)),
+    ("clip_g.safetensors", "sdxl", "sdxl_refiner", ("open_clip_g",)),
+    ("clip_g.safetensors", "stable_diffusion", "sdxl_refiner", ("open_clip_g",)),
 ])
-def test_clip_loader_tells_the_encoder_from_the_file(ctx, name, type_, clip_type, encoders):
+def test_clip_loader_tells_the_encoder_from_the_file(ctx, name, type_, family, encoders):
     clip = loaders.clip_loader.fn(ctx, clip_name=name, type=type_)
-    assert (clip.clip_type, clip.encoders) == (clip_type, encoders)
+    assert (clip.family, clip.encoders) == (family, encoders)
     entry = encode(ctx, clip)
     assert entry.context.shape == (1, 77, WIDTH)
     assert entry.pooled.shape == (1, WIDTH)
@@ -99,6 +100,7 @@ def test_dual_clip_loader_takes_either_order(ctx):
     a = loaders.dual_clip_loader.fn(ctx, clip_name1="clip_l.safetensors", clip_name2="clip_g.safetensors")
     b = loaders.dual_clip_loader.fn(ctx, clip_name1="clip_g.safetensors", clip_name2="clip_l.safetensors")
     assert a.encoders == b.encoders == ("clip_l", "open_clip_g") and a.handle == b.handle
+    assert (a.family, a.clip_type) == ("sdxl", "sdxl")
     first, second = encode(ctx, a, "a red cat"), encode(ctx, b, "a red cat")
     assert first.context.shape == (1, 77, 2 * WIDTH) and torch.equal(first.context, second.context)
     assert torch.equal(first.pooled, second.pooled)
