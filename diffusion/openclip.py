@@ -13,7 +13,8 @@ ViT-bigG: 1280, 32 layers, 20 heads; the refiner's `conditioner.embedders.0.mode
 | ln_final                                        | final_layer_norm                                      |
 | text_projection [width, proj] (used as x @ P)   | text_projection.weight = P transposed (a Linear)      |
 
-`logit_scale` (and an `attn_mask` buffer some exports carry) are not weights of the text model and are skipped.
+`logit_scale`, an `attn_mask` buffer some exports carry and the image tower (`visual.*`, in whole OpenCLIP model
+files) are not weights of the text model and are skipped.
 A `Source` says how a weight is read: the whole tensor, one third of its rows, or transposed; the reader
 (`diffusion.text_parts`) applies it tensor by tensor as the file is read, so no second copy of the file is made.
 """
@@ -41,6 +42,7 @@ TOP_LEVEL = {
     "ln_final.bias": "final_layer_norm.bias",
 }
 IGNORED = ("logit_scale", "attn_mask")
+IGNORED_PREFIXES = ("visual.",)
 QKV = ("q", "k", "v")
 
 
@@ -64,7 +66,7 @@ def openclip_sources(keys: Mapping[str, str]) -> dict[str, Source]:
     Raises ValueError naming a key that is none of OpenCLIP's text-model names."""
     sources: dict[str, Source] = {}
     for key, file_key in keys.items():
-        if key in IGNORED:
+        if key in IGNORED or key.startswith(IGNORED_PREFIXES):
             continue
         if key in TOP_LEVEL:
             sources[TOP_LEVEL[key]] = Source(file_key)

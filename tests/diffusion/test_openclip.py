@@ -308,10 +308,11 @@ def test_encode_sdxl_refuses_a_clip_without_both_encoders(tmp_path, tokenizer):
 
 
 def test_separate_files_are_told_apart_by_layer_count_and_naming(tmp_path):
-    """clip_g.safetensors (transformers' names + text_projection.weight) and an OpenCLIP-named bigG file load the
-    same model; 24 layers is ViT-H; 2 is CLIP-L (its projection, if any, dropped)."""
+    """clip_g.safetensors (transformers' names + text_projection.weight) and an OpenCLIP-named bigG file (with an
+    image tower, skipped) load the same model; 24 layers is ViT-H; 2 is CLIP-L (its projection, if any, dropped)."""
     g_sd = openclip_weights(64, 32, 64)
-    openclip_file = open_text_encoder(write(tmp_path / "g_openclip.safetensors", {"": g_sd}))
+    whole_model = {"": g_sd, "visual.": {"transformer.resblocks.0.ln_1.weight": torch.ones(8)}}  # image tower skipped
+    openclip_file = open_text_encoder(write(tmp_path / "g_openclip.safetensors", whole_model))
     hf_file = open_text_encoder(write(tmp_path / "clip_g.safetensors", {"": to_transformers(g_sd)}))
     assert openclip_file.encoder == hf_file.encoder == "open_clip_g"
     ids = torch.tensor([[BOS, 320, 2368, EOS] + [0] * 73])
@@ -350,3 +351,38 @@ def test_bad_files_are_clear_errors(tmp_path):
     with pytest.raises(CheckpointError, match=r"no OpenCLIP ViT-bigG/14 text-encoder weights.*embedders\.1\.model"):
         layouts(write(tmp_path / "half.safetensors", {"conditioner.embedders.0.transformer.": clip_l_weights()}),
                 "sdxl")
+
+
+# ---- the published layouts ------------------------------------------------------------------------------------------
+
+DTYPES = {"F16": torch.float16, "F32": torch.float32, "I64": torch.int64}
+
+
+def published_meta(name: str) -> dict[str, torch.Tensor]:
+    """Meta tensors of the text-encoder keys of SD2.1-768-v and SDXL base 1.0 (names, dtypes and shapes copied
+    from the public files into tests/fixtures)."""
+    rows = [line.rstrip("\n").split("\t") for line in open(FIXTURE.parent / name)]
+    return {key: torch.empty([int(s) for s in shape.strip("[]").split(",") if s.strip()], dtype=DTYPES[dtype],
+                             device="meta") for key, dtype, shape in rows}
+
+
+@pytest.mark.parametrize(("fixture", "family", "expected"), [
+    ("sd21_text_keys.tsv", "sd2", [("open_clip_h", 1024, 24, 16, "gelu", 1024)]),
+    ("sdxl_text_keys.tsv", "sdxl", [("clip_l", 768, 12, 12, "quick_gelu", None),
+                                    ("open_clip_g", 1280, 32, 20, "gelu", 1280)]),
+])
+def test_published_checkpoint_layouts(fixture, family, expected):
+    """SD2.1's and SDXL base's real text-encoder keys check and give the published architectures; every tensor but
+    logit_scale and position_ids is used, so the byte count is the file's."""
+    from types import SimpleNamespace
+
+    meta = published_meta(fixture)
+    parts = text_parts(SimpleNamespace(format="safetensors"), FileIdentity(Path("x.safetensors"), 0, 0), meta,
+                       FAMILIES[family])
+    got = [(p.encoder, p.config.hidden_size, p.config.num_hidden_layers, p.config.num_attention_heads,
+            p.config.hidden_act, p.config.projection_dim if "text_projection.weight" in p.sources else None)
+           for p in parts]
+    assert got == expected
+    used = {s.file_key for p in parts for s in p.sources.values()}
+    assert set(meta) - used == {k for k in meta if k.endswith(("logit_scale", "position_ids"))}
+    assert sum(p.weight_bytes(torch.float16) for p in parts) == sum(meta[k].numel() * 2 for k in used)
