@@ -19,13 +19,12 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from transformers import CLIPTextConfig
 
 from runtime.models import ModelHandle
 
 from .checkpoint import CheckpointLayout, PartLayout
+from .clip_values import TextEncoder
 from .device import Precision
-from .latent import CondEntry, Conditioning
 from .tokenizer import ClipTokenizer
 from .unet import UNetConfig, precision_sensitive_prefixes, set_attention_dtype
 from .vae import VAEConfig
@@ -135,45 +134,6 @@ class DiffusionModel:
                 return out.to(device=x.device, dtype=x.dtype, memory_format=torch.contiguous_format)
 
         return eps
-
-
-@dataclass(frozen=True, eq=False)
-class TextEncoder:
-    """CLIP: the text model, its tokenizer, the layer whose output conditions (CLIP skip) and embeddings."""
-
-    handle: ModelHandle
-    config: CLIPTextConfig
-    tokenizer: ClipTokenizer
-    source: str
-    layer: int = -1
-    embeddings_dir: Path | None = None
-    allow_pickle: bool = False  # .pt/.bin textual inversions (loaded with weights_only=True)
-    nbytes: int = 0  # the tokenizer is shared by every CLIP value of the runtime, so it is not counted
-
-    def model_handles(self) -> tuple[ModelHandle, ...]:
-        return (self.handle,)
-
-    @property
-    def layers(self) -> int:
-        return self.config.num_hidden_layers
-
-    def with_lora(self, patch, strength: float) -> TextEncoder:
-        """This text encoder with a LoRA's patch added (applied when the manager hands out the network)."""
-        return replace(self, handle=with_patch(self.handle, patch, strength), nbytes=self.nbytes + patch.nbytes)
-
-    def with_layer(self, layer: int) -> TextEncoder:
-        """CLIPSetLastLayer: -1 is the last layer, -2 the one before ("clip skip 2")."""
-        return replace(self, layer=layer)
-
-    def encode(self, text: str, text_model: torch.nn.Module) -> Conditioning:
-        """Encode a prompt with the borrowed `text_model`; the conditioning is float32 on the CPU."""
-        from .prompt import encode_prompt
-
-        with torch.inference_mode():
-            context, pooled = encode_prompt(text_model, self.tokenizer, text, layer=self.layer,
-                                            embeddings_dir=str(self.embeddings_dir) if self.embeddings_dir else None,
-                                            allow_pickle=self.allow_pickle)
-            return Conditioning((CondEntry(context.float().cpu(), pooled.float().cpu()),))
 
 
 @dataclass(frozen=True, eq=False)

@@ -78,10 +78,13 @@ def read_embedding_file(path: str | os.PathLike, *, allow_pickle: bool = False) 
         raise EmbeddingError(f"embedding file {path} could not be loaded with weights_only=True: {error}") from error
 
 
-def select_embedding_tensor(content: object, *, source: str) -> torch.Tensor:
-    """Pick the embedding tensor out of a file's content (see the module docstring for the layouts)."""
+def select_embedding_tensor(content: object, *, source: str, key: str | None = None) -> torch.Tensor:
+    """Pick the embedding tensor out of a file's content (see the module docstring for the layouts); `key`
+    ("clip_l", "clip_g", "clip_h": the encoder's name) comes first when the file has it, as in ComfyUI."""
     if isinstance(content, torch.Tensor):
         return content
+    if key is not None and isinstance(content, Mapping) and isinstance(content.get(key), torch.Tensor):
+        return content[key]
     if not isinstance(content, Mapping):
         raise EmbeddingError(f"embedding file {source} holds a {type(content).__name__}, not tensors")
     params = content.get("string_to_param")
@@ -114,7 +117,9 @@ def as_vectors(tensor: torch.Tensor, *, width: int, source: str) -> torch.Tensor
     return vectors
 
 
-def load_embedding(path: str | os.PathLike, *, width: int, allow_pickle: bool = False) -> torch.Tensor:
-    """Load one textual-inversion file as ``[n_vectors, width]`` float32 on the CPU."""
+def load_embedding(
+    path: str | os.PathLike, *, width: int, allow_pickle: bool = False, key: str | None = None
+) -> torch.Tensor:
+    """Load one textual-inversion file as ``[n_vectors, width]`` float32 on the CPU (`key`: the tensor to prefer)."""
     content = read_embedding_file(path, allow_pickle=allow_pickle)
-    return as_vectors(select_embedding_tensor(content, source=str(path)), width=width, source=str(path))
+    return as_vectors(select_embedding_tensor(content, source=str(path), key=key), width=width, source=str(path))

@@ -1,4 +1,4 @@
-"""Prompt weighting, chunking and SD1 text encoding, reproducing ComfyUI's ``CLIPTextEncode``.
+"""Prompt weighting, chunking and text encoding with one CLIP text model, reproducing ComfyUI's ``CLIPTextEncode``.
 
 Weighting syntax (ComfyUI's): ``(text)`` multiplies the weight by 1.1 per nesting level, ``(text:1.3)`` sets it to
 1.3 (inner groups start from it), ``\\(`` and ``\\)`` are literal parentheses. Text between weight changes is one
@@ -6,15 +6,21 @@ segment; in ``(blue hat), x`` the comma belongs to the unweighted segment ``", x
 ``embedding:`` that follows a space or newline; each resulting piece is tokenized as a whole and becomes one
 group of tokens (as ComfyUI has done since it stopped tokenizing word by word).
 
-Chunks hold 77 tokens: start, up to 75 tokens, end, then end tokens as padding (SD1). A group that does not fit
-moves whole to the next chunk, unless it has 8 or more tokens, in which case it fills the chunk and continues in
-the next one. So a long unweighted prompt is cut at exactly 75 tokens, while a short ``(weighted words)`` group is
-kept together. ``embedding:name`` puts a textual inversion's vectors in its place (``diffusion.embeddings``).
+Chunks hold 77 tokens: start, up to 75 tokens, end, then padding: end tokens for OpenAI's CLIP-L (SD1, SDXL's
+first encoder), token 0 for OpenCLIP's encoders (SD2's ViT-H, SDXL's bigG), as their tokenizers pad. A group that
+does not fit moves whole to the next chunk, unless it has 8 or more tokens, in which case it fills the chunk and
+continues in the next one. So a long unweighted prompt is cut at exactly 75 tokens, while a short
+``(weighted words)`` group is kept together. ``embedding:name`` puts a textual inversion's vectors in its
+place (``diffusion.embeddings``; from a file with one tensor per encoder, SDXL's ``clip_l``/``clip_g``, the one
+named by ``embedding_key``).
 
 Encoding runs the ``transformers.CLIPTextModel`` submodules directly: token embeddings with the textual-inversion
 vectors spliced in, plus position embeddings, the causal mask, the encoder layers, and the final layer norm on the
-chosen layer (``layer=-2`` is ComfyUI's ``CLIPSetLastLayer(-2)``). Weights interpolate every token from the
-encoding of an empty chunk: ``z_empty + (z - z_empty) * w``; nothing changes when all weights are 1.
+chosen layer (``layer=-2`` is ComfyUI's ``CLIPSetLastLayer(-2)``; ``layer_norm_hidden=False``, SDXL's encoders,
+leaves a chosen hidden layer un-normed; ``layer=None`` is the last layer, normed). Weights interpolate every token
+from the encoding of an empty chunk (start, end, padding): ``z_empty + (z - z_empty) * w``; nothing changes when
+all weights are 1. The pooled state is the last layer's normed state at the first end token, through the text
+projection when the model has one (OpenCLIP's: SDXL's pooled vector).
 """
 
 from __future__ import annotations
@@ -138,7 +144,8 @@ def embedding_reference(piece: str) -> tuple[str, str]:
 
 
 def resolve_embedding(
-    name: str, rest: str, embeddings_dir: str | os.PathLike, *, width: int, allow_pickle: bool
+    name: str, rest: str, embeddings_dir: str | os.PathLike, *, width: int, allow_pickle: bool,
+    key: str | None = None,
 ) -> tuple[torch.Tensor | None, str]:
     """An embedding's vectors (None when missing) and the text left to tokenize after it.
 
@@ -151,7 +158,7 @@ def resolve_embedding(
         leftover = f"{name[len(stripped) :]} {rest}"
     if path is None:
         return None, leftover
-    return load_embedding(path, width=width, allow_pickle=allow_pickle), leftover
+    return load_embedding(path, width=width, allow_pickle=allow_pickle, key=key), leftover
 
 
 def prompt_groups(
@@ -161,6 +168,7 @@ def prompt_groups(
     embeddings_dir: str | os.PathLike | None,
     embedding_width: int,
     allow_pickle: bool,
+    embedding_key: str | None = None,
 ) -> tuple[list[Chunk], list[str]]:
     """One group of weighted tokens per piece of text and per embedding, and warnings."""
     groups: list[Chunk] = []
@@ -171,7 +179,7 @@ def prompt_groups(
         elif piece.startswith(EMBEDDING_PREFIX):
             name, rest = embedding_reference(piece)
             vectors, piece = resolve_embedding(
-                name, rest, embeddings_dir, width=embedding_width, allow_pickle=allow_pickle
+                name, rest, embeddings_dir, width=embedding_width, allow_pickle=allow_pickle, key=embedding_key
             )
             if vectors is None:
                 missing = name.rstrip(",") or name
@@ -184,12 +192,17 @@ def prompt_groups(
     return groups, notes
 
 
-def close_chunk(body: Chunk, *, bos_id: int, eos_id: int, length: int = CHUNK_LENGTH) -> Chunk:
-    """Start token, body, end token, then end tokens as padding up to ``length``."""
-    return [(bos_id, 1.0), *body, (eos_id, 1.0), *[(eos_id, 1.0)] * (length - len(body) - 2)]
+def close_chunk(
+    body: Chunk, *, bos_id: int, eos_id: int, length: int = CHUNK_LENGTH, pad_id: int | None = None
+) -> Chunk:
+    """Start token, body, end token, then ``pad_id`` (the end token when None) as padding up to ``length``."""
+    pad = eos_id if pad_id is None else pad_id
+    return [(bos_id, 1.0), *body, (eos_id, 1.0), *[(pad, 1.0)] * (length - len(body) - 2)]
 
 
-def pack_chunks(groups: list[Chunk], *, bos_id: int, eos_id: int, length: int = CHUNK_LENGTH) -> list[Chunk]:
+def pack_chunks(
+    groups: list[Chunk], *, bos_id: int, eos_id: int, length: int = CHUNK_LENGTH, pad_id: int | None = None
+) -> list[Chunk]:
     """Fill chunks of ``length`` with token groups, keeping groups of fewer than 8 tokens whole."""
     capacity = length - 2
     chunks: list[Chunk] = []
@@ -203,9 +216,9 @@ def pack_chunks(groups: list[Chunk], *, bos_id: int, eos_id: int, length: int = 
             if splittable:
                 room = capacity - len(body)
                 body, group = body + group[:room], group[room:]
-            chunks.append(close_chunk(body, bos_id=bos_id, eos_id=eos_id, length=length))
+            chunks.append(close_chunk(body, bos_id=bos_id, eos_id=eos_id, length=length, pad_id=pad_id))
             body = []
-    chunks.append(close_chunk(body, bos_id=bos_id, eos_id=eos_id, length=length))
+    chunks.append(close_chunk(body, bos_id=bos_id, eos_id=eos_id, length=length, pad_id=pad_id))
     return chunks
 
 
@@ -216,13 +229,17 @@ def tokenize_prompt(
     embeddings_dir: str | os.PathLike | None = None,
     embedding_width: int = SD1_WIDTH,
     allow_pickle: bool = False,
+    pad_id: int | None = None,
+    embedding_key: str | None = None,
 ) -> TokenizedPrompt:
-    """ComfyUI's weighted tokenization of ``text`` into 77-token chunks (at least one)."""
+    """ComfyUI's weighted tokenization of ``text`` into 77-token chunks (at least one), padded with ``pad_id``
+    (the end token when None)."""
     groups, notes = prompt_groups(
-        tokenizer, text, embeddings_dir=embeddings_dir, embedding_width=embedding_width, allow_pickle=allow_pickle
+        tokenizer, text, embeddings_dir=embeddings_dir, embedding_width=embedding_width, allow_pickle=allow_pickle,
+        embedding_key=embedding_key,
     )
     bos_id, eos_id = tokenizer.token_ids[BOS_TOKEN], tokenizer.token_ids[EOS_TOKEN]
-    return TokenizedPrompt(pack_chunks(groups, bos_id=bos_id, eos_id=eos_id), tuple(notes))
+    return TokenizedPrompt(pack_chunks(groups, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id), tuple(notes))
 
 
 # ---- encoding ------------------------------------------------------------------------------------------------
@@ -265,16 +282,20 @@ def run_text_model(
     ids: torch.Tensor,
     vectors: list[tuple[int, int, torch.Tensor]],
     *,
-    layer: int,
+    layer: int | None,
     eos_id: int,
+    layer_norm_hidden: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hidden states of ``layer`` with the final layer norm ``[n, T, W]`` and the pooled state ``[n, W]``.
+    """Hidden states of ``layer`` ``[n, T, W]`` and the pooled state ``[n, W]`` (or ``[n, P]`` projected).
 
-    The pooled state is the final layer's normed state at each row's first end token, whatever ``layer`` is.
+    ``layer=None`` is the last layer with the final layer norm; another layer gets the norm when
+    ``layer_norm_hidden`` (ComfyUI's SD1 and SD2), not otherwise (SDXL). The pooled state is the final layer's
+    normed state at each row's first end token, whatever ``layer`` is, through ``text_projection`` if the model
+    has one.
     """
     parts = transformer_parts(text_model)
     blocks = parts.encoder.layers
-    chosen = layer_index(layer, len(blocks))
+    chosen = len(blocks) - 1 if layer is None else layer_index(layer, len(blocks))
     states = parts.embeddings.token_embedding(ids)
     if vectors:
         rows = torch.tensor([row for row, _, _ in vectors], device=ids.device)
@@ -288,10 +309,14 @@ def run_text_model(
         if index == chosen:
             selected = hidden
     final = parts.final_layer_norm(hidden)
-    context = final if chosen == len(blocks) - 1 else parts.final_layer_norm(selected)
+    if layer is None or (layer_norm_hidden and chosen == len(blocks) - 1):
+        context = final
+    else:
+        context = parts.final_layer_norm(selected) if layer_norm_hidden else selected
     first_eos = (ids == eos_id).int().argmax(dim=-1)
     pooled = final[torch.arange(ids.shape[0], device=ids.device), first_eos]
-    return context, pooled
+    projection = getattr(text_model, "text_projection", None)
+    return context, (pooled if projection is None else projection(pooled))
 
 
 def apply_weights(z: torch.Tensor, z_empty: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -306,17 +331,23 @@ def encode_chunks(
     text_model: torch.nn.Module,
     chunks: list[Chunk],
     *,
-    layer: int = -1,
+    layer: int | None = -1,
     bos_id: int = SD1_BOS_ID,
     eos_id: int = SD1_EOS_ID,
+    pad_id: int | None = None,
+    layer_norm_hidden: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Encode tokenized chunks: context ``[1, 77·k, width]`` and the first chunk's pooled state ``[1, width]``."""
+    """Encode tokenized chunks: context ``[1, 77·k, width]`` and the first chunk's pooled state ``[1, width]``.
+
+    Weighted tokens interpolate from an empty chunk padded with ``pad_id`` (the end token when None)."""
     device = transformer_parts(text_model).final_layer_norm.weight.device
     weights = torch.tensor([[weight for _, weight in chunk] for chunk in chunks], device=device)
     weighted = bool((weights != 1.0).any())
-    rows = [*chunks, close_chunk([], bos_id=bos_id, eos_id=eos_id, length=len(chunks[0]))] if weighted else chunks
+    empty = close_chunk([], bos_id=bos_id, eos_id=eos_id, length=len(chunks[0]), pad_id=pad_id)
+    rows = [*chunks, empty] if weighted else chunks
     ids, vectors = chunk_inputs(rows, device)
-    hidden, pooled = run_text_model(text_model, ids, vectors, layer=layer, eos_id=eos_id)
+    hidden, pooled = run_text_model(text_model, ids, vectors, layer=layer, eos_id=eos_id,
+                                    layer_norm_hidden=layer_norm_hidden)
     if weighted:
         hidden = apply_weights(hidden[:-1], hidden[-1], weights)
     return hidden.reshape(1, -1, hidden.shape[-1]), pooled[:1]
@@ -331,7 +362,8 @@ def encode_prompt(
     embeddings_dir: str | None = None,
     allow_pickle: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """ComfyUI's ``CLIPTextEncode`` for SD1: ``(context [1, 77·k, width], pooled [1, width])``.
+    """ComfyUI's ``CLIPTextEncode`` for SD1: ``(context [1, 77·k, width], pooled [1, width])``; other encoders go
+    through ``diffusion.clip_values.TextEncoder``, which tokenizes and encodes per encoder.
 
     Warnings about the prompt (e.g. a missing embedding) are issued as ``PromptWarning``; ``tokenize_prompt``
     returns them as data instead.

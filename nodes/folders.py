@@ -20,7 +20,7 @@ from engine.files import remove_stale_temp_files
 
 log = logging.getLogger(__name__)
 
-MODEL_KINDS = ("checkpoints", "vae", "loras", "embeddings", "upscale_models", "controlnet")
+MODEL_KINDS = ("checkpoints", "vae", "loras", "embeddings", "upscale_models", "controlnet", "text_encoders", "clip")
 MODEL_EXTENSIONS = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 

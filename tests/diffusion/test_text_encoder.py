@@ -136,3 +136,31 @@ def test_half_precision(dtype):
         got = half(IDS).last_hidden_state
     assert got.dtype == dtype
     assert (got.float() - want).abs().max() < 0.1 * want.abs().max()
+
+
+def test_sd1_text_part_encodes_as_the_checkpoint_text_encoder(tmp_path):
+    """Issue #13: `text_parts` for SD1 (what open_checkpoint will call) and the CLIP value built on it encode exactly
+    as the SD1 path of today: same weights read, same conditioning (last layer and CLIPSetLastLayer(-2))."""
+    from diffusion.checkpoint import FileIdentity, TensorFile, open_checkpoint
+    from diffusion.clip_values import clip_value
+    from diffusion.components import checkpoint_values
+    from diffusion.device import Precision
+    from diffusion.families import FAMILIES
+    from diffusion.make_checkpoint import make_checkpoint
+    from diffusion.text_parts import text_parts
+    from diffusion.tokenizer import ClipTokenizer
+
+    path = make_checkpoint(tmp_path / "tiny.safetensors", preset="tiny", seed=0)
+    source, tokenizer, cpu = TensorFile(path), ClipTokenizer(), torch.device("cpu")
+    (layout,) = text_parts(source, FileIdentity.of(path), source.meta, FAMILIES["sd1"])
+    old_layout = open_checkpoint(path).text_encoder
+    assert layout.encoder == "clip_l" and dict(layout.keys) == dict(old_layout.keys)
+    assert layout.weight_bytes(torch.float32) == old_layout.weight_bytes(torch.float32)
+    new = clip_value((layout,), "sd1", device=cpu, dtype=torch.float32, tokenizer=tokenizer)
+    _, old, _ = checkpoint_values(open_checkpoint(path), device=cpu, tokenizer=tokenizer,
+                                  precision=Precision(torch.float32, torch.float32, torch.float32))
+    new_net, old_net = new.handle.load("cpu"), old.handle.load("cpu")
+    for clip_new, clip_old in ((new, old), (new.with_layer(-2), old.with_layer(-2))):
+        a = clip_new.encode("a (red:1.2) cat", new_net).entries[0]
+        b = clip_old.encode("a (red:1.2) cat", old_net).entries[0]
+        assert torch.equal(a.context, b.context) and torch.equal(a.pooled, b.pooled)
