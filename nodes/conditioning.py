@@ -1,6 +1,7 @@
 """Prompts to conditioning, and the nodes that say where and when a conditioning acts.
 
-CLIPTextEncode, CLIPTextEncodeSDXL (size conditioning), CLIPTextEncodeSDXLRefiner, CLIPSetLastLayer, ConditioningCombine; ConditioningSetArea(Percentage/Strength),
+CLIPTextEncode, CLIPTextEncodeSDXL (size conditioning), CLIPTextEncodeSDXLRefiner, CLIPSetLastLayer,
+ConditioningCombine; ConditioningSetArea(Percentage/Strength),
 ConditioningSetMask, ConditioningSetTimestepRange (read by the sampler: diffusion/regions.py);
 ConditioningZeroOut, ConditioningConcat, ConditioningAverage (arithmetic on the context); InpaintModelConditioning.
 Inputs, defaults and numbers follow ComfyUI's nodes of the same names.
@@ -298,7 +299,8 @@ def masked_pixels(pixels, mask, factor: int):
     return pixels, mask
 
 
-NODES = [clip_text_encode, clip_text_encode_sdxl, clip_text_encode_sdxl_refiner, clip_set_last_layer, conditioning_combine, conditioning_set_area,
+NODES = [clip_text_encode, clip_text_encode_sdxl, clip_text_encode_sdxl_refiner, clip_set_last_layer,
+         conditioning_combine, conditioning_set_area,
          conditioning_set_area_percentage, conditioning_set_area_strength, conditioning_set_mask,
          conditioning_set_timestep_range, conditioning_zero_out, conditioning_concat, conditioning_average,
          inpaint_model_conditioning]

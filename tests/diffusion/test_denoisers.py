@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from diffusion.denoisers import CFGDenoiser, ModelDenoiser, InpaintDenoiser, prepare_mask, to_d
+from diffusion.denoisers import CFGDenoiser, InpaintDenoiser, ModelDenoiser, prepare_mask, to_d
 from diffusion.latent import CondEntry, Conditioning
 from diffusion.schedules import sd1_schedule
 

@@ -72,6 +72,10 @@ def test_dpmpp_2m_second_half_restarts_its_history_as_comfyui_does():
     torch.testing.assert_close(second.samples, want, rtol=1e-5, atol=1e-5)
 
 
+def zero_eps(x_in, t, context, **_):
+    return torch.zeros_like(x_in)
+
+
 class Recorder:
     def __init__(self, fn):
         self.fn, self.calls = fn, []
@@ -84,7 +88,7 @@ class Recorder:
 def test_the_refiners_model_schedule_and_conditioning_run_the_second_half():
     base_family = replace(FAMILIES["sdxl"], sampling=ModelSampling(linear_end=0.012))
     refiner_family = replace(FAMILIES["sdxl_refiner"], sampling=ModelSampling(linear_end=0.02))
-    base, refiner = Recorder(lambda x, t, c, **_: torch.zeros_like(x)), Recorder(lambda x, t, c, **_: torch.zeros_like(x))
+    base, refiner = Recorder(zero_eps), Recorder(zero_eps)
     base_cond = Conditioning((CondEntry(torch.ones(1, 4, 2048), torch.ones(1, 1280)),))
     ref_pos = Conditioning((CondEntry(torch.full((1, 4, 1280), 2.0), torch.ones(1, 1280), aesthetic_score=6.0),))
     ref_neg = Conditioning((CondEntry(torch.full((1, 4, 1280), 3.0), torch.ones(1, 1280), aesthetic_score=2.5),))

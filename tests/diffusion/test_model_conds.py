@@ -73,7 +73,8 @@ def test_refiner_default_aesthetic_score_is_6_positive_and_2_5_negative():
         want = refiner_label(pooled, height=512, width=512, crop_h=0, crop_w=0, aesthetic_score=score)
         torch.testing.assert_close(label_vector(REFINER, entry(), side, (64, 64)), want)
     y = label_vector(REFINER, entry(aesthetic_score=7.5, width=1024, height=768), 1, (64, 64))
-    torch.testing.assert_close(y, refiner_label(pooled, height=768, width=1024, crop_h=0, crop_w=0, aesthetic_score=7.5))
+    want = refiner_label(pooled, height=768, width=1024, crop_h=0, crop_w=0, aesthetic_score=7.5)
+    torch.testing.assert_close(y, want)
 
 
 def test_sd1_conditioning_on_an_sdxl_model_is_a_clear_error():
