@@ -193,6 +193,7 @@ def test_eps_denoiser_passes_the_controls_residuals_to_the_unet():
 
     def control(x_in, timesteps, ctx, s, schedule=None):
         seen.append((x_in, timesteps, s))
+        assert schedule is denoiser.schedule  # percents on the sampled model's schedule (issue #13)
         return "residuals"
 
     denoiser(x, sigma, context, control=control)

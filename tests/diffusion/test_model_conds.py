@@ -166,3 +166,19 @@ def test_inpainting_model_gets_nine_channels_and_the_kept_area_stays():
     torch.testing.assert_close(unet.calls[0]["x"][:, 5:], samples * 0.18215)
     assert unet.calls[0]["x"][0, 4, :, :2].eq(0).all() and unet.calls[0]["x"][0, 4, :, 2:].eq(1).all()
     torch.testing.assert_close(out.samples[..., :2], samples[..., :2])
+
+
+def test_an_area_entry_gets_its_crop_of_the_concat_channels():
+    """CONDNoiseShape: the concat input is cropped with the entry's area, like x."""
+    unet = Recorder()
+    samples = torch.randn(1, 4, 8, 8)
+    positive = Conditioning((CondEntry(torch.zeros(1, 77, 8), area=(4, 2, 1, 3)),))
+    negative = Conditioning((CondEntry(torch.zeros(1, 77, 8)),))
+    latent_in = samples * 0.18215
+    mask = torch.ones(1, 4, 8, 8)
+    model = CFGDenoiser(ModelDenoiser(unet, sd1_schedule()), positive, negative, 2.0, None,
+                        model_inputs(INPAINT, latent_in, mask))
+    model(latent_in, torch.tensor([1.0]))
+    crops = [call["x"] for call in unet.calls if call["x"].shape[-2:] == (4, 2)]
+    assert crops and all(c.shape[1] == 9 for c in crops)
+    torch.testing.assert_close(crops[0][:, 5:], latent_in[..., 1:5, 3:5].repeat(crops[0].shape[0], 1, 1, 1))
