@@ -118,3 +118,15 @@ def test_clip_text_encode_sdxl_refiner_inputs_and_keys():
     assert node.inputs_by_name["ascore"].default == 6.0
     e = node.fn(fake_ctx(), 2.5, 1024, 768, "blurry", FakeClip()).entries[0]
     assert (e.aesthetic_score, e.width, e.height, e.crop_w) == (2.5, 1024, 768, None)
+
+
+def test_sdxl_size_keys_survive_the_disk_cache_codec():
+    """A stored CLIPTextEncodeSDXL result must come back with its size keys (else a cache hit changes y)."""
+    from nodes.codecs import CODECS, SDXL_KEYS
+
+    out = conditioning.clip_text_encode_sdxl.fn(fake_ctx(), FakeClip(), 832, 1216, 8, 16, 1024, 1536, "a", "b")
+    refined = conditioning.clip_text_encode_sdxl_refiner.fn(fake_ctx(), 2.5, 1024, 768, "c", FakeClip())
+    codec = CODECS["CONDITIONING"]
+    for value in (out, refined):
+        back, entry = codec.load(codec.dump(value)).entries[0], value.entries[0]
+        assert [getattr(back, k) for k in SDXL_KEYS] == [getattr(entry, k) for k in SDXL_KEYS]
