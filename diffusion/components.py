@@ -25,6 +25,7 @@ from runtime.models import ModelHandle
 from .checkpoint import CheckpointLayout, PartLayout
 from .clip_values import TextEncoder
 from .device import Precision
+from .families import FAMILIES, Family
 from .tokenizer import ClipTokenizer
 from .unet import UNetConfig, precision_sensitive_prefixes, set_attention_dtype
 from .vae import VAEConfig
@@ -107,6 +108,7 @@ class DiffusionModel:
     dtype: torch.dtype
     source: str
     nbytes: int = 0
+    family: Family = FAMILIES["sd1"]
 
     def model_handles(self) -> tuple[ModelHandle, ...]:
         return (self.handle,)
@@ -134,6 +136,8 @@ class DiffusionModel:
                 return out.to(device=x.device, dtype=x.dtype, memory_format=torch.contiguous_format)
 
         return eps
+
+    forward_function = eps_function  # issue #13 renames eps_function to forward_function (raw network output)
 
 
 @dataclass(frozen=True, eq=False)

@@ -8,7 +8,7 @@
 2. `open_controlnet` checks a file from its header (architecture from shapes, every key compared) and returns a
    `ControlNetLayout`; the weights are read when the model manager first loads the handle (`controlnet_value`).
 3. `ControlChain` is what `CondEntry.control` holds: a hint, a strength and a start/end range on top of an
-   optional previous chain. Called as `control(x_in, timesteps, context, sigma)` by `EpsDenoiser`, it returns
+   optional previous chain. Called as `control(x_in, timesteps, context, sigma)` by `ModelDenoiser`, it returns
    the summed `ControlResiduals` of every link whose range covers sigma (ComfyUI's chained ControlNets add up),
    or None. Numerics follow ComfyUI's `ControlNet.get_control`: the net sees the same scaled input, timestep
    and context as the UNet, and the hint resized to the latent size x 8 (nearest-exact, centre crop).
@@ -296,16 +296,18 @@ class ControlChain:
             raise ValueError(f"{self.origin}: the hint must be a non-empty image with {channels} channels, got "
                              f"one of shape {list(self.hint.shape)} ([B, C, H, W]); convert it to RGB")
 
-    def active(self, sigma: Tensor) -> bool:
-        """Whether this link runs at `sigma` (ComfyUI: skipped when sigma > sigma(start) or < sigma(end))."""
-        schedule = self.net_handle.schedule or sd1_schedule()
+    def active(self, sigma: Tensor, schedule: DiscreteSchedule | None = None) -> bool:
+        """Whether this link runs at `sigma` (ComfyUI: skipped when sigma > sigma(start) or < sigma(end)); percents
+        on the sampled model's `schedule` (the SD1 table when none is given)."""
+        schedule = schedule or self.net_handle.schedule or sd1_schedule()
         s = float(sigma.reshape(-1)[0])
         return not (s > percent_to_sigma(schedule, self.start_percent)
                     or s < percent_to_sigma(schedule, self.end_percent))
 
-    def __call__(self, x_in: Tensor, timesteps: Tensor, context: Tensor, sigma: Tensor) -> ControlResiduals | None:
-        previous = self.previous(x_in, timesteps, context, sigma) if self.previous is not None else None
-        if not self.active(sigma):
+    def __call__(self, x_in: Tensor, timesteps: Tensor, context: Tensor, sigma: Tensor,
+                 schedule: DiscreteSchedule | None = None) -> ControlResiduals | None:
+        previous = self.previous(x_in, timesteps, context, sigma, schedule) if self.previous is not None else None
+        if not self.active(sigma, schedule):
             return previous
         height, width = x_in.shape[-2] * LATENT_SCALE, x_in.shape[-1] * LATENT_SCALE
         try:

@@ -78,6 +78,7 @@ class Latent(Mapping):
     __hash__ = object.__hash__
 
 
+SIZE_FIELDS = ("width", "height", "crop_w", "crop_h", "target_width", "target_height")
 Area = tuple  # (h, w, y, x) in latent cells, or ("percentage", h, w, y, x) as fractions of the latent
 
 
@@ -108,6 +109,13 @@ class CondEntry:
     control_apply_to_uncond: bool = False
     concat_latent_image: Tensor | None = None
     concat_mask: Tensor | None = None
+    width: int | None = None
+    height: int | None = None
+    crop_w: int | None = None
+    crop_h: int | None = None
+    target_width: int | None = None
+    target_height: int | None = None
+    aesthetic_score: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.context, Tensor) or self.context.ndim != 3:
@@ -122,6 +130,13 @@ class CondEntry:
             raise ValueError(f"CondEntry.mask must be [H, W] or [B, H, W], got {_describe(self.mask)}")
         for name in ("strength", "mask_strength", "start_percent", "end_percent"):
             object.__setattr__(self, name, float(getattr(self, name)))
+        for name in SIZE_FIELDS:
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int | float) or isinstance(value, bool) or value < 0):
+                raise ValueError(f"CondEntry.{name} must be a non-negative number of pixels or None, got {value!r}")
+            object.__setattr__(self, name, None if value is None else int(value))
+        if self.aesthetic_score is not None:
+            object.__setattr__(self, "aesthetic_score", float(self.aesthetic_score))
         object.__setattr__(self, "set_area_to_bounds", bool(self.set_area_to_bounds))
         object.__setattr__(self, "control_apply_to_uncond", bool(self.control_apply_to_uncond))
 
@@ -145,7 +160,8 @@ _FIELD_KEYS = {"pooled_output": "pooled", "area": "area", "mask": "mask", "mask_
                "set_area_to_bounds": "set_area_to_bounds", "start_percent": "start_percent",
                "end_percent": "end_percent", "control": "control",
                "control_apply_to_uncond": "control_apply_to_uncond", "concat_latent_image": "concat_latent_image",
-               "concat_mask": "concat_mask", "strength": "strength"}
+               "concat_mask": "concat_mask", "strength": "strength", "aesthetic_score": "aesthetic_score",
+               **{name: name for name in SIZE_FIELDS}}
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(CondEntry) if f.name != "context"}
 
 # ComfyUI cond-dict keys that change how sampling works and that we do not implement: refusing them beats

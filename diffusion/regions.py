@@ -49,6 +49,8 @@ class Region:
     sigma_end: float | None = None
     control: Any = None
     control_to_uncond: bool = False  # the entry's control_apply_to_uncond, or its control's apply_to_uncond
+    y: Tensor | None = None  # the network's label vector (SDXL), [1 or B, adm channels]
+    concat: Tensor | None = None  # an inpainting model's extra input channels at the whole latent's size
 
 
 def _percentage_area(area: tuple, size: Sequence[int]) -> tuple[int, int, int, int]:
@@ -77,8 +79,10 @@ def _mask_bounds(mask: Tensor) -> tuple[int, int, int, int]:
     return max(8, y1 - y0 + 1), max(8, x1 - x0 + 1), y0, x0
 
 
-def resolve(entry: CondEntry, size: Sequence[int], to_sigma: PercentToSigma | None) -> Region:
-    """An entry for a latent of spatial `size` (h, w); `to_sigma` maps start/end percents to sigmas."""
+def resolve(entry: CondEntry, size: Sequence[int], to_sigma: PercentToSigma | None, y: Tensor | None = None,
+            concat: Tensor | None = None) -> Region:
+    """An entry for a latent of spatial `size` (h, w); `to_sigma` maps start/end percents to sigmas; `y` and
+    `concat` are the entry's extra network inputs (diffusion/model_conds.py), cropped with its area."""
     area = entry.area
     if area is not None and area[0] == "percentage":
         area = _percentage_area(area, size)
@@ -95,7 +99,7 @@ def resolve(entry: CondEntry, size: Sequence[int], to_sigma: PercentToSigma | No
         sigma_start, sigma_end = to_sigma(entry.start_percent), to_sigma(entry.end_percent)
     to_uncond = entry.control_apply_to_uncond or bool(getattr(entry.control, "apply_to_uncond", False))
     return Region(entry.context, entry.strength, area, mask, entry.mask_strength, sigma_start, sigma_end,
-                  entry.control, to_uncond)
+                  entry.control, to_uncond, y, concat)
 
 
 def is_active(region: Region, sigma: Tensor) -> bool:
@@ -188,7 +192,7 @@ def _twin(others: list[Region], region: Region) -> Region | None:
             smallest = other
     if smallest is None or smallest.area == region.area:
         return None
-    return replace(region, context=smallest.context)
+    return replace(region, context=smallest.context, y=smallest.y, concat=smallest.concat)
 
 
 def share_controls_with_uncond(positive: Sequence[Region], negative: list[Region]) -> list[Region]:

@@ -1,7 +1,9 @@
 """One entry point for the KSampler and KSamplerAdvanced nodes: `sample(...)`.
 
 It reproduces ComfyUI's `common_ksampler` -> `comfy.sample.sample` -> `KSampler.sample` -> `CFGGuider` ->
-`KSAMPLER.sample` path for SD1 eps models, written as numbered steps.
+`KSAMPLER.sample` path, written as numbered steps. The model's `Family` (diffusion/families.py) gives the
+latent scale, the schedule and prediction type (`family.sampling`, which ModelSamplingDiscrete replaces), SDXL's
+label vectors and an inpainting model's extra input channels (diffusion/model_conds.py).
 """
 
 from __future__ import annotations
@@ -14,16 +16,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from diffusion.denoisers import CFGDenoiser, EpsDenoiser, InpaintDenoiser, UNet, prepare_mask
+from diffusion.denoisers import CFGDenoiser, InpaintDenoiser, ModelDenoiser, UNet, prepare_mask
+from diffusion.families import FAMILIES, SD1_LATENT_SCALE, Family
 from diffusion.latent import Conditioning, Latent
+from diffusion.model_conds import check_conditioning, model_inputs
 from diffusion.noise import check_seed, inpaint_noise, prepare_noise
 from diffusion.regions import percent_to_sigma
 from diffusion.samplers import DISCARD_PENULTIMATE_SIGMA_SAMPLERS, RANDOM_INPAINT_NOISE_SAMPLERS, SAMPLERS
-from diffusion.schedules import SCHEDULERS, DiscreteSchedule, calculate_sigmas, sd1_schedule
+from diffusion.schedules import SCHEDULERS, DiscreteSchedule, calculate_sigmas, model_schedule
 
-SD1_LATENT_SCALE = 0.18215
+__all__ = ["SD1_LATENT_SCALE", "sample", "select_sigmas", "trim_sigmas"]
 
-# callback(step, total, x, denoised): x and denoised in model space (latent * 0.18215), after each model step.
+# callback(step, total, x, denoised): x and denoised in model space (latent * the family's latent scale).
 ProgressCallback = Callable[[int, int, Tensor, Tensor], None]
 
 
@@ -83,15 +87,16 @@ def sample(unet: UNet, latent: Latent | dict[str, Any], positive: Conditioning |
            negative: Conditioning | Sequence[Any], *, seed: int, steps: int, cfg: float, sampler_name: str,
            scheduler: str, denoise: float = 1.0, add_noise: bool = True, start_step: int | None = None,
            last_step: int | None = None, force_full_denoise: bool = False,
-           callback: ProgressCallback | None = None) -> Latent:
-    """Denoise `latent` with `unet(x, timesteps, context) -> eps`; returns a Latent (unscaled) that keeps the
-    input's noise_mask and batch_index."""
+           callback: ProgressCallback | None = None, family: Family = FAMILIES["sd1"]) -> Latent:
+    """Denoise `latent` with the network `unet(x, timesteps, context, control=None, y=None) -> output` of a
+    model of `family`; returns a Latent (unscaled) that keeps the input's noise_mask and batch_index."""
     # 1. Check and type the inputs.
     latent = Latent.from_value(latent)
     positive, negative = Conditioning.from_value(positive), Conditioning.from_value(negative)
     _check(sampler_name, scheduler, steps, positive, negative, cfg)
+    check_conditioning(family, (positive, negative))
     check_seed(seed)
-    schedule = sd1_schedule()
+    schedule = model_schedule(family.sampling)
 
     # 2. The sigmas: scheduler, denoise, then KSamplerAdvanced's start/end window.
     sigmas = select_sigmas(schedule, scheduler, sampler_name, steps, denoise)
@@ -108,14 +113,17 @@ def sample(unet: UNet, latent: Latent | dict[str, Any], positive: Conditioning |
             noise = torch.zeros(samples.shape, dtype=torch.float32)
 
         # 4. Into model space (process_latent_in).
-        latent_in = samples * SD1_LATENT_SCALE
-
-        # 5. The denoiser: eps parameterisation -> guidance -> optional inpainting blend.
-        to_sigma = functools.partial(percent_to_sigma, schedule)
-        model: Callable[..., Tensor] = CFGDenoiser(EpsDenoiser(unet, schedule), positive, negative, cfg, to_sigma)
+        latent_in = samples * family.latent_scale
         mask = None
         if latent.noise_mask is not None:
             mask = prepare_mask(latent.noise_mask.to(samples.device), samples.shape)
+
+        # 5. The denoiser: the network's prediction type -> guidance -> optional inpainting blend.
+        to_sigma = functools.partial(percent_to_sigma, schedule)
+        denoiser = ModelDenoiser(unet, schedule, family.sampling.prediction)
+        model: Callable[..., Tensor] = CFGDenoiser(denoiser, positive, negative, cfg, to_sigma,
+                                                   model_inputs(family, latent_in, mask))
+        if mask is not None:
             kept_noise = inpaint_noise(noise.shape, seed) if sampler_name in RANDOM_INPAINT_NOISE_SAMPLERS else noise
             model = InpaintDenoiser(model, latent_in, kept_noise, mask)
 
@@ -134,7 +142,7 @@ def sample(unet: UNet, latent: Latent | dict[str, Any], positive: Conditioning |
         x = SAMPLERS[sampler_name](model, x, sigmas, extra_args={"seed": seed}, callback=k_callback)
 
         # 8. Back to the VAE's space (process_latent_out); the kept area is the input latent, bit for bit.
-        out = x.float() / SD1_LATENT_SCALE
+        out = x.float() / family.latent_scale
         if mask is not None:
             out = torch.where(mask == 0, samples, out)
     return latent.replace(samples=out)

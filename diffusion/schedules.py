@@ -1,4 +1,8 @@
-"""Noise schedules: the SD1 discrete sigma table, sigma <-> timestep, and ComfyUI's schedulers.
+"""Noise schedules: a model's discrete sigma table, sigma <-> timestep, and ComfyUI's schedulers.
+
+`model_schedule(sampling)` builds the table a model family (or ModelSamplingDiscrete) asks for: the beta schedule
+from linear_start/linear_end/timesteps, optionally rescaled to zero terminal SNR, and for "lcm" the 50-step
+distilled table ComfyUI's ModelSamplingDiscreteDistilled uses.
 
 Every scheduler returns a 1-D float32 sigma tensor, descending, ending with 0 (the `append_zero` habit).
 Numbers follow ComfyUI (`comfy/model_sampling.py` ModelSamplingDiscrete, `comfy/samplers.py` schedulers,
@@ -10,10 +14,17 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from diffusion.families import ModelSampling
+
+ZSNR_LAST_ALPHA_BAR = 4.8973451890853435e-08  # ComfyUI's stand-in for the zero terminal alpha_bar (finite sigma)
+LCM_ORIGINAL_TIMESTEPS = 50  # the steps an LCM was distilled on: its table keeps every 1000 // 50-th level
 
 
 def append_zero(x: Tensor) -> Tensor:
@@ -26,12 +37,15 @@ class DiscreteSchedule:
 
     sigmas: Tensor  # float32 [N]
     log_sigmas: Tensor  # float32 [N], the log taken before the cast to float32
+    skip_steps: int = 1  # a distilled table: entry i is the network's timestep i * skip_steps + skip_steps - 1
 
     @classmethod
-    def from_betas(cls, betas: Tensor) -> DiscreteSchedule:
+    def from_betas(cls, betas: Tensor, zsnr: bool = False) -> DiscreteSchedule:
         """betas in float64, as ComfyUI's make_beta_schedule gives them."""
-        alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
-        sigmas = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
+        return cls.from_sigmas(sigmas_from_betas(betas, zsnr))
+
+    @classmethod
+    def from_sigmas(cls, sigmas: Tensor) -> DiscreteSchedule:
         return cls(sigmas=sigmas.float(), log_sigmas=sigmas.log().float())
 
     @property
@@ -43,13 +57,17 @@ class DiscreteSchedule:
         return self.sigmas[-1]
 
     def timestep(self, sigma: Tensor) -> Tensor:
-        """Index of the table entry nearest in log-sigma (an int64 tensor shaped like `sigma`)."""
+        """The network timestep of the table entry nearest in log-sigma (an int64 tensor shaped like `sigma`)."""
         dists = sigma.reshape(-1).log() - self.log_sigmas[:, None]
-        return dists.abs().argmin(dim=0).view(sigma.shape)
+        index = dists.abs().argmin(dim=0).view(sigma.shape)
+        return index if self.skip_steps == 1 else index * self.skip_steps + (self.skip_steps - 1)
 
     def sigma(self, timestep: Tensor) -> Tensor:
-        """Sigma at a possibly fractional timestep, interpolating linearly in log-sigma."""
-        t = torch.clamp(timestep.float(), min=0, max=len(self.sigmas) - 1)
+        """Sigma at a possibly fractional network timestep, interpolating linearly in log-sigma."""
+        t = timestep.float()
+        if self.skip_steps != 1:
+            t = (t - (self.skip_steps - 1)) / self.skip_steps
+        t = torch.clamp(t, min=0, max=len(self.sigmas) - 1)
         low, high, w = t.floor().long(), t.ceil().long(), t.frac()
         return ((1 - w) * self.log_sigmas[low] + w * self.log_sigmas[high]).exp()
 
@@ -62,6 +80,39 @@ def scaled_linear_betas(start: float = 0.00085, end: float = 0.012, n: int = 100
 def sd1_schedule() -> DiscreteSchedule:
     """The SD1.x table: sigma 0.0292 (t=0) ... 14.6146 (t=999)."""
     return DiscreteSchedule.from_betas(scaled_linear_betas())
+
+
+def sigmas_from_betas(betas: Tensor, zsnr: bool = False) -> Tensor:
+    """sqrt((1 - alpha_bar) / alpha_bar) in float64, optionally rescaled to zero terminal SNR."""
+    alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+    sigmas = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
+    return rescale_zero_terminal_snr(sigmas) if zsnr else sigmas
+
+
+def rescale_zero_terminal_snr(sigmas: Tensor) -> Tensor:
+    """Lin et al. 2023 (arXiv 2305.08891, algorithm 1) on sqrt(alpha_bar): shift so the last is 0, scale so the
+    first is unchanged; the last alpha_bar is then ZSNR_LAST_ALPHA_BAR instead of 0, as in ComfyUI."""
+    sqrt_ab = (1 / (sigmas * sigmas + 1)).sqrt()
+    first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
+    sqrt_ab = (sqrt_ab - last) * (first / (first - last))
+    alphas_bar = sqrt_ab**2
+    alphas_bar[-1] = ZSNR_LAST_ALPHA_BAR
+    return ((1 - alphas_bar) / alphas_bar) ** 0.5
+
+
+def distilled(schedule: DiscreteSchedule, original_timesteps: int = LCM_ORIGINAL_TIMESTEPS) -> DiscreteSchedule:
+    """ComfyUI's ModelSamplingDiscreteDistilled: every (N // original_timesteps)-th level counted from the top."""
+    n = len(schedule.sigmas)
+    skip = n // original_timesteps
+    picked = torch.stack([schedule.sigmas[n - 1 - x * skip] for x in range(original_timesteps)]).flip(0)
+    return DiscreteSchedule(picked, picked.log(), skip_steps=skip)
+
+
+def model_schedule(sampling: ModelSampling) -> DiscreteSchedule:
+    """The table of a model's `ModelSampling` (diffusion/families.py)."""
+    betas = scaled_linear_betas(sampling.linear_start, sampling.linear_end, sampling.timesteps)
+    schedule = DiscreteSchedule.from_betas(betas, zsnr=sampling.zsnr)
+    return distilled(schedule) if sampling.prediction == "lcm" else schedule
 
 
 # --- schedulers on the model's own table ---------------------------------------------------------------------

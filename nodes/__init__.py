@@ -18,7 +18,7 @@ from .codecs import CODECS
 
 NODE_MODULES: tuple[str, ...] = ("nodes.loaders", "nodes.conditioning", "nodes.latent", "nodes.sampling",
                                  "nodes.image", "nodes.image_io", "nodes.mask", "nodes.upscale",
-                                 "nodes.controlnet", "nodes.lora", "nodes.clip_loaders")
+                                 "nodes.controlnet", "nodes.lora", "nodes.clip_loaders", "nodes.model_sampling")
 
 DATA_TYPES = {
     "MODEL": "a diffusion model (UNet) ready to sample",

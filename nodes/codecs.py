@@ -13,6 +13,7 @@ from typing import Any
 from engine.codecs import Codec, CodecError
 
 _META = "sdgraph"
+SDXL_KEYS = ("width", "height", "crop_w", "crop_h", "target_width", "target_height", "aesthetic_score")
 
 
 def _tensors_to_bytes(tensors: dict[str, Any], meta: Any) -> bytes:
@@ -69,7 +70,8 @@ def _dump_conditioning(value: Any) -> bytes:
         tensors[f"{i}.context"] = entry.context
         if entry.pooled is not None:
             tensors[f"{i}.pooled"] = entry.pooled
-        entries.append({"strength": entry.strength, "pooled": entry.pooled is not None})
+        sizes = {k: getattr(entry, k) for k in SDXL_KEYS if getattr(entry, k) is not None}  # CLIPTextEncodeSDXL's
+        entries.append({"strength": entry.strength, "pooled": entry.pooled is not None, **sizes})
     return _tensors_to_bytes(tensors, entries)
 
 
@@ -78,7 +80,8 @@ def _load_conditioning(data: bytes) -> Any:
 
     tensors, entries = _bytes_to_tensors(data)
     return Conditioning(tuple(CondEntry(tensors[f"{i}.context"], tensors[f"{i}.pooled"] if e["pooled"] else None,
-                                        float(e["strength"])) for i, e in enumerate(entries)))
+                                        float(e["strength"]), **{k: e[k] for k in SDXL_KEYS if k in e})
+                              for i, e in enumerate(entries)))
 
 
 CODECS = {

@@ -1,6 +1,7 @@
 """Prompts to conditioning, and the nodes that say where and when a conditioning acts.
 
-CLIPTextEncode, CLIPSetLastLayer, ConditioningCombine; ConditioningSetArea(Percentage/Strength),
+CLIPTextEncode, CLIPTextEncodeSDXL (size conditioning), CLIPTextEncodeSDXLRefiner, CLIPSetLastLayer,
+ConditioningCombine; ConditioningSetArea(Percentage/Strength),
 ConditioningSetMask, ConditioningSetTimestepRange (read by the sampler: diffusion/regions.py);
 ConditioningZeroOut, ConditioningConcat, ConditioningAverage (arithmetic on the context); InpaintModelConditioning.
 Inputs, defaults and numbers follow ComfyUI's nodes of the same names.
@@ -52,6 +53,51 @@ def _embedding_files(resources, text=None):
 def clip_text_encode(ctx, text, clip):
     with ctx.resources.models.use(clip.handle) as text_model:
         return clip.encode(text, text_model)
+
+
+def _size_input(name: str, default: int, tooltip: str) -> Input:
+    return Input(name, INT, default=default, min=0, max=MAX_RESOLUTION, tooltip=tooltip)
+
+
+@node("CLIPTextEncodeSDXL", category="advanced/conditioning", display_name="CLIP Text Encode (SDXL)",
+      description="Encode an SDXL prompt: text_g for OpenCLIP-G, text_l for CLIP-L, with SDXL's size "
+                  "conditioning (the original size, its crop and the target size, in pixels).",
+      fingerprint=_embedding_files,
+      inputs=[Input("clip", "CLIP"),
+              _size_input("width", 1024, "the original image width the model is told"),
+              _size_input("height", 1024, "the original image height the model is told"),
+              _size_input("crop_w", 0, "left crop in pixels (0: uncropped)"),
+              _size_input("crop_h", 0, "top crop in pixels (0: uncropped)"),
+              _size_input("target_width", 1024, "the width the model is asked to compose for"),
+              _size_input("target_height", 1024, "the height the model is asked to compose for"),
+              Input("text_g", STRING, multiline=True, default="", tooltip="the prompt for OpenCLIP-G"),
+              Input("text_l", STRING, multiline=True, default="", tooltip="the prompt for CLIP-L")],
+      outputs=COND_OUT)
+def clip_text_encode_sdxl(ctx, clip, width, height, crop_w, crop_h, target_width, target_height, text_g, text_l):
+    if not hasattr(clip, "encode_sdxl"):
+        raise ValueError("CLIPTextEncodeSDXL needs the CLIP of an SDXL base checkpoint (CLIP-L + OpenCLIP-G); "
+                         "this CLIP has one text encoder: use CLIPTextEncode")
+    with ctx.resources.models.use(clip.handle) as text_model:
+        conditioning = clip.encode_sdxl(text_g, text_l, text_model)
+    return _set(conditioning, width=width, height=height, crop_w=crop_w, crop_h=crop_h, target_width=target_width,
+                target_height=target_height)
+
+
+@node("CLIPTextEncodeSDXLRefiner", category="advanced/conditioning", display_name="CLIP Text Encode (SDXL Refiner)",
+      description="Encode a prompt for the SDXL refiner with its aesthetic score (6 is ComfyUI's default; "
+                  "lower for the negative, e.g. 2.5) and the image size in pixels.",
+      fingerprint=_embedding_files,
+      inputs=[Input("ascore", FLOAT, default=6.0, min=0.0, max=1000.0, step=0.01,
+                    tooltip="the aesthetic score the refiner is conditioned on"),
+              _size_input("width", 1024, "the image width the model is told"),
+              _size_input("height", 1024, "the image height the model is told"),
+              Input("text", STRING, multiline=True, default="", tooltip="the prompt"),
+              Input("clip", "CLIP")],
+      outputs=COND_OUT)
+def clip_text_encode_sdxl_refiner(ctx, ascore, width, height, text, clip):
+    with ctx.resources.models.use(clip.handle) as text_model:
+        conditioning = clip.encode(text, text_model)
+    return _set(conditioning, aesthetic_score=ascore, width=width, height=height)
 
 
 @node("CLIPSetLastLayer", category="conditioning", display_name="CLIP Set Last Layer",
@@ -253,7 +299,8 @@ def masked_pixels(pixels, mask, factor: int):
     return pixels, mask
 
 
-NODES = [clip_text_encode, clip_set_last_layer, conditioning_combine, conditioning_set_area,
+NODES = [clip_text_encode, clip_text_encode_sdxl, clip_text_encode_sdxl_refiner, clip_set_last_layer,
+         conditioning_combine, conditioning_set_area,
          conditioning_set_area_percentage, conditioning_set_area_strength, conditioning_set_mask,
          conditioning_set_timestep_range, conditioning_zero_out, conditioning_concat, conditioning_average,
          inpaint_model_conditioning]

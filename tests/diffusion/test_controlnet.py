@@ -18,7 +18,7 @@ from diffusion.controlnet import (
     percent_to_sigma,
     prepare_hint,
 )
-from diffusion.denoisers import EpsDenoiser
+from diffusion.denoisers import ModelDenoiser
 from diffusion.make_checkpoint import PRESETS, make_checkpoint, random_state_dict
 from diffusion.make_controlnet import controlnet_layout, write_controlnet
 from diffusion.safetensors_header import CheckpointError
@@ -187,16 +187,17 @@ class RecordingUNet:
 
 def test_eps_denoiser_passes_the_controls_residuals_to_the_unet():
     unet = RecordingUNet()
-    denoiser = EpsDenoiser(unet, sd1_schedule())
+    denoiser = ModelDenoiser(unet, sd1_schedule())
     x, sigma, context = torch.randn(1, 4, 8, 8), torch.tensor([2.0]), torch.randn(1, 77, 32)
     seen = []
 
-    def control(x_in, timesteps, ctx, s):
+    def control(x_in, timesteps, ctx, s, schedule=None):
         seen.append((x_in, timesteps, s))
+        assert schedule is denoiser.schedule  # percents on the sampled model's schedule (issue #13)
         return "residuals"
 
     denoiser(x, sigma, context, control=control)
-    denoiser(x, sigma, context, control=lambda *_: None)
+    denoiser(x, sigma, context, control=lambda *_, **__: None)
     denoiser(x, sigma, context)
     assert unet.calls == [{"control": "residuals"}, {}, {}]
     x_in, timesteps, s = seen[0]

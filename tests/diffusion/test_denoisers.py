@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from diffusion.denoisers import CFGDenoiser, EpsDenoiser, InpaintDenoiser, prepare_mask, to_d
+from diffusion.denoisers import CFGDenoiser, InpaintDenoiser, ModelDenoiser, prepare_mask, to_d
 from diffusion.latent import CondEntry, Conditioning
 from diffusion.schedules import sd1_schedule
 
@@ -32,7 +32,7 @@ def test_eps_parameterisation():
     unet = SpyUNet()
     x = torch.randn(2, 4, 3, 3)
     sigma = torch.tensor([14.6146, 1.0])
-    out = EpsDenoiser(unet, SD1)(x, sigma, ctx(0.5).repeat(2, 1, 1))
+    out = ModelDenoiser(unet, SD1)(x, sigma, ctx(0.5).repeat(2, 1, 1))
     x_in, t, _ = unet.calls[0]
     s = sigma.view(-1, 1, 1, 1)
     torch.testing.assert_close(x_in, x / (s**2 + 1) ** 0.5)
@@ -48,13 +48,13 @@ def test_to_d():
 
 def separate(x, sigma, value, tokens=77):
     """The prediction for one context, in its own UNet call."""
-    return EpsDenoiser(SpyUNet(), SD1)(x, sigma, ctx(value, tokens).repeat(x.shape[0], 1, 1))
+    return ModelDenoiser(SpyUNet(), SD1)(x, sigma, ctx(value, tokens).repeat(x.shape[0], 1, 1))
 
 
 def test_cfg_batches_cond_and_uncond_into_one_call():
     unet = SpyUNet()
     x, sigma = torch.randn(2, 4, 3, 3), torch.tensor([3.0, 3.0])
-    out = CFGDenoiser(EpsDenoiser(unet, SD1), cond((2.0, 77, 1.0)), cond((0.5, 77, 1.0)), 7.5)(x, sigma)
+    out = CFGDenoiser(ModelDenoiser(unet, SD1), cond((2.0, 77, 1.0)), cond((0.5, 77, 1.0)), 7.5)(x, sigma)
     assert len(unet.calls) == 1
     x_in, t, context = unet.calls[0]
     assert x_in.shape[0] == 4 and context.shape == (4, 77, 8)
@@ -67,7 +67,7 @@ def test_cfg_batches_cond_and_uncond_into_one_call():
 def test_cfg_one_skips_the_negative_entirely():
     unet = SpyUNet()
     x, sigma = torch.randn(3, 4, 2, 2), torch.full((3,), 2.0)
-    out = CFGDenoiser(EpsDenoiser(unet, SD1), cond((2.0, 77, 1.0)), cond((0.5, 77, 1.0)), 1.0)(x, sigma)
+    out = CFGDenoiser(ModelDenoiser(unet, SD1), cond((2.0, 77, 1.0)), cond((0.5, 77, 1.0)), 1.0)(x, sigma)
     assert len(unet.calls) == 1 and unet.calls[0][0].shape[0] == 3
     assert unet.calls[0][2].eq(2.0).all()
     assert torch.equal(out, separate(x, sigma, 2.0))
@@ -76,7 +76,7 @@ def test_cfg_one_skips_the_negative_entirely():
 def test_different_token_lengths_are_repeated_to_a_common_length():
     unet = SpyUNet()
     x, sigma = torch.randn(1, 4, 2, 2), torch.tensor([1.5])
-    out = CFGDenoiser(EpsDenoiser(unet, SD1), cond((2.0, 154, 1.0)), cond((0.5, 77, 1.0)), 5.0)(x, sigma)
+    out = CFGDenoiser(ModelDenoiser(unet, SD1), cond((2.0, 154, 1.0)), cond((0.5, 77, 1.0)), 5.0)(x, sigma)
     assert len(unet.calls) == 1 and unet.calls[0][2].shape == (2, 154, 8)
     c, u = separate(x, sigma, 2.0, 154), separate(x, sigma, 0.5, 77)
     torch.testing.assert_close(out, u + (c - u) * 5.0)
@@ -85,7 +85,7 @@ def test_different_token_lengths_are_repeated_to_a_common_length():
 def test_lengths_too_far_apart_run_separately():
     unet = SpyUNet()
     x, sigma = torch.randn(1, 4, 2, 2), torch.tensor([1.5])
-    CFGDenoiser(EpsDenoiser(unet, SD1), cond((2.0, 385, 1.0)), cond((0.5, 77, 1.0)), 5.0)(x, sigma)
+    CFGDenoiser(ModelDenoiser(unet, SD1), cond((2.0, 385, 1.0)), cond((0.5, 77, 1.0)), 5.0)(x, sigma)
     assert [c[2].shape[1] for c in unet.calls] == [385, 77]
 
 
@@ -93,7 +93,7 @@ def test_several_entries_are_averaged_by_strength():
     unet = SpyUNet()
     x, sigma = torch.randn(2, 4, 2, 2), torch.tensor([1.0, 1.0])
     positive = cond((2.0, 77, 1.0), (4.0, 77, 3.0))
-    out = CFGDenoiser(EpsDenoiser(unet, SD1), positive, cond((0.5, 77, 1.0)), 1.0)(x, sigma)
+    out = CFGDenoiser(ModelDenoiser(unet, SD1), positive, cond((0.5, 77, 1.0)), 1.0)(x, sigma)
     assert len(unet.calls) == 1 and unet.calls[0][0].shape[0] == 4
     want = (separate(x, sigma, 2.0) * 1.0 + separate(x, sigma, 4.0) * 3.0) / 4.0
     torch.testing.assert_close(out, want)
@@ -102,7 +102,7 @@ def test_several_entries_are_averaged_by_strength():
 def test_batched_context_is_repeated_to_the_latent_batch():
     unet = SpyUNet()
     x, sigma = torch.randn(4, 4, 2, 2), torch.full((4,), 1.0)
-    CFGDenoiser(EpsDenoiser(unet, SD1), cond((2.0, 77, 1.0)), cond((0.5, 77, 1.0)), 2.0)(x, sigma)
+    CFGDenoiser(ModelDenoiser(unet, SD1), cond((2.0, 77, 1.0)), cond((0.5, 77, 1.0)), 2.0)(x, sigma)
     assert unet.calls[0][2].shape == (8, 77, 8)
 
 
@@ -141,6 +141,6 @@ def test_prepare_mask_resizes_to_latent_and_batch():
 @pytest.mark.parametrize("cfg", [1.0, 1.0 + 1e-12])
 def test_cfg_close_to_one_counts_as_one(cfg):
     unet = SpyUNet()
-    CFGDenoiser(EpsDenoiser(unet, SD1), cond((2.0, 77, 1.0)), cond((0.5, 77, 1.0)), cfg)(
+    CFGDenoiser(ModelDenoiser(unet, SD1), cond((2.0, 77, 1.0)), cond((0.5, 77, 1.0)), cfg)(
         torch.randn(1, 4, 2, 2), torch.tensor([1.0]))
     assert unet.calls[0][0].shape[0] == 1
