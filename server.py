@@ -22,10 +22,11 @@ from collections.abc import Sequence
 from aiohttp import web
 
 from engine.schema import node_info, object_info
-from service import answers, openapi, security, system, uploads
+from service import answers, openapi, security, system, uploads, webui
 from service.bodies import FreeRequest, HistoryRequest, InterruptRequest, PromptRequest, QueueRequest
 from service.config import MIB, ServerConfig
 from service.core import Service
+from service.frontend import FrontEnd
 from service.messages import status_text, ws_text
 from service.options import build_parser, config_from_args
 from service.queue import DatabaseInUse, json_text
@@ -152,7 +153,9 @@ async def get_openapi(request: web.Request) -> web.Response:
                                        token=_svc(request).config.token is not None))
 
 
-async def get_root(request: web.Request) -> web.Response:
+async def get_root(request: web.Request) -> web.StreamResponse:
+    if webui.wants_page(request):
+        return await webui.get_index(request)
     return json_response({"name": "sdgraph", "version": system.version(), "openapi": "/openapi.json",
                           "websocket": "/ws?clientId=ID"})
 
@@ -212,6 +215,7 @@ async def get_ws(request: web.Request) -> web.StreamResponse:
     conn = svc.hub.attach(client_id, ws, abort=lambda: transport.abort() if transport is not None else None)
     try:
         conn.outbox.put_nowait(status_text(await svc.call(svc.store.remaining), sid=client_id))
+        conn.outbox.put_nowait(ws_text("feature_flags", system.features(svc.config)))
         running = svc.worker.running()
         if running is not None and running[1] == client_id and running[2] is not None:
             conn.outbox.put_nowait(ws_text("executing", {"node": running[2], "display_node": running[2],
@@ -300,6 +304,7 @@ def create_app(service: Service) -> web.Application:
     app[SERVICE] = service
     app[ROUTES] = table = route_table()
     table.install(app)
+    webui.install(app, service, FrontEnd(config.front_end_root, service.registry.web_directories))
     return app
 
 

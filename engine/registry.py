@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .codecs import PRIMITIVE_CODECS, Codec
@@ -46,6 +47,7 @@ class NodeRegistry:
                                             for name in PRIMITIVE_TYPES}
         self._types[ANY] = TypeInfo(ANY, "any type")
         self.load_errors: list[LoadError] = []
+        self.web_directories: dict[str, Path] = {}  # pack name -> its WEB_DIRECTORY (served under /extensions/)
 
     # -- types -------------------------------------------------------------------------------------
     def register_type(self, name: str, *, description: str = "", adapt: Callable[[Any], Any] | None = None,

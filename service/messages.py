@@ -114,6 +114,7 @@ class RunMessages:
         self.current: str | None = None
         self._cached_sent = False
         self._interrupted: RunInterrupted | None = None
+        self.node_states: dict[str, dict[str, Any]] = {}  # progress_state: every node started so far
 
     def translate(self, event: Event) -> list[tuple[str, dict[str, Any]]]:
         pid = self.prompt_id
@@ -131,11 +132,14 @@ class RunMessages:
         if isinstance(event, NodeStarted):
             self.current = event.node_id
             out.append(("executing", {"node": event.node_id, "display_node": event.node_id, "prompt_id": pid}))
+            out.append(self._progress_state(event.node_id, "running", 0, 1))
         elif isinstance(event, Progress):
             out.append(("progress", {"value": event.value, "max": event.max, "prompt_id": pid,
                                      "node": event.node_id}))
+            out.append(self._progress_state(event.node_id, "running", event.value, event.max))
         elif isinstance(event, NodeFinished):
             self.executed.append(event.node_id)
+            out.append(self._progress_state(event.node_id, "finished", 1, 1))
             if event.ui:
                 self.shown.add(event.node_id)
                 out.append(("executed", {"node": event.node_id, "display_node": event.node_id,
@@ -189,6 +193,15 @@ class RunMessages:
             "timestamp": now_ms(),
         }
         return self._record("execution_error", data)
+
+    def _progress_state(self, node_id: str, state: str, value: float, most: float) -> tuple[str, dict[str, Any]]:
+        """ComfyUI's progress_state: the state of every node of the prompt that has started (the frontend draws
+        each node's progress bar from it)."""
+        self.node_states[node_id] = {"value": value, "max": most, "state": state, "node_id": node_id,
+                                     "prompt_id": self.prompt_id, "display_node_id": node_id,
+                                     "parent_node_id": None, "real_node_id": node_id}
+        return "progress_state", {"prompt_id": self.prompt_id, "nodes": {k: dict(v) for k, v in
+                                                                         self.node_states.items()}}
 
     def _cached_once(self) -> list[tuple[str, dict[str, Any]]]:
         """ComfyUI always says which nodes were cached, even when none were."""
