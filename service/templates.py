@@ -18,7 +18,7 @@ from typing import Any
 WIDGET_TYPES = frozenset({"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"})
 DEFAULT_GRAPH = "txt2img"  # graphs/txt2img.json: the first page's workflow and the first template
 TEMPLATE_PREFIX = "sdgraph_"  # our templates' names in /templates/index.json
-COLUMN_WIDTH, ROW_GAP, NODE_WIDTH = 420, 40, 360
+COLUMN_WIDTH, ROW_GAP, NODE_WIDTH = 400, 50, 340
 
 
 def is_widget(spec: list[Any]) -> bool:
@@ -108,7 +108,7 @@ def api_to_workflow(prompt: Mapping[str, Any], infos: Mapping[str, Mapping[str, 
                     widgets.append("fixed")
         column = depths[node_id]
         y = rows.get(column, 80)
-        height = 60 + 26 * (len(inputs) + len(widgets)) + (120 if _multiline(info) else 0)
+        height = 50 + 24 * (max(len(inputs), len(info["output"])) + len(widgets)) + (200 if _multiline(info) else 0)
         rows[column] = y + height + ROW_GAP
         nodes.append({"id": ids[node_id], "type": class_type, "pos": [40 + column * COLUMN_WIDTH, y],
                       "size": [NODE_WIDTH, height], "flags": {}, "order": order, "mode": 0, "inputs": inputs,
@@ -120,7 +120,7 @@ def api_to_workflow(prompt: Mapping[str, Any], infos: Mapping[str, Mapping[str, 
                             "links": outputs[node_id].get(slot, []), "slot_index": slot}
                            for slot, kind in enumerate(info["output"])]
     return {"last_node_id": max(ids.values(), default=0), "last_link_id": len(links), "nodes": nodes,
-            "links": links, "groups": [], "config": {}, "extra": {"ds": {"scale": 1.0, "offset": [0, 0]}},
+            "links": links, "groups": [], "config": {}, "extra": {"ds": {"scale": 0.6, "offset": [20, 20]}},
             "version": 0.4}
 
 

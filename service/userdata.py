@@ -21,7 +21,12 @@ DEFAULT_USER = "default"
 SETTINGS_FILE = "comfy.settings.json"
 # What a new user's settings start from: the frontend opens the graph it would restore (our default workflow,
 # service/templates.py) instead of an empty canvas under the template browser.
-DEFAULT_SETTINGS: dict[str, Any] = {"Comfy.TutorialCompleted": True}
+# ComfyUI's release notes are not sdgraph's: the frontend does not ask api.comfy.org for them.
+DEFAULT_SETTINGS: dict[str, Any] = {"Comfy.TutorialCompleted": True, "Comfy.Notification.ShowVersionUpdates": False}
+# What a new user's folder starts with: the folders and files the frontend reads on its first page (it would
+# get a 404, logged as a console error, for each one missing).
+STARTER_FOLDERS = ("workflows", "subgraphs")
+STARTER_FILES = {"comfy.templates.json": b"[]", "user.css": b""}
 
 
 class UserDataError(Exception):
@@ -40,6 +45,15 @@ class UserStore:
 
     def user_dir(self, user: str = DEFAULT_USER) -> Path:
         return self.root / user
+
+    def prepare(self, user: str = DEFAULT_USER) -> None:
+        """Create what a new user's first page reads (existing files are left alone)."""
+        folder = self.user_dir(user)
+        for name in STARTER_FOLDERS:
+            (folder / name).mkdir(parents=True, exist_ok=True)
+        for name, data in STARTER_FILES.items():
+            if not (folder / name).exists():
+                atomic_write(folder / name, data)
 
     def path(self, name: str, user: str = DEFAULT_USER, *, what: str = "userdata file") -> Path:
         """The file `name` inside the user's folder; UserDataError(400) when it would leave it."""

@@ -80,6 +80,12 @@ async def _workflow_answer(request: web.Request, name: str) -> web.Response:
     return json_response(workflow)
 
 
+async def get_user_css(request: web.Request) -> web.StreamResponse:
+    """The user's own stylesheet (user/default/user.css, empty to start with), which index.html links."""
+    path = await _call(request, _ui(request).users.read, "user.css")
+    return web.FileResponse(path, headers={"Content-Type": "text/css", "Cache-Control": "no-cache"})
+
+
 # -- users and settings -------------------------------------------------------------------------------------
 async def get_users(request: web.Request) -> web.Response:
     return json_response({"storage": "server", "migrated": True})  # single-user mode, as ComfyUI's default
@@ -272,11 +278,14 @@ ROUTES = (
 
 def install(app: web.Application, service: Service, frontend: FrontEnd) -> None:
     """Add the frontend's routes (before the static files, which take every other path)."""
-    app[WEBUI] = WebUI(service, frontend, Templates(GRAPHS), UserStore(service.config.base_dir / "user"))
+    users = UserStore(service.config.base_dir / "user")
+    users.prepare()
+    app[WEBUI] = WebUI(service, frontend, Templates(GRAPHS), users)
     for method, path, handler in ROUTES:
         for prefix in ("", "/api"):
             app.router.add_route(method, prefix + path, handler)
     app.router.add_get("/templates/{name}", get_template_file)
+    app.router.add_get("/user.css", get_user_css)
     for name, folder in frontend.extension_dirs().items():
         app.router.add_static(f"/extensions/{name}", folder)
     if frontend.root is not None:
