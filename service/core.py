@@ -14,6 +14,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from diffusion.previews import Previewer
 from engine import Executor, NodeRegistry, validate
 from nodes import build_registry
 from nodes.folders import Folders
@@ -77,7 +78,8 @@ class Service:
         self.worker = Worker(store=self.store, executor=self.executor, registry=self.registry, hub=self.hub,
                              on_queue_change=self.status_changed, prompt_timeout=self.config.prompt_timeout,
                              stuck_grace=self.config.stuck_grace, on_fatal=fatal,
-                             scrub=self.scrub, sizes=self.limits.sizes)
+                             scrub=self.scrub, sizes=self.limits.sizes,
+                             previewer=Previewer(self.config.preview_method, self.folders.models("vae_approx")))
         self.worker.start()
 
     async def stop(self, *, close_store: bool = True) -> None:

@@ -228,8 +228,11 @@ def history_entry(*, number: float, prompt_id: str, prompt: Mapping, extra_data:
     }
 
 
-def preview_frame(preview: Any) -> bytes | None:
-    """A binary websocket frame for a progress preview: a PIL image, or ComfyUI's (format, image, max_size)."""
+def preview_frame(preview: Any, render: Callable[[Any], Any] | None = None) -> bytes | None:
+    """A binary websocket frame for a progress preview: a PIL image, or ComfyUI's (format, image, max_size), or
+    what `render` makes of it (a sampler's latent, diffusion/previews.py). None when there is nothing to send."""
+    if render is not None and preview is not None:
+        preview = render(preview)
     if preview is None:
         return None
     kind, image, max_size = "JPEG", preview, None
