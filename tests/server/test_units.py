@@ -52,8 +52,8 @@ def test_run_messages_follow_comfyui_order_and_payloads():
     assert {n["state"] for n in states[-1]["nodes"].values()} == {"finished"}
     assert {"value": 1, "max": 2, "state": "running"}.items() <= states[3]["nodes"]["2"].items()
 
-    again, _ = run_messages(prompt, executor)
-    again = [(kind, data) for kind, data in again if kind != "progress_state"]  # everything cached: the output node shows its result again
+    again, _ = run_messages(prompt, executor)  # everything cached: the output node shows its result again
+    again = [(kind, data) for kind, data in again if kind != "progress_state"]
     assert [kind for kind, _ in again] == ["execution_start", "execution_cached", "executed", "execution_success",
                                            "executing"]
     assert sorted(again[1][1]["nodes"]) == ["1", "2", "3"]
