@@ -142,7 +142,13 @@ def test_an_uploaded_image_runs_img2img(session, tmp_path):
     session.evaluate("(workflow) => window.app.loadGraphData(workflow)", workflow)
     session.page.wait_for_function("() => window.app.graph._nodes.some(n => n.type === 'LoadImage')")
     with session.page.expect_response(lambda r: "/upload/image" in r.url) as uploaded:
-        session.page.locator("input[type=file]").first.set_input_files(str(picture))
+        with session.page.expect_file_chooser() as chooser:  # LoadImage's "choose file to upload" widget
+            session.evaluate("""() => {
+                const node = window.app.graph._nodes.find(n => n.type === 'LoadImage');
+                const button = node.widgets.find(w => w.name === 'upload');
+                button.callback(button.value, window.app.canvas, node);
+            }""")
+        chooser.value.set_files(str(picture))
     assert uploaded.value.status == 200
     assert (session.server.base / "input" / "upload_me.png").is_file()
     session.page.wait_for_function("""() => window.app.graph._nodes.find(n => n.type === 'LoadImage')
