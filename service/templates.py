@@ -120,7 +120,7 @@ def api_to_workflow(prompt: Mapping[str, Any], infos: Mapping[str, Mapping[str, 
                             "links": outputs[node_id].get(slot, []), "slot_index": slot}
                            for slot, kind in enumerate(info["output"])]
     return {"last_node_id": max(ids.values(), default=0), "last_link_id": len(links), "nodes": nodes,
-            "links": links, "groups": [], "config": {}, "extra": {"ds": {"scale": 0.6, "offset": [20, 20]}},
+            "links": links, "groups": [], "config": {}, "extra": {"ds": {"scale": 0.6, "offset": [150, 120]}},
             "version": 0.4}
 
 

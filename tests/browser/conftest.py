@@ -68,6 +68,8 @@ class Session:
         self.shots.mkdir(parents=True, exist_ok=True)
         page.on("console", lambda m: self.errors.append(m.text) if m.type == "error" else None)
         page.on("pageerror", lambda e: self.errors.append(f"page error: {e}"))
+        self.failed: list[str] = []  # URLs of requests that got no answer
+        page.on("requestfailed", lambda r: self.failed.append(r.url))
 
     def open(self) -> Session:
         self.page.goto(self.server.url + "/")

@@ -159,3 +159,16 @@ def test_an_uploaded_image_runs_img2img(session, tmp_path):
     assert entry["prompt"][2]["10"]["inputs"]["image"] == "upload_me.png"
     session.page.wait_for_timeout(500)
     session.shot("09-img2img-from-an-upload")
+
+
+def test_a_missing_node_type_shows_the_missing_nodes_dialog(session):
+    session.open()
+    workflow = session.page.request.get(session.server.url + "/api/sdgraph/default_workflow").json()
+    workflow["nodes"][0]["type"] = "NodeNobodyHas"
+    session.evaluate("(workflow) => window.app.loadGraphData(workflow)", workflow)
+    session.page.get_by_text("NodeNobodyHas").first.wait_for()
+    session.page.wait_for_timeout(500)
+    session.shot("10-missing-node")
+    # the frontend asks the internet's node registry which pack has the node; offline, only that fails
+    assert all(not url.startswith(session.server.url) for url in session.failed)
+    assert [e for e in session.errors if "net::ERR_NAME_NOT_RESOLVED" not in e] == []
