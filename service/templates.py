@@ -170,6 +170,24 @@ class Templates:
             theirs = loaded if isinstance(loaded, list) else []
         return [ours, *theirs]
 
+    def thumbnail(self, filename: str) -> bytes | None:
+        """`sdgraph_<name>-1.png`, the template browser's picture of one of our graphs: the demo's picture of it
+        (docs/images/demo-<name>.png) where there is one, else a plain card with the graph's name."""
+        stem = filename[len(TEMPLATE_PREFIX):-len("-1.png")] if filename.endswith("-1.png") else None
+        if not filename.startswith(TEMPLATE_PREFIX) or stem not in self.graph_names():
+            return None
+        picture = self.graphs_dir.parent / "docs" / "images" / f"demo-{stem}.png"
+        if picture.is_file():
+            return picture.read_bytes()
+        import io
+
+        from PIL import Image, ImageDraw
+        card = Image.new("RGB", (256, 256), (38, 42, 54))
+        ImageDraw.Draw(card).text((16, 118), stem.replace("_", " "), fill=(230, 230, 230))
+        buffer = io.BytesIO()
+        card.save(buffer, format="PNG")
+        return buffer.getvalue()
+
     def asset(self, filename: str) -> Path | None:
         """A file of ComfyUI's catalogue: a workflow JSON or a thumbnail from one of the media bundles."""
         if "/" in filename or "\\" in filename or filename.startswith("."):

@@ -182,6 +182,9 @@ async def get_template_file(request: web.Request) -> web.StreamResponse:
         return json_response(await ui.service.call(ui.templates.index, name))
     if name.startswith(TEMPLATE_PREFIX) and name.endswith(".json"):
         return await _workflow_answer(request, name[len(TEMPLATE_PREFIX):-len(".json")])
+    picture = await ui.service.call(ui.templates.thumbnail, name)
+    if picture is not None:
+        return web.Response(body=picture, content_type="image/png")
     path = await ui.service.call(ui.templates.asset, name)
     if path is None:
         raise RequestError(404, "not_found", f"there is no template file {name[:100]!r}")

@@ -72,6 +72,9 @@ def test_template_index_lists_our_graphs_first(tmp_path):
     assert index[0]["category"] == "sdgraph"
     assert index[0]["templates"][0]["name"] == TEMPLATE_PREFIX + DEFAULT_GRAPH
     assert templates.asset("../secret.json") is None
+    for name in templates.graph_names():  # each of ours has a picture in the template browser
+        assert templates.thumbnail(f"{TEMPLATE_PREFIX}{name}-1.png")[:8] == b"\x89PNG\r\n\x1a\n"
+    assert templates.thumbnail(f"{TEMPLATE_PREFIX}nope-1.png") is None
 
 
 # -- userdata ---------------------------------------------------------------------------------------------
