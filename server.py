@@ -215,13 +215,13 @@ async def get_ws(request: web.Request) -> web.StreamResponse:
     conn = svc.hub.attach(client_id, ws, abort=lambda: transport.abort() if transport is not None else None)
     try:
         conn.outbox.put_nowait(status_text(await svc.call(svc.store.remaining), sid=client_id))
-        conn.outbox.put_nowait(ws_text("feature_flags", system.features(svc.config)))
         running = svc.worker.running()
         if running is not None and running[1] == client_id and running[2] is not None:
             conn.outbox.put_nowait(ws_text("executing", {"node": running[2], "display_node": running[2],
                                                          "prompt_id": running[0]}))
-        async for _message in ws:  # clients may send messages (feature flags); nothing here needs them
-            pass
+        async for message in ws:  # the frontend sends its feature flags first; ComfyUI answers with its own
+            if message.type == web.WSMsgType.TEXT and '"feature_flags"' in message.data[:64]:
+                conn.outbox.put_nowait(ws_text("feature_flags", system.features(svc.config)))
     finally:
         svc.hub.detach(conn)
     return ws

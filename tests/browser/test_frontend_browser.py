@@ -172,3 +172,13 @@ def test_a_missing_node_type_shows_the_missing_nodes_dialog(session):
     # the frontend asks the internet's node registry which pack has the node; offline, only that fails
     assert all(not url.startswith(session.server.url) for url in session.failed)
     assert [e for e in session.errors if "net::ERR_NAME_NOT_RESOLVED" not in e] == []
+
+
+def test_the_template_browser_offers_our_graphs_first(session):
+    session.open()
+    session.page.get_by_role("button", name="Templates").click()
+    session.page.get_by_text("img2img", exact=True).first.wait_for()
+    session.shot("11-templates")
+    session.page.get_by_text("img2img", exact=True).first.click()
+    session.page.wait_for_function("() => window.app.graph._nodes.some(n => n.type === 'LoadImage')")
+    assert session.errors == []

@@ -159,10 +159,11 @@ def test_model_folders(shared):
     run(_session(shared, scenario))
 
 
-def test_websocket_sends_feature_flags_on_connect_and_progress_state(shared):
+def test_websocket_answers_the_clients_feature_flags_and_sends_progress_state(shared):
     async def scenario(api, _session):
         client = uuid.uuid4().hex
         ws = await api.ws(client)
+        await ws.send_json({"type": "feature_flags", "data": {"supports_preview_metadata": False}})
         first = [json.loads((await ws.receive(timeout=10)).data) for _ in range(2)]
         assert [m["type"] for m in first] == ["status", "feature_flags"]
         assert "supports_preview_metadata" in first[1]["data"] and "max_upload_size" in first[1]["data"]
