@@ -71,13 +71,17 @@ def test_queue_shows_the_output_and_a_changed_prompt_reruns_only_what_changed(se
     assert session.errors == []
 
 
-def test_a_running_prompt_is_cancelled(session):
+def test_a_running_prompt_shows_live_previews_and_is_cancelled(session):
+    frames: list[bytes] = []
+    session.page.on("websocket", lambda ws: ws.on(
+        "framereceived", lambda payload: frames.append(payload) if isinstance(payload, bytes) else None))
     session.open()
     session.set_widget("KSampler", "steps", 5000)
     session.set_widget("KSampler", "seed", 7)
     session.page.locator(RUN).click()
     session.page.wait_for_function("() => document.title.match(/\\[\\d+%\\]/)", timeout=RUN_TIMEOUT * 1000)
     session.shot("05-running")
+    assert frames and frames[0][:8] == b"\x00\x00\x00\x01\x00\x00\x00\x01"  # ComfyUI's preview frame, JPEG
     session.page.get_by_role("button", name="Cancel current run").click()
     _pid, entry = run_and_wait(session, press=False)
     assert any(m[0] == "execution_interrupted" for m in entry["status"]["messages"])
