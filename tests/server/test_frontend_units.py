@@ -175,3 +175,30 @@ def test_front_end_root_must_hold_index_html(tmp_path):
         check_root(tmp_path)
     (tmp_path / "index.html").write_text("<html></html>")
     assert check_root(tmp_path) == tmp_path
+
+
+def test_a_packs_web_directory_is_served_under_extensions(tmp_path):
+    """ComfyUI serves a pack's WEB_DIRECTORY at /extensions/<pack>/ (registry.web_directories names them)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from service import webui
+
+    web_dir = tmp_path / "web"
+    web_dir.mkdir()
+    (web_dir / "main.js").write_text("console.log('my pack')")
+    stub = SimpleNamespace(config=SimpleNamespace(base_dir=tmp_path))
+    app = web.Application()
+    webui.install(app, stub, FrontEnd(None, {"my_pack": web_dir}))
+
+    async def scenario():
+        async with TestClient(TestServer(app)) as client:
+            listed = await (await client.get("/api/extensions")).json()
+            assert "/extensions/my_pack/main.js" in listed
+            response = await client.get("/extensions/my_pack/main.js")
+            assert response.status == 200 and "my pack" in await response.text()
+            assert (await client.get("/extensions/my_pack/../../secret")).status == 404
+    asyncio.run(scenario())
