@@ -30,6 +30,7 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if "tests/browser" in str(item.fspath):
             item.add_marker(pytest.mark.browser)
+            item.add_marker(pytest.mark.slow)  # a few minutes: in CI (make test), not in -m "not slow"
 
 
 @pytest.fixture(scope="session")
