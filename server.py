@@ -27,7 +27,7 @@ from service.bodies import FreeRequest, HistoryRequest, InterruptRequest, Prompt
 from service.config import MIB, ServerConfig
 from service.core import Service
 from service.frontend import FrontEnd
-from service.messages import status_text, ws_text
+from service.messages import client_flags, status_text, ws_text
 from service.options import build_parser, config_from_args
 from service.queue import DatabaseInUse, json_text
 from service.routing import Param, RequestError, RouteTable, json_errors, json_response, query_int, raw_json
@@ -221,6 +221,7 @@ async def get_ws(request: web.Request) -> web.StreamResponse:
                                                          "prompt_id": running[0]}))
         async for message in ws:  # the frontend sends its feature flags first; ComfyUI answers with its own
             if message.type == web.WSMsgType.TEXT and '"feature_flags"' in message.data[:64]:
+                conn.flags = client_flags(message.data)
                 conn.outbox.put_nowait(ws_text("feature_flags", system.features(svc.config)))
     finally:
         svc.hub.detach(conn)

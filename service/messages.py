@@ -4,9 +4,11 @@ entries. Pure functions and one small per-run translator; nothing here does I/O.
 from __future__ import annotations
 
 import io
+import json
 import struct
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from engine import NodeFailed, NodeFinished, NodesCached, NodeStarted, Progress, RunReport, ValidationError
@@ -16,6 +18,7 @@ from .queue import json_text
 from .scrub import short_traceback
 
 PREVIEW_IMAGE = 1  # ComfyUI's binary event type for a preview; then 1 = JPEG, 2 = PNG
+PREVIEW_IMAGE_WITH_METADATA = 4  # then the metadata's length, the metadata (JSON: node, prompt, image type), the image
 _IMAGE_TYPES = {"JPEG": 1, "PNG": 2}
 
 
@@ -228,8 +231,30 @@ def history_entry(*, number: float, prompt_id: str, prompt: Mapping, extra_data:
     }
 
 
-def preview_frame(preview: Any, render: Callable[[Any], Any] | None = None) -> bytes | None:
-    """A binary websocket frame for a progress preview: a PIL image, or ComfyUI's (format, image, max_size), or
+def client_flags(text: str) -> dict[str, bool]:
+    """The true/false feature flags of a client's `{"type": "feature_flags", "data": {...}}` message ({} when the
+    message is not that)."""
+    try:
+        message = json.loads(text)
+    except ValueError:
+        return {}
+    data = message.get("data") if isinstance(message, dict) and message.get("type") == "feature_flags" else None
+    return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, bool)} if isinstance(data, dict) \
+        else {}
+
+
+@dataclass(frozen=True)
+class PreviewFrames:
+    """One preview in both of ComfyUI's binary encodings; the hub sends each client the one it asked for (the
+    frontend announces `supports_preview_metadata` in its feature flags and draws previews on their node)."""
+
+    plain: bytes
+    with_metadata: bytes
+
+
+def preview_frame(preview: Any, render: Callable[[Any], Any] | None = None, *, node_id: str | None = None,
+                  prompt_id: str | None = None) -> PreviewFrames | None:
+    """The binary websocket frames for a progress preview: a PIL image, or ComfyUI's (format, image, max_size), or
     what `render` makes of it (a sampler's latent, diffusion/previews.py). None when there is nothing to send."""
     if render is not None and preview is not None:
         preview = render(preview)
@@ -244,9 +269,13 @@ def preview_frame(preview: Any, render: Callable[[Any], Any] | None = None) -> b
         from PIL import ImageOps
         image = ImageOps.contain(image, (max_size, max_size))
     buffer = io.BytesIO()
-    buffer.write(struct.pack(">II", PREVIEW_IMAGE, _IMAGE_TYPES[kind]))
     if kind == "JPEG":
         image.convert("RGB").save(buffer, format="JPEG", quality=90)
     else:
         image.save(buffer, format="PNG", compress_level=1)
-    return buffer.getvalue()
+    data = buffer.getvalue()
+    metadata = json_text({"node_id": node_id, "display_node_id": node_id, "parent_node_id": None,
+                          "real_node_id": node_id, "prompt_id": prompt_id,
+                          "image_type": f"image/{kind.lower()}"}).encode()
+    return PreviewFrames(struct.pack(">II", PREVIEW_IMAGE, _IMAGE_TYPES[kind]) + data,
+                         struct.pack(">II", PREVIEW_IMAGE_WITH_METADATA, len(metadata)) + metadata + data)

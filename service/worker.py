@@ -268,7 +268,8 @@ class Worker:
                         self.hub.publish(client, ws_text(kind, data))
                 preview = getattr(event, "preview", None)
                 if client and preview is not None:
-                    frame = preview_frame(preview, self.previewer)
+                    frame = preview_frame(preview, self.previewer, node_id=getattr(event, "node_id", None),
+                                          prompt_id=current.item.prompt_id)
                     if frame is not None:
                         self.hub.publish(client, frame)
             except Exception:  # a listener must never break the run

@@ -4,6 +4,7 @@ are present (else latent2rgb), none; and the binary websocket frame they travel 
 from __future__ import annotations
 
 import io
+import json
 import struct
 
 import torch
@@ -58,8 +59,13 @@ def test_taesd_decodes_with_weights_in_vae_approx(tmp_path):
     assert {"1.weight", "3.conv.0.weight", "3.conv.4.bias", "7.weight", "19.weight"} <= keys and "7.bias" not in keys
 
 
-def test_preview_frame_is_comfyuis_binary_preview():
-    frame = preview_frame(LatentPreview(torch.randn(4, 8, 8)), Previewer("latent2rgb"))
-    assert struct.unpack(">II", frame[:8]) == (1, 1)  # PREVIEW_IMAGE, JPEG
-    assert Image.open(io.BytesIO(frame[8:])).size == (8, 8)
+def test_preview_frames_are_comfyuis_binary_previews():
+    frames = preview_frame(LatentPreview(torch.randn(4, 8, 8)), Previewer("latent2rgb"), node_id="3", prompt_id="p")
+    assert struct.unpack(">II", frames.plain[:8]) == (1, 1)  # PREVIEW_IMAGE, JPEG
+    assert Image.open(io.BytesIO(frames.plain[8:])).size == (8, 8)
+    kind, length = struct.unpack(">II", frames.with_metadata[:8])  # PREVIEW_IMAGE_WITH_METADATA: drawn on node 3
+    metadata = json.loads(frames.with_metadata[8:8 + length])
+    assert kind == 4 and metadata == {"node_id": "3", "display_node_id": "3", "parent_node_id": None,
+                                      "real_node_id": "3", "prompt_id": "p", "image_type": "image/jpeg"}
+    assert frames.with_metadata[8 + length:] == frames.plain[8:]
     assert preview_frame(LatentPreview(torch.randn(4, 8, 8)), Previewer("none")) is None

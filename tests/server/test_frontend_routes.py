@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import struct
 import uuid
 from pathlib import Path
 from urllib.parse import quote
@@ -174,4 +175,25 @@ def test_websocket_answers_the_clients_feature_flags_and_sends_progress_state(sh
         assert states[-1]["nodes"]["1"]["state"] == "finished"
         assert any(s["nodes"].get("1", {}).get("value") == 2 and s["nodes"]["1"]["max"] == 3 for s in states)
         await ws.close()
+    run(_session(shared, scenario))
+
+
+def test_previews_carry_their_node_for_a_client_that_asks(shared):
+    """The frontend announces supports_preview_metadata and draws only previews that name their node (type 4)."""
+    async def scenario(api, _session):
+        frames = {}
+        for wants in (True, False):
+            client = uuid.uuid4().hex
+            ws = await api.ws(client)
+            await ws.send_json({"type": "feature_flags", "data": {"supports_preview_metadata": wants}})
+            prompt = {"1": {"class_type": "ToyPreview", "inputs": {"steps": 2, "size": 8 + wants}},
+                      "2": {"class_type": "Sink", "inputs": {"value": ["1", 0]}}}
+            prompt_id = await api.queue(prompt, client_id=client)
+            seen = await messages_until_done(ws, prompt_id)
+            frames[wants] = [m for m in seen if isinstance(m, bytes)]
+            await ws.close()
+        kind, length = struct.unpack(">II", frames[True][0][:8])
+        metadata = json.loads(frames[True][0][8:8 + length])
+        assert kind == 4 and metadata["node_id"] == "1" and metadata["image_type"] == "image/jpeg"
+        assert struct.unpack(">II", frames[False][0][:8]) == (1, 1)
     run(_session(shared, scenario))
