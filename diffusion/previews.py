@@ -20,6 +20,7 @@ from . import taesd
 log = logging.getLogger(__name__)
 
 MAX_PREVIEW_SIDE = 512  # ComfyUI's default preview size
+LATENT_TO_PIXELS = 8  # a latent pixel covers 8x8 image pixels
 
 # Rows: latent channels 0-3; columns: R, G, B.
 SD1_RGB_FACTORS = ((0.3512, 0.2297, 0.3227), (0.3250, 0.4974, 0.2350), (-0.2829, 0.1762, 0.2721),
@@ -75,6 +76,8 @@ class Previewer:
         rgb = taesd.decode(network, preview.latent) if network is not None else latent_to_rgb(preview.latent, fmt)
         from PIL import Image
         image = Image.fromarray((rgb * 255).round().to(torch.uint8).cpu().numpy())
+        if network is None:  # one pixel per latent: shown at the output's size, in blocks (cheap, and visible)
+            image = image.resize((image.width * LATENT_TO_PIXELS, image.height * LATENT_TO_PIXELS), Image.NEAREST)
         if max(image.size) > MAX_PREVIEW_SIDE:
             image.thumbnail((MAX_PREVIEW_SIDE, MAX_PREVIEW_SIDE))
         return image

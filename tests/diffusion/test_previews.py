@@ -40,9 +40,9 @@ def test_family_decides_the_latent_format():
 def test_previewer_methods(tmp_path):
     preview = LatentPreview(torch.randn(4, 8, 6), "sd1")
     image = Previewer("latent2rgb")(preview)
-    assert isinstance(image, Image.Image) and image.size == (6, 8)
+    assert isinstance(image, Image.Image) and image.size == (48, 64)  # the output's size, in 8x8 blocks
     assert Previewer("none")(preview) is None
-    assert Previewer("taesd", tmp_path)(preview).size == (6, 8)  # no weights: latent2rgb
+    assert Previewer("taesd", tmp_path)(preview).size == (48, 64)  # no weights: latent2rgb
     marker = object()
     assert Previewer("latent2rgb")(marker) is marker  # images a node made itself pass through
 
@@ -62,7 +62,7 @@ def test_taesd_decodes_with_weights_in_vae_approx(tmp_path):
 def test_preview_frames_are_comfyuis_binary_previews():
     frames = preview_frame(LatentPreview(torch.randn(4, 8, 8)), Previewer("latent2rgb"), node_id="3", prompt_id="p")
     assert struct.unpack(">II", frames.plain[:8]) == (1, 1)  # PREVIEW_IMAGE, JPEG
-    assert Image.open(io.BytesIO(frames.plain[8:])).size == (8, 8)
+    assert Image.open(io.BytesIO(frames.plain[8:])).size == (64, 64)
     kind, length = struct.unpack(">II", frames.with_metadata[:8])  # PREVIEW_IMAGE_WITH_METADATA: drawn on node 3
     metadata = json.loads(frames.with_metadata[8:8 + length])
     assert kind == 4 and metadata == {"node_id": "3", "display_node_id": "3", "parent_node_id": None,

@@ -22,4 +22,4 @@ def test_every_sampling_step_carries_a_latent_preview(tiny_base):
     previews = [e.preview for e in events if isinstance(e, Progress) and e.node_id == "5"]
     assert len(previews) == 3 and all(isinstance(p, LatentPreview) for p in previews)
     assert previews[0].latent.shape == (4, 6, 8)
-    assert Previewer("latent2rgb")(previews[-1]).size == (8, 6)
+    assert Previewer("latent2rgb")(previews[-1]).size == (64, 48)
