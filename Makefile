@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 DEFAULT_CHECKPOINT := models/checkpoints/sdgraph-tiny.safetensors
 DEMO_CHECKPOINT := models/checkpoints/sdgraph-demo.safetensors
 
-.PHONY: demo test setup lint bench bench-memory bench-precision parity
+.PHONY: demo test setup lint browser bench bench-memory bench-precision parity
 
 setup: $(VENV)/.installed
 
@@ -28,7 +28,12 @@ demo: $(VENV)/.installed $(DEMO_CHECKPOINT)
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
 
-test: $(VENV)/.installed lint
+# The browser tests (tests/browser) drive Debian's chromium with Playwright (which cannot download its own
+# browsers here); CI runs as root, so it is installed when missing.
+browser:
+	command -v chromium >/dev/null 2>&1 || (apt-get update -q && apt-get install -y -q chromium)
+
+test: $(VENV)/.installed lint browser
 	$(BIN)/pytest
 
 # ComfyUI's reference images were made in fp32, and --dtype fp32 reproduces them exactly (maximum difference 0).

@@ -22,11 +22,12 @@ from collections.abc import Sequence
 from aiohttp import web
 
 from engine.schema import node_info, object_info
-from service import answers, openapi, routing, security, system, uploads
+from service import answers, openapi, routing, security, system, uploads, webui
 from service.bodies import FreeRequest, HistoryRequest, InterruptRequest, PromptRequest, QueueRequest
 from service.config import MIB, ServerConfig
 from service.core import Service
-from service.messages import status_text, ws_text
+from service.frontend import FrontEnd
+from service.messages import client_flags, status_text, ws_text
 from service.options import build_parser, config_from_args
 from service.queue import DatabaseInUse, json_text
 from service.routing import Param, RequestError, RouteTable, json_errors, json_response, query_int, raw_json
@@ -152,7 +153,9 @@ async def get_openapi(request: web.Request) -> web.Response:
                                        token=_svc(request).config.token is not None))
 
 
-async def get_root(request: web.Request) -> web.Response:
+async def get_root(request: web.Request) -> web.StreamResponse:
+    if webui.wants_page(request):
+        return await webui.get_index(request)
     return json_response({"name": "sdgraph", "version": system.version(), "openapi": "/openapi.json",
                           "websocket": "/ws?clientId=ID"})
 
@@ -216,8 +219,10 @@ async def get_ws(request: web.Request) -> web.StreamResponse:
             if running[1] == client_id and running[2] is not None:
                 conn.outbox.put_nowait(ws_text("executing", {"node": running[2], "display_node": running[2],
                                                              "prompt_id": running[0]}))
-        async for _message in ws:  # clients may send messages (feature flags); nothing here needs them
-            pass
+        async for message in ws:  # the frontend sends its feature flags first; ComfyUI answers with its own
+            if message.type == web.WSMsgType.TEXT and '"feature_flags"' in message.data[:64]:
+                conn.flags = client_flags(message.data)
+                conn.outbox.put_nowait(ws_text("feature_flags", system.features(svc.config)))
     finally:
         svc.hub.detach(conn)
     return ws
@@ -301,6 +306,7 @@ def create_app(service: Service) -> web.Application:
     app[ROUTES] = table = route_table()
     table.install(app)
     routing.install_pack_routes(app, service.registry.pack_environment)  # custom nodes' routes, behind the same checks
+    webui.install(app, service, FrontEnd(config.front_end_root, service.registry.web_directories))
     return app
 
 

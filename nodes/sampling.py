@@ -35,12 +35,14 @@ def _run(ctx, model, latent_image, positive, negative, **settings):
     import math
 
     from diffusion.latent import Conditioning, Latent
+    from diffusion.previews import LatentPreview, family_of
     from diffusion.sampling import sample
 
     total = settings["steps"]
 
-    def report(step, _total, *_rest):
-        ctx.progress(step + 1, _total or total)
+    def report(step, _total, _x=None, denoised=None, *_rest):
+        preview = None if denoised is None else LatentPreview(denoised[0].detach(), family_of(model))
+        ctx.progress(step + 1, _total or total, preview=preview)  # the server draws it (--preview-method)
 
     # The UNet is borrowed from the model manager for the whole loop, with room made for one call's working
     # memory: every conditioning entry is batched into that call (cond and uncond together under CFG).

@@ -11,6 +11,7 @@ from engine.sizes import DEFAULT_SIZE_LIMITS, SizeLimits
 from .scale_options import ScaleOut
 
 MIB = 1 << 20
+PREVIEW_METHODS = ("latent2rgb", "taesd", "none")
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,8 @@ class ServerConfig:
     prompt_timeout: float | None = 3600.0  # seconds one prompt may run; None: no limit
     stuck_grace: float = 60.0  # after the limit, how long a node that ignores interruption has before the exit
     limits: Limits = field(default_factory=Limits)
+    front_end_root: Path | None = None  # the web frontend's build (None: not installed; / answers JSON)
+    preview_method: str = "latent2rgb"  # live previews while sampling: none, latent2rgb or taesd
     disk_cache: DiskCache | None = None  # node outputs kept across runs, shared with `sdgraph run` (--cache-dir)
     scale_out: ScaleOut | None = None  # --ray: prompts run on Ray worker actors (service/ray_pool.py)
 

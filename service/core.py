@@ -14,6 +14,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from diffusion.previews import Previewer
 from engine import Executor, NodeRegistry, validate
 from nodes import build_registry
 from nodes.folders import Folders
@@ -79,7 +80,8 @@ class Service:
 
         common = {"registry": self.registry, "hub": self.hub, "on_queue_change": self.status_changed,
                   "prompt_timeout": self.config.prompt_timeout, "stuck_grace": self.config.stuck_grace,
-                  "on_fatal": fatal, "scrub": self.scrub, "sizes": self.limits.sizes}
+                  "on_fatal": fatal, "scrub": self.scrub, "sizes": self.limits.sizes,
+                  "previewer": Previewer(self.config.preview_method, self.folders.models("vae_approx"))}
         if self.config.scale_out is not None:  # prompts run on Ray actors (docs/scale-out.md); Ray loads only here
             from .ray_pool import pool_for
             self.worker = pool_for(self.config, store=self.store, resources=self.runtime, **common)

@@ -13,9 +13,11 @@ from collections.abc import Callable
 
 from aiohttp import web
 
+from .messages import PreviewFrames
+
 log = logging.getLogger("sdgraph.server")
 
-Message = str | bytes
+Message = str | bytes | PreviewFrames
 
 
 class Connection:
@@ -28,10 +30,13 @@ class Connection:
         self.abort = abort
         self.dropped = False
         self.sender: asyncio.Task | None = None
+        self.flags: dict = {}  # the client's feature flags (its first message, when it sends them)
 
     async def send_forever(self) -> None:
         while True:
             message = await self.outbox.get()
+            if isinstance(message, PreviewFrames):
+                message = message.with_metadata if self.flags.get("supports_preview_metadata") else message.plain
             if isinstance(message, bytes):
                 await self.ws.send_bytes(message)
             else:

@@ -4,9 +4,11 @@ entries. Pure functions and one small per-run translator; nothing here does I/O.
 from __future__ import annotations
 
 import io
+import json
 import struct
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from engine import NodeFailed, NodeFinished, NodesCached, NodeStarted, Progress, RunReport, ValidationError
@@ -16,6 +18,7 @@ from .queue import json_text
 from .scrub import short_traceback
 
 PREVIEW_IMAGE = 1  # ComfyUI's binary event type for a preview; then 1 = JPEG, 2 = PNG
+PREVIEW_IMAGE_WITH_METADATA = 4  # then the metadata's length, the metadata (JSON: node, prompt, image type), the image
 _IMAGE_TYPES = {"JPEG": 1, "PNG": 2}
 
 
@@ -114,6 +117,7 @@ class RunMessages:
         self.current: str | None = None
         self._cached_sent = False
         self._interrupted: RunInterrupted | None = None
+        self.node_states: dict[str, dict[str, Any]] = {}  # progress_state: every node started so far
 
     def translate(self, event: Event) -> list[tuple[str, dict[str, Any]]]:
         pid = self.prompt_id
@@ -131,11 +135,14 @@ class RunMessages:
         if isinstance(event, NodeStarted):
             self.current = event.node_id
             out.append(("executing", {"node": event.node_id, "display_node": event.node_id, "prompt_id": pid}))
+            out.append(self._progress_state(event.node_id, "running", 0, 1))
         elif isinstance(event, Progress):
             out.append(("progress", {"value": event.value, "max": event.max, "prompt_id": pid,
                                      "node": event.node_id}))
+            out.append(self._progress_state(event.node_id, "running", event.value, event.max))
         elif isinstance(event, NodeFinished):
             self.executed.append(event.node_id)
+            out.append(self._progress_state(event.node_id, "finished", 1, 1))
             if event.ui:
                 self.shown.add(event.node_id)
                 out.append(("executed", {"node": event.node_id, "display_node": event.node_id,
@@ -190,6 +197,15 @@ class RunMessages:
         }
         return self._record("execution_error", data)
 
+    def _progress_state(self, node_id: str, state: str, value: float, most: float) -> tuple[str, dict[str, Any]]:
+        """ComfyUI's progress_state: the state of every node of the prompt that has started (the frontend draws
+        each node's progress bar from it)."""
+        self.node_states[node_id] = {"value": value, "max": most, "state": state, "node_id": node_id,
+                                     "prompt_id": self.prompt_id, "display_node_id": node_id,
+                                     "parent_node_id": None, "real_node_id": node_id}
+        return "progress_state", {"prompt_id": self.prompt_id, "nodes": {k: dict(v) for k, v in
+                                                                         self.node_states.items()}}
+
     def _cached_once(self) -> list[tuple[str, dict[str, Any]]]:
         """ComfyUI always says which nodes were cached, even when none were."""
         if self._cached_sent:
@@ -215,8 +231,33 @@ def history_entry(*, number: float, prompt_id: str, prompt: Mapping, extra_data:
     }
 
 
-def preview_frame(preview: Any) -> bytes | None:
-    """A binary websocket frame for a progress preview: a PIL image, or ComfyUI's (format, image, max_size)."""
+def client_flags(text: str) -> dict[str, bool]:
+    """The true/false feature flags of a client's `{"type": "feature_flags", "data": {...}}` message ({} when the
+    message is not that)."""
+    try:
+        message = json.loads(text)
+    except ValueError:
+        return {}
+    data = message.get("data") if isinstance(message, dict) and message.get("type") == "feature_flags" else None
+    return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, bool)} if isinstance(data, dict) \
+        else {}
+
+
+@dataclass(frozen=True)
+class PreviewFrames:
+    """One preview in both of ComfyUI's binary encodings; the hub sends each client the one it asked for (the
+    frontend announces `supports_preview_metadata` in its feature flags and draws previews on their node)."""
+
+    plain: bytes
+    with_metadata: bytes
+
+
+def preview_frame(preview: Any, render: Callable[[Any], Any] | None = None, *, node_id: str | None = None,
+                  prompt_id: str | None = None) -> PreviewFrames | None:
+    """The binary websocket frames for a progress preview: a PIL image, or ComfyUI's (format, image, max_size), or
+    what `render` makes of it (a sampler's latent, diffusion/previews.py). None when there is nothing to send."""
+    if render is not None and preview is not None:
+        preview = render(preview)
     if preview is None:
         return None
     kind, image, max_size = "JPEG", preview, None
@@ -228,9 +269,13 @@ def preview_frame(preview: Any) -> bytes | None:
         from PIL import ImageOps
         image = ImageOps.contain(image, (max_size, max_size))
     buffer = io.BytesIO()
-    buffer.write(struct.pack(">II", PREVIEW_IMAGE, _IMAGE_TYPES[kind]))
     if kind == "JPEG":
         image.convert("RGB").save(buffer, format="JPEG", quality=90)
     else:
         image.save(buffer, format="PNG", compress_level=1)
-    return buffer.getvalue()
+    data = buffer.getvalue()
+    metadata = json_text({"node_id": node_id, "display_node_id": node_id, "parent_node_id": None,
+                          "real_node_id": node_id, "prompt_id": prompt_id,
+                          "image_type": f"image/{kind.lower()}"}).encode()
+    return PreviewFrames(struct.pack(">II", PREVIEW_IMAGE, _IMAGE_TYPES[kind]) + data,
+                         struct.pack(">II", PREVIEW_IMAGE_WITH_METADATA, len(metadata)) + metadata + data)

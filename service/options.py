@@ -12,7 +12,8 @@ from engine.sizes import add_size_arguments, size_limits_from
 from nodes import code_identity
 from runtime.memory import parse_bytes
 
-from .config import MIB, Limits, ServerConfig
+from .config import MIB, PREVIEW_METHODS, Limits, ServerConfig
+from .frontend import check_root, installed_root
 from .scale_options import add_ray_arguments, scale_out_from
 from .security import TOKEN_ENV
 
@@ -32,6 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a Host name clients may use besides loopback and the listen addresses; repeatable")
     p.add_argument("--base-dir", default=None, help="folder with models/, input/, output/, custom_nodes/, user/ "
                    "(default: the working directory)")
+    p.add_argument("--front-end-root", default=None, metavar="DIR", help="serve this frontend build at / "
+                   "(default: the installed comfyui-frontend-package)")
+    p.add_argument("--preview-method", default="latent2rgb", choices=PREVIEW_METHODS, help="live previews while "
+                   "sampling: latent2rgb (a fast colour projection), taesd (models/vae_approx weights, else "
+                   "latent2rgb), none")
     p.add_argument("--nodes-dir", action="append", default=[], metavar="DIR", help="also load node packs from DIR")
     p.add_argument("--database", default=None, metavar="PATH", help="the queue and history (default: "
                    "BASE/user/sdgraph.sqlite3)")
@@ -87,6 +93,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         nodes_dirs=tuple(Path(p) for p in args.nodes_dir), device=args.device, dtype=args.dtype,
         allow_pickle=args.unsafe_load_pickle, shutdown_timeout=args.shutdown_timeout, limits=limits,
         prompt_timeout=args.prompt_timeout or None, stuck_grace=args.prompt_timeout_grace,
+        front_end_root=check_root(Path(args.front_end_root)) if args.front_end_root else installed_root(),
+        preview_method=args.preview_method,
         disk_cache=disk_cache_from(args, base, code=code_identity([base / "custom_nodes", *map(Path, args.nodes_dir)])),
         scale_out=scale_out_from(args))
 

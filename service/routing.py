@@ -96,9 +96,10 @@ class RouteTable:
         return handle
 
 
-async def read_json(request: web.Request, limit: int) -> Any:
+async def read_json(request: web.Request, limit: int, *, also: tuple[str, ...] = ()) -> Any:
     """The request's JSON body (an empty body reads as {}), refusing more than `limit` bytes before reading them
-    all, NaN/Infinity (not JSON) and nesting too deep to parse."""
+    all, NaN/Infinity (not JSON) and nesting too deep to parse. `also`: other content types the body may be
+    labelled with (the frontend's settings come as text/plain)."""
     if request.content_length is not None and request.content_length > limit:
         raise RequestError(413, "request_too_large", f"the body is {request.content_length} bytes; this server "
                            f"takes at most {limit} (--max-body-mb)")
@@ -110,7 +111,7 @@ async def read_json(request: web.Request, limit: int) -> Any:
                                "server takes (--max-body-mb)")
     if not data.strip():
         return {}
-    if request.content_type not in ("application/json", "application/x-www-form-urlencoded"):
+    if request.content_type not in ("application/json", "application/x-www-form-urlencoded", *also):
         raise RequestError(415, "unsupported_media_type", f"{request.path} takes a JSON body; send it with "
                            "Content-Type: application/json")
     try:

@@ -13,6 +13,9 @@
 - Content type: a state-changing request with a body must be JSON or multipart (a plain-text form post, which
   browsers send cross-site without asking, is refused before any handler reads it). A JSON body labelled as a
   urlencoded form is read as JSON: that is what Python's urllib sends, and no browser form can produce it.
+  The web frontend posts settings and saved workflows as `text/plain` (fetch's label for a string body): that
+  is taken only from a page of this very origin (a matching Origin, or `Sec-Fetch-Site: same-origin`), never
+  from a request that does not say where it comes from.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ OTHER_SITES = frozenset({"cross-site", "same-site"})  # Sec-Fetch-Site values of
 # application/x-www-form-urlencoded: what urllib labels any body (ComfyUI's own example client posts its JSON so);
 # the body must still parse as JSON, which a browser form cannot produce in that encoding ({ and " are escaped).
 BODY_TYPES = frozenset({"application/json", "multipart/form-data", "application/x-www-form-urlencoded"})
+SAME_ORIGIN_BODY_TYPES = frozenset({"text/plain", "application/octet-stream"})  # only from this origin's pages
 WILDCARDS = frozenset({"0.0.0.0", "::", ""})
 TOKEN_ENV = "SDGRAPH_TOKEN"
 
@@ -170,10 +174,13 @@ def middleware(guard: Guard) -> Callable:
             return _refuse(401, "unauthorized", "this server needs its token: send the header 'Authorization: "
                            "Bearer <token>' (or add ?token=<token> to /ws and /view URLs)",
                            **{"WWW-Authenticate": 'Bearer realm="sdgraph"'})
-        if request.method in STATE_CHANGING and request.body_exists and request.content_type not in BODY_TYPES:
+        same_origin = origin is not None or site == "same-origin"  # (another origin was refused above)
+        same_origin = same_origin and request.content_type in SAME_ORIGIN_BODY_TYPES
+        if request.method in STATE_CHANGING and request.body_exists and request.content_type not in BODY_TYPES \
+                and not same_origin:
             return _refuse(415, "unsupported_media_type", f"{request.method} {request.path} takes a JSON body "
                            "(Content-Type: application/json) or a multipart form (uploads), not "
-                           f"{request.content_type!r}")
+                           f"{request.content_type!r} (text/plain only from this server's own pages)")
         response = await handler(request)
         if not response.prepared:
             response.headers.setdefault("X-Content-Type-Options", "nosniff")

@@ -81,7 +81,7 @@ def system_stats(config: ServerConfig, server: dict[str, Any]) -> dict[str, Any]
 
 def features(config: ServerConfig) -> dict[str, Any]:
     limits = config.limits
-    return {"supports_preview_metadata": False, "max_upload_size": limits.max_upload_bytes,
+    return {"supports_preview_metadata": True, "max_upload_size": limits.max_upload_bytes,
             "sdgraph": {"version": version(), "max_queue": limits.max_queue,
                         "max_image_megapixels": limits.sizes.image_pixels / (1 << 20),
                         "max_batch_megapixels": limits.sizes.batch_pixels / (1 << 20),

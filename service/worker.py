@@ -65,8 +65,10 @@ class Worker:
     def __init__(self, *, store: QueueStore, executor: Executor, registry: NodeRegistry, hub: Hub,
                  on_queue_change: Callable[[], None] | None = None, prompt_timeout: float | None = None,
                  stuck_grace: float = 60.0, on_fatal: Callable[[str, int], None] | None = None,
-                 scrub: Callable[[str], str] | None = None, sizes: SizeLimits = DEFAULT_SIZE_LIMITS):
+                 scrub: Callable[[str], str] | None = None, sizes: SizeLimits = DEFAULT_SIZE_LIMITS,
+                 previewer: Callable[[Any], Any] | None = None):
         self.store = store
+        self.previewer = previewer  # turns a progress event's preview into an image (--preview-method)
         self.sizes = sizes
         self.executor = executor
         self.registry = registry
@@ -295,7 +297,8 @@ class Worker:
                         self.hub.publish(client, ws_text(kind, data))
                 preview = getattr(event, "preview", None)
                 if client and preview is not None:
-                    frame = preview_frame(preview)
+                    frame = preview_frame(preview, self.previewer, node_id=getattr(event, "node_id", None),
+                                          prompt_id=current.item.prompt_id)
                     if frame is not None:
                         self.hub.publish(client, frame)
             except Exception:  # a listener must never break the run

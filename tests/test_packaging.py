@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_ROOTS = ("engine", "runtime", "diffusion", "nodes", "service", "demo_model", "comfy_compat")
-DATA_FILES = ("diffusion/data/bpe_simple_vocab_16e6.txt.gz",)
+DATA_FILES = ("diffusion/data/bpe_simple_vocab_16e6.txt.gz", "service/web/sdgraph.js")
 
 
 def source_packages() -> set[str]:

@@ -37,6 +37,8 @@ def test_run_messages_follow_comfyui_order_and_payloads():
               "2": {"class_type": "Slow", "inputs": {"value": ["1", 0], "steps": 2}},
               "3": {"class_type": "Show", "inputs": {"value": ["2", 0]}}}
     out, messages = run_messages(prompt, executor)
+    states = [data for kind, data in out if kind == "progress_state"]
+    out = [(kind, data) for kind, data in out if kind != "progress_state"]  # (checked below)
     kinds = [kind for kind, _ in out]
     assert kinds == ["execution_start", "execution_cached", "executing", "executing", "progress", "progress",
                      "executing", "executed", "execution_success", "executing"]
@@ -45,8 +47,13 @@ def test_run_messages_follow_comfyui_order_and_payloads():
     assert out[7][1]["output"] == {"text": ["2"]} and out[7][1]["node"] == "3"
     assert out[-1][1] == {"node": None, "prompt_id": "p1"}
     assert [kind for kind, _ in messages.recorded] == ["execution_start", "execution_cached", "execution_success"]
+    # issue #14: progress_state carries every started node's state, as the frontend's progress bars read it
+    assert states[-1]["prompt_id"] == "p1" and sorted(states[-1]["nodes"]) == ["1", "2", "3"]
+    assert {n["state"] for n in states[-1]["nodes"].values()} == {"finished"}
+    assert {"value": 1, "max": 2, "state": "running"}.items() <= states[3]["nodes"]["2"].items()
 
     again, _ = run_messages(prompt, executor)  # everything cached: the output node shows its result again
+    again = [(kind, data) for kind, data in again if kind != "progress_state"]
     assert [kind for kind, _ in again] == ["execution_start", "execution_cached", "executed", "execution_success",
                                            "executing"]
     assert sorted(again[1][1]["nodes"]) == ["1", "2", "3"]
