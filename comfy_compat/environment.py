@@ -33,7 +33,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from .unavailable import ComfyInternalsMissing, UnavailableModule, internals_used
+from .unavailable import ComfyInternalsMissing, UnavailableModule, internals_used, is_torchvision_name
 
 # The RunContext of the pack node running in this thread (or task): what ProgressBar, interruption checks and the
 # built-in node classes of `comfy_nodes` act on. Set only by `PackEnvironment.running`.
@@ -57,9 +57,14 @@ SHIMS = {
     "comfy_api.latest.ui": "comfy_compat.shims.v3_modules",
     "comfy_extras.nodes_mask": "comfy_compat.shims.comfy_extras",
     "server": "comfy_compat.shims.prompt_server",
+    "torchvision": "comfy_compat.shims.torchvision",
+    "torchvision.transforms": "comfy_compat.shims.torchvision",
+    "torchvision.transforms.functional": "comfy_compat.shims.torchvision",
+    "torchvision.transforms.v2": "comfy_compat.shims.torchvision",
+    "torchvision.transforms.v2.functional": "comfy_compat.shims.torchvision",
 }
 SWAPPED = ("server",)  # names sdgraph itself uses: put in sys.modules only while active
-INTERNAL_ROOTS = ("comfy", "comfy_extras", "comfy_execution", "comfy_api")
+INTERNAL_ROOTS = ("comfy", "comfy_extras", "comfy_execution", "comfy_api", "torchvision")
 
 
 @dataclass(frozen=True)
@@ -124,6 +129,11 @@ class PackEnvironment:
         internals. (A node taking MODEL, CLIP or VAE registers: it gets sdgraph's model values, and a method of
         ComfyUI's ModelPatcher it calls fails at run time with that explanation, see `running`.)"""
         used = internals_used(cls)
+        subset = [name for name in used if is_torchvision_name(name)]
+        if subset:
+            return (f"uses {', '.join(subset)}, which sdgraph's compatibility layer does not provide (torchvision "
+                    "is not installed; sdgraph offers the part of it listed in docs/custom-nodes.md); the rest of "
+                    "the pack loads")
         if used:
             return (f"uses ComfyUI's model internals ({', '.join(used)}), which sdgraph does not provide; the rest "
                     "of the pack loads")
