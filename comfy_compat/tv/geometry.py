@@ -26,9 +26,9 @@ def affine_output_size(matrix: list[float], width: int, height: int) -> tuple[in
     """(width, height) of the box holding the whole transformed image (the corners through `matrix`, rounded
     outwards after truncating to 1e-4 so that 12.00000001 stays 12)."""
     corners = torch.tensor([[-0.5 * width, -0.5 * height, 1.0], [-0.5 * width, 0.5 * height, 1.0],
-                            [0.5 * width, 0.5 * height, 1.0], [0.5 * width, -0.5 * height, 1.0]], dtype=torch.float64)
-    points = corners @ torch.tensor(matrix, dtype=torch.float64).view(2, 3).T
-    shift = torch.tensor([width * 0.5, height * 0.5], dtype=torch.float64)
+                            [0.5 * width, 0.5 * height, 1.0], [0.5 * width, -0.5 * height, 1.0]])
+    points = corners @ torch.tensor(matrix).view(2, 3).T  # float32, as torchvision
+    shift = torch.tensor([width * 0.5, height * 0.5])
     tol = 1e-4
     high = torch.ceil(((points.max(dim=0).values + shift) / tol).trunc() * tol)
     low = torch.floor(((points.min(dim=0).values + shift) / tol).trunc() * tol)
