@@ -128,7 +128,8 @@ class PackEnvironment:
         """Why a pack's node class cannot run under sdgraph (None: it can): its code uses ComfyUI's model
         internals. (A node taking MODEL, CLIP or VAE registers: it gets sdgraph's model values, and a method of
         ComfyUI's ModelPatcher it calls fails at run time with that explanation, see `running`.)"""
-        used = internals_used(cls)
+        with self.active():  # a node's own `import torchvision.x` is resolved as it will be when it runs
+            used = internals_used(cls)
         subset = [name for name in used if is_torchvision_name(name)]
         if subset:
             return (f"uses {', '.join(subset)}, which sdgraph's compatibility layer does not provide (torchvision "
