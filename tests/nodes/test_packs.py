@@ -177,3 +177,25 @@ def test_model_internals_nodes_are_left_out_of_object_info(registry):
 
 def test_web_directories_are_recorded(registry):
     assert registry.web_directories[SCRIPTS] == (PACKS / SCRIPTS / "web").resolve()
+
+
+def test_pack_nodes_on_the_torchvision_subset_give_their_documented_results(registry, base):
+    """Without torchvision installed, nodes calling torchvision get sdgraph's subset: essentials' MaskBlur+
+    (gaussian_blur, an even amount made odd, default sigma), ImageRandomTransform+ with no variation (the image,
+    or its mirror), KJNodes' OffsetMask (TF.rotate, counter-clockwise)."""
+    impulse = torch.zeros(1, 11, 11)
+    impulse[0, 5, 5] = 1.0
+    (blurred,) = run_node(registry, base, "MaskBlur+", mask=impulse, amount=4, device="cpu")
+    sigma = 0.3 * ((5 - 1) * 0.5 - 1) + 0.8
+    weights = torch.exp(-torch.arange(-2.0, 3.0) ** 2 / (2 * sigma ** 2))
+    weights /= weights.sum()
+    assert torch.allclose(blurred[0, 3:8, 3:8], torch.outer(weights, weights), atol=1e-6)
+    image = torch.rand(1, 24, 32, 3)
+    (varied,) = run_node(registry, base, "ImageRandomTransform+", image=image, seed=5, repeat=3, variation=0.0)
+    assert varied.shape == (3, 24, 32, 3)
+    for frame in varied:
+        assert torch.allclose(frame, image[0], atol=1e-4) or torch.allclose(frame, image[0].flip(1), atol=1e-4)
+    mask = torch.rand(2, 16, 16)
+    (turned,) = run_node(registry, base, "OffsetMask", mask=mask, x=0, y=0, angle=90, duplication_factor=1,
+                         roll=False, incremental=False, padding_mode="empty")
+    assert torch.equal(turned, torch.rot90(mask, 1, dims=(1, 2)))
