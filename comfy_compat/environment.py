@@ -6,6 +6,9 @@ Which names, and how:
   `comfy_api`, `comfy_api.latest` (V3: `io`, `ui`, `ComfyExtension`): shims in `comfy_compat.shims`, answered
   by a finder at the END of `sys.meta_path`, so only when no real module of that name is importable.
 - `comfy_extras.nodes_mask` (`composite`).
+- `torchvision`, `torchvision.transforms[.functional]`, `torchvision.transforms.v2[.functional]`: sdgraph's
+  subset of torchvision (`comfy_compat.tv`) for packs loaded where torchvision is not installed; any other
+  `torchvision.*` module is a placeholder module (nodes using it are refused with that reason).
 - any other `comfy.*`, `comfy_extras.*`, `comfy_execution.*`, `comfy_api.*` module: an `UnavailableModule`
   (ComfyUI's model internals are not faked; see `unavailable.py`).
 - `server` (`PromptServer.instance`): sdgraph has its own top-level `server` module, so the shim takes its place
