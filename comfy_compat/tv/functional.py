@@ -261,8 +261,7 @@ def rotate(img: Any, angle: float, interpolation: Any = InterpolationMode.NEARES
     the output to hold the whole rotated image; areas outside are `fill` (one value or one per channel) or 0."""
     mode = interpolation_mode(interpolation)
     if is_pil(img):
-        fillcolor = None if fill is None else (tuple(int(f) for f in _fill_list(fill)) if not isinstance(
-            fill, int | float) else int(fill))
+        fillcolor = fill if fill is None or isinstance(fill, int | float) else tuple(int(f) for f in fill)
         return img.rotate(angle, resample=_PIL_RESAMPLE[mode], expand=expand, center=center, fillcolor=fillcolor)
     _, height, width = get_dimensions(img)
     offset = [0.0, 0.0] if center is None else [c - s * 0.5 for c, s in zip(center, (width, height), strict=True)]

@@ -16,11 +16,26 @@ from comfy_compat.tv import transforms as subset_transforms
 from engine import Executor, NodeRegistry, validate
 from engine.discovery import load_pack_dir
 
-TORCHVISION_PACK = '''
+PACK_TOP = """
 import torchvision.transforms.v2 as T
 from torchvision.transforms import functional as TF
 from torchvision.models import resnet18            # not in the subset: a placeholder, the module still loads
+"""
 
+IMAGE_NODE = """
+
+class {name}:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {{"required": {{"image": ("IMAGE",)}}}}
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "run"
+
+    def run(self, image):
+        {body}
+"""
+
+BLUR_NODE = """
 
 class Blur:
     @classmethod
@@ -31,56 +46,18 @@ class Blur:
 
     def run(self, mask, amount):
         return (T.functional.gaussian_blur(mask.unsqueeze(1), amount).squeeze(1),)
+"""
 
-
-class Turn:
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"image": ("IMAGE",)}}
-    RETURN_TYPES = ("IMAGE",)
-    FUNCTION = "run"
-
-    def run(self, image):
-        from torchvision.transforms.functional import rotate as tv_rotate
-        return (tv_rotate(image.movedim(-1, 1), 90, expand=True).movedim(1, -1),)
-
-
-class Gamma:
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"image": ("IMAGE",)}}
-    RETURN_TYPES = ("IMAGE",)
-    FUNCTION = "run"
-
-    def run(self, image):
-        return (TF.adjust_gamma(image, 2.0),)
-
-
-class Boxes:
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"image": ("IMAGE",)}}
-    RETURN_TYPES = ("IMAGE",)
-    FUNCTION = "run"
-
-    def run(self, image):
-        import torchvision.ops
-        return (torchvision.ops.nms(image, image, 0.5),)
-
-
-class Classify:
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"image": ("IMAGE",)}}
-    RETURN_TYPES = ("IMAGE",)
-    FUNCTION = "run"
-
-    def run(self, image):
-        return (resnet18()(image),)
-
-
-NODE_CLASS_MAPPINGS = {"TvBlur": Blur, "TvTurn": Turn, "TvGamma": Gamma, "TvBoxes": Boxes, "TvClassify": Classify}
-'''
+IMAGE_NODES = {  # class -> the body of its run(image)
+    "Turn": "from torchvision.transforms.functional import rotate as tv_rotate\n"
+            "        return (tv_rotate(image.movedim(-1, 1), 90, expand=True).movedim(1, -1),)",
+    "Gamma": "return (TF.adjust_gamma(image, 2.0),)",
+    "Boxes": "import torchvision.ops\n        return (torchvision.ops.nms(image, image, 0.5),)",
+    "Classify": "return (resnet18()(image),)",
+}
+TORCHVISION_PACK = (PACK_TOP + BLUR_NODE + "".join(IMAGE_NODE.format(name=name, body=body)
+                                                  for name, body in IMAGE_NODES.items())
+                    + "\nNODE_CLASS_MAPPINGS = {" + ", ".join(f"'Tv{n}': {n}" for n in ["Blur", *IMAGE_NODES]) + "}\n")
 
 
 @pytest.fixture
