@@ -12,9 +12,10 @@ from ..tv import functional, transforms
 from ..unavailable import placeholder
 from . import ShimModule
 
-FUNCTIONS = ("to_tensor", "to_pil_image", "get_dimensions", "get_image_size", "gaussian_blur", "resize", "crop",
-             "center_crop", "hflip", "vflip", "rotate", "perspective", "elastic_transform", "rgb_to_grayscale",
-             "adjust_brightness", "adjust_contrast", "adjust_saturation", "adjust_hue", "InterpolationMode")
+FUNCTIONS = ("to_tensor", "pil_to_tensor", "to_pil_image", "get_dimensions", "get_image_size", "gaussian_blur",
+             "resize", "crop", "center_crop", "hflip", "vflip", "rotate", "perspective", "elastic_transform",
+             "rgb_to_grayscale", "adjust_brightness", "adjust_contrast", "adjust_saturation", "adjust_hue",
+             "InterpolationMode")
 CLASSES = ("Compose", "ToTensor", "ToPILImage", "Resize", "CenterCrop", "GaussianBlur", "ColorJitter",
            "RandomHorizontalFlip", "RandomRotation", "RandomPerspective", "RandomResizedCrop", "ElasticTransform")
 

@@ -131,10 +131,16 @@ def _restore(out: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.
     return out.round().to(dtype)
 
 
+def pil_to_tensor(pic: Image.Image) -> torch.Tensor:
+    """A PIL image as a uint8 (or its own integer type) [C, H, W] tensor, values unscaled."""
+    array = np.array(pic, copy=True)
+    return torch.from_numpy(array).view(pic.height, pic.width, -1).permute(2, 0, 1).contiguous()
+
+
 def _pil_roundtrip(img: Image.Image, fn: Any) -> Image.Image:
-    mode = img.mode
-    out = fn(to_tensor(img))
-    return to_pil_image(out.clamp(0, 1) if out.is_floating_point() else out).convert(mode)
+    """A tensor operation on a PIL image, through its uint8 values (rounded back, as torchvision does)."""
+    out = fn(pil_to_tensor(img.convert("RGB") if img.mode not in ("L", "LA", "RGB", "RGBA") else img))
+    return to_pil_image(out).convert(img.mode)
 
 
 # -- blur -------------------------------------------------------------------------------------------------------

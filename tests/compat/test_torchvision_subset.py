@@ -192,3 +192,14 @@ def test_random_resized_crop_and_rotation_keep_their_contracts():
     assert rotated.shape[:2] == (1, 3) and rotated.shape[-1] <= diagonal + 1
     pipeline = T.Compose([T.RandomHorizontalFlip(p=1.0), T.CenterCrop(10)])
     assert torch.equal(pipeline(image), TF.center_crop(image.flip(-1), 10))
+
+
+def test_pil_images_go_through_their_uint8_values_and_come_back_as_pil():
+    """A PIL image in gives a PIL image out; its values are blurred as uint8 and rounded back (not truncated)."""
+    array = (np.arange(36, dtype=np.uint8).reshape(6, 6) * 7)[:, :, None].repeat(3, axis=2)
+    pil = Image.fromarray(array, "RGB")
+    out = TF.gaussian_blur(pil, 3, 1.0)
+    assert isinstance(out, Image.Image) and out.mode == "RGB" and out.size == (6, 6)
+    expected = TF.gaussian_blur(torch.from_numpy(array).permute(2, 0, 1).float(), 3, 1.0).round()
+    assert torch.equal(TF.pil_to_tensor(out).float(), expected)
+    assert TF.adjust_brightness(Image.fromarray(array[:, :, 0], "L"), 2.0).mode == "L"
