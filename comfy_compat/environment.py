@@ -6,6 +6,9 @@ Which names, and how:
   `comfy_api`, `comfy_api.latest` (V3: `io`, `ui`, `ComfyExtension`): shims in `comfy_compat.shims`, answered
   by a finder at the END of `sys.meta_path`, so only when no real module of that name is importable.
 - `comfy_extras.nodes_mask` (`composite`).
+- `torchvision`, `torchvision.transforms[.functional]`, `torchvision.transforms.v2[.functional]`: sdgraph's
+  subset of torchvision (`comfy_compat.tv`) for packs loaded where torchvision is not installed; any other
+  `torchvision.*` module is a placeholder module (nodes using it are refused with that reason).
 - any other `comfy.*`, `comfy_extras.*`, `comfy_execution.*`, `comfy_api.*` module: an `UnavailableModule`
   (ComfyUI's model internals are not faked; see `unavailable.py`).
 - `server` (`PromptServer.instance`): sdgraph has its own top-level `server` module, so the shim takes its place
@@ -33,7 +36,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from .unavailable import ComfyInternalsMissing, UnavailableModule, internals_used
+from .unavailable import ComfyInternalsMissing, UnavailableModule, internals_used, is_torchvision_name
 
 # The RunContext of the pack node running in this thread (or task): what ProgressBar, interruption checks and the
 # built-in node classes of `comfy_nodes` act on. Set only by `PackEnvironment.running`.
@@ -57,9 +60,14 @@ SHIMS = {
     "comfy_api.latest.ui": "comfy_compat.shims.v3_modules",
     "comfy_extras.nodes_mask": "comfy_compat.shims.comfy_extras",
     "server": "comfy_compat.shims.prompt_server",
+    "torchvision": "comfy_compat.shims.torchvision",
+    "torchvision.transforms": "comfy_compat.shims.torchvision",
+    "torchvision.transforms.functional": "comfy_compat.shims.torchvision",
+    "torchvision.transforms.v2": "comfy_compat.shims.torchvision",
+    "torchvision.transforms.v2.functional": "comfy_compat.shims.torchvision",
 }
 SWAPPED = ("server",)  # names sdgraph itself uses: put in sys.modules only while active
-INTERNAL_ROOTS = ("comfy", "comfy_extras", "comfy_execution", "comfy_api")
+INTERNAL_ROOTS = ("comfy", "comfy_extras", "comfy_execution", "comfy_api", "torchvision")
 
 
 @dataclass(frozen=True)
@@ -123,7 +131,13 @@ class PackEnvironment:
         """Why a pack's node class cannot run under sdgraph (None: it can): its code uses ComfyUI's model
         internals. (A node taking MODEL, CLIP or VAE registers: it gets sdgraph's model values, and a method of
         ComfyUI's ModelPatcher it calls fails at run time with that explanation, see `running`.)"""
-        used = internals_used(cls)
+        with self.active():  # a node's own `import torchvision.x` is resolved as it will be when it runs
+            used = internals_used(cls)
+        subset = [name for name in used if is_torchvision_name(name)]
+        if subset:
+            return (f"uses {', '.join(subset)}, which sdgraph's compatibility layer does not provide (torchvision "
+                    "is not installed; sdgraph offers the part of it listed in docs/custom-nodes.md); the rest of "
+                    "the pack loads")
         if used:
             return (f"uses ComfyUI's model internals ({', '.join(used)}), which sdgraph does not provide; the rest "
                     "of the pack loads")

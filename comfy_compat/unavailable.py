@@ -21,8 +21,15 @@ class ComfyInternalsMissing(ImportError):
 
 
 def _missing(what: str) -> ComfyInternalsMissing:
+    if is_torchvision_name(what):
+        return ComfyInternalsMissing(f"{what} is not part of sdgraph's torchvision subset (torchvision is not "
+                                     "installed); nodes that use it cannot run under sdgraph")
     return ComfyInternalsMissing(f"{what} is one of ComfyUI's model internals, which sdgraph does not provide; "
                                  "nodes that use it cannot run under sdgraph")
+
+
+def is_torchvision_name(qualified: str) -> bool:
+    return qualified.split(".")[0] == "torchvision"
 
 
 class _UnavailableMeta(type):
@@ -72,6 +79,7 @@ class UnavailableModule(types.ModuleType):
     def __init__(self, name: str):
         super().__init__(name, f"placeholder for ComfyUI's {name} (not provided by sdgraph)")
         self.__path__: list[str] = []
+        self.__sdgraph_subset__ = is_torchvision_name(name)
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__"):
@@ -97,6 +105,7 @@ def internals_used(cls: type, *, limit: int = 3) -> list[str]:
             continue
         seen.add(id(fn.__code__))
         namespace = getattr(fn, "__globals__", {})
+        found.update(subset_names_missing(fn.__code__, namespace))
         for code in _codes(fn.__code__):
             names = code.co_names
             for name in names:
@@ -148,3 +157,57 @@ def _codes(code: types.CodeType) -> Iterator[types.CodeType]:
     for constant in code.co_consts:
         if isinstance(constant, types.CodeType):
             yield from _codes(constant)
+
+
+def _subset_module(value: Any) -> bool:
+    """A module sdgraph offers only part of (its torchvision subset)."""
+    return isinstance(value, types.ModuleType) and value.__dict__.get("__sdgraph_subset__", False)
+
+
+def subset_names_missing(code: types.CodeType, namespace: dict[str, Any]) -> set[str]:
+    """The names a function reads from a partly provided module that the module lacks: attribute chains from a
+    global or local bound to one (`T.functional.adjust_gamma`, `transforms.ToTensor`) and names imported from one
+    inside the function (`from torchvision.ops import nms`), followed through the bytecode."""
+    import dis
+    import importlib
+    found: set[str] = set()
+    for inner in _codes(code):
+        current: Any = None
+        imported: Any = None
+        local_modules: dict[str, Any] = {}
+        fromlist: Any = None
+        for instruction in dis.get_instructions(inner):
+            op, name = instruction.opname, instruction.argval
+            if op == "LOAD_CONST":
+                fromlist = name
+            if op in ("LOAD_ATTR", "LOAD_METHOD", "IMPORT_FROM") and isinstance(name, str):
+                source = imported if op == "IMPORT_FROM" else current
+                value = _subset_attribute(source, name, found)
+                current = value if _subset_module(value) else None
+                continue
+            if op == "IMPORT_NAME" and isinstance(name, str) and is_torchvision_name(name):
+                try:  # `import a.b` gives the package a, `from a.b import c` the module a.b
+                    imported = current = importlib.import_module(name if fromlist else name.split(".")[0])
+                except ImportError:
+                    imported = current = None
+                continue
+            if op == "STORE_FAST" and _subset_module(current):
+                local_modules[name] = current
+            if op == "LOAD_GLOBAL":
+                current = namespace.get(name)
+            elif op in ("LOAD_FAST", "LOAD_DEREF"):
+                current = local_modules.get(name)
+            else:
+                current = None
+    return found
+
+
+def _subset_attribute(module: Any, name: str, found: set[str]) -> Any:
+    """`module.name` when module is a partly provided one (a lacking name is added to `found`), else None."""
+    if not _subset_module(module):
+        return None
+    value = module.__dict__.get(name)
+    if value is None or is_placeholder(value) or (isinstance(value, UnavailableModule)):
+        found.add(f"{module.__name__}.{name}" if value is None else placeholder_name(value))
+        return None
+    return value

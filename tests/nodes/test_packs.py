@@ -7,7 +7,8 @@ ComfyUI-KJNodes in the shared reference folder; skipped when that folder is abse
   their own code documents;
 - KJNodes loads, its image, mask and utility nodes register, and every class that does not has a specific reason.
 
-essentials and KJNodes import torchvision at their top (ComfyUI's own requirement): without it those parts skip.
+essentials and KJNodes import torchvision at their top (ComfyUI's own requirement): without torchvision installed
+they get sdgraph's subset of it (comfy_compat/tv), so every target runs whether torchvision is installed or not.
 """
 
 from __future__ import annotations
@@ -34,8 +35,6 @@ PACKS = next((Path(c) for c in CANDIDATES if c and (Path(c) / "ComfyUI_essential
 ESSENTIALS, SCRIPTS, KJ = "ComfyUI_essentials", "ComfyUI-Custom-Scripts", "ComfyUI-KJNodes"
 
 pytestmark = pytest.mark.skipif(PACKS is None, reason="the reference custom-node packs are not on this machine")
-needs_torchvision = pytest.mark.skipif(importlib.util.find_spec("torchvision") is None,
-                                       reason="essentials and KJNodes import torchvision (ComfyUI's requirement)")
 
 # Nodes that cannot run on generated inputs, each with why (checked to fail for that reason, not skipped blindly).
 NOT_RUNNABLE = {
@@ -74,7 +73,6 @@ def refusal(registry, pack: str, name: str) -> str:
     return next((e.reason for e in registry.load_errors if e.pack == pack and repr(name) in e.reason), "")
 
 
-@needs_torchvision
 @pytest.mark.parametrize("pack", [ESSENTIALS, SCRIPTS])
 def test_ninety_percent_of_the_node_classes_register(registry, pack):
     classes = mapped_classes(registry, pack)
@@ -85,7 +83,6 @@ def test_ninety_percent_of_the_node_classes_register(registry, pack):
         assert "ComfyUI's model internals" in refusal(registry, pack, name), name
 
 
-@needs_torchvision
 def test_kjnodes_loads_with_its_image_mask_and_utility_nodes(registry):
     classes = mapped_classes(registry, KJ)
     ok = registered(registry, KJ)
@@ -98,7 +95,6 @@ def test_kjnodes_loads_with_its_image_mask_and_utility_nodes(registry):
             "CreateGradientMask", "ColorToMask", "GetImageSizeAndCount", "ImageAndMaskPreview"} <= utility
 
 
-@needs_torchvision
 @pytest.mark.slow
 @pytest.mark.parametrize("pack", [ESSENTIALS, SCRIPTS])
 def test_every_plain_node_runs_on_sample_inputs(registry, base, pack):
@@ -136,7 +132,6 @@ def run_node(registry, base, name, **inputs):
     return packkit.outputs_of(definition.fn(packkit.context(name, Runtime(base)), **inputs), definition)
 
 
-@needs_torchvision
 def test_essentials_resize_crop_and_flip_do_what_they_say(registry, base):
     image = torch.rand(2, 64, 96, 3)
     resized, width, height = run_node(registry, base, "ImageResize+", image=image, width=40, height=30,
@@ -150,7 +145,6 @@ def test_essentials_resize_crop_and_flip_do_what_they_say(registry, base):
     assert torch.equal(flipped, torch.flip(image, (2,)))
 
 
-@needs_torchvision
 def test_essentials_simple_math_and_mask_from_color(registry, base):
     as_int, as_float = run_node(registry, base, "SimpleMath+", value="a * b + c", a=2, b=3, c=1)
     assert (as_int, as_float) == (7, 7.0)
@@ -176,10 +170,32 @@ def test_custom_scripts_math_string_and_constrain(registry, base):
 def test_model_internals_nodes_are_left_out_of_object_info(registry):
     from engine.schema import object_info
     info = object_info(registry)
-    assert "KSamplerVariationsWithNoise+" not in info or importlib.util.find_spec("torchvision") is None
+    assert "KSamplerVariationsWithNoise+" not in info
     assert "MathExpression|pysssss" in info
     assert info["MathExpression|pysssss"]["python_module"] == "custom_nodes.ComfyUI-Custom-Scripts"
 
 
 def test_web_directories_are_recorded(registry):
     assert registry.web_directories[SCRIPTS] == (PACKS / SCRIPTS / "web").resolve()
+
+
+def test_pack_nodes_on_the_torchvision_subset_give_their_documented_results(registry, base):
+    """Without torchvision installed, nodes calling torchvision get sdgraph's subset: essentials' MaskBlur+
+    (gaussian_blur, an even amount made odd, default sigma), ImageRandomTransform+ with no variation (the image,
+    or its mirror), KJNodes' OffsetMask (TF.rotate, counter-clockwise)."""
+    impulse = torch.zeros(1, 11, 11)
+    impulse[0, 5, 5] = 1.0
+    (blurred,) = run_node(registry, base, "MaskBlur+", mask=impulse, amount=4, device="cpu")
+    sigma = 0.3 * ((5 - 1) * 0.5 - 1) + 0.8
+    weights = torch.exp(-torch.arange(-2.0, 3.0) ** 2 / (2 * sigma ** 2))
+    weights /= weights.sum()
+    assert torch.allclose(blurred[0, 3:8, 3:8], torch.outer(weights, weights), atol=1e-6)
+    image = torch.rand(1, 24, 32, 3)
+    (varied,) = run_node(registry, base, "ImageRandomTransform+", image=image, seed=5, repeat=3, variation=0.0)
+    assert varied.shape == (3, 24, 32, 3)
+    for frame in varied:
+        assert torch.allclose(frame, image[0], atol=1e-4) or torch.allclose(frame, image[0].flip(1), atol=1e-4)
+    mask = torch.rand(2, 16, 16)
+    (turned,) = run_node(registry, base, "OffsetMask", mask=mask, x=0, y=0, angle=90, duplication_factor=1,
+                         roll=False, incremental=False, padding_mode="empty")
+    assert torch.equal(turned, torch.rot90(mask, 1, dims=(1, 2)))
