@@ -149,7 +149,7 @@ class RayPool:
                  settings: WorkerSettings, sizes: SizeLimits = DEFAULT_SIZE_LIMITS,
                  on_queue_change: Callable[[], None] | None = None, prompt_timeout: float | None = None,
                  stuck_grace: float = 60.0, on_fatal: Callable[[str, int], None] | None = None,
-                 scrub: Callable[[str], str] | None = None):
+                 scrub: Callable[[str], str] | None = None, previewer: Callable[[Any], Any] | None = None):
         self.store, self.registry, self.resources, self.hub = store, registry, resources, hub
         self.scale, self.settings, self.sizes, self.scrub = scale, settings, sizes, scrub
         self.router = Router(store, needs=self._needs, policy=scale.policy, lookahead=scale.lookahead,
@@ -157,7 +157,7 @@ class RayPool:
         self.slots: list[Slot] = []
         self._worker_kwargs = {"registry": registry, "hub": hub, "on_queue_change": on_queue_change,
                                "prompt_timeout": prompt_timeout, "stuck_grace": stuck_grace, "on_fatal": on_fatal,
-                               "scrub": scrub, "sizes": sizes}
+                               "scrub": scrub, "sizes": sizes, "previewer": previewer}
         self._losses: dict[str, int] = {}
         self._lock = threading.Lock()
         self._names = itertools.count(1)
