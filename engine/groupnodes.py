@@ -1,0 +1,331 @@
+"""Group nodes (`extra.groupNodes`, the format before subgraphs), expanded as frontend 1.58 does when it loads them.
+
+A group is a saved selection of nodes: `nodes` (each with its `index`), `links` as [origin index, origin slot,
+target index, target slot, ...] between them and `external` [index, slot, type] (outputs also used outside). A node
+of type "workflow>NAME" (oldest files: "workflow/NAME") is an instance; its inputs and widgets are the group's
+unlinked inputs, derived from the inner nodes' definitions (`GroupDef`). When the front end loads such a file it
+pastes each instance's inner nodes under fresh ids (the next free numbers, in the group's node order), sets their
+widgets from the instance's, re-makes the links in and out, removes the instance and turns the pasted nodes into a
+subgraph under the next fresh id: the prompt then names them "subgraph:inner". Its quirks, kept here because the
+prompt must match the browser's (checked with tools/frontend_oracle.py, tests/fixtures/group-nodes):
+
+- the group's widgets are, in order: each inner node's plain widgets (its own sockets numbered meanwhile), then
+  the widgets converted to inputs; a name used twice becomes "Title name";
+- the instance's sockets are its non-widget inputs then all its widget inputs, but a link in is re-made from the
+  socket numbered by the count of non-widget inputs and converted widgets before it, so a link into a converted
+  widget survives only when that count matches its place, and a link into a plain widget is dropped;
+- a group node inside a group is pasted as it is (the front end does not convert it): it stays one node of type
+  "workflow>NAME" whose inputs are its widgets by name, which no server runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .subgraphs import SubgraphError
+
+PREFIX, LEGACY_PREFIX = "workflow>", "workflow/"
+SEED_NAMES = ("seed", "noise_seed")
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+NodeInfo = Callable[[str], Mapping[str, Any] | None]  # a node type's /object_info entry, None when unknown
+
+
+def has_group_nodes(workflow: Mapping[str, Any]) -> bool:
+    extra = workflow.get("extra")
+    return isinstance(extra, Mapping) and isinstance(extra.get("groupNodes"), Mapping) and \
+        bool(extra["groupNodes"])
+
+
+@dataclass
+class GroupDef:
+    """What the front end derives from a group: its widgets and sockets, and where each leads inside."""
+
+    name: str
+    nodes: list[Mapping[str, Any]]
+    links: list[list[Any]]
+    widgets: list[tuple[str, Any, bool]] = field(default_factory=list)  # (name, default, has a control widget)
+    sockets: list[str] = field(default_factory=list)  # the instance's inputs, in the order it holds them
+    input_map: dict[int, dict[str, int]] = field(default_factory=dict)  # inner index -> input -> socket number
+    widget_map: dict[int, dict[str, str]] = field(default_factory=dict)  # inner index -> widget -> group widget
+    outputs: list[tuple[int, int]] = field(default_factory=list)  # group output -> (inner index, slot)
+
+
+def expand_group_nodes(workflow: Mapping[str, Any], node_info: NodeInfo) -> dict[str, Any]:
+    """The workflow with every group node instance replaced by its inner nodes ("subgraph:inner" ids, string
+    ids throughout) and `extra.groupNodes` gone; nodes and links are lists as in a saved workflow."""
+    raw_groups = workflow["extra"]["groupNodes"]
+    groups = {name: build_group(name, data, node_info) for name, data in raw_groups.items()}
+    nodes = [dict(n, type=_modern_type(n.get("type"))) for n in workflow.get("nodes") or []]
+    links = [_link_list(link) for link in workflow.get("links") or []]
+    last = _last_node_id(workflow, nodes)
+    for instance in list(nodes):
+        group = groups.get(str(instance["type"])[len(PREFIX):]) if _is_group_type(instance["type"]) else None
+        if _is_group_type(instance["type"]) and group is None:
+            raise SubgraphError(f"node {instance['id']}: group node type {instance['type']!r} has no definition "
+                                "in extra.groupNodes; re-save the workflow from the front end")
+        if group is None:
+            continue
+        last = _expand_instance(instance, group, groups, nodes, links, last, node_info)
+    extra = {k: v for k, v in workflow["extra"].items() if k != "groupNodes"}
+    return {**workflow, "nodes": nodes, "links": links, "extra": extra}
+
+
+def _is_group_type(kind: Any) -> bool:
+    return isinstance(kind, str) and kind.startswith(PREFIX)
+
+
+def _modern_type(kind: Any) -> Any:
+    return PREFIX + kind[len(LEGACY_PREFIX):] if isinstance(kind, str) and kind.startswith(LEGACY_PREFIX) else kind
+
+
+def _link_list(link: Any) -> list[Any]:
+    if isinstance(link, Mapping):
+        return [link.get("id"), link.get("origin_id"), link.get("origin_slot"), link.get("target_id"),
+                link.get("target_slot"), link.get("type")]
+    return list(link)
+
+
+def _last_node_id(workflow: Mapping[str, Any], nodes: list[Mapping[str, Any]]) -> int:
+    """The graph's last node id as the front end keeps it: the saved counter, raised by every id in use."""
+    state = workflow.get("state") if isinstance(workflow.get("state"), Mapping) else {}
+    numbers = [value for value in (workflow.get("last_node_id"), state.get("lastNodeId"),
+                                   *(n.get("id") for n in nodes))
+               if isinstance(value, int) and not isinstance(value, bool)]
+    return max(numbers, default=0)
+
+
+def build_group(name: str, data: Any, node_info: NodeInfo) -> GroupDef:
+    """The group's widgets, sockets and maps, derived as the front end's group node config does."""
+    where = f"group node {name!r}"
+    if not isinstance(data, Mapping) or not isinstance(data.get("nodes"), list):
+        raise SubgraphError(f"{where}: extra.groupNodes[{name!r}] must hold a 'nodes' list")
+    group = GroupDef(name, list(data["nodes"]), [list(link) for link in data.get("links") or []])
+    links_to = {(link[2], link[3]): link for link in group.links if link and link[0] is not None}
+    linked_from = {(link[0], link[1]) for link in group.links if link and link[0] is not None}
+    external = {(int(e[0]), int(e[1])) for e in data.get("external") or [] if len(e) > 2 and e[2] is not None}
+    required: dict[str, list[Any]] = {}
+    used: dict[str, int] = {}
+    converted_later: list[tuple[int, Mapping[str, Any], list[tuple[int, str]], Mapping[str, Any]]] = []
+    counter = 0
+    for index, node in enumerate(group.nodes):
+        info = node_info(str(node.get("type")))
+        if info is None:
+            continue  # the front end skips a node it has no definition for (a nested group node included)
+        specs = _input_specs(info)
+        saved = [s for s in node.get("inputs") or [] if isinstance(s, Mapping)]
+        converted: list[tuple[int, str]] = []
+        slots: list[str] = []
+        group.widget_map[index] = {}
+        for input_name, spec in specs.items():
+            if not _is_widget(spec):
+                slots.append(input_name)
+                continue
+            position = next((i for i, s in enumerate(saved) if s.get("name") == input_name
+                             and (s.get("widget") or {}).get("name") == input_name), -1)
+            if position > -1:
+                converted.append((position, input_name))
+            else:
+                new_name = _group_input_name(node, input_name, used)
+                required[new_name] = _with_control(spec, input_name)
+                group.widget_map[index][input_name] = new_name
+        group.input_map[index] = {}
+        for position, input_name in enumerate(slots):
+            found = next((i for i, s in enumerate(saved) if s.get("name") == input_name), -1)
+            if (index, found if found >= 0 else position) in links_to:
+                continue
+            required[_group_input_name(node, input_name, used)] = specs[input_name]
+            group.input_map[index][input_name] = counter
+            counter += 1
+        converted_later.append((index, node, sorted(converted), specs))
+        for slot, _ in enumerate(info.get("output") or []):
+            if (index, slot) in linked_from and (index, slot) not in external:
+                continue
+            group.outputs.append((index, slot))
+    for index, node, converted, specs in converted_later:
+        for position, input_name in converted:
+            if (index, position) in links_to:
+                continue
+            new_name = _group_input_name(node, input_name, used)
+            required[new_name] = _with_control(specs[input_name], input_name)
+            group.widget_map[index][input_name] = new_name
+            group.input_map[index][input_name] = counter
+            counter += 1
+    group.widgets = [(n, _default(spec), _has_control(spec)) for n, spec in required.items() if _is_widget(spec)]
+    group.sockets = [n for n, spec in required.items() if not _is_widget(spec)] + [w[0] for w in group.widgets]
+    return group
+
+
+def _is_widget(spec: Any) -> bool:
+    if not isinstance(spec, list | tuple) or not spec:
+        return False
+    options = spec[1] if len(spec) > 1 and isinstance(spec[1], Mapping) else {}
+    if options.get("forceInput") is True:
+        return False
+    return isinstance(spec[0], list | tuple) or spec[0] in WIDGET_TYPES
+
+
+def _with_control(spec: list[Any], input_name: str) -> list[Any]:
+    """Inside a group an INT named seed or noise_seed always gets a control_after_generate widget."""
+    if input_name in SEED_NAMES:
+        options = spec[1] if len(spec) > 1 and isinstance(spec[1], Mapping) else {}
+        return [spec[0], {**options, "control_after_generate": True}]
+    return spec
+
+
+def _has_control(spec: list[Any]) -> bool:
+    options = spec[1] if len(spec) > 1 and isinstance(spec[1], Mapping) else {}
+    return bool(options.get("control_after_generate"))
+
+
+def _default(spec: list[Any]) -> Any:
+    options = spec[1] if len(spec) > 1 and isinstance(spec[1], Mapping) else {}
+    if "default" in options:
+        return options["default"]
+    if isinstance(spec[0], list | tuple):
+        return spec[0][0] if spec[0] else None
+    return {"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLEAN": False}.get(spec[0])
+
+
+def _group_input_name(node: Mapping[str, Any], input_name: str, used: dict[str, int]) -> str:
+    """The group's name for an inner input: its label or name, "Title name" when that is taken, "Title N name"
+    when that is taken too (the front end's counting)."""
+    label = next((s.get("label") for s in node.get("inputs") or []
+                  if isinstance(s, Mapping) and s.get("name") == input_name and s.get("label")), None)
+    name = key = label or input_name
+    if name in used:
+        title = f"{node.get('title') or node.get('type')} "
+        name = key = f"{title}{input_name}"
+        if name in used:
+            name = f"{title}{used[name]} {input_name}"
+    used[key] = used.get(key, 1) + 1
+    return name
+
+
+def _expand_instance(instance: Mapping[str, Any], group: GroupDef, groups: Mapping[str, GroupDef],
+                     nodes: list[dict[str, Any]], links: list[list[Any]], last: int, node_info: NodeInfo) -> int:
+    """Replace `instance` in `nodes`/`links` by the group's inner nodes, as the front end's conversion does;
+    return the graph's new last node id."""
+    count = len(group.nodes)
+    prefix = f"{last + count + 1}:"
+    inner_ids = [f"{prefix}{last + 1 + i}" for i in range(count)]
+    values = _group_widget_values(instance, group)
+    pasted = [_pasted_node(node, inner_ids[i], group.widget_map.get(i, {}), values, groups, node_info)
+              for i, node in enumerate(group.nodes)]
+    inner_links = []
+    for n, link in enumerate(group.links):
+        if len(link) < 4 or link[0] is None or not (0 <= link[0] < count and 0 <= link[2] < count):
+            continue
+        link_id = f"{prefix}link{n}"
+        inner_links.append([link_id, inner_ids[link[0]], link[1], inner_ids[link[2]], link[3],
+                            link[5] if len(link) > 5 else None])
+        _plug(pasted[link[2]], link[3], link_id)
+    into = {_target_name(instance, link): link for link in links
+            if str(link[3]) == str(instance["id"]) and _target_name(instance, link) is not None}
+    for index in sorted(group.input_map):
+        for input_name, number in group.input_map[index].items():
+            outer = into.get(group.sockets[number]) if number < len(group.sockets) else None
+            if outer is not None:
+                link_id = f"{prefix}in{index}.{input_name}"
+                inner_links.append([link_id, outer[1], outer[2], inner_ids[index], input_name, outer[5]])
+                _plug_named(pasted[index], input_name, link_id)
+    kept = []
+    for link in links:
+        if str(link[3]) == str(instance["id"]):
+            continue  # links in are re-made above (or dropped, as the front end drops them)
+        if str(link[1]) == str(instance["id"]):
+            slot = link[2] if isinstance(link[2], int) else -1
+            if not 0 <= slot < len(group.outputs):
+                continue
+            index, inner_slot = group.outputs[slot]
+            link = [link[0], inner_ids[index], inner_slot, *link[3:]]
+        kept.append(link)
+    kept.extend(_named_to_slots(inner_links, pasted))
+    links[:] = kept
+    position = nodes.index(instance)
+    nodes[position:position + 1] = pasted
+    return last + count + 1
+
+
+def _group_widget_values(instance: Mapping[str, Any], group: GroupDef) -> dict[str, Any]:
+    """The instance's widget values by group widget name (its `widgets_values` by position, a control widget
+    taking a place after its widget; a missing value is the widget's default)."""
+    saved = instance.get("widgets_values")
+    saved = saved if isinstance(saved, list) else []
+    values: dict[str, Any] = {}
+    position = 0
+    for name, default, control in group.widgets:
+        values.setdefault(name, saved[position] if position < len(saved) else default)
+        position += 2 if control else 1
+    return values
+
+
+def _pasted_node(node: Mapping[str, Any], new_id: str, widget_map: Mapping[str, str], values: Mapping[str, Any],
+                 groups: Mapping[str, GroupDef], node_info: NodeInfo) -> dict[str, Any]:
+    """A copy of an inner node under its new id, its input links cleared (re-made by the caller) and the group's
+    widget values set on its widgets by name."""
+    pasted = {k: v for k, v in node.items() if k != "index"}
+    pasted["id"] = new_id
+    pasted["type"] = _modern_type(node.get("type"))
+    pasted["inputs"] = [dict(s, link=None) for s in node.get("inputs") or [] if isinstance(s, Mapping)]
+    if _is_group_type(pasted["type"]):  # a group node inside a group: kept as it is, its widgets by name
+        inner = groups.get(pasted["type"][len(PREFIX):])
+        if inner is not None:
+            pasted["widgets_values"] = _group_widget_values(node, inner)
+            pasted.setdefault("title", inner.name)
+        return pasted
+    info = node_info(str(pasted["type"]))
+    if info is None:
+        return pasted
+    saved = node.get("widgets_values")
+    widget_values = list(saved) if isinstance(saved, list) else []
+    position = 0
+    for input_name, spec in _input_specs(info).items():
+        if not _is_widget(spec):
+            continue
+        while len(widget_values) <= position + _has_control(spec):
+            widget_values.append(_default(spec) if len(widget_values) == position else "fixed")
+        if widget_map.get(input_name) in values:
+            widget_values[position] = values[widget_map[input_name]]
+        position += 2 if _has_control(spec) else 1
+    pasted["widgets_values"] = widget_values
+    return pasted
+
+
+def _input_specs(info: Mapping[str, Any]) -> dict[str, Any]:
+    inputs = info.get("input") or {}
+    return {**(inputs.get("required") or {}), **(inputs.get("optional") or {})}
+
+
+def _target_name(instance: Mapping[str, Any], link: list[Any]) -> str | None:
+    """The name of the instance's input a link goes into (its saved input holding that link)."""
+    for slot in instance.get("inputs") or []:
+        if isinstance(slot, Mapping) and slot.get("link") == link[0]:
+            return slot.get("name")
+    return None
+
+
+def _plug(node: dict[str, Any], slot: int, link_id: str) -> None:
+    if 0 <= slot < len(node["inputs"]):
+        node["inputs"][slot]["link"] = link_id
+
+
+def _plug_named(node: dict[str, Any], input_name: str, link_id: str) -> None:
+    for slot in node["inputs"]:
+        if slot.get("name") == input_name:
+            slot["link"] = link_id
+            return
+    node["inputs"].append({"name": input_name, "type": "*", "link": link_id})
+
+
+def _named_to_slots(inner_links: list[list[Any]], pasted: list[dict[str, Any]]) -> list[list[Any]]:
+    """Links re-made into a named input get that input's slot number."""
+    by_id = {str(n["id"]): n for n in pasted}
+    result = []
+    for link in inner_links:
+        if isinstance(link[4], str):
+            slots = by_id[link[3]]["inputs"]
+            link = [*link[:4], next(i for i, s in enumerate(slots) if s.get("name") == link[4]), link[5]]
+        result.append(link)
+    return result

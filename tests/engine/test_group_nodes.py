@@ -1,0 +1,168 @@
+"""Issue #18: workflows with group nodes (`extra.groupNodes`, the older format) flatten as frontend 1.58 queues
+them: it turns each group node into a subgraph when it loads the file, and its prompt is the oracle's
+(tests/fixtures/group-nodes, made in Chromium by tools/frontend_oracle.py). Toy nodes, hand-written groups."""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine import validate, workflow_to_api
+
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "group-nodes"
+
+
+def _inner(index, kind, widgets, *, inputs=(), outputs=(), mode=0):
+    return {"id": 100 + index, "type": kind, "pos": [300 * index, 0], "size": [240, 80], "flags": {},
+            "order": index, "mode": mode, "inputs": list(inputs), "outputs": list(outputs),
+            "properties": {"Node name for S&R": kind}, "widgets_values": list(widgets), "index": index}
+
+
+def _out(name, links):
+    return {"name": name, "type": "INT", "links": links, "slot_index": 0}
+
+
+def _widget_input(name, link=None):
+    return {"name": name, "type": "INT", "link": link, "widget": {"name": name}}
+
+
+def adders_group(*, converted=False, inner_mode=0) -> dict:
+    """Add(a, b) -> Mul(a, b): Add's output feeds Mul's a; Mul's output leaves the group. With `converted`,
+    Add's widget `a` was converted to an input before grouping (the group then has an input socket `a`)."""
+    add_inputs = [_widget_input("a")] if converted else []
+    return {"nodes": [_inner(0, "Add", [1, 2], inputs=add_inputs, outputs=[_out("sum", [])], mode=inner_mode),
+                      _inner(1, "Mul", [1, 3], inputs=[_widget_input("a", 0)], outputs=[_out("product", [])])],
+            "links": [[0, 0, 1, 0, 100, "INT"]], "external": [[1, 0, "INT"]]}
+
+
+def _node(node_id, kind, widgets, *, inputs=(), outputs=(), mode=0):
+    return {"id": node_id, "type": kind, "pos": [0, 200 * node_id], "size": [240, 80], "flags": {},
+            "order": node_id, "mode": mode, "inputs": list(inputs), "outputs": list(outputs),
+            "properties": {"Node name for S&R": kind}, "widgets_values": list(widgets)}
+
+
+def _workflow(nodes, links, groups) -> dict:
+    last = max(n["id"] for n in nodes)
+    return {"last_node_id": last, "last_link_id": max([link[0] for link in links], default=0), "nodes": nodes,
+            "links": links, "groups": [], "config": {}, "extra": {"groupNodes": groups}, "version": 0.4}
+
+
+def one_group(*, converted=False, inner_mode=0, linked=True) -> dict:
+    """Const(1) -> [Adders] -> Show: the group's widgets b, "Mul b" (and a, when converted, linked from Const)."""
+    group = _node(2, "workflow>Adders", [20, 30] + ([5] if converted else []),
+                  inputs=[_widget_input("a", 1 if linked else None)] if converted else [],
+                  outputs=[_out("product", [2])])
+    nodes = [_node(1, "Const", [7], outputs=[_out("value", [1] if converted and linked else [])]), group,
+             _node(3, "Show", [], inputs=[{"name": "value", "type": "*", "link": 2}])]
+    links = ([[1, 1, 0, 2, 0, "INT"]] if converted and linked else []) + [[2, 2, 0, 3, 0, "INT"]]
+    return _workflow(nodes, links, {"Adders": adders_group(converted=converted, inner_mode=inner_mode)})
+
+
+def two_instances() -> dict:
+    """Two instances of one group in a chain: [Adders] -> [Adders] -> Show, with their own widget values."""
+    first = _node(2, "workflow>Adders", [20, 30, 5], inputs=[_widget_input("a")], outputs=[_out("product", [1])])
+    second = _node(4, "workflow>Adders", [40, 50, 6], inputs=[_widget_input("a", 1)], outputs=[_out("product", [2])])
+    nodes = [first, second, _node(3, "Show", [], inputs=[{"name": "value", "type": "*", "link": 2}])]
+    links = [[1, 2, 0, 4, 0, "INT"], [2, 4, 0, 3, 0, "INT"]]
+    return _workflow(nodes, links, {"Adders": adders_group(converted=True)})
+
+
+def nested() -> dict:
+    """A group whose nodes include an instance of another group: Outer = [Adders] -> Mul."""
+    inner_instance = _inner(0, "workflow>Adders", [20, 30], outputs=[_out("product", [])])
+    outer = {"nodes": [inner_instance, _inner(1, "Mul", [1, 4], inputs=[_widget_input("a", 0)],
+                                              outputs=[_out("product", [])])],
+             "links": [[0, 0, 1, 0, 100, "INT"]], "external": [[1, 0, "INT"]]}
+    group = _node(2, "workflow>Outer", [8, 9], outputs=[_out("product", [2])])
+    nodes = [group, _node(3, "Show", [], inputs=[{"name": "value", "type": "*", "link": 2}])]
+    return _workflow(nodes, [[2, 2, 0, 3, 0, "INT"]], {"Adders": adders_group(), "Outer": outer})
+
+
+def socket_group(*, widget_first: bool, link_b: bool = False) -> dict:
+    """MakeBox(5) -> [Unbox -> Add] -> Show: the group has a socket input `box` (Unbox's, not a widget) and the
+    widget `b` (Add's); `widget_first` puts Add before Unbox in the group's node list (its widget then comes
+    first among the group's inputs, while the socket is still the group's input number 0)."""
+    unbox = {"index": 0, "type": "Unbox", "inputs": [{"name": "box", "type": "BOX", "link": None}],
+             "outputs": [_out("value", [])], "widgets": []}
+    add = {"index": 1, "type": "Add", "inputs": [_widget_input("a", 0)], "outputs": [_out("sum", [])],
+           "widgets": [1, 2]}
+    order = [add, unbox] if widget_first else [unbox, add]
+    for position, node in enumerate(order):
+        node["index"] = position
+    u, a = order.index(unbox), order.index(add)
+    group_nodes = [_inner(n["index"], n["type"], n["widgets"], inputs=n["inputs"], outputs=n["outputs"])
+                   for n in order]
+    group = {"nodes": group_nodes, "links": [[u, 0, a, 0, 100 + u, "INT"]], "external": [[a, 0, "INT"]]}
+    instance_inputs = [{"name": "box", "type": "BOX", "link": 1}]
+    if link_b:
+        instance_inputs.append(_widget_input("b", 3))
+    instance = _node(2, "workflow>Boxes", [9], inputs=instance_inputs, outputs=[_out("sum", [2])])
+    nodes = [_node(1, "MakeBox", [5], outputs=[{"name": "box", "type": "BOX", "links": [1], "slot_index": 0}]),
+             instance, _node(3, "Show", [], inputs=[{"name": "value", "type": "*", "link": 2}])]
+    links = [[1, 1, 0, 2, 0, "BOX"], [2, 2, 0, 3, 0, "INT"]]
+    if link_b:
+        nodes.append(_node(4, "Const", [11], outputs=[_out("value", [3])]))
+        links.append([3, 4, 0, 2, 1, "INT"])
+    return _workflow(nodes, links, {"Boxes": group})
+
+
+def all_converted() -> dict:
+    """Const(7), Const(8) -> [Add with both widgets converted to inputs] -> Show: the group's inputs a and b are its
+    first widgets, so the front end keeps both links (compare `converted-widget`, where it drops the link)."""
+    group = {"nodes": [_inner(0, "Add", [1, 2], inputs=[_widget_input("a"), _widget_input("b")],
+                              outputs=[_out("sum", [])])], "links": [], "external": []}
+    instance = _node(2, "workflow>Sum", [3, 4], inputs=[_widget_input("a", 1), _widget_input("b", 3)],
+                     outputs=[_out("sum", [2])])
+    nodes = [_node(1, "Const", [7], outputs=[_out("value", [1])]), instance,
+             _node(3, "Show", [], inputs=[{"name": "value", "type": "*", "link": 2}]),
+             _node(4, "Const", [8], outputs=[_out("value", [3])])]
+    links = [[1, 1, 0, 2, 0, "INT"], [2, 2, 0, 3, 0, "INT"], [3, 4, 0, 2, 1, "INT"]]
+    return _workflow(nodes, links, {"Sum": group})
+
+
+def cases() -> dict[str, dict]:
+    """The hand-written workflows whose front-end prompts are in tests/fixtures/group-nodes (regenerate with
+    `python tests/engine/test_group_nodes.py` then tools/frontend_oracle.py, see the README there)."""
+    return {"one-group": one_group(), "converted-widget": one_group(converted=True),
+            "converted-widget-unlinked": one_group(converted=True, linked=False),
+            "inner-bypassed": one_group(converted=True, inner_mode=4),
+            "inner-muted": one_group(converted=True, inner_mode=2),
+            "two-instances": two_instances(), "nested": nested(),
+            "socket-input": socket_group(widget_first=False), "all-converted": all_converted(),
+            "socket-after-widget": socket_group(widget_first=True),
+            "socket-and-linked-widget": socket_group(widget_first=False, link_b=True),
+            "legacy-separator": _legacy(one_group())}
+
+
+def _legacy(workflow: dict) -> dict:
+    """The oldest files name group node types "workflow/NAME"."""
+    workflow = copy.deepcopy(workflow)
+    for node in workflow["nodes"]:
+        node["type"] = node["type"].replace("workflow>", "workflow/")
+    return workflow
+
+
+@pytest.mark.parametrize("name", sorted(cases()))
+def test_group_nodes_convert_as_the_front_end_does(name, registry):
+    """Each case against the prompt frontend 1.58 made of it in Chromium (tools/frontend_oracle.py): inner ids
+    "subgraph:inner" after the pasted ids, widget values, links in and out (and those it drops)."""
+    expected = json.loads((FIXTURES / f"{name}.prompt.json").read_text())
+    assert workflow_to_api(cases()[name], registry) == expected
+
+
+def test_a_converted_group_validates(registry):
+    api = workflow_to_api(one_group(), registry)
+    assert sorted(api) == ["1", "3", "6:4", "6:5"]
+    result = validate(api, registry)
+    assert result.ok, [str(e) for e in result.errors]
+
+
+if __name__ == "__main__":  # write the cases for the oracle
+    FIXTURES.mkdir(parents=True, exist_ok=True)
+    for case, workflow in cases().items():
+        (FIXTURES / f"{case}.workflow.json").write_text(json.dumps(workflow, indent=1) + "\n")
+    sys.exit(0)
