@@ -11,9 +11,30 @@ from pathlib import Path
 
 import pytest
 
-from engine import validate, workflow_to_api
+from engine import COMBO, INT, Input, NodeRegistry, Output, node, validate, workflow_to_api
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "group-nodes"
+
+
+@node("Noise", category="toy", inputs=[Input("seed", INT, default=0, min=0, max=2**32, control_after_generate=True),
+                                       Input("style", COMBO, options=("soft", "hard")), Input("strength", INT,
+                                                                                          default=1)],
+      outputs=[Output("value", INT)])
+def noise(ctx, seed, style, strength):
+    return seed * strength
+
+
+def group_registry() -> NodeRegistry:
+    """The toy nodes and Noise (a seed widget followed by its control_after_generate widget, a combo)."""
+    from toy_nodes import toy_registry
+    registry = toy_registry()
+    registry.register(noise)
+    return registry
+
+
+@pytest.fixture
+def registry() -> NodeRegistry:
+    return group_registry()
 
 
 def _inner(index, kind, widgets, *, inputs=(), outputs=(), mode=0):
@@ -91,8 +112,8 @@ def socket_group(*, widget_first: bool, link_b: bool = False) -> dict:
     add = {"index": 1, "type": "Add", "inputs": [_widget_input("a", 0)], "outputs": [_out("sum", [])],
            "widgets": [1, 2]}
     order = [add, unbox] if widget_first else [unbox, add]
-    for position, node in enumerate(order):
-        node["index"] = position
+    for position, member in enumerate(order):
+        member["index"] = position
     u, a = order.index(unbox), order.index(add)
     group_nodes = [_inner(n["index"], n["type"], n["widgets"], inputs=n["inputs"], outputs=n["outputs"])
                    for n in order]
@@ -124,6 +145,38 @@ def all_converted() -> dict:
     return _workflow(nodes, links, {"Sum": group})
 
 
+def three_adds() -> dict:
+    """Add -> Add -> Add in one group: the names the front end gives repeated inputs ("Add b", "Add 2 b")."""
+    adds = [_inner(0, "Add", [1, 2], outputs=[_out("sum", [])]),
+            _inner(1, "Add", [3, 4], inputs=[_widget_input("a", 0)], outputs=[_out("sum", [])]),
+            _inner(2, "Add", [5, 6], inputs=[_widget_input("a", 1)], outputs=[_out("sum", [])])]
+    group = {"nodes": adds, "links": [[0, 0, 1, 0, 100, "INT"], [1, 0, 2, 0, 101, "INT"]],
+             "external": [[2, 0, "INT"]]}
+    instance = _node(2, "workflow>Chain", [10, 20, 30, 40], outputs=[_out("sum", [2])])
+    nodes = [instance, _node(3, "Show", [], inputs=[{"name": "value", "type": "*", "link": 2}])]
+    return _workflow(nodes, [[2, 2, 0, 3, 0, "INT"]], {"Chain": group})
+
+
+def seeded() -> dict:
+    """A group of Noise -> Add: the group's widgets are seed, its control widget, style, strength, b; the
+    instance's values hold the control word after the seed."""
+    group = {"nodes": [_inner(0, "Noise", [5, "fixed", "soft", 2], outputs=[_out("value", [])]),
+                       _inner(1, "Add", [0, 1], inputs=[_widget_input("a", 0)], outputs=[_out("sum", [])])],
+             "links": [[0, 0, 1, 0, 100, "INT"]], "external": [[0, 0, "INT"]]}
+    instance = _node(2, "workflow>Seeded", [123, "randomize", "hard", 3, 9],
+                     outputs=[_out("value", [3]), _out("sum", [2])])
+    nodes = [instance, _node(3, "Show", [], inputs=[{"name": "value", "type": "*", "link": 2}]),
+             _node(4, "Show", [], inputs=[{"name": "value", "type": "*", "link": 3}])]
+    return _workflow(nodes, [[2, 2, 1, 3, 0, "INT"], [3, 2, 0, 4, 0, "INT"]], {"Seeded": group})
+
+
+def instance_mode(mode: int) -> dict:
+    """The group node itself muted (2) or bypassed (4)."""
+    workflow = one_group(converted=True)
+    workflow["nodes"][1]["mode"] = mode
+    return workflow
+
+
 def cases() -> dict[str, dict]:
     """The hand-written workflows whose front-end prompts are in tests/fixtures/group-nodes (regenerate with
     `python tests/engine/test_group_nodes.py` then tools/frontend_oracle.py, see the README there)."""
@@ -135,14 +188,15 @@ def cases() -> dict[str, dict]:
             "socket-input": socket_group(widget_first=False), "all-converted": all_converted(),
             "socket-after-widget": socket_group(widget_first=True),
             "socket-and-linked-widget": socket_group(widget_first=False, link_b=True),
-            "legacy-separator": _legacy(one_group())}
+            "legacy-separator": _legacy(one_group()), "three-adds": three_adds(), "seeded": seeded(),
+            "instance-muted": instance_mode(2), "instance-bypassed": instance_mode(4)}
 
 
 def _legacy(workflow: dict) -> dict:
     """The oldest files name group node types "workflow/NAME"."""
     workflow = copy.deepcopy(workflow)
-    for node in workflow["nodes"]:
-        node["type"] = node["type"].replace("workflow>", "workflow/")
+    for ui_node in workflow["nodes"]:
+        ui_node["type"] = ui_node["type"].replace("workflow>", "workflow/")
     return workflow
 
 
