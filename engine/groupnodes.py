@@ -24,9 +24,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .subgraphs import SubgraphError
+from .subgraphs import SubgraphError, last_node_id_after_load
 
 PREFIX, LEGACY_PREFIX = "workflow>", "workflow/"
+PRIMITIVE = "PrimitiveNode"
 SEED_NAMES = ("seed", "noise_seed")
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 NodeInfo = Callable[[str], Mapping[str, Any] | None]  # a node type's /object_info entry, None when unknown
@@ -59,7 +60,7 @@ def expand_group_nodes(workflow: Mapping[str, Any], node_info: NodeInfo) -> dict
     groups = {name: build_group(name, data, node_info) for name, data in raw_groups.items()}
     nodes = [dict(n, type=_modern_type(n.get("type"))) for n in workflow.get("nodes") or []]
     links = [_link_list(link) for link in workflow.get("links") or []]
-    last = _last_node_id(workflow, nodes)
+    last = last_node_id_after_load(workflow)
     for instance in list(nodes):
         group = groups.get(str(instance["type"])[len(PREFIX):]) if _is_group_type(instance["type"]) else None
         if _is_group_type(instance["type"]) and group is None:
@@ -87,13 +88,6 @@ def _link_list(link: Any) -> list[Any]:
     return list(link)
 
 
-def _last_node_id(workflow: Mapping[str, Any], nodes: list[Mapping[str, Any]]) -> int:
-    """The graph's last node id as the front end keeps it: the saved counter, raised by every id in use."""
-    state = workflow.get("state") if isinstance(workflow.get("state"), Mapping) else {}
-    numbers = [value for value in (workflow.get("last_node_id"), state.get("lastNodeId"),
-                                   *(n.get("id") for n in nodes))
-               if isinstance(value, int) and not isinstance(value, bool)]
-    return max(numbers, default=0)
 
 
 def build_group(name: str, data: Any, node_info: NodeInfo) -> GroupDef:
@@ -110,7 +104,8 @@ def build_group(name: str, data: Any, node_info: NodeInfo) -> GroupDef:
     converted_later: list[tuple[int, Mapping[str, Any], list[tuple[int, str]], Mapping[str, Any]]] = []
     counter = 0
     for index, node in enumerate(group.nodes):
-        info = node_info(str(node.get("type")))
+        info = _primitive_info(index, group, node_info) if node.get("type") == PRIMITIVE else \
+            node_info(str(node.get("type")))
         if info is None:
             continue  # the front end skips a node it has no definition for (a nested group node included)
         specs = _input_specs(info)
@@ -157,6 +152,23 @@ def build_group(name: str, data: Any, node_info: NodeInfo) -> GroupDef:
     return group
 
 
+def _primitive_info(index: int, group: GroupDef, node_info: NodeInfo) -> dict[str, Any] | None:
+    """What the front end makes of a PrimitiveNode inside a group: one widget `value` of the type (and options)
+    of the input it feeds, with a control widget; None when it feeds nothing inside."""
+    link = next((link for link in group.links if link and link[0] == index), None)
+    if link is None or not 0 <= link[2] < len(group.nodes):
+        return None
+    target = group.nodes[link[2]]
+    saved = target.get("inputs") or []
+    name = saved[link[3]].get("name") if link[3] < len(saved) and isinstance(saved[link[3]], Mapping) else None
+    info = node_info(str(target.get("type")))
+    spec = _input_specs(info).get(name) if info is not None and name else None
+    kind = spec[0] if isinstance(spec, list | tuple) and spec else (link[5] if len(link) > 5 else "*")
+    options = spec[1] if isinstance(spec, list | tuple) and len(spec) > 1 and isinstance(spec[1], Mapping) else {}
+    return {"input": {"required": {"value": [kind, {**options, "control_after_generate": True}]}},
+            "output": [kind]}
+
+
 def _is_widget(spec: Any) -> bool:
     if not isinstance(spec, list | tuple) or not spec:
         return False
@@ -194,7 +206,7 @@ def _group_input_name(node: Mapping[str, Any], input_name: str, used: dict[str, 
     label = next((s.get("label") for s in node.get("inputs") or []
                   if isinstance(s, Mapping) and s.get("name") == input_name and s.get("label")), None)
     name = key = label or input_name
-    if name in used:
+    if name in used or (node.get("type") == PRIMITIVE and node.get("title")):
         title = f"{node.get('title') or node.get('type')} "
         name = key = f"{title}{input_name}"
         if name in used:
@@ -217,6 +229,8 @@ def _expand_instance(instance: Mapping[str, Any], group: GroupDef, groups: Mappi
     for n, link in enumerate(group.links):
         if len(link) < 4 or link[0] is None or not (0 <= link[0] < count and 0 <= link[2] < count):
             continue
+        if group.nodes[link[0]].get("type") == PRIMITIVE:
+            continue  # its value does not reach the input it feeds: that widget keeps its own value
         link_id = f"{prefix}link{n}"
         inner_links.append([link_id, inner_ids[link[0]], link[1], inner_ids[link[2]], link[3],
                             link[5] if len(link) > 5 else None])

@@ -103,7 +103,7 @@ def flatten_workflow(workflow: Mapping[str, Any]) -> dict[str, Any]:
 
 def _subgraph_definitions(workflow: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
     subgraphs: dict[str, Mapping[str, Any]] = {}
-    for sub in _renumbered(workflow, _all_definitions(workflow)):
+    for sub in _renumbered(workflow, _all_definitions(workflow))[0]:
         subgraphs.setdefault(sub["id"], sub)  # the front end keeps the first of two with one id
     return subgraphs
 
@@ -122,10 +122,23 @@ def _all_definitions(graph: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     return found
 
 
-def _renumbered(workflow: Mapping[str, Any], subgraphs: list[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+def last_node_id_after_load(workflow: Mapping[str, Any]) -> int:
+    """The root graph's last node id once the front end has loaded the file: past every renumbered inner id and
+    every subgraph's own saved counter (new nodes, like the ones group nodes turn into, get the next ids)."""
+    definitions = _all_definitions(workflow)
+    states = [sub.get("state") for sub in definitions]
+    counters = [_number(state.get("lastNodeId")) for state in states if isinstance(state, Mapping)]
+    ids = [_number(n.get("id")) for graph in (workflow, *definitions) for n in graph.get("nodes") or []
+           if isinstance(n, Mapping)]
+    return max([_renumbered(workflow, definitions)[1], *counters, *ids])
+
+
+def _renumbered(workflow: Mapping[str, Any], subgraphs: list[Mapping[str, Any]],
+                ) -> tuple[list[Mapping[str, Any]], int]:
     """Inner node ids that repeat an id already used (at the top level or in an earlier subgraph) get fresh ids, as
     the front end gives them when it loads the file: the next free number after the graph's last node id, in the
-    order of the definitions and their nodes. The API prompt's "instance:inner" ids use the fresh ids."""
+    order of the definitions and their nodes. The API prompt's "instance:inner" ids use the fresh ids. Also gives
+    the last id given."""
     top = workflow.get("nodes") or []
     taken = {str(n.get("id")) for n in top if isinstance(n, Mapping)}
     numbers = {int(i) for i in taken if i.isdigit()}
@@ -149,7 +162,7 @@ def _renumbered(workflow: Mapping[str, Any], subgraphs: list[Mapping[str, Any]])
                     numbers.add(int(node_id))
                     last = max(last, int(node_id))
         result.append(_with_fresh_ids(sub, fresh) if fresh else sub)
-    return result
+    return result, last
 
 
 def _number(value: Any) -> int:

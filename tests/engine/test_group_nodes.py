@@ -145,11 +145,14 @@ def all_converted() -> dict:
     return _workflow(nodes, links, {"Sum": group})
 
 
-def three_adds() -> dict:
-    """Add -> Add -> Add in one group: the names the front end gives repeated inputs ("Add b", "Add 2 b")."""
+def three_adds(title: str | None = None) -> dict:
+    """Add -> Add -> Add in one group: the names the front end gives repeated inputs ("Add b", "Add 2 b"); with
+    `title`, the last Add is renamed (its inputs then "TITLE b")."""
     adds = [_inner(0, "Add", [1, 2], outputs=[_out("sum", [])]),
             _inner(1, "Add", [3, 4], inputs=[_widget_input("a", 0)], outputs=[_out("sum", [])]),
             _inner(2, "Add", [5, 6], inputs=[_widget_input("a", 1)], outputs=[_out("sum", [])])]
+    if title:
+        adds[2]["title"] = title
     group = {"nodes": adds, "links": [[0, 0, 1, 0, 100, "INT"], [1, 0, 2, 0, 101, "INT"]],
              "external": [[2, 0, "INT"]]}
     instance = _node(2, "workflow>Chain", [10, 20, 30, 40], outputs=[_out("sum", [2])])
@@ -168,6 +171,53 @@ def seeded() -> dict:
     nodes = [instance, _node(3, "Show", [], inputs=[{"name": "value", "type": "*", "link": 2}]),
              _node(4, "Show", [], inputs=[{"name": "value", "type": "*", "link": 3}])]
     return _workflow(nodes, [[2, 2, 1, 3, 0, "INT"], [3, 2, 0, 4, 0, "INT"]], {"Seeded": group})
+
+
+def virtual_inside(kind: str) -> dict:
+    """A PrimitiveNode (42) or a Reroute inside the group, feeding Add's a: Const(7) -> [kind -> Add] -> Show; a
+    Reroute's input comes from outside (the group's input)."""
+    if kind == "PrimitiveNode":
+        first = _inner(0, "PrimitiveNode", [42, "fixed"],
+                       outputs=[{"name": "INT", "type": "INT", "links": [], "widget": {"name": "a"}}])
+        first["title"] = "count"
+    else:
+        first = _inner(0, "Reroute", [], inputs=[{"name": "", "type": "*", "link": None}],
+                       outputs=[{"name": "", "type": "INT", "links": []}])
+    group = {"nodes": [first, _inner(1, "Add", [1, 2], inputs=[_widget_input("a", 0)], outputs=[_out("sum", [])])],
+             "links": [[0, 0, 1, 0, 100, "INT"]], "external": [[1, 0, "INT"]]}
+    linked = kind == "Reroute"
+    instance_inputs = [{"name": "INT", "type": "INT", "link": 1}] if linked else []
+    instance = _node(2, f"workflow>With{kind}", [5, 6, 7], inputs=instance_inputs, outputs=[_out("sum", [2])])
+    nodes = [_node(1, "Const", [7], outputs=[_out("value", [1] if linked else [])]), instance,
+             _node(3, "Show", [], inputs=[{"name": "value", "type": "*", "link": 2}])]
+    links = ([[1, 1, 0, 2, 0, "INT"]] if linked else []) + [[2, 2, 0, 3, 0, "INT"]]
+    return _workflow(nodes, links, {f"With{kind}": group})
+
+
+def with_subgraph() -> dict:
+    """A subgraph (its inner ids 1 and 3 clash with the root's, so the front end renumbers them when it loads the
+    file) next to a group node: the group's pasted ids come after the renumbered ones."""
+    from test_subgraphs import adder_workflow
+    workflow = adder_workflow(b_value=40)
+    sub = workflow["definitions"]["subgraphs"][0]
+    for inner in sub["nodes"]:
+        inner["id"] = {1: 1, 2: 3}[inner["id"]]
+    for link in sub["links"]:
+        link["origin_id"] = {2: 3}.get(link["origin_id"], link["origin_id"])
+        link["target_id"] = {2: 3}.get(link["target_id"], link["target_id"])
+    group = one_group()
+    for member in group["nodes"]:
+        member["id"] += 10
+        member["pos"] = [member["pos"][0], 600]
+    workflow["nodes"].insert(0, {**group["nodes"][0], "id": 1, "type": "Const", "widgets_values": [2],
+                                 "outputs": [_out("value", [])]})
+    workflow["nodes"] += [group["nodes"][1], group["nodes"][2]]
+    workflow["nodes"][-1]["inputs"][0]["link"] = 12
+    workflow["nodes"][-2]["outputs"][0]["links"] = [12]
+    workflow["links"].append([12, 12, 0, 13, 0, "INT"])
+    workflow["extra"] = group["extra"]
+    workflow["last_node_id"] = 13
+    return workflow
 
 
 def instance_mode(mode: int) -> dict:
@@ -189,7 +239,9 @@ def cases() -> dict[str, dict]:
             "socket-after-widget": socket_group(widget_first=True),
             "socket-and-linked-widget": socket_group(widget_first=False, link_b=True),
             "legacy-separator": _legacy(one_group()), "three-adds": three_adds(), "seeded": seeded(),
-            "instance-muted": instance_mode(2), "instance-bypassed": instance_mode(4)}
+            "instance-muted": instance_mode(2), "instance-bypassed": instance_mode(4),
+            "titled": three_adds(title="Last"), "primitive-inside": virtual_inside("PrimitiveNode"),
+            "reroute-inside": virtual_inside("Reroute"), "with-subgraph": with_subgraph()}
 
 
 def _legacy(workflow: dict) -> dict:
