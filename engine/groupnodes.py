@@ -20,14 +20,16 @@ prompt must match the browser's (checked with tools/frontend_oracle.py, tests/fi
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from .subgraphs import SubgraphError, last_node_id_after_load
 
 PREFIX, LEGACY_PREFIX = "workflow>", "workflow/"
 PRIMITIVE = "PrimitiveNode"
+FRONTEND_TYPES = {PRIMITIVE, "Reroute", "Note", "MarkdownNote"}  # types the front end has without the server
 SEED_NAMES = ("seed", "noise_seed")
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 NodeInfo = Callable[[str], Mapping[str, Any] | None]  # a node type's /object_info entry, None when unknown
@@ -51,13 +53,16 @@ class GroupDef:
     input_map: dict[int, dict[str, int]] = field(default_factory=dict)  # inner index -> input -> socket number
     widget_map: dict[int, dict[str, str]] = field(default_factory=dict)  # inner index -> widget -> group widget
     outputs: list[tuple[int, int]] = field(default_factory=list)  # group output -> (inner index, slot)
+    missing: list[str] = field(default_factory=list)  # inner node types neither the server nor the front end has
 
 
 def expand_group_nodes(workflow: Mapping[str, Any], node_info: NodeInfo) -> dict[str, Any]:
     """The workflow with every group node instance replaced by its inner nodes ("subgraph:inner" ids, string
     ids throughout) and `extra.groupNodes` gone; nodes and links are lists as in a saved workflow."""
     raw_groups = workflow["extra"]["groupNodes"]
-    groups = {name: build_group(name, data, node_info) for name, data in raw_groups.items()}
+    groups: dict[str, GroupDef] = {}
+    for name, data in raw_groups.items():
+        groups[name] = build_group(str(name), data, node_info, known_groups=list(groups))
     nodes = [dict(n, type=_modern_type(n.get("type"))) for n in workflow.get("nodes") or []]
     links = [_link_list(link) for link in workflow.get("links") or []]
     last = last_node_id_after_load(workflow)
@@ -68,6 +73,9 @@ def expand_group_nodes(workflow: Mapping[str, Any], node_info: NodeInfo) -> dict
                                 "in extra.groupNodes; re-save the workflow from the front end")
         if group is None:
             continue
+        if group.missing:
+            raise SubgraphError(f"node {instance['id']}: group node {group.name!r} holds node types this server "
+                                f"does not have ({', '.join(group.missing)}); install them or remove the group node")
         last = _expand_instance(instance, group, groups, nodes, links, last, node_info)
     extra = {k: v for k, v in workflow["extra"].items() if k != "groupNodes"}
     return {**workflow, "nodes": nodes, "links": links, "extra": extra}
@@ -90,66 +98,120 @@ def _link_list(link: Any) -> list[Any]:
 
 
 
-def build_group(name: str, data: Any, node_info: NodeInfo) -> GroupDef:
-    """The group's widgets, sockets and maps, derived as the front end's group node config does."""
-    where = f"group node {name!r}"
+def build_group(name: str, data: Any, node_info: NodeInfo, known_groups: Iterable[str] = ()) -> GroupDef:
+    """The group's widgets, sockets and maps, derived as the front end's group node config does. `known_groups`:
+    the groups defined before this one (a group node inside must be one of them)."""
     if not isinstance(data, Mapping) or not isinstance(data.get("nodes"), list):
-        raise SubgraphError(f"{where}: extra.groupNodes[{name!r}] must hold a 'nodes' list")
-    group = GroupDef(name, list(data["nodes"]), [list(link) for link in data.get("links") or []])
-    links_to = {(link[2], link[3]): link for link in group.links if link and link[0] is not None}
-    linked_from = {(link[0], link[1]) for link in group.links if link and link[0] is not None}
-    external = {(int(e[0]), int(e[1])) for e in data.get("external") or [] if len(e) > 2 and e[2] is not None}
-    required: dict[str, list[Any]] = {}
-    used: dict[str, int] = {}
-    converted_later: list[tuple[int, Mapping[str, Any], list[tuple[int, str]], Mapping[str, Any]]] = []
-    counter = 0
+        raise SubgraphError(f"group node {name!r}: extra.groupNodes[{name!r}] must hold a 'nodes' list")
+    group = GroupDef(name, list(data["nodes"]), [list(link) for link in data.get("links") or []
+                                                 if isinstance(link, list | tuple) and len(link) >= 4])
+    kinds = {str(n.get("type")) if isinstance(n, Mapping) else "" for n in group.nodes}
+    known = {PREFIX + g for g in known_groups} | FRONTEND_TYPES
+    group.missing = sorted(k for k in kinds if k not in known and node_info(k) is None)
+    builder = _Builder(group, data, node_info)
     for index, node in enumerate(group.nodes):
-        info = _primitive_info(index, group, node_info) if node.get("type") == PRIMITIVE else \
-            node_info(str(node.get("type")))
+        builder.add_node(index, node)
+    builder.add_converted_widgets()
+    group.widgets = [(n, _default(spec), _has_control(spec)) for n, spec in builder.required.items()
+                     if _is_widget(spec)]
+    group.sockets = [n for n, spec in builder.required.items() if not _is_widget(spec)] + \
+        [w[0] for w in group.widgets]
+    return group
+
+
+@dataclass
+class _Builder:
+    """The front end's walk over a group's nodes: plain widgets and free sockets in node order (sockets
+    numbered as they come), widgets converted to inputs after all nodes (numbered after the sockets)."""
+
+    group: GroupDef
+    data: Mapping[str, Any]
+    node_info: NodeInfo
+    required: dict[str, list[Any]] = field(default_factory=dict)  # the group's inputs, in order
+    used: dict[str, int] = field(default_factory=dict)  # how often each name was given
+    converted: list[tuple[int, Mapping[str, Any], list[tuple[int, str]], Mapping[str, Any]]] = \
+        field(default_factory=list)
+    counter: int = 0
+
+    @cached_property
+    def links_to(self) -> set[tuple[Any, Any]]:
+        return {(link[2], link[3]) for link in self.group.links if link[0] is not None}
+
+    def add_node(self, index: int, node: Mapping[str, Any]) -> None:
+        info = _primitive_info(index, self.group, self.node_info) if node.get("type") == PRIMITIVE else \
+            self.node_info(str(node.get("type")))
         if info is None:
-            continue  # the front end skips a node it has no definition for (a nested group node included)
+            return  # the front end skips a node it has no definition for (a group node inside included)
         specs = _input_specs(info)
         saved = [s for s in node.get("inputs") or [] if isinstance(s, Mapping)]
         converted: list[tuple[int, str]] = []
         slots: list[str] = []
-        group.widget_map[index] = {}
+        self.group.widget_map[index] = {}
+        self.group.input_map[index] = {}
         for input_name, spec in specs.items():
-            if not _is_widget(spec):
-                slots.append(input_name)
-                continue
             position = next((i for i, s in enumerate(saved) if s.get("name") == input_name
                              and (s.get("widget") or {}).get("name") == input_name), -1)
-            if position > -1:
+            if not _is_widget(spec):
+                slots.append(input_name)
+            elif position > -1:
                 converted.append((position, input_name))
             else:
-                new_name = _group_input_name(node, input_name, used)
-                required[new_name] = _with_control(spec, input_name)
-                group.widget_map[index][input_name] = new_name
-        group.input_map[index] = {}
+                new_name = self.name_for(index, node, input_name)
+                self.required[new_name] = _with_control(spec, input_name)
+                self.group.widget_map[index][input_name] = new_name
         for position, input_name in enumerate(slots):
             found = next((i for i, s in enumerate(saved) if s.get("name") == input_name), -1)
-            if (index, found if found >= 0 else position) in links_to:
+            if (index, found if found >= 0 else position) in self.links_to:
                 continue
-            required[_group_input_name(node, input_name, used)] = specs[input_name]
-            group.input_map[index][input_name] = counter
-            counter += 1
-        converted_later.append((index, node, sorted(converted), specs))
+            new_name = self.name_for(index, node, input_name)
+            if self.config(index, "input", input_name).get("visible") is not False:
+                self.required[new_name] = specs[input_name]
+                self.group.input_map[index][input_name] = self.counter
+                self.counter += 1
+        self.converted.append((index, node, sorted(converted), specs))
+        self.add_outputs(index, info)
+
+    def add_outputs(self, index: int, info: Mapping[str, Any]) -> None:
+        linked_from = {(link[0], link[1]) for link in self.group.links if link[0] is not None}
+        external = {(e[0], e[1]) for e in self.data.get("external") or []
+                    if isinstance(e, list | tuple) and len(e) > 2 and e[2] is not None}
         for slot, _ in enumerate(info.get("output") or []):
-            if (index, slot) in linked_from and (index, slot) not in external:
-                continue
-            group.outputs.append((index, slot))
-    for index, node, converted, specs in converted_later:
-        for position, input_name in converted:
-            if (index, position) in links_to:
-                continue
-            new_name = _group_input_name(node, input_name, used)
-            required[new_name] = _with_control(specs[input_name], input_name)
-            group.widget_map[index][input_name] = new_name
-            group.input_map[index][input_name] = counter
-            counter += 1
-    group.widgets = [(n, _default(spec), _has_control(spec)) for n, spec in required.items() if _is_widget(spec)]
-    group.sockets = [n for n, spec in required.items() if not _is_widget(spec)] + [w[0] for w in group.widgets]
-    return group
+            hidden_by_default = (index, slot) in linked_from and (index, slot) not in external
+            if self.config(index, "output", slot).get("visible", not hidden_by_default):
+                self.group.outputs.append((index, slot))
+
+    def add_converted_widgets(self) -> None:
+        for index, node, converted, specs in self.converted:
+            for position, input_name in converted:
+                if (index, position) in self.links_to:
+                    continue
+                new_name = self.name_for(index, node, input_name)
+                self.required[new_name] = _with_control(specs[input_name], input_name)
+                self.group.widget_map[index][input_name] = new_name
+                self.group.input_map[index][input_name] = self.counter
+                self.counter += 1
+
+    def config(self, index: int, kind: str, key: Any) -> Mapping[str, Any]:
+        """The group's own settings for an inner input or output (`config[index][kind][key]`)."""
+        config = self.data.get("config")
+        entry = config.get(str(index)) if isinstance(config, Mapping) else None
+        section = entry.get(kind) if isinstance(entry, Mapping) else None
+        found = section.get(str(key)) if isinstance(section, Mapping) else None
+        return found if isinstance(found, Mapping) else {}
+
+    def name_for(self, index: int, node: Mapping[str, Any], input_name: str) -> str:
+        """The group's name for an inner input: the group's own name for it, its label or its name; "Title name"
+        when that is taken, "Title N name" when that is taken too (the front end's counting)."""
+        label = next((s.get("label") for s in node.get("inputs") or []
+                      if isinstance(s, Mapping) and s.get("name") == input_name and s.get("label")), None)
+        name = key = self.config(index, "input", input_name).get("name") or label or input_name
+        if name in self.used or (node.get("type") == PRIMITIVE and node.get("title")):
+            title = f"{node.get('title') or node.get('type')} "
+            name = key = f"{title}{input_name}"
+            if name in self.used:
+                name = f"{title}{self.used[name]} {input_name}"
+        self.used[key] = self.used.get(key, 1) + 1
+        return name
 
 
 def _primitive_info(index: int, group: GroupDef, node_info: NodeInfo) -> dict[str, Any] | None:
@@ -198,21 +260,6 @@ def _default(spec: list[Any]) -> Any:
     if isinstance(spec[0], list | tuple):
         return spec[0][0] if spec[0] else None
     return {"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLEAN": False}.get(spec[0])
-
-
-def _group_input_name(node: Mapping[str, Any], input_name: str, used: dict[str, int]) -> str:
-    """The group's name for an inner input: its label or name, "Title name" when that is taken, "Title N name"
-    when that is taken too (the front end's counting)."""
-    label = next((s.get("label") for s in node.get("inputs") or []
-                  if isinstance(s, Mapping) and s.get("name") == input_name and s.get("label")), None)
-    name = key = label or input_name
-    if name in used or (node.get("type") == PRIMITIVE and node.get("title")):
-        title = f"{node.get('title') or node.get('type')} "
-        name = key = f"{title}{input_name}"
-        if name in used:
-            name = f"{title}{used[name]} {input_name}"
-    used[key] = used.get(key, 1) + 1
-    return name
 
 
 def _expand_instance(instance: Mapping[str, Any], group: GroupDef, groups: Mapping[str, GroupDef],

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import COMBO, INT, Input, NodeRegistry, Output, node, validate, workflow_to_api
+from engine import COMBO, INT, GraphFormatError, Input, NodeRegistry, Output, node, validate, workflow_to_api
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "group-nodes"
 
@@ -25,10 +25,15 @@ def noise(ctx, seed, style, strength):
 
 
 def group_registry() -> NodeRegistry:
-    """The toy nodes and Noise (a seed widget followed by its control_after_generate widget, a combo)."""
+    """The toy nodes, Noise (a seed widget followed by its control_after_generate widget, a combo) and the stubs
+    of ComfyUI's core nodes."""
+    import comfy_core_stub
     from toy_nodes import toy_registry
+
+    from engine.discovery import register_module
     registry = toy_registry()
     registry.register(noise)
+    register_module(registry, comfy_core_stub, pack="comfy_core_stub")
     return registry
 
 
@@ -220,6 +225,46 @@ def with_subgraph() -> dict:
     return workflow
 
 
+def _socket(name, kind, link=None):
+    return {"name": name, "type": kind, "link": link}
+
+
+def txt2img(*, config: bool = False) -> dict:
+    """A whole text-to-image graph as one group (ComfyUI's core nodes, stubs), SaveImage outside: widgets of six
+    nodes, two prompts (one titled), the seed's control widget, a combo; with `config`, the group's own names."""
+    members = [
+        ("CheckpointLoaderSimple", ["v1-5-pruned-emaonly.safetensors"], []),
+        ("CLIPTextEncode", ["a cat"], [_socket("clip", "CLIP")]),
+        ("CLIPTextEncode", ["blurry"], [_socket("clip", "CLIP")]),
+        ("EmptyLatentImage", [512, 512, 1], []),
+        ("KSampler", [42, "randomize", 20, 8.0, "euler", "normal", 1.0],
+         [_socket("model", "MODEL"), _socket("positive", "CONDITIONING"), _socket("negative", "CONDITIONING"),
+          _socket("latent_image", "LATENT")]),
+        ("VAEDecode", [], [_socket("samples", "LATENT"), _socket("vae", "VAE")]),
+    ]
+    inner = [_inner(i, kind, widgets, inputs=inputs, outputs=[]) for i, (kind, widgets, inputs) in enumerate(members)]
+    inner[2]["title"] = "Negative"
+    links = [[0, 1, 1, 0, 100, "CLIP"], [0, 1, 2, 0, 100, "CLIP"], [0, 0, 4, 0, 100, "MODEL"],
+             [1, 0, 4, 1, 101, "CONDITIONING"], [2, 0, 4, 2, 102, "CONDITIONING"], [3, 0, 4, 3, 103, "LATENT"],
+             [4, 0, 5, 0, 104, "LATENT"], [0, 2, 5, 1, 100, "VAE"]]
+    group = {"nodes": inner, "links": links, "external": []}
+    if config:
+        group["config"] = {"4": {"input": {"steps": {"name": "Steps"}, "cfg": {"name": "CFG"}}},
+                           "1": {"input": {"text": {"name": "positive"}}}}
+    values = ["v1-5-pruned-emaonly-fp16.safetensors", "a dog", "ugly", 640, 448, 2, 7, "fixed", 25, 6.5,
+              "dpmpp_2m", "karras", 0.9]
+    instance = _node(1, "workflow>Txt2Img", values, outputs=[{"name": "IMAGE", "type": "IMAGE", "links": [1]}])
+    save = _node(2, "SaveImage", ["grouped"], inputs=[_socket("images", "IMAGE", 1)])
+    return _workflow([instance, save], [[1, 1, 0, 2, 0, "IMAGE"]], {"Txt2Img": group})
+
+
+def unknown_inner() -> dict:
+    """A group holding a node type the server does not have."""
+    workflow = one_group()
+    workflow["extra"]["groupNodes"]["Adders"]["nodes"][0]["type"] = "NoSuchNode"
+    return workflow
+
+
 def instance_mode(mode: int) -> dict:
     """The group node itself muted (2) or bypassed (4)."""
     workflow = one_group(converted=True)
@@ -241,7 +286,8 @@ def cases() -> dict[str, dict]:
             "legacy-separator": _legacy(one_group()), "three-adds": three_adds(), "seeded": seeded(),
             "instance-muted": instance_mode(2), "instance-bypassed": instance_mode(4),
             "titled": three_adds(title="Last"), "primitive-inside": virtual_inside("PrimitiveNode"),
-            "reroute-inside": virtual_inside("Reroute"), "with-subgraph": with_subgraph()}
+            "reroute-inside": virtual_inside("Reroute"), "with-subgraph": with_subgraph(),
+            "txt2img": txt2img(), "txt2img-config": txt2img(config=True)}
 
 
 def _legacy(workflow: dict) -> dict:
@@ -258,6 +304,21 @@ def test_group_nodes_convert_as_the_front_end_does(name, registry):
     "subgraph:inner" after the pasted ids, widget values, links in and out (and those it drops)."""
     expected = json.loads((FIXTURES / f"{name}.prompt.json").read_text())
     assert workflow_to_api(cases()[name], registry) == expected
+
+
+def test_a_group_of_node_types_the_server_lacks_is_refused_naming_them(registry):
+    """The front end shows such an instance as a missing node and queues it with class_type null (its prompt is
+    in tests/fixtures/group-nodes/unknown-inner.prompt.json); we say what is missing instead."""
+    with pytest.raises(GraphFormatError, match="node 2: group node 'Adders' holds node types this server does not "
+                                               r"have \(NoSuchNode\)"):
+        workflow_to_api(unknown_inner(), registry)
+
+
+def test_an_instance_of_an_undefined_group_is_refused(registry):
+    workflow = one_group()
+    workflow["nodes"][1]["type"] = "workflow>Missing"
+    with pytest.raises(GraphFormatError, match="node 2: group node type 'workflow>Missing' has no definition"):
+        workflow_to_api(workflow, registry)
 
 
 def test_a_converted_group_validates(registry):
