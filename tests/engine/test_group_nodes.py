@@ -258,6 +258,15 @@ def txt2img(*, config: bool = False) -> dict:
     return _workflow([instance, save], [[1, 1, 0, 2, 0, "IMAGE"]], {"Txt2Img": group})
 
 
+def hidden(kind: str) -> dict:
+    """The group's config hides its socket `box` ("input") or its output ("output"): the front end then drops
+    the link into it (or out of it)."""
+    workflow = socket_group(widget_first=False)
+    config = {"input": {"box": {"visible": False}}} if kind == "input" else {"output": {"0": {"visible": False}}}
+    workflow["extra"]["groupNodes"]["Boxes"]["config"] = {"0" if kind == "input" else "1": config}
+    return workflow
+
+
 def unknown_inner() -> dict:
     """A group holding a node type the server does not have."""
     workflow = one_group()
@@ -287,7 +296,8 @@ def cases() -> dict[str, dict]:
             "instance-muted": instance_mode(2), "instance-bypassed": instance_mode(4),
             "titled": three_adds(title="Last"), "primitive-inside": virtual_inside("PrimitiveNode"),
             "reroute-inside": virtual_inside("Reroute"), "with-subgraph": with_subgraph(),
-            "txt2img": txt2img(), "txt2img-config": txt2img(config=True)}
+            "txt2img": txt2img(), "txt2img-config": txt2img(config=True), "hidden-input": hidden("input"),
+            "hidden-output": hidden("output")}
 
 
 def _legacy(workflow: dict) -> dict:
