@@ -9,6 +9,8 @@ with `app.loadGraphData` and saves what `app.graphToPrompt()` gives (`output`, t
     PYTHONPATH=$PWD python tools/frontend_oracle.py --out DIR --templates   # every template whose nodes we have
 
 Each WORKFLOW.json gives DIR/NAME.workflow.json (a copy) and DIR/NAME.prompt.json (the front end's prompt).
+`--loaded` also saves DIR/NAME.loaded.json, the workflow as the page holds it after loading (group nodes turned
+into subgraphs, with the ids it gave).
 `--make-subgraphs` also makes workflows in the page: the front end's own "convert to subgraph" applied to parts of
 each loaded workflow (nested, and with a bypassed and a muted node inside), saved as NAME-sub*.workflow.json with
 their prompts. Needs /usr/bin/chromium (or --chromium PATH); no GPU, no network.

@@ -258,6 +258,15 @@ def txt2img(*, config: bool = False) -> dict:
     return _workflow([instance, save], [[1, 1, 0, 2, 0, "IMAGE"]], {"Txt2Img": group})
 
 
+def crossed() -> dict:
+    """Const -> the instance's plain widget socket `b`, in a group whose converted widget `a` the front end numbers
+    0: it re-makes the link from socket 0 (`b`) into Add's a."""
+    workflow = one_group(converted=True)
+    workflow["nodes"][1]["inputs"] = [_widget_input("b", 1), _widget_input("Mul b"), _widget_input("a")]
+    workflow["links"][0] = [1, 1, 0, 2, 0, "INT"]
+    return workflow
+
+
 def hidden(kind: str) -> dict:
     """The group's config hides its socket `box` ("input") or its output ("output"): the front end then drops
     the link into it (or out of it)."""
@@ -297,7 +306,7 @@ def cases() -> dict[str, dict]:
             "titled": three_adds(title="Last"), "primitive-inside": virtual_inside("PrimitiveNode"),
             "reroute-inside": virtual_inside("Reroute"), "with-subgraph": with_subgraph(),
             "txt2img": txt2img(), "txt2img-config": txt2img(config=True), "hidden-input": hidden("input"),
-            "hidden-output": hidden("output")}
+            "hidden-output": hidden("output"), "crossed": crossed()}
 
 
 def _legacy(workflow: dict) -> dict:
