@@ -97,6 +97,14 @@ def two_instances() -> dict:
     return _workflow(nodes, links, {"Adders": adders_group(converted=True)})
 
 
+def two_instances_listed_in_reverse() -> dict:
+    """As `two_instances`, the later instance (id 4) first in the workflow's node list: the front end converts
+    instances in list order, so it gets the lower pasted ids."""
+    workflow = two_instances()
+    workflow["nodes"][0], workflow["nodes"][1] = workflow["nodes"][1], workflow["nodes"][0]
+    return workflow
+
+
 def nested() -> dict:
     """A group whose nodes include an instance of another group: Outer = [Adders] -> Mul."""
     inner_instance = _inner(0, "workflow>Adders", [20, 30], outputs=[_out("product", [])])
@@ -298,6 +306,7 @@ def cases() -> dict[str, dict]:
             "inner-bypassed": one_group(converted=True, inner_mode=4),
             "inner-muted": one_group(converted=True, inner_mode=2),
             "two-instances": two_instances(), "nested": nested(),
+            "two-instances-reversed": two_instances_listed_in_reverse(),
             "socket-input": socket_group(widget_first=False), "all-converted": all_converted(),
             "socket-after-widget": socket_group(widget_first=True),
             "socket-and-linked-widget": socket_group(widget_first=False, link_b=True),
