@@ -1,21 +1,14 @@
 """Group nodes (`extra.groupNodes`, the format before subgraphs), expanded as frontend 1.58 does when it loads them.
 
 A group is a saved selection of nodes: `nodes` (each with its `index`), `links` as [origin index, origin slot,
-target index, target slot, ...] between them and `external` [index, slot, type] (outputs also used outside). A node
-of type "workflow>NAME" (oldest files: "workflow/NAME") is an instance; its inputs and widgets are the group's
-unlinked inputs, derived from the inner nodes' definitions (`GroupDef`). When the front end loads such a file it
-pastes each instance's inner nodes under fresh ids (the next free numbers, in the group's node order), sets their
-widgets from the instance's, re-makes the links in and out, removes the instance and turns the pasted nodes into a
-subgraph under the next fresh id: the prompt then names them "subgraph:inner". Its quirks, kept here because the
-prompt must match the browser's (checked with tools/frontend_oracle.py, tests/fixtures/group-nodes):
-
-- the group's widgets are, in order: each inner node's plain widgets (its own sockets numbered meanwhile), then
-  the widgets converted to inputs; a name used twice becomes "Title name";
-- the instance's sockets are its non-widget inputs then all its widget inputs, but a link in is re-made from the
-  socket numbered by the count of non-widget inputs and converted widgets before it, so a link into a converted
-  widget survives only when that count matches its place, and a link into a plain widget is dropped;
-- a group node inside a group is pasted as it is (the front end does not convert it): it stays one node of type
-  "workflow>NAME" whose inputs are its widgets by name, which no server runs.
+target index, target slot, origin id, type] between them, `external` [index, slot, type] (outputs also used
+outside) and an optional `config` (the group's own names, hidden inputs and outputs). A node of type
+"workflow>NAME" (oldest files: "workflow/NAME") is an instance; its widgets and sockets are derived from the inner
+nodes' /object_info entries (`build_group`). When the front end loads such a file it pastes each instance's inner
+nodes under fresh ids (the next free numbers, in the group's node order), sets their widgets from the instance's,
+re-makes the links in and out, removes the instance and turns the pasted nodes into a subgraph under the next
+id: the prompt names them "subgraph:inner". Its quirks are kept, because the prompt must match the browser's
+(docs/engine.md lists them; tests/fixtures/group-nodes holds the browser's prompts).
 """
 
 from __future__ import annotations
@@ -63,7 +56,10 @@ def expand_group_nodes(workflow: Mapping[str, Any], node_info: NodeInfo) -> dict
     groups: dict[str, GroupDef] = {}
     for name, data in raw_groups.items():
         groups[name] = build_group(str(name), data, node_info, known_groups=list(groups))
-    nodes = [dict(n, type=_modern_type(n.get("type"))) for n in workflow.get("nodes") or []]
+    raw_nodes = workflow.get("nodes")
+    if not isinstance(raw_nodes, list) or not all(isinstance(n, Mapping) and "id" in n for n in raw_nodes):
+        raise SubgraphError("the workflow: 'nodes' must be a list of nodes with an 'id'")
+    nodes = [dict(n, type=_modern_type(n.get("type"))) for n in raw_nodes]
     links = [_link_list(link) for link in workflow.get("links") or []]
     last = last_node_id_after_load(workflow)
     for instance in list(nodes):
@@ -93,6 +89,9 @@ def _link_list(link: Any) -> list[Any]:
     if isinstance(link, Mapping):
         return [link.get("id"), link.get("origin_id"), link.get("origin_slot"), link.get("target_id"),
                 link.get("target_slot"), link.get("type")]
+    if not isinstance(link, list | tuple) or len(link) < 5:
+        raise SubgraphError(f"the workflow: link {link!r} is not [id, origin_id, origin_slot, target_id, "
+                            "target_slot, type]")
     return list(link)
 
 
@@ -103,8 +102,9 @@ def build_group(name: str, data: Any, node_info: NodeInfo, known_groups: Iterabl
     the groups defined before this one (a group node inside must be one of them)."""
     if not isinstance(data, Mapping) or not isinstance(data.get("nodes"), list):
         raise SubgraphError(f"group node {name!r}: extra.groupNodes[{name!r}] must hold a 'nodes' list")
-    group = GroupDef(name, list(data["nodes"]), [list(link) for link in data.get("links") or []
-                                                 if isinstance(link, list | tuple) and len(link) >= 4])
+    if not all(isinstance(n, Mapping) for n in data["nodes"]):
+        raise SubgraphError(f"group node {name!r}: each of its 'nodes' must be a node (an object)")
+    group = GroupDef(name, list(data["nodes"]), _group_links(name, data.get("links"), len(data["nodes"])))
     kinds = {str(n.get("type")) if isinstance(n, Mapping) else "" for n in group.nodes}
     known = {PREFIX + g for g in known_groups} | FRONTEND_TYPES
     group.missing = sorted(k for k in kinds if k not in known and node_info(k) is None)
@@ -117,6 +117,22 @@ def build_group(name: str, data: Any, node_info: NodeInfo, known_groups: Iterabl
     group.sockets = [n for n, spec in builder.required.items() if not _is_widget(spec)] + \
         [w[0] for w in group.widgets]
     return group
+
+
+def _group_links(name: str, raw: Any, count: int) -> list[list[Any]]:
+    """The group's links, each [origin index, origin slot, target index, target slot, ...] between its nodes (a
+    link without an origin, which the front end skips, is left out)."""
+    links = []
+    for link in raw or []:
+        if isinstance(link, list | tuple) and len(link) >= 4 and link[0] is None:
+            continue
+        if not (isinstance(link, list | tuple) and len(link) >= 4 and all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in link[:4])
+                and link[0] < count and link[2] < count):
+            raise SubgraphError(f"group node {name!r}: link {link!r} is not [origin index, origin slot, target "
+                                f"index, target slot, ...] between its {count} nodes; re-save the workflow")
+        links.append(list(link))
+    return links
 
 
 @dataclass
@@ -135,7 +151,7 @@ class _Builder:
 
     @cached_property
     def links_to(self) -> set[tuple[Any, Any]]:
-        return {(link[2], link[3]) for link in self.group.links if link[0] is not None}
+        return {(link[2], link[3]) for link in self.group.links}
 
     def add_node(self, index: int, node: Mapping[str, Any]) -> None:
         info = _primitive_info(index, self.group, self.node_info) if node.get("type") == PRIMITIVE else \
@@ -172,7 +188,7 @@ class _Builder:
         self.add_outputs(index, info)
 
     def add_outputs(self, index: int, info: Mapping[str, Any]) -> None:
-        linked_from = {(link[0], link[1]) for link in self.group.links if link[0] is not None}
+        linked_from = {(link[0], link[1]) for link in self.group.links}
         external = {(e[0], e[1]) for e in self.data.get("external") or []
                     if isinstance(e, list | tuple) and len(e) > 2 and e[2] is not None}
         for slot, _ in enumerate(info.get("output") or []):
@@ -274,8 +290,6 @@ def _expand_instance(instance: Mapping[str, Any], group: GroupDef, groups: Mappi
               for i, node in enumerate(group.nodes)]
     inner_links = []
     for n, link in enumerate(group.links):
-        if len(link) < 4 or link[0] is None or not (0 <= link[0] < count and 0 <= link[2] < count):
-            continue
         if group.nodes[link[0]].get("type") == PRIMITIVE:
             continue  # its value does not reach the input it feeds: that widget keeps its own value
         link_id = f"{prefix}link{n}"

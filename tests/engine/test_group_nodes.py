@@ -349,6 +349,19 @@ def test_an_instance_of_an_undefined_group_is_refused(registry):
         workflow_to_api(workflow, registry)
 
 
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda g: g.update(nodes={"0": {}}), r"group node 'Adders': extra.groupNodes\['Adders'\] must hold a 'nodes'"),
+    (lambda g: g["links"].append([0, 0, 7, 0, 1, "INT"]), r"group node 'Adders': link \[0, 0, 7, 0, 1, 'INT'\] is not "
+                                                        r"\[origin index, origin slot, target index"),
+    (lambda g: g["nodes"].append(3), r"group node 'Adders': each of its 'nodes' must be a node"),
+])
+def test_a_broken_group_is_refused_naming_it(change, message, registry):
+    workflow = one_group()
+    change(workflow["extra"]["groupNodes"]["Adders"])
+    with pytest.raises(GraphFormatError, match=message):
+        workflow_to_api(workflow, registry)
+
+
 def test_a_converted_group_validates(registry):
     api = workflow_to_api(one_group(), registry)
     assert sorted(api) == ["1", "3", "6:4", "6:5"]
