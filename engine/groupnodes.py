@@ -304,7 +304,7 @@ def _expand_instance(instance: Mapping[str, Any], group: GroupDef, groups: Mappi
             if outer is not None:
                 link_id = f"{prefix}in{index}.{input_name}"
                 inner_links.append([link_id, outer[1], outer[2], inner_ids[index], input_name, outer[5]])
-                _plug_named(pasted[index], input_name, link_id)
+                _plug_named(pasted[index], input_name, link_id, outer[5])
     kept = []
     for link in links:
         if str(link[3]) == str(instance["id"]):
@@ -359,8 +359,10 @@ def _pasted_node(node: Mapping[str, Any], new_id: str, widget_map: Mapping[str, 
     for input_name, spec in _input_specs(info).items():
         if not _is_widget(spec):
             continue
-        while len(widget_values) <= position + _has_control(spec):
-            widget_values.append(_default(spec) if len(widget_values) == position else "fixed")
+        if len(widget_values) == position:  # a value the file left out: the widget's default
+            widget_values.append(_default(spec))
+        if _has_control(spec) and len(widget_values) == position + 1:
+            widget_values.append("fixed")
         if widget_map.get(input_name) in values:
             widget_values[position] = values[widget_map[input_name]]
         position += 2 if _has_control(spec) else 1
@@ -386,12 +388,12 @@ def _plug(node: dict[str, Any], slot: int, link_id: str) -> None:
         node["inputs"][slot]["link"] = link_id
 
 
-def _plug_named(node: dict[str, Any], input_name: str, link_id: str) -> None:
+def _plug_named(node: dict[str, Any], input_name: str, link_id: str, kind: Any) -> None:
     for slot in node["inputs"]:
         if slot.get("name") == input_name:
             slot["link"] = link_id
             return
-    node["inputs"].append({"name": input_name, "type": "*", "link": link_id})
+    node["inputs"].append({"name": input_name, "type": kind or "*", "link": link_id})
 
 
 def _named_to_slots(inner_links: list[list[Any]], pasted: list[dict[str, Any]]) -> list[list[Any]]:
