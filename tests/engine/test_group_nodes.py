@@ -275,6 +275,21 @@ def crossed() -> dict:
     return workflow
 
 
+def every_widget_an_input() -> dict:
+    """As saved by front ends 1.16+ (before group nodes went): every widget also has an input entry, so the
+    front end treats them all as converted widgets: no plain widgets, and a link into `b` reaches Add's b."""
+    workflow = one_group()
+    add, mul = workflow["extra"]["groupNodes"]["Adders"]["nodes"]
+    add["inputs"] = [_widget_input("a"), _widget_input("b")]
+    mul["inputs"] = [_widget_input("a", 0), _widget_input("b")]
+    instance = workflow["nodes"][1]
+    instance["inputs"] = [_widget_input("a"), _widget_input("b", 1), _widget_input("Mul b")]
+    instance["widgets_values"] = [20, 30, 40]
+    workflow["nodes"][0]["outputs"][0]["links"] = [1]
+    workflow["links"].insert(0, [1, 1, 0, 2, 1, "INT"])
+    return workflow
+
+
 def hidden(kind: str) -> dict:
     """The group's config hides its socket `box` ("input") or its output ("output"): the front end then drops
     the link into it (or out of it)."""
@@ -315,7 +330,7 @@ def cases() -> dict[str, dict]:
             "titled": three_adds(title="Last"), "primitive-inside": virtual_inside("PrimitiveNode"),
             "reroute-inside": virtual_inside("Reroute"), "with-subgraph": with_subgraph(),
             "txt2img": txt2img(), "txt2img-config": txt2img(config=True), "hidden-input": hidden("input"),
-            "hidden-output": hidden("output"), "crossed": crossed()}
+            "hidden-output": hidden("output"), "crossed": crossed(), "every-widget-an-input": every_widget_an_input()}
 
 
 def _legacy(workflow: dict) -> dict:
