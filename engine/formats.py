@@ -14,7 +14,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .groupnodes import expand_group_nodes, has_group_nodes
 from .registry import NodeRegistry
+from .schema import node_info
 from .subgraphs import SubgraphError, flatten_workflow, has_subgraphs
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -130,8 +132,10 @@ def workflow_to_api(workflow: Mapping[str, Any], registry: NodeRegistry) -> dict
     Muted nodes (mode 2) vanish; bypassed ones (mode 4) pass each output through an input of the same type;
     Reroutes and PrimitiveNodes are resolved into direct links and constants; Notes are dropped. Subgraphs and
     group nodes are flattened first (`subgraphs.py`)."""
-    if has_subgraphs(workflow):
+    if has_subgraphs(workflow) or has_group_nodes(workflow):
         try:
+            if has_group_nodes(workflow):
+                workflow = expand_group_nodes(workflow, lambda kind: _object_info(registry, kind))
             workflow = flatten_workflow(workflow)
         except SubgraphError as exc:
             raise GraphFormatError(str(exc)) from exc
@@ -170,6 +174,11 @@ def workflow_to_api(workflow: Mapping[str, Any], registry: NodeRegistry) -> dict
         entry["_meta"] = _meta(ui_node, registry)
         api[node_id] = entry
     return api
+
+
+def _object_info(registry: NodeRegistry, kind: str) -> dict[str, Any] | None:
+    definition = registry.get(kind)
+    return None if definition is None else node_info(definition)
 
 
 def _meta(ui_node: _UINode, registry: NodeRegistry) -> dict[str, Any]:
@@ -260,6 +269,8 @@ def _widget_inputs(ui_node: _UINode, registry: NodeRegistry) -> dict[str, Any]:
     ignored."""
     values = ui_node.widgets_values
     definition = registry.get(ui_node.type)
+    if definition is None and isinstance(values, Mapping):  # a group node left inside a group: widgets by name
+        return {k: _api_value(v) for k, v in values.items()}
     if values is None or definition is None:
         return {}
     if isinstance(values, Mapping):

@@ -17,7 +17,7 @@ instance by its inner nodes, with the front end's rules (its `ExecutableNodeDTO.
   own mode still decides what its outputs give.
 
 Inner node ids that repeat an id in use are renumbered as the front end does when it loads the file. Group nodes
-(`extra.groupNodes`, the older format) are refused with how to convert them (`refuse_group_nodes`). The result is a
+(`extra.groupNodes`, the older format) are expanded before, by `groupnodes.py`. The result is a
 plain workflow (string node and link ids) for `formats.workflow_to_api`, which resolves bypasses, muted nodes,
 Reroutes and PrimitiveNodes.
 """
@@ -86,15 +86,12 @@ class _Level:
 
 def has_subgraphs(workflow: Mapping[str, Any]) -> bool:
     definitions = workflow.get("definitions")
-    extra = workflow.get("extra")
-    return bool((isinstance(definitions, Mapping) and definitions.get("subgraphs"))
-                or (isinstance(extra, Mapping) and extra.get("groupNodes")))
+    return bool(isinstance(definitions, Mapping) and definitions.get("subgraphs"))
 
 
 def flatten_workflow(workflow: Mapping[str, Any]) -> dict[str, Any]:
-    """The workflow with every subgraph instance (and group node) replaced by its inner nodes: `{"nodes",
+    """The workflow with every subgraph instance replaced by its inner nodes: `{"nodes",
     "links"}` with string ids, links as [id, origin_id, origin_slot, target_id, target_slot, type]."""
-    refuse_group_nodes(workflow)
     subgraphs = _subgraph_definitions(workflow)
     root = _Level("", _nodes_by_id(workflow.get("nodes", []), "the workflow"),
                   _links_by_id(workflow.get("links", []), "the workflow"))
@@ -106,7 +103,7 @@ def flatten_workflow(workflow: Mapping[str, Any]) -> dict[str, Any]:
 
 def _subgraph_definitions(workflow: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
     subgraphs: dict[str, Mapping[str, Any]] = {}
-    for sub in _renumbered(workflow, _all_definitions(workflow)):
+    for sub in _renumbered(workflow, _all_definitions(workflow))[0]:
         subgraphs.setdefault(sub["id"], sub)  # the front end keeps the first of two with one id
     return subgraphs
 
@@ -125,10 +122,23 @@ def _all_definitions(graph: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     return found
 
 
-def _renumbered(workflow: Mapping[str, Any], subgraphs: list[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+def last_node_id_after_load(workflow: Mapping[str, Any]) -> int:
+    """The root graph's last node id once the front end has loaded the file: past every renumbered inner id and
+    every subgraph's own saved counter (new nodes, like the ones group nodes turn into, get the next ids)."""
+    definitions = _all_definitions(workflow)
+    states = [sub.get("state") for sub in definitions]
+    counters = [_number(state.get("lastNodeId")) for state in states if isinstance(state, Mapping)]
+    ids = [_number(n.get("id")) for graph in (workflow, *definitions) for n in graph.get("nodes") or []
+           if isinstance(n, Mapping)]
+    return max([_renumbered(workflow, definitions)[1], *counters, *ids])
+
+
+def _renumbered(workflow: Mapping[str, Any], subgraphs: list[Mapping[str, Any]],
+                ) -> tuple[list[Mapping[str, Any]], int]:
     """Inner node ids that repeat an id already used (at the top level or in an earlier subgraph) get fresh ids, as
     the front end gives them when it loads the file: the next free number after the graph's last node id, in the
-    order of the definitions and their nodes. The API prompt's "instance:inner" ids use the fresh ids."""
+    order of the definitions and their nodes. The API prompt's "instance:inner" ids use the fresh ids. Also gives
+    the last id given."""
     top = workflow.get("nodes") or []
     taken = {str(n.get("id")) for n in top if isinstance(n, Mapping)}
     numbers = {int(i) for i in taken if i.isdigit()}
@@ -152,7 +162,7 @@ def _renumbered(workflow: Mapping[str, Any], subgraphs: list[Mapping[str, Any]])
                     numbers.add(int(node_id))
                     last = max(last, int(node_id))
         result.append(_with_fresh_ids(sub, fresh) if fresh else sub)
-    return result
+    return result, last
 
 
 def _number(value: Any) -> int:
@@ -308,16 +318,3 @@ def _instance_slot(instance: Mapping[str, Any], input_names: tuple[str, ...], sl
         return slot
     names = [entry.get("name") if isinstance(entry, Mapping) else None for entry in instance.get("inputs") or []]
     return names.index(input_names[slot]) if input_names[slot] in names else None
-
-
-def refuse_group_nodes(workflow: Mapping[str, Any]) -> None:
-    """Group nodes (`extra.groupNodes`, node types "workflow>NAME") are not flattened: frontend 1.58 converts each
-    into a subgraph when it loads the file (pasting its nodes under fresh ids, applying the group's widget values by
-    name, then "convert to subgraph" under another fresh id), and those ids are not reproduced here yet."""
-    extra = workflow.get("extra")
-    groups = extra.get("groupNodes") if isinstance(extra, Mapping) else None
-    if isinstance(groups, Mapping) and groups:
-        name = next(iter(groups))
-        raise SubgraphError(f"group node {name!r}: group nodes are not supported; open the workflow in the front end "
-                            "(it turns group nodes into subgraphs, or right-click > Convert to subgraph) and save "
-                            "it again")

@@ -9,6 +9,8 @@ with `app.loadGraphData` and saves what `app.graphToPrompt()` gives (`output`, t
     PYTHONPATH=$PWD python tools/frontend_oracle.py --out DIR --templates   # every template whose nodes we have
 
 Each WORKFLOW.json gives DIR/NAME.workflow.json (a copy) and DIR/NAME.prompt.json (the front end's prompt).
+`--loaded` also saves DIR/NAME.loaded.json, the workflow as the page holds it after loading (group nodes turned
+into subgraphs, with the ids it gave).
 `--make-subgraphs` also makes workflows in the page: the front end's own "convert to subgraph" applied to parts of
 each loaded workflow (nested, and with a bypassed and a muted node inside), saved as NAME-sub*.workflow.json with
 their prompts. Needs /usr/bin/chromium (or --chromium PATH); no GPU, no network.
@@ -99,6 +101,14 @@ TO_PROMPT = """async (workflow) => {
   return result.output;
 }"""
 
+# The workflow as the page holds it after loading (group nodes already turned into subgraphs), with its prompt.
+TO_LOADED = """async (workflow) => {
+  await window.app.loadGraphData(workflow, true, true, null);
+  await new Promise(r => setTimeout(r, 50));
+  const result = await window.app.graphToPrompt();
+  return [result.workflow, result.output];
+}"""
+
 # The front end's own "convert to subgraph": the nodes at the given positions of the root graph (nested: the
 # first call's subgraph node is included in the second). Modes are set on the chosen nodes first.
 MAKE_SUBGRAPH = """async ([workflow, groups, modes]) => {
@@ -116,7 +126,7 @@ MAKE_SUBGRAPH = """async ([workflow, groups, modes]) => {
 
 
 async def run_oracle(workflows: list[Path], out: Path, object_info: dict[str, Any], *, chromium: str,
-                     make_subgraphs: bool) -> int:
+                     make_subgraphs: bool, loaded: bool = False) -> int:
     from playwright.async_api import async_playwright
 
     runner = web.AppRunner(make_app(object_info))
@@ -143,6 +153,9 @@ async def run_oracle(workflows: list[Path], out: Path, object_info: dict[str, An
                     print(f"{path.name}: the front end failed: {exc}", file=sys.stderr)
                     continue
                 save(out, path.stem, workflow, prompt)
+                if loaded:
+                    as_loaded, _ = await page.evaluate(TO_LOADED, workflow)
+                    (out / f"{path.stem}.loaded.json").write_text(json.dumps(as_loaded, indent=1) + "\n")
                 if make_subgraphs:
                     for suffix, (groups, modes) in subgraph_plans(workflow).items():
                         made = without_null_lists(await page.evaluate(MAKE_SUBGRAPH, [workflow, groups, modes]))
@@ -189,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--templates", action="store_true", help="every template whose nodes we have")
     parser.add_argument("--make-subgraphs", action="store_true", help="also convert parts into subgraphs")
+    parser.add_argument("--loaded", action="store_true",
+                        help="also save NAME.loaded.json, the workflow as the page holds it after loading")
     parser.add_argument("--chromium", default="/usr/bin/chromium")
     parser.add_argument("--registry", metavar="MODULE:FUNCTION",
                         help="the node registry to describe (default: ours, nodes.build_registry); e.g. "
@@ -210,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         workflows += [p for p in template_files() if is_workflow(p) and workflow_types(json.loads(p.read_text()))
                       <= set(info)]
     return 1 if asyncio.run(run_oracle(workflows, args.out, info, chromium=args.chromium,
-                                       make_subgraphs=args.make_subgraphs)) else 0
+                                       make_subgraphs=args.make_subgraphs, loaded=args.loaded)) else 0
 
 
 if __name__ == "__main__":

@@ -174,14 +174,6 @@ def test_a_subgraph_inside_itself_is_refused_with_its_name(registry):
         workflow_to_api(workflow, registry)
 
 
-def test_a_group_node_workflow_is_refused_with_how_to_convert_it(registry):
-    """Group nodes (extra.groupNodes) are not flattened yet: a clear error instead of an unknown node type."""
-    workflow = {"nodes": [{"id": 1, "type": "workflow>Adders", "mode": 0, "inputs": [], "outputs": []}],
-                "links": [], "extra": {"groupNodes": {"Adders": {"nodes": [], "links": [], "external": []}}}}
-    with pytest.raises(GraphFormatError, match="group node 'Adders'.*Convert to subgraph"):
-        workflow_to_api(workflow, registry)
-
-
 def test_flattening_gives_a_plain_workflow_with_string_ids():
     flat = flatten_workflow(adder_workflow())
     assert {n["id"] for n in flat["nodes"]} == {"3", "5:1", "5:2", "6"}
