@@ -1,9 +1,15 @@
-"""The SD1.x denoising UNet (LDM's `openaimodel.UNetModel` with spatial transformers), in plain torch.
+"""The denoising UNet of SD1.x, SD2.x and SDXL (LDM/SGM's `openaimodel.UNetModel` with spatial transformers),
+in plain torch.
 
-Module attribute names mirror the checkpoint: `UNetModel(config).state_dict()` has exactly the keys of an SD1
+Module attribute names mirror the checkpoint: `UNetModel(config).state_dict()` has exactly the keys of a
 single-file checkpoint after stripping `model.diffusion_model.` (input_blocks.N.M..., middle_block...,
-output_blocks..., time_embed..., out...), so loading needs no key map. `unet_config_from_state_dict` reads the
-architecture back from tensor shapes alone.
+output_blocks..., time_embed..., label_emb... for SDXL, out...), so loading needs no key map.
+`unet_config_from_state_dict` reads the architecture back from tensor shapes alone.
+
+What differs between the families is all in `UNetConfig`: SD2 has 64-wide heads and Linear proj_in/proj_out;
+SDXL has a transformer depth per level (0, 2, 10: none at the first level), 64-wide heads, a 2048-wide context
+and a label embedding (`label_emb`, the size conditioning vector `y` of 2816 values, 2560 for the refiner)
+added to the time embedding; inpainting models take 9 input channels.
 """
 
 import itertools
@@ -33,11 +39,13 @@ class UNetConfig:
     channel_mult: tuple[int, ...] = (1, 2, 4, 4)
     num_res_blocks: int = 2
     attention_levels: tuple[int, ...] = (0, 1, 2)  # levels (indices into channel_mult) with a transformer
-    transformer_depth: int = 1
+    transformer_depth: int | tuple[int, ...] = 1  # one depth for every attention level, or one per level (SDXL)
     context_dim: int = 768
     num_heads: int | None = 8  # SD1: a fixed head count per level...
-    head_dim: int | None = None  # ...SD2: a fixed head width (64); exactly one of the two is set
-    linear_projection: bool = False  # proj_in/proj_out as Linear (SD2.1) instead of 1x1 convs (SD1)
+    head_dim: int | None = None  # ...SD2/SDXL: a fixed head width (64); exactly one of the two is set
+    linear_projection: bool = False  # proj_in/proj_out as Linear (SD2.1, SDXL) instead of 1x1 convs (SD1)
+    middle_depth: int | None = None  # the middle block's transformer depth; None: transformer_depth (an int)
+    adm_in_channels: int | None = None  # SDXL: width of the label vector y (2816 base, 2560 refiner)
 
     def __post_init__(self):
         if (self.num_heads is None) == (self.head_dim is None):
@@ -45,6 +53,16 @@ class UNetConfig:
         bad = [lvl for lvl in self.attention_levels if not 0 <= lvl < len(self.channel_mult)]
         if bad:
             raise ValueError(f"attention_levels {bad} outside the {len(self.channel_mult)} levels of channel_mult")
+        if isinstance(self.transformer_depth, tuple):
+            if len(self.transformer_depth) != len(self.channel_mult):
+                raise ValueError(f"transformer_depth {self.transformer_depth} needs one depth per level of "
+                                 f"channel_mult {self.channel_mult}")
+            with_attention = tuple(i for i, d in enumerate(self.transformer_depth) if d > 0)
+            if with_attention != tuple(self.attention_levels):
+                raise ValueError(f"attention_levels {self.attention_levels} disagree with the levels of nonzero "
+                                 f"transformer_depth {self.transformer_depth}")
+            if self.middle_depth is None:
+                raise ValueError("a transformer_depth per level needs middle_depth too")
         for width in self.level_channels:
             if width % GROUPS:
                 raise ValueError(f"channel width {width} is not divisible by the {GROUPS} GroupNorm groups")
@@ -59,6 +77,20 @@ class UNetConfig:
     @property
     def embed_dim(self) -> int:
         return 4 * self.model_channels
+
+    def depth_at(self, level: int) -> int:
+        """The transformer depth after each res block of `level` (0: no transformer there)."""
+        if level not in self.attention_levels:
+            return 0
+        return self.transformer_depth[level] if isinstance(self.transformer_depth, tuple) else self.transformer_depth
+
+    @property
+    def mid_depth(self) -> int:
+        return self.transformer_depth if self.middle_depth is None else self.middle_depth
+
+    @property
+    def max_depth(self) -> int:
+        return max(self.mid_depth, *(self.depth_at(level) for level in range(len(self.channel_mult))))
 
     def heads_for(self, channels: int) -> tuple[int, int]:
         """(number of heads, width of one head) for a transformer over `channels`."""
@@ -160,7 +192,7 @@ class BasicTransformerBlock(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-    def __init__(self, channels: int, config: UNetConfig):
+    def __init__(self, channels: int, config: UNetConfig, depth: int):
         super().__init__()
         heads, head_dim = config.heads_for(channels)
         inner = heads * head_dim
@@ -169,7 +201,7 @@ class SpatialTransformer(nn.Module):
         self.norm = nn.GroupNorm(GROUPS, channels, eps=1e-6)
         self.proj_in = project(channels, inner)
         self.transformer_blocks = nn.ModuleList(
-            BasicTransformerBlock(inner, config.context_dim, heads, head_dim) for _ in range(config.transformer_depth)
+            BasicTransformerBlock(inner, config.context_dim, heads, head_dim) for _ in range(depth)
         )
         self.proj_out = project(inner, channels)
 
@@ -243,19 +275,41 @@ def encoder_blocks(c: UNetConfig) -> tuple[nn.ModuleList, UNetBlock, list[int]]:
         for _ in range(c.num_res_blocks):
             layers = [ResBlock(ch, c.embed_dim, width)]
             ch = width
-            if level in c.attention_levels:
-                layers.append(SpatialTransformer(ch, c))
+            if c.depth_at(level):
+                layers.append(SpatialTransformer(ch, c, c.depth_at(level)))
             input_blocks.append(UNetBlock(layers))
             skip_channels.append(ch)
         if level != last_level:
             input_blocks.append(UNetBlock([Downsample(ch)]))
             skip_channels.append(ch)
-    middle_block = UNetBlock([ResBlock(ch, c.embed_dim, ch), SpatialTransformer(ch, c), ResBlock(ch, c.embed_dim, ch)])
+    middle_block = UNetBlock([ResBlock(ch, c.embed_dim, ch), SpatialTransformer(ch, c, c.mid_depth),
+                              ResBlock(ch, c.embed_dim, ch)])
     return input_blocks, middle_block, skip_channels
 
 
 def time_embedding(c: UNetConfig) -> nn.Sequential:
     return nn.Sequential(nn.Linear(c.model_channels, c.embed_dim), nn.SiLU(), nn.Linear(c.embed_dim, c.embed_dim))
+
+
+def label_embedding(c: UNetConfig) -> nn.Sequential:
+    """SDXL's `label_emb.0.{0,2}`: the label vector y -> Linear, SiLU, Linear, added to the time embedding."""
+    return nn.Sequential(nn.Sequential(nn.Linear(c.adm_in_channels, c.embed_dim), nn.SiLU(),
+                                       nn.Linear(c.embed_dim, c.embed_dim)))
+
+
+def check_label(config: UNetConfig, y: torch.Tensor | None, batch: int) -> None:
+    """A clear error unless `y` is given exactly when the UNet takes one, of shape [batch, adm_in_channels]."""
+    if config.adm_in_channels is None:
+        if y is not None:
+            raise ValueError(f"this UNet takes no label vector y (it has no label_emb), got one of shape "
+                             f"{list(y.shape)}; y is for SDXL models only")
+        return
+    if y is None:
+        raise ValueError(f"this UNet (SDXL) needs the label vector y of {config.adm_in_channels} values per "
+                         "latent (pooled text embedding and size conditioning); none was given")
+    if tuple(y.shape) != (batch, config.adm_in_channels):
+        raise ValueError(f"label vector y has shape {list(y.shape)}, the UNet needs [{batch}, "
+                         f"{config.adm_in_channels}]: the conditioning was made for another model")
 
 
 class ControlResiduals(NamedTuple):
@@ -273,6 +327,8 @@ class UNetModel(nn.Module):
         self.config = config
         c = config
         self.time_embed = time_embedding(c)
+        if c.adm_in_channels is not None:
+            self.label_emb = label_embedding(c)
         self.input_blocks, self.middle_block, skip_channels = encoder_blocks(c)
         ch = skip_channels[-1]
 
@@ -281,8 +337,8 @@ class UNetModel(nn.Module):
             for i in range(c.num_res_blocks + 1):
                 layers = [ResBlock(ch + skip_channels.pop(), c.embed_dim, width)]
                 ch = width
-                if level in c.attention_levels:
-                    layers.append(SpatialTransformer(ch, c))
+                if c.depth_at(level):
+                    layers.append(SpatialTransformer(ch, c, c.depth_at(level)))
                 if level != 0 and i == c.num_res_blocks:
                     layers.append(Upsample(ch))
                 self.output_blocks.append(UNetBlock(layers))
@@ -292,9 +348,10 @@ class UNetModel(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
-                control: ControlResiduals | None = None) -> torch.Tensor:
-        """Predict the noise in latents x [B, C, H, W] at timesteps [B] (float, 0..999) given context [B, T, D],
-        plus a ControlNet's `control` residuals if given.
+                control: ControlResiduals | None = None, y: torch.Tensor | None = None) -> torch.Tensor:
+        """The network's prediction (noise or v, as the model was trained) for latents x [B, C, H, W] at
+        timesteps [B] (float, 0..999) given context [B, T, D], plus a ControlNet's `control` residuals if given.
+        `y` [B, adm_in_channels] is the label vector, required exactly when the config has one (SDXL).
 
         Works for any H, W (upsampling matches each skip's size). Runs on x's device; each block computes in the
         dtype of its own weights (all one dtype, unless the loader kept some layers in fp32: see
@@ -303,6 +360,9 @@ class UNetModel(nn.Module):
         timesteps = torch.as_tensor(timesteps, device=x.device).reshape(-1).expand(x.shape[0])
         time_dtype = weight_dtype(self.time_embed, x.dtype)
         emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(time_dtype))
+        check_label(self.config, y, x.shape[0])
+        if y is not None:
+            emb = emb + self.label_emb(y.to(device=x.device, dtype=weight_dtype(self.label_emb, time_dtype)))
         embs: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
 
         def cast(block: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -363,7 +423,7 @@ def precision_sensitive_prefixes(config: UNetConfig) -> tuple[str, ...]:
     count = len(config.channel_mult) * (config.num_res_blocks + 1)
     blocks = range(count - config.num_res_blocks - 1, count)
     prefixes = [f"output_blocks.{i}.0." for i in blocks]
-    if 0 in config.attention_levels:  # level 0, the full resolution, has a transformer after each ResBlock
+    if config.depth_at(0):  # level 0, the full resolution, has a transformer after each ResBlock
         prefixes += [f"output_blocks.{i}.1.{layer}." for i in blocks for layer in ("norm", "proj_in", "proj_out")]
     return (*prefixes, "out.")
 
@@ -391,12 +451,18 @@ def _single(values: list, what: str):
     return distinct[0]
 
 
-def unet_config_from_state_dict(state_dict: Mapping[str, torch.Tensor], *, has_output: bool = True) -> UNetConfig:
+HEAD_WIDTH = 64  # SD2.x and SDXL split attention into 64-wide heads; SD1 into 8 heads
+WIDE_HEAD_CONTEXTS = (1024, 1280, 2048)  # OpenCLIP-H (SD2), OpenCLIP-G (SDXL refiner), CLIP-L + G (SDXL base)
+
+
+def unet_config_from_state_dict(state_dict: Mapping[str, torch.Tensor], *, has_output: bool = True,
+                                wide_heads: bool | None = None) -> UNetConfig:
     """Read a UNetConfig from the shapes of UNet weights (keys without `model.diffusion_model.`); without
     `has_output` (a ControlNet's copy of the input and middle blocks) out_channels is taken as in_channels.
 
-    Only shapes are looked at, so meta tensors do. Heads cannot be seen in shapes: like ComfyUI, a 1024-wide
-    context (SD2's OpenCLIP) means 64-wide heads, anything else SD1's 8 heads.
+    Only shapes are looked at, so meta tensors do. Heads cannot be seen in shapes: `wide_heads` (64-wide heads,
+    SD2/SDXL) comes from the model family when it is known; otherwise, like ComfyUI, a context of OpenCLIP's
+    width (1024, 1280, 2048) or a label embedding means 64-wide heads, anything else SD1's 8 heads.
     """
     model_channels, in_channels = _shape(state_dict, "input_blocks.0.0.weight")[:2]
     out_channels = _shape(state_dict, "out.2.weight")[0] if has_output else in_channels
@@ -417,16 +483,23 @@ def unet_config_from_state_dict(state_dict: Mapping[str, torch.Tensor], *, has_o
         if width % model_channels:
             raise ValueError(f"UNet level {i} width {width} is not a multiple of model_channels {model_channels}")
         channel_mult.append(width // model_channels)
-    depths = [d for level in levels for _, d in level]
-    attention_levels = tuple(i for i, level in enumerate(levels) if _single([d for _, d in level], "depths") > 0)
+    level_depths = tuple(_single([d for _, d in level], f"transformer depths within level {i}")
+                         for i, level in enumerate(levels))
+    attention_levels = tuple(i for i, d in enumerate(level_depths) if d > 0)
     middle_depth = _transformer_depth(state_dict, "middle_block.1.")
     if middle_depth == 0:
         raise ValueError("UNet weights lack 'middle_block.1.transformer_blocks.*' (no mid-block transformer)")
-    transformer_depth = _single([d for d in depths if d > 0] + [middle_depth], "transformer depths")
+    uniform = len({d for d in level_depths if d > 0} | {middle_depth}) == 1
+    depths = {"transformer_depth": middle_depth} if uniform else \
+        {"transformer_depth": level_depths, "middle_depth": middle_depth}
 
     context_dim = _shape(state_dict, "middle_block.1.transformer_blocks.0.attn2.to_k.weight")[1]
     linear_projection = len(_shape(state_dict, "middle_block.1.proj_in.weight")) == 2
-    heads = {"num_heads": None, "head_dim": 64} if context_dim == 1024 else {"num_heads": 8, "head_dim": None}
+    adm_in_channels = _shape(state_dict, "label_emb.0.0.weight")[1] if "label_emb.0.0.weight" in state_dict \
+        else None
+    if wide_heads is None:
+        wide_heads = context_dim in WIDE_HEAD_CONTEXTS or adm_in_channels is not None
+    heads = {"num_heads": None, "head_dim": HEAD_WIDTH} if wide_heads else {"num_heads": 8, "head_dim": None}
     return UNetConfig(
         in_channels=in_channels,
         out_channels=out_channels,
@@ -434,9 +507,10 @@ def unet_config_from_state_dict(state_dict: Mapping[str, torch.Tensor], *, has_o
         channel_mult=tuple(channel_mult),
         num_res_blocks=_single([len(level) for level in levels], "res blocks per level"),
         attention_levels=attention_levels,
-        transformer_depth=transformer_depth,
         context_dim=context_dim,
         linear_projection=linear_projection,
+        adm_in_channels=adm_in_channels,
+        **depths,
         **heads,
     )
 
