@@ -63,11 +63,11 @@ class UNetConfig:
                                  f"transformer_depth {self.transformer_depth}")
             if self.middle_depth is None:
                 raise ValueError("a transformer_depth per level needs middle_depth too")
-        for width in self.level_channels:
+        for level, width in enumerate(self.level_channels):
             if width % GROUPS:
                 raise ValueError(f"channel width {width} is not divisible by the {GROUPS} GroupNorm groups")
             heads, dim = self.heads_for(width)
-            if heads * dim != width:
+            if (self.depth_at(level) or level == len(self.channel_mult) - 1) and (heads == 0 or heads * dim != width):
                 raise ValueError(f"channel width {width} cannot be split into {heads} heads")
 
     @property
