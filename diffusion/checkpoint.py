@@ -1,4 +1,8 @@
-"""Loading SD1.x single-file checkpoints (and separate VAE files) into our UNet, VAE and CLIP text encoder.
+"""Loading single-file checkpoints (SD1.x, SD2.x, SDXL base and refiner, their inpainting variants), bare UNet
+files and separate VAE files into our UNet, VAE and text encoders.
+
+0. The family comes from the keys and shapes (`diffusion.families.detect_family`), never the file name; files
+   of other families (SD3, Flux, ...) are refused naming what they look like.
 
 1. The format comes from the file's bytes, not its name: safetensors (8-byte little-endian header length, then
    JSON), or a torch pickle (zip or legacy), which is refused unless the caller opts in with allow_pickle. A
@@ -11,7 +15,8 @@
    device, then assigned: there is never a second full copy of the weights.
 
 `open_checkpoint` does steps 1-2 only and returns a `CheckpointLayout` whose parts are read on demand, one at a
-time (that is what the model manager's handles call); `load_checkpoint` reads all three at once.
+time (that is what the model manager's handles call); `load_checkpoint` reads all three at once. `open_unet`
+checks a bare UNet file (models/diffusion_models) the same way.
 """
 
 import os
@@ -28,6 +33,7 @@ from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from diffusion.checkpoint_checks import check_part, examples, infer_part, meta_state, text_weights
+from diffusion.families import FAMILIES, Family, UnsupportedModelError, detect_family, unet_prefix
 from diffusion.safetensors_header import CheckpointError, read_safetensors_header
 from diffusion.text_encoder import (
     POSITION_IDS,
@@ -35,8 +41,9 @@ from diffusion.text_encoder import (
     strip_text_model_prefix,
     text_config_from_state_dict,
 )
-from diffusion.unet import UNetConfig, UNetModel, build_unet, unet_config_from_state_dict
-from diffusion.vae import AutoencoderKL, VAEConfig, build_vae, vae_config_from_state_dict
+from diffusion.unet import UNetConfig, UNetModel, unet_config_from_state_dict
+from diffusion.vae import AutoencoderKL, VAEConfig, vae_config_from_state_dict
+from diffusion.weights import module_holding
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -49,9 +56,9 @@ SAFETENSORS_DTYPES = MappingProxyType({
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 })  # fmt: skip
-OTHER_FAMILIES = (  # key prefixes of checkpoints that are not SD1, to say what a refused file probably is
-    ("conditioner.embedders.", "an SDXL checkpoint"),
-    ("cond_stage_model.model.", "an SD2.x checkpoint (OpenCLIP text encoder)"),
+OTHER_FAMILIES = (  # key prefixes of files that are not what was asked for, to say what a refused file probably is
+    ("model.diffusion_model.", "a full checkpoint (load it with CheckpointLoaderSimple)"),
+    ("input_blocks.", "a bare UNet (load it with UNETLoader)"),
     ("double_blocks.", "a Flux model"),
     ("down_blocks.", "a diffusers-layout UNet"),
     ("encoder.down_blocks.", "a diffusers-layout VAE"),
@@ -229,8 +236,8 @@ def _vae_keys(path, meta: Mapping[str, torch.Tensor]) -> dict[str, str]:
     if not keys or any(k.startswith("encoder.down_blocks.") for k in keys):
         raise CheckpointError(
             f"{path}: no VAE weights in the LDM layout (keys 'first_stage_model.encoder.*' or 'encoder.down.*')."
-            f"{_family_hint(meta)} Use an SD1 VAE in the original single-file layout, e.g. "
-            "vae-ft-mse-840000-ema-pruned.safetensors."
+            f"{_family_hint(meta)} Use a VAE in the original single-file layout, e.g. "
+            "vae-ft-mse-840000-ema-pruned.safetensors (SD1/SD2) or sdxl_vae.safetensors (SDXL)."
         )
     return keys
 
@@ -238,7 +245,7 @@ def _vae_keys(path, meta: Mapping[str, torch.Tensor]) -> dict[str, str]:
 def _check_vae(source: TensorFile, keys: Mapping[str, str], prefix: str) -> VAEConfig:
     config, expected = infer_part(source.path, "VAE", vae_config_from_state_dict,
                               lambda c: meta_state(AutoencoderKL, c), keys, source.meta)
-    fix = "Is this an SD1 VAE in the original (LDM) layout?"
+    fix = "Is this a VAE in the original (LDM) layout?"
     check_part(source.path, "VAE", expected, keys, source.meta, prefix, fix)
     return config
 
@@ -252,7 +259,8 @@ def _open_vae(path, allow_pickle: bool) -> tuple[TensorFile, dict[str, str], VAE
 
 
 def open_vae(path: str | os.PathLike, *, allow_pickle: bool = False) -> "PartLayout":
-    """A separate SD1 VAE file, checked from shapes alone; nothing read."""
+    """A separate VAE file (any family: a VAE file carries no family, the MODEL's gives the latent scale), checked
+    from shapes alone; nothing read."""
     identity = FileIdentity.of(path)
     source, keys, config = _open_vae(path, allow_pickle)
     return part_layout("vae", source, identity, config, keys, allow_pickle)
@@ -261,12 +269,18 @@ def open_vae(path: str | os.PathLike, *, allow_pickle: bool = False) -> "PartLay
 def load_vae(
     path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device="cpu", allow_pickle: bool = False
 ) -> AutoencoderKL:
-    """An SD1 VAE from a separate file (models/vae/), keys `encoder.*`/`decoder.*` or `first_stage_model.*`."""
+    """A VAE from a separate file (models/vae/), keys `encoder.*`/`decoder.*` or `first_stage_model.*`."""
     return open_vae(path, allow_pickle=allow_pickle).load(dtype=dtype, device=device)
 
 
 PARTS = ("unet", "text_encoder", "vae")
-_BUILDERS = {"unet": build_unet, "text_encoder": build_text_encoder, "vae": build_vae}
+_MODULES = {"unet": UNetModel, "vae": AutoencoderKL}  # built from the layout's config (heads are not in shapes)
+
+
+def _builder(part: str, config: Any) -> Callable:
+    if part in _MODULES:
+        return lambda tensors: module_holding(lambda: _MODULES[part](config), tensors)
+    return build_text_encoder
 
 
 @dataclass(frozen=True, eq=False)
@@ -304,17 +318,24 @@ class PartLayout:
         if FileIdentity.of(self.file.path) != self.file:
             raise CheckpointError(f"{self.file.path} changed on disk since it was opened; load it again")
         source = TensorFile(self.file.path, allow_pickle=self.allow_pickle)
-        return load_part(source, self.keys, _BUILDERS[self.part], dtype, device, channels_last=channels_last,
-                          overrides=overrides)
+        build = _builder(self.part, self.config)
+        return load_part(source, self.keys, build, dtype, device, channels_last=channels_last, overrides=overrides)
 
 
 @dataclass(frozen=True, eq=False)
 class CheckpointLayout:
-    """A checked SD1 checkpoint, nothing read: its three parts, each loadable on its own."""
+    """A checked checkpoint, nothing read: its UNet, text encoders (one per entry of family.text_encoders, in
+    that order) and VAE, each loadable on its own, and the detected family."""
 
     unet: PartLayout
-    text_encoder: PartLayout
+    text_encoders: tuple[Any, ...]
     vae: PartLayout
+    family: Family = FAMILIES["sd1"]
+
+    @property
+    def text_encoder(self) -> PartLayout:
+        """The first text encoder (SD1's only one)."""
+        return self.text_encoders[0]
 
     @property
     def file(self) -> FileIdentity:
@@ -335,44 +356,84 @@ def part_layout(part: str, source: TensorFile, identity: FileIdentity, config: A
                       MappingProxyType(floats))
 
 
+def family_of(path, source: TensorFile) -> Family:
+    """The detected family, as a CheckpointError naming the file when it is not one we run."""
+    def read(key: str) -> torch.Tensor:
+        return next(iter(source.read([key])))[1].clone()
+
+    try:
+        return detect_family(source.meta, read)
+    except UnsupportedModelError as e:
+        raise CheckpointError(f"{path}: {e}") from e
+
+
+def _unet_part(path, source: TensorFile, identity: FileIdentity, family: Family, prefix: str,
+               allow_pickle: bool) -> PartLayout:
+    """The UNet's layout: config read from its shapes (heads from the family), every key checked."""
+    keys = _keys_under(source.meta, prefix) if prefix else \
+        {k: k for k in source.meta if not k.startswith(("v_pred", "ztsnr"))}
+    wide = not family.name.startswith("sd1")
+    config, expected = infer_part(path, "UNet", lambda sd: unet_config_from_state_dict(sd, wide_heads=wide),
+                                  lambda c: meta_state(UNetModel, c), keys, source.meta)
+    fix = f"It was detected as {family.label}; if the file is incomplete, fetch it again."
+    check_part(path, "UNet", expected, keys, source.meta, prefix, fix)
+    return part_layout("unet", source, identity, config, keys, allow_pickle)
+
+
+def _sd1_text_parts(path, source: TensorFile, identity: FileIdentity, allow_pickle: bool) -> tuple[PartLayout]:
+    """SD1's CLIP-L part (`cond_stage_model.transformer.`). B13's `diffusion.text_parts.text_parts` covers every
+    family, this one included; until it is merged, the other families' text encoders are not listed here."""
+    meta = source.meta
+    text_keys = strip_text_model_prefix(_keys_under(meta, TEXT_PREFIX))
+    text_keys.pop(POSITION_IDS, None)
+    if not text_keys:
+        raise CheckpointError(
+            f"{path}: an SD1 checkpoint without text encoder weights (no keys start with '{TEXT_PREFIX}')")
+    text_config, text_expected = infer_part(path, "text encoder", text_config_from_state_dict, text_weights,
+                                            text_keys, meta)
+    fix = "SD1 uses OpenAI CLIP ViT-L/14's text model."
+    check_part(path, "text encoder", text_expected, text_keys, meta, TEXT_PREFIX + "text_model.", fix)
+    return (part_layout("text_encoder", source, identity, text_config, text_keys, allow_pickle),)
+
+
+def text_parts(source: TensorFile, identity: FileIdentity, meta, family: Family, *,
+               allow_pickle: bool = False) -> tuple[Any, ...]:
+    """The text encoders' part layouts, one per entry of family.text_encoders (lead: replace this body by the
+    call to B13's diffusion.text_parts.text_parts at merge)."""
+    if family.text_encoders == ("clip_l",):
+        return _sd1_text_parts(source.path, source, identity, allow_pickle)
+    return ()
+
+
 def open_checkpoint(
     path: str | os.PathLike, *, allow_pickle: bool = False, vae_path: str | os.PathLike | None = None
 ) -> CheckpointLayout:
-    """Check an SD1.x single-file checkpoint (and a separate VAE file) from shapes alone, reading no weights.
+    """Check a single-file checkpoint of any supported family (and a separate VAE file) from shapes alone,
+    reading no weights (but one small tensor to tell an SD2 v model from an eps one).
 
-    Keys outside the three parts (model_ema.*, alphas_cumprod, ...) are ignored. With `vae_path` the VAE comes
+    Keys outside the parts (model_ema.*, alphas_cumprod, ...) are ignored. With `vae_path` the VAE comes
     from that file and the checkpoint's own VAE weights (if any) are not read.
     """
-    # 1. Open the file and list its tensors without reading them.
+    # 1. Open the file, list its tensors without reading them, and tell the family from keys and shapes.
     identity = FileIdentity.of(path)
     source = TensorFile(path, allow_pickle=allow_pickle)
     meta = source.meta
-    unet_keys = _keys_under(meta, UNET_PREFIX)
-    text_keys = strip_text_model_prefix(_keys_under(meta, TEXT_PREFIX))
-    text_keys.pop(POSITION_IDS, None)
-    for part, keys, prefix in (("UNet", unet_keys, UNET_PREFIX), ("text encoder", text_keys, TEXT_PREFIX)):
-        if not keys:
-            raise CheckpointError(
-                f"{path}: not an SD1 checkpoint: no {part} weights (no keys start with '{prefix}').{_family_hint(meta)}"
-            )
+    family = family_of(path, source)
+    if not any(k.startswith(UNET_PREFIX) for k in meta):
+        raise CheckpointError(f"{path}: a bare UNet ({family.label}) without text encoders or VAE; put it in "
+                              "models/diffusion_models and load it with UNETLoader (Load Diffusion Model)")
     if vae_path is None and not _keys_under(meta, VAE_PREFIX):
         raise CheckpointError(
-            f"{path}: has no VAE weights (no keys start with '{VAE_PREFIX}'); pass vae_path= an SD1 VAE file."
+            f"{path}: has no VAE weights (no keys start with '{VAE_PREFIX}'); pass vae_path= a VAE file."
         )
 
     # 2. Infer the architectures from shapes and check every key before reading any tensor.
-    unet_config, unet_expected = infer_part(path, "UNet", unet_config_from_state_dict,
-                                        lambda c: meta_state(UNetModel, c), unet_keys, meta)
-    text_config, text_expected = infer_part(path, "text encoder", text_config_from_state_dict, text_weights,
-                                        text_keys, meta)
-    fix = "If the file is incomplete, fetch it again; other architectures (SD2, SDXL, Flux) are not supported."
-    check_part(path, "UNet", unet_expected, unet_keys, meta, UNET_PREFIX, fix)
-    fix = "SD1 uses OpenAI CLIP ViT-L/14's text model."
-    check_part(path, "text encoder", text_expected, text_keys, meta, TEXT_PREFIX + "text_model.", fix)
-    if unet_config.context_dim != text_config.hidden_size:
+    unet = _unet_part(path, source, identity, family, UNET_PREFIX, allow_pickle)
+    texts = text_parts(source, identity, meta, family, allow_pickle=allow_pickle)
+    if family.text_encoders == ("clip_l",) and unet.config.context_dim != texts[0].config.hidden_size:
         raise CheckpointError(
-            f"{path}: the UNet attends to {unet_config.context_dim}-wide text features but the text encoder "
-            f"emits {text_config.hidden_size}; the parts come from different models"
+            f"{path}: the UNet attends to {unet.config.context_dim}-wide text features but the text encoder "
+            f"emits {texts[0].config.hidden_size}; the parts come from different models"
         )
     if vae_path is None:
         vae_file, vae_source, vae_keys = None, source, _keys_under(meta, VAE_PREFIX)
@@ -380,16 +441,26 @@ def open_checkpoint(
     else:
         vae_file = FileIdentity.of(vae_path)
         vae_source, vae_keys, vae_config = _open_vae(vae_path, allow_pickle)
+    check_latent_channels(vae_file.path if vae_file else path, vae_config, unet.config)
+    vae = part_layout("vae", vae_source, vae_file or identity, vae_config, vae_keys, allow_pickle)
+    return CheckpointLayout(unet=unet, text_encoders=texts, vae=vae, family=family)
+
+
+def check_latent_channels(path, vae_config: VAEConfig, unet_config: UNetConfig) -> None:
     if vae_config.latent_channels != unet_config.out_channels:
         raise CheckpointError(
-            f"{vae_file.path if vae_file else path}: the VAE has {vae_config.latent_channels} latent channels but "
-            f"the UNet predicts {unet_config.out_channels}; use a VAE made for SD1"
+            f"{path}: the VAE has {vae_config.latent_channels} latent channels but the UNet predicts "
+            f"{unet_config.out_channels}; use a VAE made for this model's family (SD1, SD2 and SDXL VAEs have 4)"
         )
-    return CheckpointLayout(
-        unet=part_layout("unet", source, identity, unet_config, unet_keys, allow_pickle),
-        text_encoder=part_layout("text_encoder", source, identity, text_config, text_keys, allow_pickle),
-        vae=part_layout("vae", vae_source, vae_file or identity, vae_config, vae_keys, allow_pickle),
-    )
+
+
+def open_unet(path: str | os.PathLike, *, allow_pickle: bool = False) -> tuple[Family, PartLayout]:
+    """A bare UNet file (keys `input_blocks...`, or with the `model.diffusion_model.` prefix; other parts in
+    the file are ignored): its family and checked layout, nothing read."""
+    identity = FileIdentity.of(path)
+    source = TensorFile(path, allow_pickle=allow_pickle)
+    family = family_of(path, source)
+    return family, _unet_part(path, source, identity, family, unet_prefix(source.meta), allow_pickle)
 
 
 def load_checkpoint(
@@ -400,7 +471,8 @@ def load_checkpoint(
     allow_pickle: bool = False,
     vae_path: str | os.PathLike | None = None,
 ) -> SD1Checkpoint:
-    """UNet, VAE and text encoder of an SD1.x single-file checkpoint, in `dtype` on `device`, in eval mode.
+    """UNet, VAE and text encoder of an SD1.x single-file checkpoint, in `dtype` on `device`, in eval mode (other
+    families: `open_checkpoint`, then load each part).
 
     Keys outside the three parts (model_ema.*, alphas_cumprod, ...) are ignored. With `vae_path` the VAE comes
     from that file and the checkpoint's own VAE weights (if any) are not read.
