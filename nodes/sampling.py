@@ -49,7 +49,7 @@ def _run(ctx, model, latent_image, positive, negative, **settings):
     if not math.isclose(settings["cfg"], 1.0):
         entries += len(Conditioning.from_value(negative).entries)
     with ctx.resources.models.use(model.handle, working=model.working_bytes(shape, max(entries, 1))) as unet:
-        return sample(model.eps_function(unet), latent_image, positive, negative, callback=report, **settings)
+        return sample(model.forward_function(unet), latent_image, positive, negative, callback=report, **settings)
 
 
 @node("KSampler", category="sampling", size_rule=_latent_size,

@@ -181,7 +181,7 @@ def test_a_sampler_that_runs_out_of_memory_once_is_retried(base, monkeypatch):
 
     runtime = Runtime(Folders.at(base))
     expected = _decoded(Runtime(Folders.at(base)))
-    original, calls = components.DiffusionModel.eps_function, []
+    original, calls = components.DiffusionModel.forward_function, []
 
     def flaky(self, unet):
         eps = original(self, unet)
@@ -193,7 +193,7 @@ def test_a_sampler_that_runs_out_of_memory_once_is_retried(base, monkeypatch):
             return eps(*args)
         return once
 
-    monkeypatch.setattr(components.DiffusionModel, "eps_function", flaky)
+    monkeypatch.setattr(components.DiffusionModel, "forward_function", flaky)
     assert torch.equal(_decoded(runtime), expected)
     assert runtime.models.stats["oom_retries"] == 1
 
@@ -237,7 +237,7 @@ FULL_SIZE = textwrap.dedent("""
     g = torch.Generator().manual_seed(0)
     x, context = torch.randn(2, 4, 32, 32, generator=g), torch.randn(2, 77, 768, generator=g)
     with runtime.models.use(model.handle) as unet:
-        eps = model.eps_function(unet)(x, torch.tensor([999.0, 500.0]), context)
+        eps = model.forward_function(unet)(x, torch.tensor([999.0, 500.0]), context)
     torch.save(eps, sys.argv[3])
     print(json.dumps(report))
 """)
