@@ -419,7 +419,7 @@ def open_checkpoint(
     source = TensorFile(path, allow_pickle=allow_pickle)
     meta = source.meta
     family = family_of(path, source)
-    if not any(k.startswith(UNET_PREFIX) for k in meta):
+    if not any(k.startswith((VAE_PREFIX, "cond_stage_model.", "conditioner.")) for k in meta):
         raise CheckpointError(f"{path}: a bare UNet ({family.label}) without text encoders or VAE; put it in "
                               "models/diffusion_models and load it with UNETLoader (Load Diffusion Model)")
     if vae_path is None and not _keys_under(meta, VAE_PREFIX):

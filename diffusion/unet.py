@@ -63,6 +63,9 @@ class UNetConfig:
                                  f"transformer_depth {self.transformer_depth}")
             if self.middle_depth is None:
                 raise ValueError("a transformer_depth per level needs middle_depth too")
+            if len({d for d in self.transformer_depth if d} | {self.middle_depth}) == 1:  # one depth: the int form
+                object.__setattr__(self, "transformer_depth", self.middle_depth)
+                object.__setattr__(self, "middle_depth", None)
         for level, width in enumerate(self.level_channels):
             if width % GROUPS:
                 raise ValueError(f"channel width {width} is not divisible by the {GROUPS} GroupNorm groups")
