@@ -147,6 +147,10 @@ def detect_family(meta, read=None) -> Family:
         raise UnsupportedModelError(f"no UNet of a known family: expected {EXPECTED_LAYOUT}; the file's keys start "
                                     f"with {', '.join(tops) or 'nothing (it is empty)'}. Supported families: "
                                     f"{supported_labels()}")
+    for key, dims in ((first, 4), (to_k, 2), (prefix + "label_emb.0.0.weight", 2)):
+        if key in meta and len(meta[key].shape) != dims:
+            raise UnsupportedModelError(f"cannot read the UNet architecture: {key} has shape {list(meta[key].shape)}, "
+                                        f"where a UNet has a {dims}-D weight; the file is damaged or crafted")
     in_channels = tuple(meta[first].shape)[1]
     adm = tuple(meta[prefix + "label_emb.0.0.weight"].shape)[1] if prefix + "label_emb.0.0.weight" in meta else None
     linear = len(tuple(meta[prefix + "middle_block.1.proj_in.weight"].shape)) == 2 \

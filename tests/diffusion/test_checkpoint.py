@@ -108,7 +108,7 @@ def test_leftovers_and_old_text_layout_are_accepted(tiny, tiny_state, tmp_path):
 
 def test_reading_in_small_chunks_changes_nothing(tiny, monkeypatch):
     """The tiny file fits one chunk; with 4 kB chunks most tensors share a run and big ones get their own."""
-    import diffusion.checkpoint as checkpoint_module
+    import diffusion.tensor_file as checkpoint_module
 
     want = outputs(*_parts(load_checkpoint(tiny)))
     monkeypatch.setattr(checkpoint_module, "CHUNK_BYTES", 4096)

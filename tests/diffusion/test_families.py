@@ -143,3 +143,10 @@ def test_bare_unet_files_with_or_without_the_prefix(tmp_path, prefixed):
     assert family.name == "sdxl" and layout.config == PRESETS["sdxl-tiny"].unet
     with pytest.raises(CheckpointError, match="UNETLoader"):
         open_checkpoint(tmp_path / "unet.safetensors")
+
+
+def test_malformed_shapes_detection_reads_are_named():
+    meta = fixture_meta("sdxl_base_keys.tsv")
+    meta["model.diffusion_model.label_emb.0.0.weight"] = torch.empty(2816, device="meta")
+    with pytest.raises(UnsupportedModelError, match=r"label_emb\.0\.0\.weight has shape \[2816\]"):
+        detect_family(meta)

@@ -139,8 +139,9 @@ def test_timestep_embedding_is_ldm_cos_first():
 @pytest.mark.parametrize("config", [TINY, SMALL_SD15_LIKE, SMALL_SD21_LIKE, SMALL_SDXL_LIKE],
                          ids=["tiny", "sd15-like", "sd21-like", "sdxl-like"])
 def test_matches_diffusers(config):
-    """SD1, and (issue #13) SD2 (linear projections, 64-wide heads) and SDXL (depth per level, label_emb fed y built from
-    the pooled embedding and six size numbers, diffusers' added_cond_kwargs text_embeds/time_ids) within 1e-4."""
+    """SD1, and (issue #13) SD2 (linear projections, 64-wide heads) and SDXL (depth per level, label_emb fed y
+    built from the pooled embedding and six size numbers, diffusers' added_cond_kwargs text_embeds/time_ids)
+    within 1e-4."""
     checkpoint = random_unet_weights(config, seed=5)
     ours = holding(config, strip(checkpoint))
     theirs = diffusers_unet(config, checkpoint)
