@@ -254,6 +254,9 @@ KINDS = ("checkpoint", "lora", "controlnet")
 
 def _write_addon(kind: str, out: Path, *, preset: str, seed: int) -> Path:
     """A LoRA or ControlNet for the preset's checkpoint (imported only when asked for)."""
+    if preset_config(preset).family != "sd1":
+        sd1 = ", ".join(name for name, p in PRESETS.items() if p.family == "sd1")
+        raise ValueError(f"--kind {kind} is made for SD1 presets only ({sd1}), not {preset!r}")
     if kind == "lora":
         from diffusion.make_lora import write_lora
         return write_lora(out, preset=preset, seed=seed)
@@ -277,7 +280,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.seed < 0:
         parser.error(f"--seed must be non-negative, got {args.seed}")
     if args.kind != "checkpoint":
-        path = _write_addon(args.kind, args.out, preset=args.preset, seed=args.seed)
+        try:
+            path = _write_addon(args.kind, args.out, preset=args.preset, seed=args.seed)
+        except ValueError as e:
+            parser.error(str(e))
         print(f"wrote {path}: {args.kind} for preset {args.preset}, seed {args.seed}, {path.stat().st_size:,} bytes")
         return 0
     path = make_checkpoint(args.out, preset=args.preset, seed=args.seed)

@@ -151,3 +151,11 @@ def test_cli_refuses_bad_arguments(argv, tmp_path, monkeypatch):
         main(argv)
     assert exit_info.value.code == 2
     assert not list(tmp_path.iterdir())
+
+
+def test_addons_for_other_families_are_refused_by_name(tmp_path, capsys):
+    """LoRA/ControlNet generators are SD1's; asking one for an SD2/SDXL preset says so instead of crashing."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "l.safetensors"), "--preset", "sdxl-tiny", "--kind", "lora"])
+    assert exit_info.value.code == 2 and "SD1 presets only" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
