@@ -150,3 +150,19 @@ def test_malformed_shapes_detection_reads_are_named():
     meta["model.diffusion_model.label_emb.0.0.weight"] = torch.empty(2816, device="meta")
     with pytest.raises(UnsupportedModelError, match=r"label_emb\.0\.0\.weight has shape \[2816\]"):
         detect_family(meta)
+
+
+@pytest.mark.parametrize("fixture, preset, read", [("sdxl_base_keys.tsv", "sdxl", None),
+                                                    ("sd21_768v_keys.tsv", "sd21v", reader(0.2))])
+def test_full_size_published_layouts_are_laid_out_with_the_family_heads(fixture, preset, read):
+    """The UNet of a full-size SDXL / SD2.1-v file is inferred (64-wide heads from the family) and every key
+    checked, from the header alone (no 7 GB file needed)."""
+    from types import SimpleNamespace
+
+    from diffusion.checkpoint import FileIdentity, _unet_part
+
+    meta = fixture_meta(fixture)
+    family = detect_family(meta, read)
+    source = SimpleNamespace(meta=meta, path=Path(fixture))
+    layout = _unet_part(fixture, source, FileIdentity(Path(fixture), 0, 0), family, "model.diffusion_model.", False)
+    assert layout.config == PRESETS[preset].unet and layout.config.head_dim == 64
