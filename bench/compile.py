@@ -53,7 +53,7 @@ def worker(size: int, checkpoint: Path, cache: str) -> None:
         return (time.perf_counter() - start) / n, out
 
     with torch.inference_mode():
-        packed = [model.eps_function(model.handle.load("cpu"))]  # what sdgraph runs
+        packed = [model.forward_function(model.handle.load("cpu"))]  # what sdgraph runs
         eager_s, want = timed(lambda: packed[0](x, t, context))
         packed.clear()  # free it before loading the copy to compile
         overrides = {prefix: torch.float32 for prefix in precision_sensitive_prefixes(layout.unet.config)}

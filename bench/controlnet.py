@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         context = torch.randn(2, 77, model.config.context_dim, generator=generator)
         chain = ControlChain(net, torch.rand(1, 3, size, size, generator=generator), 1.0)
         with manager.use(model.handle, working=model.working_bytes(tuple(x.shape), 1)) as unet:
-            denoiser = ModelDenoiser(model.eps_function(unet), sd1_schedule())
+            denoiser = ModelDenoiser(model.forward_function(unet), sd1_schedule())
             with torch.inference_mode():
                 denoiser(x, sigma, context)
                 denoiser(x, sigma, context, control=chain)

@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         context = torch.randn(2, 77, 768)
         for label, value in (("plain", model), ("patched", patched), ("plain", model), ("patched", patched)):
             with manager.use(value.handle) as unet:
-                eps = value.eps_function(unet)
+                eps = value.forward_function(unet)
                 start = time.perf_counter()
                 eps(x, t, context)
                 print(f"UNet call at {args.size} px, batch 2, {label}: {time.perf_counter() - start:.2f} s")

@@ -64,7 +64,7 @@ def unet_error(path: Path, size: int, precision: Precision) -> float:
                                         tokenizer=ClipTokenizer())
         unet = model.handle.load("cpu")
         with torch.inference_mode():
-            outputs.append(model.eps_function(unet)(x, t, context))
+            outputs.append(model.forward_function(unet)(x, t, context))
         del unet
     return relative_error(outputs[1], outputs[0])
 
@@ -127,7 +127,7 @@ def sample_latent(path: Path, size: int, steps: int) -> torch.Tensor:
 
     with torch.inference_mode():
         latent = Latent(torch.zeros(1, 4, size // 8, size // 8))
-        return sample(model.eps_function(unet), latent, positive, negative, seed=42, steps=steps, cfg=7.0,
+        return sample(model.forward_function(unet), latent, positive, negative, seed=42, steps=steps, cfg=7.0,
                       sampler_name="euler", scheduler="normal").samples
 
 

@@ -1,4 +1,8 @@
-"""Loading SD1.x single-file checkpoints (and separate VAE files) into our UNet, VAE and CLIP text encoder.
+"""Loading single-file checkpoints (SD1.x, SD2.x, SDXL base and refiner, their inpainting variants), bare UNet
+files and separate VAE files into our UNet, VAE and text encoders.
+
+0. The family comes from the keys and shapes (`diffusion.families.detect_family`), never the file name; files
+   of other families (SD3, Flux, ...) are refused naming what they look like.
 
 1. The format comes from the file's bytes, not its name: safetensors (8-byte little-endian header length, then
    JSON), or a torch pickle (zip or legacy), which is refused unless the caller opts in with allow_pickle. A
@@ -11,75 +15,49 @@
    device, then assigned: there is never a second full copy of the weights.
 
 `open_checkpoint` does steps 1-2 only and returns a `CheckpointLayout` whose parts are read on demand, one at a
-time (that is what the model manager's handles call); `load_checkpoint` reads all three at once.
+time (that is what the model manager's handles call); `load_checkpoint` reads all three at once. `open_unet`
+checks a bare UNet file (models/diffusion_models) the same way.
 """
 
 import os
-import pickle
-import zipfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from diffusion.checkpoint_checks import check_part, examples, infer_part, meta_state, text_weights
-from diffusion.safetensors_header import CheckpointError, read_safetensors_header
-from diffusion.text_encoder import (
-    POSITION_IDS,
-    build_text_encoder,
-    strip_text_model_prefix,
-    text_config_from_state_dict,
+from diffusion.checkpoint_checks import check_part, examples, infer_part, meta_state
+from diffusion.families import FAMILIES, Family, UnsupportedModelError, detect_family, unet_prefix
+from diffusion.safetensors_header import CheckpointError
+from diffusion.tensor_file import (  # noqa: F401 (re-exported: the loader's public names)
+    CHUNK_BYTES,
+    SAFETENSORS_DTYPES,
+    FileIdentity,
+    TensorFile,
+    detect_format,
+    read_state_dict,
 )
-from diffusion.unet import UNetConfig, UNetModel, build_unet, unet_config_from_state_dict
-from diffusion.vae import AutoencoderKL, VAEConfig, build_vae, vae_config_from_state_dict
+from diffusion.text_encoder import (
+    build_text_encoder,
+)
+from diffusion.text_parts import text_parts
+from diffusion.unet import UNetConfig, UNetModel, unet_config_from_state_dict
+from diffusion.vae import AutoencoderKL, VAEConfig, vae_config_from_state_dict
+from diffusion.weights import module_holding
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model.transformer."
 VAE_PARTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
-CHUNK_BYTES = 64 << 20  # how much of a safetensors file is mapped at once while reading
-
-SAFETENSORS_DTYPES = MappingProxyType({
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-})  # fmt: skip
-OTHER_FAMILIES = (  # key prefixes of checkpoints that are not SD1, to say what a refused file probably is
-    ("conditioner.embedders.", "an SDXL checkpoint"),
-    ("cond_stage_model.model.", "an SD2.x checkpoint (OpenCLIP text encoder)"),
+OTHER_FAMILIES = (  # key prefixes of files that are not what was asked for, to say what a refused file probably is
+    ("model.diffusion_model.", "a full checkpoint (load it with CheckpointLoaderSimple)"),
+    ("input_blocks.", "a bare UNet (load it with UNETLoader)"),
     ("double_blocks.", "a Flux model"),
     ("down_blocks.", "a diffusers-layout UNet"),
     ("encoder.down_blocks.", "a diffusers-layout VAE"),
 )
-
-
-@dataclass(frozen=True)
-class FileIdentity:
-    path: Path
-    size: int
-    mtime_ns: int
-
-    @classmethod
-    def of(cls, path: str | os.PathLike) -> "FileIdentity":
-        path = _require_file(path).resolve()
-        stat = path.stat()
-        return cls(path, stat.st_size, stat.st_mtime_ns)
-
-
-def _require_file(path: str | os.PathLike) -> Path:
-    path = Path(path)
-    if path.is_dir():
-        raise CheckpointError(
-            f"{path} is a folder (a diffusers-format model?); only single-file checkpoints (.safetensors) load here"
-        )
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
-    return path
 
 
 @dataclass(frozen=True, eq=False)
@@ -92,102 +70,6 @@ class SD1Checkpoint:
     text_config: CLIPTextConfig
     file: FileIdentity
     vae_file: FileIdentity | None  # set when the VAE came from a separate file
-
-
-def detect_format(path: str | os.PathLike) -> str:
-    """'safetensors', 'torch-zip' or 'pickle', from the first bytes of the file."""
-    with open(_require_file(path), "rb") as f:
-        head = f.read(9)
-    size = os.path.getsize(path)
-    if len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= size - 8:
-        return "safetensors"
-    if head.startswith(b"PK\x03\x04"):
-        return "torch-zip"
-    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
-        return "pickle"
-    raise CheckpointError(
-        f"{path}: not a checkpoint format this loader knows (first bytes {head!r}). Expected a safetensors file "
-        "(8-byte header length, then JSON) or a torch.save pickle (.ckpt/.pt); the file may be truncated, or an "
-        "HTML error page saved by a failed download."
-    )
-
-
-def _pickle_refusal(path) -> str:
-    return (
-        f"{path} is a pickle-based PyTorch checkpoint (.ckpt/.pt format, whatever its name). Unpickling can run "
-        "code hidden in the file, so it is not loaded by default. Prefer a .safetensors release of the model, or "
-        "convert this file once on a machine you trust: state = read_state_dict(path, allow_pickle=True), then "
-        "safetensors.torch.save_file(state, 'model.safetensors'). To load it anyway pass allow_pickle=True; it is "
-        "then read with torch.load(weights_only=True), which accepts only tensors and plain containers."
-    )
-
-
-class TensorFile:
-    """The tensors of one checkpoint file: shapes and dtypes up front (`meta`), data read on demand."""
-
-    def __init__(self, path: str | os.PathLike, *, allow_pickle: bool = False):
-        self.path = Path(path)
-        self.format = detect_format(path)
-        self._pickled: dict[str, torch.Tensor] = {}
-        self._offsets: dict[str, tuple[int, int]] = {}
-        if self.format == "safetensors":
-            self.meta = self._read_safetensors_header()
-        elif not allow_pickle:
-            raise CheckpointError(_pickle_refusal(path))
-        else:
-            self._pickled = self._unpickle()
-            self.meta = {k: torch.empty_like(v, device="meta") for k, v in self._pickled.items()}
-
-    def _read_safetensors_header(self) -> dict[str, torch.Tensor]:
-        entries = read_safetensors_header(self.path)
-        self._offsets = {key: (entry.begin, entry.end) for key, entry in entries.items()}
-        return {key: torch.empty(entry.shape, dtype=SAFETENSORS_DTYPES[entry.dtype], device="meta")
-                for key, entry in entries.items()}
-
-    def _unpickle(self) -> dict[str, torch.Tensor]:
-        try:
-            obj = torch.load(self.path, map_location="cpu", weights_only=True, mmap=self.format == "torch-zip")
-        except (pickle.UnpicklingError, RuntimeError, zipfile.BadZipFile, EOFError) as e:
-            raise CheckpointError(
-                f"{self.path}: could not read it as a weights-only torch checkpoint ({str(e).splitlines()[0]}). "
-                "It may hold Python objects besides tensors (e.g. training state); convert it to safetensors with "
-                "a tool you trust, or get a .safetensors release."
-            ) from e
-        if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-            obj = obj["state_dict"]
-        if not isinstance(obj, dict):
-            raise CheckpointError(f"{self.path}: holds a {type(obj).__name__}, not a dict of tensors")
-        return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
-
-    def read(self, keys: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (key, tensor) for `keys`; each tensor may share memory with the file: copy what you keep."""
-        keys = list(keys)
-        if self.format != "safetensors":
-            yield from ((k, self._pickled[k]) for k in keys)
-            return
-        for chunk in self._chunks(keys):
-            # a fresh mapping per chunk: closing it drops the file pages it touched from our resident memory
-            with safe_open(self.path, framework="pt", device="cpu") as f:
-                for key in chunk:
-                    yield key, f.get_tensor(key)
-
-    def _chunks(self, keys: list[str]) -> list[list[str]]:
-        """Keys in file order, grouped into runs of at most CHUNK_BYTES (a bigger tensor gets a run of its own)."""
-        chunks, size = [[]], 0
-        for key in sorted(keys, key=lambda k: self._offsets[k][0]):
-            begin, end = self._offsets[key]
-            if chunks[-1] and size + end - begin > CHUNK_BYTES:
-                chunks.append([])
-                size = 0
-            chunks[-1].append(key)
-            size += end - begin
-        return [chunk for chunk in chunks if chunk]
-
-
-def read_state_dict(path: str | os.PathLike, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
-    """Every tensor in a checkpoint file, on the CPU in the file's dtypes (a top-level 'state_dict' unwrapped)."""
-    source = TensorFile(path, allow_pickle=allow_pickle)
-    return {k: t.clone() for k, t in source.read(source.meta)}
 
 
 def _keys_under(meta: Mapping[str, torch.Tensor], prefix: str) -> dict[str, str]:
@@ -229,8 +111,8 @@ def _vae_keys(path, meta: Mapping[str, torch.Tensor]) -> dict[str, str]:
     if not keys or any(k.startswith("encoder.down_blocks.") for k in keys):
         raise CheckpointError(
             f"{path}: no VAE weights in the LDM layout (keys 'first_stage_model.encoder.*' or 'encoder.down.*')."
-            f"{_family_hint(meta)} Use an SD1 VAE in the original single-file layout, e.g. "
-            "vae-ft-mse-840000-ema-pruned.safetensors."
+            f"{_family_hint(meta)} Use a VAE in the original single-file layout, e.g. "
+            "vae-ft-mse-840000-ema-pruned.safetensors (SD1/SD2) or sdxl_vae.safetensors (SDXL)."
         )
     return keys
 
@@ -238,7 +120,7 @@ def _vae_keys(path, meta: Mapping[str, torch.Tensor]) -> dict[str, str]:
 def _check_vae(source: TensorFile, keys: Mapping[str, str], prefix: str) -> VAEConfig:
     config, expected = infer_part(source.path, "VAE", vae_config_from_state_dict,
                               lambda c: meta_state(AutoencoderKL, c), keys, source.meta)
-    fix = "Is this an SD1 VAE in the original (LDM) layout?"
+    fix = "Is this a VAE in the original (LDM) layout?"
     check_part(source.path, "VAE", expected, keys, source.meta, prefix, fix)
     return config
 
@@ -252,7 +134,8 @@ def _open_vae(path, allow_pickle: bool) -> tuple[TensorFile, dict[str, str], VAE
 
 
 def open_vae(path: str | os.PathLike, *, allow_pickle: bool = False) -> "PartLayout":
-    """A separate SD1 VAE file, checked from shapes alone; nothing read."""
+    """A separate VAE file (any family: a VAE file carries no family, the MODEL's gives the latent scale), checked
+    from shapes alone; nothing read."""
     identity = FileIdentity.of(path)
     source, keys, config = _open_vae(path, allow_pickle)
     return part_layout("vae", source, identity, config, keys, allow_pickle)
@@ -261,12 +144,18 @@ def open_vae(path: str | os.PathLike, *, allow_pickle: bool = False) -> "PartLay
 def load_vae(
     path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device="cpu", allow_pickle: bool = False
 ) -> AutoencoderKL:
-    """An SD1 VAE from a separate file (models/vae/), keys `encoder.*`/`decoder.*` or `first_stage_model.*`."""
+    """A VAE from a separate file (models/vae/), keys `encoder.*`/`decoder.*` or `first_stage_model.*`."""
     return open_vae(path, allow_pickle=allow_pickle).load(dtype=dtype, device=device)
 
 
 PARTS = ("unet", "text_encoder", "vae")
-_BUILDERS = {"unet": build_unet, "text_encoder": build_text_encoder, "vae": build_vae}
+_MODULES = {"unet": UNetModel, "vae": AutoencoderKL}  # built from the layout's config (heads are not in shapes)
+
+
+def _builder(part: str, config: Any) -> Callable:
+    if part in _MODULES:
+        return lambda tensors: module_holding(lambda: _MODULES[part](config), tensors)
+    return build_text_encoder
 
 
 @dataclass(frozen=True, eq=False)
@@ -304,17 +193,27 @@ class PartLayout:
         if FileIdentity.of(self.file.path) != self.file:
             raise CheckpointError(f"{self.file.path} changed on disk since it was opened; load it again")
         source = TensorFile(self.file.path, allow_pickle=self.allow_pickle)
-        return load_part(source, self.keys, _BUILDERS[self.part], dtype, device, channels_last=channels_last,
-                          overrides=overrides)
+        build = _builder(self.part, self.config)
+        return load_part(source, self.keys, build, dtype, device, channels_last=channels_last, overrides=overrides)
 
 
 @dataclass(frozen=True, eq=False)
 class CheckpointLayout:
-    """A checked SD1 checkpoint, nothing read: its three parts, each loadable on its own."""
+    """A checked checkpoint, nothing read: its UNet, text encoders (one per entry of family.text_encoders, in
+    that order) and VAE, each loadable on its own, and the detected family."""
 
     unet: PartLayout
-    text_encoder: PartLayout
+    text_encoders: tuple[Any, ...]
     vae: PartLayout
+    family: Family = FAMILIES["sd1"]
+
+    @property
+    def text_encoder(self) -> PartLayout:
+        """The first text encoder (SD1's only one)."""
+        if not self.text_encoders:
+            raise CheckpointError(f"{self.file.path}: no text encoder of {self.family.label} is laid out here yet "
+                                  "(diffusion.text_parts lists them)")
+        return self.text_encoders[0]
 
     @property
     def file(self) -> FileIdentity:
@@ -335,44 +234,59 @@ def part_layout(part: str, source: TensorFile, identity: FileIdentity, config: A
                       MappingProxyType(floats))
 
 
+def family_of(path, source: TensorFile) -> Family:
+    """The detected family, as a CheckpointError naming the file when it is not one we run."""
+    def read(key: str) -> torch.Tensor:
+        return next(iter(source.read([key])))[1].clone()
+
+    try:
+        return detect_family(source.meta, read)
+    except UnsupportedModelError as e:
+        raise CheckpointError(f"{path}: {e}") from e
+
+
+def _unet_part(path, source: TensorFile, identity: FileIdentity, family: Family, prefix: str,
+               allow_pickle: bool) -> PartLayout:
+    """The UNet's layout: config read from its shapes (heads from the family), every key checked."""
+    keys = _keys_under(source.meta, prefix) if prefix else \
+        {k: k for k in source.meta if not k.startswith(("v_pred", "ztsnr"))}
+    wide = not family.name.startswith("sd1")
+    config, expected = infer_part(path, "UNet", lambda sd: unet_config_from_state_dict(sd, wide_heads=wide),
+                                  lambda c: meta_state(UNetModel, c), keys, source.meta)
+    fix = f"It was detected as {family.label}; if the file is incomplete, fetch it again."
+    check_part(path, "UNet", expected, keys, source.meta, prefix, fix)
+    return part_layout("unet", source, identity, config, keys, allow_pickle)
+
+
 def open_checkpoint(
     path: str | os.PathLike, *, allow_pickle: bool = False, vae_path: str | os.PathLike | None = None
 ) -> CheckpointLayout:
-    """Check an SD1.x single-file checkpoint (and a separate VAE file) from shapes alone, reading no weights.
+    """Check a single-file checkpoint of any supported family (and a separate VAE file) from shapes alone,
+    reading no weights (but one small tensor to tell an SD2 v model from an eps one).
 
-    Keys outside the three parts (model_ema.*, alphas_cumprod, ...) are ignored. With `vae_path` the VAE comes
+    Keys outside the parts (model_ema.*, alphas_cumprod, ...) are ignored. With `vae_path` the VAE comes
     from that file and the checkpoint's own VAE weights (if any) are not read.
     """
-    # 1. Open the file and list its tensors without reading them.
+    # 1. Open the file, list its tensors without reading them, and tell the family from keys and shapes.
     identity = FileIdentity.of(path)
     source = TensorFile(path, allow_pickle=allow_pickle)
     meta = source.meta
-    unet_keys = _keys_under(meta, UNET_PREFIX)
-    text_keys = strip_text_model_prefix(_keys_under(meta, TEXT_PREFIX))
-    text_keys.pop(POSITION_IDS, None)
-    for part, keys, prefix in (("UNet", unet_keys, UNET_PREFIX), ("text encoder", text_keys, TEXT_PREFIX)):
-        if not keys:
-            raise CheckpointError(
-                f"{path}: not an SD1 checkpoint: no {part} weights (no keys start with '{prefix}').{_family_hint(meta)}"
-            )
+    family = family_of(path, source)
+    if not any(k.startswith((VAE_PREFIX, "cond_stage_model.", "conditioner.")) for k in meta):
+        raise CheckpointError(f"{path}: a bare UNet ({family.label}) without text encoders or VAE; put it in "
+                              "models/diffusion_models and load it with UNETLoader (Load Diffusion Model)")
     if vae_path is None and not _keys_under(meta, VAE_PREFIX):
         raise CheckpointError(
-            f"{path}: has no VAE weights (no keys start with '{VAE_PREFIX}'); pass vae_path= an SD1 VAE file."
+            f"{path}: has no VAE weights (no keys start with '{VAE_PREFIX}'); pass vae_path= a VAE file."
         )
 
     # 2. Infer the architectures from shapes and check every key before reading any tensor.
-    unet_config, unet_expected = infer_part(path, "UNet", unet_config_from_state_dict,
-                                        lambda c: meta_state(UNetModel, c), unet_keys, meta)
-    text_config, text_expected = infer_part(path, "text encoder", text_config_from_state_dict, text_weights,
-                                        text_keys, meta)
-    fix = "If the file is incomplete, fetch it again; other architectures (SD2, SDXL, Flux) are not supported."
-    check_part(path, "UNet", unet_expected, unet_keys, meta, UNET_PREFIX, fix)
-    fix = "SD1 uses OpenAI CLIP ViT-L/14's text model."
-    check_part(path, "text encoder", text_expected, text_keys, meta, TEXT_PREFIX + "text_model.", fix)
-    if unet_config.context_dim != text_config.hidden_size:
+    unet = _unet_part(path, source, identity, family, UNET_PREFIX, allow_pickle)
+    texts = text_parts(source, identity, meta, family)
+    if family.text_encoders == ("clip_l",) and unet.config.context_dim != texts[0].config.hidden_size:
         raise CheckpointError(
-            f"{path}: the UNet attends to {unet_config.context_dim}-wide text features but the text encoder "
-            f"emits {text_config.hidden_size}; the parts come from different models"
+            f"{path}: the UNet attends to {unet.config.context_dim}-wide text features but the text encoder "
+            f"emits {texts[0].config.hidden_size}; the parts come from different models"
         )
     if vae_path is None:
         vae_file, vae_source, vae_keys = None, source, _keys_under(meta, VAE_PREFIX)
@@ -380,16 +294,26 @@ def open_checkpoint(
     else:
         vae_file = FileIdentity.of(vae_path)
         vae_source, vae_keys, vae_config = _open_vae(vae_path, allow_pickle)
+    check_latent_channels(vae_file.path if vae_file else path, vae_config, unet.config)
+    vae = part_layout("vae", vae_source, vae_file or identity, vae_config, vae_keys, allow_pickle)
+    return CheckpointLayout(unet=unet, text_encoders=texts, vae=vae, family=family)
+
+
+def check_latent_channels(path, vae_config: VAEConfig, unet_config: UNetConfig) -> None:
     if vae_config.latent_channels != unet_config.out_channels:
         raise CheckpointError(
-            f"{vae_file.path if vae_file else path}: the VAE has {vae_config.latent_channels} latent channels but "
-            f"the UNet predicts {unet_config.out_channels}; use a VAE made for SD1"
+            f"{path}: the VAE has {vae_config.latent_channels} latent channels but the UNet predicts "
+            f"{unet_config.out_channels}; use a VAE made for this model's family (SD1, SD2 and SDXL VAEs have 4)"
         )
-    return CheckpointLayout(
-        unet=part_layout("unet", source, identity, unet_config, unet_keys, allow_pickle),
-        text_encoder=part_layout("text_encoder", source, identity, text_config, text_keys, allow_pickle),
-        vae=part_layout("vae", vae_source, vae_file or identity, vae_config, vae_keys, allow_pickle),
-    )
+
+
+def open_unet(path: str | os.PathLike, *, allow_pickle: bool = False) -> tuple[Family, PartLayout]:
+    """A bare UNet file (keys `input_blocks...`, or with the `model.diffusion_model.` prefix; other parts in
+    the file are ignored): its family and checked layout, nothing read."""
+    identity = FileIdentity.of(path)
+    source = TensorFile(path, allow_pickle=allow_pickle)
+    family = family_of(path, source)
+    return family, _unet_part(path, source, identity, family, unet_prefix(source.meta), allow_pickle)
 
 
 def load_checkpoint(
@@ -400,7 +324,8 @@ def load_checkpoint(
     allow_pickle: bool = False,
     vae_path: str | os.PathLike | None = None,
 ) -> SD1Checkpoint:
-    """UNet, VAE and text encoder of an SD1.x single-file checkpoint, in `dtype` on `device`, in eval mode.
+    """UNet, VAE and text encoder of an SD1.x single-file checkpoint, in `dtype` on `device`, in eval mode (other
+    families: `open_checkpoint`, then load each part).
 
     Keys outside the three parts (model_ema.*, alphas_cumprod, ...) are ignored. With `vae_path` the VAE comes
     from that file and the checkpoint's own VAE weights (if any) are not read.

@@ -50,7 +50,8 @@ def check_part(path, part: str, expected, found: Mapping[str, str], meta, prefix
         if keys
     ]
     if problems:
-        raise CheckpointError(f"{path}: the {part} weights do not fit an SD1 {part}: {'; '.join(problems)}. {fix}")
+        raise CheckpointError(f"{path}: the {part} weights do not fit the {part} their shapes describe: "
+                              f"{'; '.join(problems)}. {fix}")
 
 
 class _ShapesRead(Mapping):
@@ -115,7 +116,7 @@ def _size_counts(config: Any) -> dict[str, int]:
         return {"layers": config.num_hidden_layers}
     counts = {"levels": len(config.channel_mult), "res blocks per level": config.num_res_blocks}
     if isinstance(config, UNetConfig):
-        counts["transformer depth"] = config.transformer_depth
+        counts["transformer depth"] = config.max_depth
     return counts
 
 

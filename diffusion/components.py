@@ -12,6 +12,8 @@ cast them (NCHW inputs go channels_last, the layout oneDNN's convolutions want).
 
 from __future__ import annotations
 
+import copy
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -23,12 +25,14 @@ import torch
 from runtime.models import ModelHandle
 
 from .checkpoint import CheckpointLayout, PartLayout
-from .clip_values import TextEncoder
-from .device import Precision
+from .clip_values import TextEncoder, clip_value
+from .device import Precision, safe_vae_dtype
 from .families import FAMILIES, Family
 from .tokenizer import ClipTokenizer
 from .unet import UNetConfig, precision_sensitive_prefixes, set_attention_dtype
 from .vae import VAEConfig
+
+log = logging.getLogger(__name__)
 
 VAE_DECODE_BATCH = 4
 # Working memory per latent element of one call (B x 4 x h x w, the CFG batch included) or per pixel encoded,
@@ -101,7 +105,8 @@ def load_part(layout: PartLayout, dtype: torch.dtype, channels_last: bool, overr
 
 @dataclass(frozen=True, eq=False)
 class DiffusionModel:
-    """MODEL: the UNet of an SD1 checkpoint, predicting noise (eps)."""
+    """MODEL: the UNet of a checkpoint (or a bare UNet file) and its family, which says what the network
+    predicts (eps or v), the latent scale and the conditioning it takes (SDXL's label vector y)."""
 
     handle: ModelHandle
     config: UNetConfig
@@ -123,21 +128,23 @@ class DiffusionModel:
         elements = math.prod(latent_shape) * batch_multiplier
         return elements * UNET_WORKING_PER_ELEMENT + UNET_WORKING_MARGIN
 
-    def eps_function(self, unet: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
-        """`eps(x, timesteps, context, control=None)` with the borrowed `unet`, taking and returning tensors of
-        the caller's device and dtype (the network computes in its own, channels_last; ControlNet residuals are
-        added in it)."""
+    def forward_function(self, unet: torch.nn.Module) -> Callable[..., torch.Tensor]:
+        """`f(x, timesteps, context, control=None, y=None)` with the borrowed `unet`: the raw network output
+        (noise or v, as `family.sampling.prediction` says), taking and returning tensors of the caller's device
+        and dtype (the network computes in its own, channels_last; ControlNet residuals are added in it). `y`,
+        the label vector, is required exactly when the UNet has one (SDXL)."""
         device, dtype = torch.device(self.handle.device), self.dtype  # weights may be elsewhere when streamed
 
-        def eps(x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, control=None) -> torch.Tensor:
+        def forward(x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, control=None,
+                    y: torch.Tensor | None = None) -> torch.Tensor:
             with torch.inference_mode():
                 x_in = x.to(device=device, dtype=dtype, memory_format=torch.channels_last)
-                out = unet(x_in, timesteps.to(device), context.to(device, dtype), control)
+                y_in = None if y is None else y.to(device, dtype)
+                out = unet(x_in, timesteps.to(device), context.to(device, dtype), control, y_in)
                 return out.to(device=x.device, dtype=x.dtype, memory_format=torch.contiguous_format)
 
-        return eps
+        return forward
 
-    forward_function = eps_function  # issue #13 renames eps_function to forward_function (raw network output)
 
 
 @dataclass(frozen=True, eq=False)
@@ -182,6 +189,8 @@ class ImageAutoencoder:
             return torch.cat(chunks)
 
     def decode(self, latent: torch.Tensor, vae: torch.nn.Module) -> torch.Tensor:
+        """Pixels [B,H,W,3] in 0..1. A batch whose decode overflows (non-finite values, as SDXL's VAE gives in
+        fp16) is decoded again in fp32, with a warning."""
         device, dtype = torch.device(self.handle.device), self.dtype
         chunks = []
         with torch.inference_mode():
@@ -189,26 +198,38 @@ class ImageAutoencoder:
                 z = latent[start:start + VAE_DECODE_BATCH].to(device=device, dtype=dtype,
                                                              memory_format=torch.channels_last)
                 out = vae.decode(z)
+                if dtype != torch.float32 and not torch.isfinite(out).all():
+                    out = decode_in_fp32(vae, z, self.source, dtype)
                 # NCHW channels_last is NHWC in memory: movedim gives a contiguous image without a copy
                 chunks.append(torch.clamp((out.float() + 1.0) / 2.0, 0.0, 1.0).movedim(1, -1).cpu())
             return torch.cat(chunks) if len(chunks) > 1 else chunks[0].contiguous()
+
+
+def decode_in_fp32(vae: torch.nn.Module, z: torch.Tensor, source: str, dtype: torch.dtype) -> torch.Tensor:
+    """The decode of `z` by an fp32 copy of the borrowed `vae` (the manager's copy stays as it is)."""
+    log.warning("VAE decode in %s overflowed (non-finite pixels) with %s; decoding again in fp32", dtype, source)
+    return copy.deepcopy(vae).float().decode(z.float())
+
+
+def model_value(layout: PartLayout, family: Family, *, device: torch.device, precision: Precision) -> DiffusionModel:
+    """MODEL for a checked UNet part (of a checkpoint or a bare UNet file); nothing read."""
+    kept = {prefix: torch.float32 for prefix in precision_sensitive_prefixes(layout.config)} \
+        if precision.unet_output_fp32 else {}
+    unet = part_handle(layout, dtype=precision.unet, device=device, label="UNet", streamable=True, overrides=kept)
+    return DiffusionModel(unet, layout.config, precision.unet, str(layout.file.path), _handle_bytes(layout),
+                          family=family)
 
 
 def checkpoint_values(layout: CheckpointLayout, *, device: torch.device, precision: Precision,
                       tokenizer: ClipTokenizer, embeddings_dir: Path | None = None,
                       allow_pickle: bool = False) -> tuple[DiffusionModel, TextEncoder, ImageAutoencoder]:
     """MODEL, CLIP and VAE values for a checked checkpoint; nothing is read until the manager loads a part."""
-    source = str(layout.file.path)
-    kept = {prefix: torch.float32 for prefix in precision_sensitive_prefixes(layout.unet.config)} \
-        if precision.unet_output_fp32 else {}
-    unet = part_handle(layout.unet, dtype=precision.unet, device=device, label="UNet", streamable=True,
-                       overrides=kept)
-    text = part_handle(layout.text_encoder, dtype=precision.text, device=device, label="text encoder",
-                       streamable=False)  # prompt encoding reads embedding weights directly, not via forward
-    return (DiffusionModel(unet, layout.unet.config, precision.unet, source, _handle_bytes(layout.unet)),
-            TextEncoder(text, layout.text_encoder.config, tokenizer, source, embeddings_dir=embeddings_dir,
-                        allow_pickle=allow_pickle, nbytes=_handle_bytes(layout.text_encoder)),
-            vae_value(layout.vae, device=device, dtype=precision.vae))
+    clip = clip_value(layout.text_encoders, layout.family.clip_type, device=device, dtype=precision.text,
+                      tokenizer=tokenizer, embeddings_dir=embeddings_dir, allow_pickle=allow_pickle)
+    vae_dtype = safe_vae_dtype(precision.vae, device, layout.family)
+    return (model_value(layout.unet, layout.family, device=device, precision=precision),
+            clip,
+            vae_value(layout.vae, device=device, dtype=vae_dtype))
 
 
 def vae_value(layout: PartLayout, *, device: torch.device, dtype: torch.dtype) -> ImageAutoencoder:

@@ -11,7 +11,10 @@ Precision (`--dtype` overrides all three parts at once; `--dtype auto` is the de
 | other CPUs                              | fp32                              | fp32         | fp32               |
 
 `--dtype fp32` reproduces ComfyUI's pixels (its references are fp32; `make parity` runs the kit that way).
-fp16 VAEs overflow into black images, so the VAE is never fp16 unless asked for. On CPUs without native bf16
+fp16 VAEs overflow into black images, so the VAE is never fp16 unless asked for, and SDXL's VAE (which overflows
+in fp16 even where SD1's does not) never fp16 at all: bf16 where the device has it, else fp32
+(`safe_vae_dtype`); a decode that still returns non-finite pixels is redone in fp32 (components.ImageAutoencoder).
+On CPUs without native bf16
 instructions bf16 is emulated and slower than fp32, so fp32 stays. The CPU's bf16 choices were measured, not
 assumed (docs/performance.md, bench/precision.py, bench/sd15_step.py):
 - UNet: about 2.3x faster than fp32 at 512x512. An all-bf16 call of full-size SD1.5 is 1.36% from fp32.
@@ -136,3 +139,20 @@ def pick_precision(device: torch.device, requested: str | None = None) -> Precis
     unet = pick_dtype(device, requested)
     return Precision(unet, pick_text_dtype(device, requested), pick_vae_dtype(device, requested),
                      unet_output_fp32=unet is torch.bfloat16)
+
+
+FP16_UNSAFE_VAE_FAMILIES = ("sdxl", "sdxl_refiner")  # their VAE overflows in fp16 (NaN, black images)
+
+
+def device_has_bf16(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    return device.type == "cpu" and cpu_has_native_bf16()
+
+
+def safe_vae_dtype(dtype: torch.dtype, device: torch.device, family) -> torch.dtype:
+    """`dtype` for the VAE of `family` (a Family, or None for a VAE file on its own), except fp16 for a family
+    whose VAE overflows in it: bf16 where the device computes it, else fp32."""
+    if dtype is not torch.float16 or family is None or family.name not in FP16_UNSAFE_VAE_FAMILIES:
+        return dtype
+    return torch.bfloat16 if device_has_bf16(device) else torch.float32

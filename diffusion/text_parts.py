@@ -31,10 +31,10 @@ from types import MappingProxyType
 import torch
 from transformers import CLIPTextConfig
 
-from diffusion.checkpoint import FileIdentity, TensorFile
 from diffusion.checkpoint_checks import MAX_ARCHITECTURE_COUNT, examples
 from diffusion.openclip import Source, is_openclip, openclip_sources, read_source, shaped_meta, transformers_sources
 from diffusion.safetensors_header import CheckpointError
+from diffusion.tensor_file import FileIdentity, TensorFile
 from diffusion.text_encoder import (
     OPENAI_ACTIVATION,
     OPENCLIP_ACTIVATION,

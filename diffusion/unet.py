@@ -1,16 +1,20 @@
-"""The SD1.x denoising UNet (LDM's `openaimodel.UNetModel` with spatial transformers), in plain torch.
+"""The denoising UNet of SD1.x, SD2.x and SDXL (LDM/SGM's `openaimodel.UNetModel` with spatial transformers),
+in plain torch.
 
-Module attribute names mirror the checkpoint: `UNetModel(config).state_dict()` has exactly the keys of an SD1
+Module attribute names mirror the checkpoint: `UNetModel(config).state_dict()` has exactly the keys of a
 single-file checkpoint after stripping `model.diffusion_model.` (input_blocks.N.M..., middle_block...,
-output_blocks..., time_embed..., out...), so loading needs no key map. `unet_config_from_state_dict` reads the
-architecture back from tensor shapes alone.
+output_blocks..., time_embed..., label_emb... for SDXL, out...), so loading needs no key map.
+`unet_config_from_state_dict` reads the architecture back from tensor shapes alone.
+
+What differs between the families is all in `UNetConfig`: SD2 has 64-wide heads and Linear proj_in/proj_out;
+SDXL has a transformer depth per level (0, 2, 10: none at the first level), 64-wide heads, a 2048-wide context
+and a label embedding (`label_emb`, the size conditioning vector `y` of 2816 values, 2560 for the refiner)
+added to the time embedding; inpainting models take 9 input channels.
 """
 
 import itertools
 import math
-import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -18,53 +22,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffusion.attention import multihead_attention
+from diffusion.unet_config import (  # noqa: F401 (re-exported: where the UNet's users import them from)
+    GROUPS,
+    HEAD_WIDTH,
+    WIDE_HEAD_CONTEXTS,
+    UNetConfig,
+    unet_config_from_state_dict,
+)
 from diffusion.weights import module_holding
-
-GROUPS = 32  # every GroupNorm in the UNet uses 32 groups
-
-
-@dataclass(frozen=True)
-class UNetConfig:
-    """Architecture of an LDM UNet. The defaults are SD1.5's."""
-
-    in_channels: int = 4
-    out_channels: int = 4
-    model_channels: int = 320
-    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
-    num_res_blocks: int = 2
-    attention_levels: tuple[int, ...] = (0, 1, 2)  # levels (indices into channel_mult) with a transformer
-    transformer_depth: int = 1
-    context_dim: int = 768
-    num_heads: int | None = 8  # SD1: a fixed head count per level...
-    head_dim: int | None = None  # ...SD2: a fixed head width (64); exactly one of the two is set
-    linear_projection: bool = False  # proj_in/proj_out as Linear (SD2.1) instead of 1x1 convs (SD1)
-
-    def __post_init__(self):
-        if (self.num_heads is None) == (self.head_dim is None):
-            raise ValueError(f"set exactly one of num_heads and head_dim, got {self.num_heads} and {self.head_dim}")
-        bad = [lvl for lvl in self.attention_levels if not 0 <= lvl < len(self.channel_mult)]
-        if bad:
-            raise ValueError(f"attention_levels {bad} outside the {len(self.channel_mult)} levels of channel_mult")
-        for width in self.level_channels:
-            if width % GROUPS:
-                raise ValueError(f"channel width {width} is not divisible by the {GROUPS} GroupNorm groups")
-            heads, dim = self.heads_for(width)
-            if heads * dim != width:
-                raise ValueError(f"channel width {width} cannot be split into {heads} heads")
-
-    @property
-    def level_channels(self) -> tuple[int, ...]:
-        return tuple(self.model_channels * m for m in self.channel_mult)
-
-    @property
-    def embed_dim(self) -> int:
-        return 4 * self.model_channels
-
-    def heads_for(self, channels: int) -> tuple[int, int]:
-        """(number of heads, width of one head) for a transformer over `channels`."""
-        if self.num_heads is not None:
-            return self.num_heads, channels // self.num_heads
-        return channels // self.head_dim, self.head_dim
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -160,7 +125,7 @@ class BasicTransformerBlock(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-    def __init__(self, channels: int, config: UNetConfig):
+    def __init__(self, channels: int, config: UNetConfig, depth: int):
         super().__init__()
         heads, head_dim = config.heads_for(channels)
         inner = heads * head_dim
@@ -169,7 +134,7 @@ class SpatialTransformer(nn.Module):
         self.norm = nn.GroupNorm(GROUPS, channels, eps=1e-6)
         self.proj_in = project(channels, inner)
         self.transformer_blocks = nn.ModuleList(
-            BasicTransformerBlock(inner, config.context_dim, heads, head_dim) for _ in range(config.transformer_depth)
+            BasicTransformerBlock(inner, config.context_dim, heads, head_dim) for _ in range(depth)
         )
         self.proj_out = project(inner, channels)
 
@@ -243,19 +208,41 @@ def encoder_blocks(c: UNetConfig) -> tuple[nn.ModuleList, UNetBlock, list[int]]:
         for _ in range(c.num_res_blocks):
             layers = [ResBlock(ch, c.embed_dim, width)]
             ch = width
-            if level in c.attention_levels:
-                layers.append(SpatialTransformer(ch, c))
+            if c.depth_at(level):
+                layers.append(SpatialTransformer(ch, c, c.depth_at(level)))
             input_blocks.append(UNetBlock(layers))
             skip_channels.append(ch)
         if level != last_level:
             input_blocks.append(UNetBlock([Downsample(ch)]))
             skip_channels.append(ch)
-    middle_block = UNetBlock([ResBlock(ch, c.embed_dim, ch), SpatialTransformer(ch, c), ResBlock(ch, c.embed_dim, ch)])
+    middle_block = UNetBlock([ResBlock(ch, c.embed_dim, ch), SpatialTransformer(ch, c, c.mid_depth),
+                              ResBlock(ch, c.embed_dim, ch)])
     return input_blocks, middle_block, skip_channels
 
 
 def time_embedding(c: UNetConfig) -> nn.Sequential:
     return nn.Sequential(nn.Linear(c.model_channels, c.embed_dim), nn.SiLU(), nn.Linear(c.embed_dim, c.embed_dim))
+
+
+def label_embedding(c: UNetConfig) -> nn.Sequential:
+    """SDXL's `label_emb.0.{0,2}`: the label vector y -> Linear, SiLU, Linear, added to the time embedding."""
+    return nn.Sequential(nn.Sequential(nn.Linear(c.adm_in_channels, c.embed_dim), nn.SiLU(),
+                                       nn.Linear(c.embed_dim, c.embed_dim)))
+
+
+def check_label(config: UNetConfig, y: torch.Tensor | None, batch: int) -> None:
+    """A clear error unless `y` is given exactly when the UNet takes one, of shape [batch, adm_in_channels]."""
+    if config.adm_in_channels is None:
+        if y is not None:
+            raise ValueError(f"this UNet takes no label vector y (it has no label_emb), got one of shape "
+                             f"{list(y.shape)}; y is for SDXL models only")
+        return
+    if y is None:
+        raise ValueError(f"this UNet (SDXL) needs the label vector y of {config.adm_in_channels} values per "
+                         "latent (pooled text embedding and size conditioning); none was given")
+    if tuple(y.shape) != (batch, config.adm_in_channels):
+        raise ValueError(f"label vector y has shape {list(y.shape)}, the UNet needs [{batch}, "
+                         f"{config.adm_in_channels}]: the conditioning was made for another model")
 
 
 class ControlResiduals(NamedTuple):
@@ -273,6 +260,8 @@ class UNetModel(nn.Module):
         self.config = config
         c = config
         self.time_embed = time_embedding(c)
+        if c.adm_in_channels is not None:
+            self.label_emb = label_embedding(c)
         self.input_blocks, self.middle_block, skip_channels = encoder_blocks(c)
         ch = skip_channels[-1]
 
@@ -281,8 +270,8 @@ class UNetModel(nn.Module):
             for i in range(c.num_res_blocks + 1):
                 layers = [ResBlock(ch + skip_channels.pop(), c.embed_dim, width)]
                 ch = width
-                if level in c.attention_levels:
-                    layers.append(SpatialTransformer(ch, c))
+                if c.depth_at(level):
+                    layers.append(SpatialTransformer(ch, c, c.depth_at(level)))
                 if level != 0 and i == c.num_res_blocks:
                     layers.append(Upsample(ch))
                 self.output_blocks.append(UNetBlock(layers))
@@ -292,9 +281,10 @@ class UNetModel(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
-                control: ControlResiduals | None = None) -> torch.Tensor:
-        """Predict the noise in latents x [B, C, H, W] at timesteps [B] (float, 0..999) given context [B, T, D],
-        plus a ControlNet's `control` residuals if given.
+                control: ControlResiduals | None = None, y: torch.Tensor | None = None) -> torch.Tensor:
+        """The network's prediction (noise or v, as the model was trained) for latents x [B, C, H, W] at
+        timesteps [B] (float, 0..999) given context [B, T, D], plus a ControlNet's `control` residuals if given.
+        `y` [B, adm_in_channels] is the label vector, required exactly when the config has one (SDXL).
 
         Works for any H, W (upsampling matches each skip's size). Runs on x's device; each block computes in the
         dtype of its own weights (all one dtype, unless the loader kept some layers in fp32: see
@@ -303,6 +293,9 @@ class UNetModel(nn.Module):
         timesteps = torch.as_tensor(timesteps, device=x.device).reshape(-1).expand(x.shape[0])
         time_dtype = weight_dtype(self.time_embed, x.dtype)
         emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(time_dtype))
+        check_label(self.config, y, x.shape[0])
+        if y is not None:
+            emb = emb + self.label_emb(y.to(device=x.device, dtype=weight_dtype(self.label_emb, time_dtype)))
         embs: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
 
         def cast(block: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -363,82 +356,9 @@ def precision_sensitive_prefixes(config: UNetConfig) -> tuple[str, ...]:
     count = len(config.channel_mult) * (config.num_res_blocks + 1)
     blocks = range(count - config.num_res_blocks - 1, count)
     prefixes = [f"output_blocks.{i}.0." for i in blocks]
-    if 0 in config.attention_levels:  # level 0, the full resolution, has a transformer after each ResBlock
+    if config.depth_at(0):  # level 0, the full resolution, has a transformer after each ResBlock
         prefixes += [f"output_blocks.{i}.1.{layer}." for i in blocks for layer in ("norm", "proj_in", "proj_out")]
     return (*prefixes, "out.")
-
-
-def _shape(state_dict: Mapping[str, torch.Tensor], key: str) -> tuple[int, ...]:
-    if key not in state_dict:
-        raise ValueError(f"UNet weights lack '{key}', which is needed to read the architecture")
-    return tuple(state_dict[key].shape)
-
-
-def _block_ids(state_dict: Mapping[str, torch.Tensor], group: str) -> list[int]:
-    pattern = re.compile(rf"{group}\.(\d+)\.")
-    return sorted({int(m.group(1)) for k in state_dict if (m := pattern.match(k))})
-
-
-def _transformer_depth(state_dict: Mapping[str, torch.Tensor], prefix: str) -> int:
-    inside = {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}
-    return len(_block_ids(inside, "transformer_blocks"))
-
-
-def _single(values: list, what: str):
-    distinct = sorted(set(values))
-    if len(distinct) != 1:
-        raise ValueError(f"UNet has varying {what} {distinct}; only a uniform value is supported")
-    return distinct[0]
-
-
-def unet_config_from_state_dict(state_dict: Mapping[str, torch.Tensor], *, has_output: bool = True) -> UNetConfig:
-    """Read a UNetConfig from the shapes of UNet weights (keys without `model.diffusion_model.`); without
-    `has_output` (a ControlNet's copy of the input and middle blocks) out_channels is taken as in_channels.
-
-    Only shapes are looked at, so meta tensors do. Heads cannot be seen in shapes: like ComfyUI, a 1024-wide
-    context (SD2's OpenCLIP) means 64-wide heads, anything else SD1's 8 heads.
-    """
-    model_channels, in_channels = _shape(state_dict, "input_blocks.0.0.weight")[:2]
-    out_channels = _shape(state_dict, "out.2.weight")[0] if has_output else in_channels
-
-    levels: list[list[tuple[int, int]]] = [[]]  # per level: (output width, transformer depth) per res block
-    for n in _block_ids(state_dict, "input_blocks")[1:]:
-        if f"input_blocks.{n}.0.op.weight" in state_dict:
-            levels.append([])
-            continue
-        width = _shape(state_dict, f"input_blocks.{n}.0.in_layers.2.weight")[0]
-        levels[-1].append((width, _transformer_depth(state_dict, f"input_blocks.{n}.1.")))
-    if any(not level for level in levels):
-        raise ValueError("UNet weights have a level without res blocks (input_blocks are incomplete)")
-
-    channel_mult = []
-    for i, level in enumerate(levels):
-        width = _single([w for w, _ in level], f"widths within level {i}")
-        if width % model_channels:
-            raise ValueError(f"UNet level {i} width {width} is not a multiple of model_channels {model_channels}")
-        channel_mult.append(width // model_channels)
-    depths = [d for level in levels for _, d in level]
-    attention_levels = tuple(i for i, level in enumerate(levels) if _single([d for _, d in level], "depths") > 0)
-    middle_depth = _transformer_depth(state_dict, "middle_block.1.")
-    if middle_depth == 0:
-        raise ValueError("UNet weights lack 'middle_block.1.transformer_blocks.*' (no mid-block transformer)")
-    transformer_depth = _single([d for d in depths if d > 0] + [middle_depth], "transformer depths")
-
-    context_dim = _shape(state_dict, "middle_block.1.transformer_blocks.0.attn2.to_k.weight")[1]
-    linear_projection = len(_shape(state_dict, "middle_block.1.proj_in.weight")) == 2
-    heads = {"num_heads": None, "head_dim": 64} if context_dim == 1024 else {"num_heads": 8, "head_dim": None}
-    return UNetConfig(
-        in_channels=in_channels,
-        out_channels=out_channels,
-        model_channels=model_channels,
-        channel_mult=tuple(channel_mult),
-        num_res_blocks=_single([len(level) for level in levels], "res blocks per level"),
-        attention_levels=attention_levels,
-        transformer_depth=transformer_depth,
-        context_dim=context_dim,
-        linear_projection=linear_projection,
-        **heads,
-    )
 
 
 def build_unet(state_dict: Mapping[str, torch.Tensor]) -> UNetModel:

@@ -20,7 +20,8 @@ from engine.files import remove_stale_temp_files
 
 log = logging.getLogger(__name__)
 
-MODEL_KINDS = ("checkpoints", "vae", "loras", "embeddings", "upscale_models", "controlnet", "text_encoders", "clip")
+MODEL_KINDS = ("checkpoints", "vae", "loras", "embeddings", "upscale_models", "controlnet",
+               "diffusion_models", "unet", "text_encoders", "clip")  # unet, clip: ComfyUI's legacy folder names
 MODEL_EXTENSIONS = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 

@@ -1,7 +1,9 @@
-"""Loading checkpoints and VAEs from the models/ folders.
+"""Loading checkpoints, bare UNets and VAEs from the models/ folders.
 
 A loader checks the file from its header and returns values holding model handles; the weights are read when a
-node first uses them (through the runtime's model manager), one part at a time.
+node first uses them (through the runtime's model manager), one part at a time. The family (SD1.x, SD2.x, SDXL
+base or refiner, inpainting variants) is detected from the keys and shapes; the MODEL carries it, so the latent
+scale and prediction type follow the model, and a VAE file (which carries no family) pairs with any MODEL.
 """
 
 from __future__ import annotations
@@ -24,6 +26,31 @@ def file_identity(resources, kind: str, name: str) -> tuple:
     return (str(path), stat.st_size, stat.st_mtime_ns, resources.device, resources.dtype)
 
 
+UNET_FOLDERS = ("diffusion_models", "unet")  # ComfyUI's folder and its legacy name, searched in this order
+WEIGHT_DTYPES = ("default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2")  # UNETLoader's options, as ComfyUI lists them
+
+
+def _unet_names(resources) -> list[str]:
+    if resources is None:
+        return []
+    return sorted({name for kind in UNET_FOLDERS for name in resources.folders.list_models(kind)})
+
+
+def unet_path(resources, unet_name: str):
+    """The file in models/diffusion_models, else in the legacy models/unet."""
+    for kind in UNET_FOLDERS[:-1]:
+        path = resources.folders.models(kind) / unet_name
+        if path.is_file():
+            return resources.folders.model_path(kind, unet_name)
+    return resources.folders.model_path(UNET_FOLDERS[-1], unet_name)
+
+
+def _unet_identity(resources, unet_name, weight_dtype):
+    path = unet_path(resources, unet_name)
+    stat = path.stat()
+    return (str(path), stat.st_size, stat.st_mtime_ns, resources.device, resources.dtype, weight_dtype)
+
+
 def _checkpoint_identity(resources, ckpt_name):
     return file_identity(resources, "checkpoints", ckpt_name)
 
@@ -33,8 +60,9 @@ def _vae_identity(resources, vae_name):
 
 
 @node("CheckpointLoaderSimple", category="loaders", aliases=("LoadCheckpoint",), display_name="Load Checkpoint",
-      description="Load an SD1.x checkpoint (single-file safetensors, original LDM layout) from "
-                  "models/checkpoints: its UNet (MODEL), text encoder (CLIP) and autoencoder (VAE).",
+      description="Load a single-file checkpoint (SD1.x, SD2.x, SDXL base or refiner, inpainting models; "
+                  "original LDM layout) from models/checkpoints: its UNet (MODEL), text encoders (CLIP) and "
+                  "autoencoder (VAE). The family is told from the weights, not the file name.",
       fingerprint=_checkpoint_identity,
       inputs=[Input("ckpt_name", COMBO, options=_checkpoint_names,
                     tooltip="a file in models/checkpoints")],
@@ -51,8 +79,31 @@ def checkpoint_loader(ctx, ckpt_name):
                              embeddings_dir=runtime.folders.models("embeddings"), allow_pickle=runtime.allow_pickle)
 
 
+@node("UNETLoader", category="advanced/loaders", display_name="Load Diffusion Model",
+      description="Load a UNet on its own (SD1.x, SD2.x, SDXL) from models/diffusion_models (or the legacy "
+                  "models/unet): keys 'input_blocks...' or 'model.diffusion_model.input_blocks...'. Pair it with "
+                  "CLIPLoader/DualCLIPLoader and VAELoader.",
+      fingerprint=_unet_identity,
+      inputs=[Input("unet_name", COMBO, options=_unet_names, tooltip="a file in models/diffusion_models"),
+              Input("weight_dtype", COMBO, options=WEIGHT_DTYPES, default="default",
+                    tooltip="default: the device's precision policy; fp8 storage is not supported")],
+      outputs=[Output("MODEL", "MODEL")])
+def unet_loader(ctx, unet_name, weight_dtype):
+    from diffusion.checkpoint import open_unet
+    from diffusion.components import model_value
+
+    if weight_dtype != "default":
+        raise ValueError(f"UNETLoader weight_dtype {weight_dtype!r} is not supported: sdgraph does not store "
+                         "weights in fp8. Choose 'default' (set the precision with --dtype fp32|bf16|fp16)")
+    runtime = ctx.resources
+    device, precision = runtime.placement()
+    family, layout = open_unet(unet_path(runtime, unet_name), allow_pickle=runtime.allow_pickle)
+    return model_value(layout, family, device=device, precision=precision)
+
+
 @node("VAELoader", category="loaders", display_name="Load VAE",
-      description="Load an SD1 autoencoder from models/vae, to replace a checkpoint's own VAE.",
+      description="Load an autoencoder (SD1.x/SD2.x or SDXL VAE) from models/vae, to replace a checkpoint's own "
+                  "VAE. A VAE file carries no family: the latent scale comes from the MODEL it is used with.",
       fingerprint=_vae_identity,
       inputs=[Input("vae_name", COMBO, options=_vae_names, tooltip="a file in models/vae")],
       outputs=[Output("VAE", "VAE")])
@@ -66,4 +117,4 @@ def vae_loader(ctx, vae_name):
     return vae_value(open_vae(path, allow_pickle=runtime.allow_pickle), device=device, dtype=precision.vae)
 
 
-NODES = [checkpoint_loader, vae_loader]
+NODES = [checkpoint_loader, unet_loader, vae_loader]

@@ -108,7 +108,7 @@ def test_leftovers_and_old_text_layout_are_accepted(tiny, tiny_state, tmp_path):
 
 def test_reading_in_small_chunks_changes_nothing(tiny, monkeypatch):
     """The tiny file fits one chunk; with 4 kB chunks most tensors share a run and big ones get their own."""
-    import diffusion.checkpoint as checkpoint_module
+    import diffusion.tensor_file as checkpoint_module
 
     want = outputs(*_parts(load_checkpoint(tiny)))
     monkeypatch.setattr(checkpoint_module, "CHUNK_BYTES", 4096)
@@ -225,17 +225,17 @@ def test_shape_mismatch_and_unexpected_keys_are_named(tiny_state, tmp_path):
     with pytest.raises(CheckpointError, match=rf"{key} \(model needs \[32\], file has \[33\]\)"):
         load_checkpoint(save(sd, tmp_path / "a.safetensors"))
     sd[key] = tiny_state[key]
-    sd[UNET + "label_emb.0.0.weight"] = torch.zeros(4, 4, dtype=torch.float16)
-    with pytest.raises(CheckpointError, match=r"1 unexpected: model\.diffusion_model\.label_emb\.0\.0\.weight"):
+    sd[UNET + "input_blocks.0.1.weight"] = torch.zeros(4, 4, dtype=torch.float16)
+    with pytest.raises(CheckpointError, match=r"1 unexpected: model\.diffusion_model\.input_blocks\.0\.1\.weight"):
         load_checkpoint(save(sd, tmp_path / "b.safetensors"))
 
 
 def test_other_model_families_are_named(tmp_path):
     sdxl = {"conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": torch.zeros(2),
             "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 4, 3, 3)}  # fmt: skip
-    with pytest.raises(CheckpointError, match="not an SD1 checkpoint.*SDXL"):
+    with pytest.raises(CheckpointError, match="no UNet of a known family.*Supported families: SD1.x.*SDXL base"):
         load_checkpoint(save(sdxl, tmp_path / "sdxl.safetensors"))
-    with pytest.raises(CheckpointError, match="Its keys start with: alpha, beta"):
+    with pytest.raises(CheckpointError, match="keys start with alpha, beta"):
         load_checkpoint(save({"alpha": torch.zeros(1), "beta.x": torch.zeros(1)}, tmp_path / "x.safetensors"))
 
 

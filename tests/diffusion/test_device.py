@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -95,3 +97,43 @@ def test_this_machine_reports_its_own_choice():
     expected = torch.bfloat16 if policy.cpu_has_native_bf16() else torch.float32
     assert pick_dtype(CPU, "auto") == expected
     assert pick_dtype(CPU) == expected
+
+
+def test_sdxl_vae_is_never_fp16(fake_cuda, no_bf16):
+    """Issue #13: SDXL's VAE overflows in fp16, so asking for fp16 gives it bf16 where the device has it, else
+    fp32; other families (and a VAE file on its own, family None) keep what was asked for."""
+    from diffusion.device import safe_vae_dtype
+    from diffusion.families import FAMILIES
+
+    half = torch.float16
+    assert safe_vae_dtype(half, CUDA, FAMILIES["sdxl"]) == torch.bfloat16
+    assert safe_vae_dtype(half, CUDA, FAMILIES["sdxl_refiner"]) == torch.bfloat16
+    fake_cuda["bf16"] = False
+    assert safe_vae_dtype(half, CUDA, FAMILIES["sdxl"]) == torch.float32
+    assert safe_vae_dtype(half, CPU, FAMILIES["sdxl"]) == torch.float32  # no native bf16 on this fake CPU
+    assert safe_vae_dtype(half, CUDA, FAMILIES["sd1"]) == half and safe_vae_dtype(half, CUDA, None) == half
+    assert safe_vae_dtype(torch.bfloat16, CUDA, FAMILIES["sdxl"]) == torch.bfloat16
+
+
+def test_a_decode_that_overflows_is_redone_in_fp32(caplog):
+    """Issue #13: non-finite pixels from a half-precision decode are decoded again in fp32, with a warning; the
+    borrowed network keeps its dtype."""
+    from diffusion.components import ImageAutoencoder
+
+    class OverflowsInHalf(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(()))
+
+        def decode(self, z):
+            out = z[:, :3].repeat_interleave(8, -1).repeat_interleave(8, -2) * self.scale
+            return out if z.dtype == torch.float32 else out * float("inf")
+
+    vae = OverflowsInHalf().to(torch.bfloat16)
+    handle = SimpleNamespace(device="cpu")
+    value = ImageAutoencoder(handle, config=None, dtype=torch.bfloat16, source="vae.safetensors")
+    with caplog.at_level("WARNING"):
+        pixels = value.decode(torch.full((1, 4, 2, 2), 0.5), vae)
+    assert torch.isfinite(pixels).all() and pixels.shape == (1, 16, 16, 3)
+    assert torch.allclose(pixels, torch.full_like(pixels, 0.75))
+    assert "overflowed" in caplog.text and vae.scale.dtype == torch.bfloat16

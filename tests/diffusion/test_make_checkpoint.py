@@ -14,10 +14,10 @@ SD15_KEYS = Path(__file__).resolve().parents[1] / "fixtures" / "sd15_keys.tsv"
 SAFETENSORS_NAMES = {"F16": torch.float16, "F32": torch.float32, "I64": torch.int64}
 
 
-def read_fixture_layout():
+def read_fixture_layout(path=SD15_KEYS):
     layout = {}
-    for line in open(SD15_KEYS):
-        key, dtype, shape = line.rstrip("\n").split("\t")
+    for line in open(path):
+        key, dtype, shape = line.rstrip("\n").split("\t")[:3]
         layout[key] = (SAFETENSORS_NAMES[dtype], tuple(int(s) for s in shape.strip("[]").split(",") if s.strip()))
     return layout
 
@@ -30,6 +30,44 @@ def test_sd15_layout_equals_the_public_file_exactly():
     assert checkpoint_layout("sd15") == read_fixture_layout()
 
 
+@pytest.mark.parametrize("preset, fixture", [("sd21v", "sd21_768v_keys.tsv"), ("sdxl", "sdxl_base_keys.tsv")])
+def test_sd21v_and_sdxl_layouts_equal_the_published_files_exactly(preset, fixture):
+    """Issue #13: key for key, shape for shape and dtype for dtype the published SD2.1-768-v and SDXL base 1.0
+    layouts (key lists derived from ComfyUI's model classes), text encoders included."""
+    assert checkpoint_layout(preset) == read_fixture_layout(SD15_KEYS.parent / fixture)
+
+
+TINY_FAMILY_PRESETS = ("sd21-tiny", "sd21v-tiny", "sdxl-tiny", "sdxl-refiner-tiny", "sd15-inpaint-tiny")
+
+
+@pytest.mark.parametrize("preset", TINY_FAMILY_PRESETS)
+def test_tiny_family_presets_are_tiny_and_written_whole(tmp_path, preset):
+    """Issue #13: a few MB each, text encoders in the family's published prefixes."""
+    path = make_checkpoint(tmp_path / "m.safetensors", preset=preset)
+    assert path.stat().st_size < 25_000_000
+    prefixes = {"sd21-tiny": ("cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight",),
+                "sd21v-tiny": ("cond_stage_model.model.positional_embedding",),
+                "sdxl-tiny": ("conditioner.embedders.0.transformer.text_model.embeddings.position_ids",
+                              "conditioner.embedders.1.model.text_projection"),
+                "sdxl-refiner-tiny": ("conditioner.embedders.0.model.ln_final.weight",),
+                "sd15-inpaint-tiny": ("cond_stage_model.transformer.text_model.final_layer_norm.weight",)}[preset]
+    with safe_open(path, framework="pt") as f:
+        keys = set(f.keys())
+        assert set(prefixes) <= keys and "model.diffusion_model.input_blocks.0.0.weight" in keys
+        if preset.startswith("sdxl"):  # pooled projection 1280 wide, so the label vector has SDXL's width
+            name = next(k for k in keys if k.endswith("model.text_projection"))
+            assert f.get_slice(name).get_shape()[1] == 1280
+
+
+def test_sd2_presets_set_comfyuis_v_probe():
+    from diffusion.make_checkpoint import V_PROBE
+
+    def std(preset):
+        return float(random_state_dict(preset)[V_PROBE].float().std(unbiased=False))
+
+    assert std("sd21v-tiny") > 0.09 > std("sd21-tiny")
+
+
 def test_tiny_layout_has_real_vocabulary_and_positions():
     layout = checkpoint_layout("tiny")
     prefix = "cond_stage_model.transformer.text_model.embeddings."
@@ -40,8 +78,8 @@ def test_tiny_layout_has_real_vocabulary_and_positions():
 
 
 def test_unknown_preset_is_refused_with_the_choices(tmp_path):
-    with pytest.raises(ValueError, match="sd15, tiny"):
-        make_checkpoint(tmp_path / "x.safetensors", preset="sdxl")
+    with pytest.raises(ValueError, match="sd15, .*tiny"):
+        make_checkpoint(tmp_path / "x.safetensors", preset="sd3")
     with pytest.raises(ValueError, match="non-negative"):
         make_checkpoint(tmp_path / "x.safetensors", seed=-1)
 
@@ -106,10 +144,18 @@ def test_cli_writes_the_file(tmp_path, capsys):
     assert str(out) in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv", [["x.safetensors", "--preset", "sdxl"], ["x.safetensors", "--seed", "-2"], []])
+@pytest.mark.parametrize("argv", [["x.safetensors", "--preset", "sd3"], ["x.safetensors", "--seed", "-2"], []])
 def test_cli_refuses_bad_arguments(argv, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2
+    assert not list(tmp_path.iterdir())
+
+
+def test_addons_for_other_families_are_refused_by_name(tmp_path, capsys):
+    """LoRA/ControlNet generators are SD1's; asking one for an SD2/SDXL preset says so instead of crashing."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "l.safetensors"), "--preset", "sdxl-tiny", "--kind", "lora"])
+    assert exit_info.value.code == 2 and "SD1 presets only" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())

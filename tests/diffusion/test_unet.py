@@ -21,6 +21,14 @@ SMALL_SD15_LIKE = UNetConfig(
 )  # fmt: skip
 
 SD15_KEYS = Path(__file__).resolve().parents[1] / "fixtures" / "sd15_keys.tsv"
+SIZE_EMBED = 256  # SDXL embeds each size number in 256 sinusoidal values
+# SD2.1's shape at small widths: linear projections, 64-wide heads
+SMALL_SD21_LIKE = UNetConfig(model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1, attention_levels=(0, 1, 2),
+                             context_dim=80, num_heads=None, head_dim=64, linear_projection=True)
+# SDXL's shape at small widths: no transformer at level 0, deeper ones below, a 2816-wide label vector
+SMALL_SDXL_LIKE = UNetConfig(model_channels=32, channel_mult=(1, 2, 4), num_res_blocks=2, attention_levels=(1, 2),
+                             transformer_depth=(0, 1, 2), middle_depth=2, context_dim=96, num_heads=None, head_dim=64,
+                             linear_projection=True, adm_in_channels=1280 + 6 * SIZE_EMBED)
 
 
 def meta_state_dict(config: UNetConfig) -> dict[str, torch.Tensor]:
@@ -39,6 +47,8 @@ def strip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def diffusers_unet(config: UNetConfig, checkpoint: dict[str, torch.Tensor]) -> UNet2DConditionModel:
+    """diffusers' UNet for `config` (its own code, configured as the published SD1.5 / SD2.1 / SDXL configs are),
+    with `checkpoint` converted by diffusers' LDM converter."""
     levels = range(len(config.channel_mult))
     down = tuple("CrossAttnDownBlock2D" if i in config.attention_levels else "DownBlock2D" for i in levels)
     up = tuple("CrossAttnUpBlock2D" if i in config.attention_levels else "UpBlock2D" for i in reversed(levels))
@@ -50,14 +60,19 @@ def diffusers_unet(config: UNetConfig, checkpoint: dict[str, torch.Tensor]) -> U
         block_out_channels=config.level_channels,
         layers_per_block=config.num_res_blocks,
         cross_attention_dim=config.context_dim,
-        attention_head_dim=config.num_heads,  # diffusers' historical name for SD1's head count
-        transformer_layers_per_block=config.transformer_depth,
+        # diffusers' historical name for the head count (SDXL's config: [5, 10, 20])
+        attention_head_dim=config.num_heads or tuple(max(1, w // config.head_dim) for w in config.level_channels),
+        # the last entry is also the middle block's depth in diffusers
+        transformer_layers_per_block=tuple(config.depth_at(i) or config.mid_depth for i in levels),
         use_linear_projection=config.linear_projection,
         flip_sin_to_cos=True,
         freq_shift=0,
         norm_num_groups=32,
         norm_eps=1e-5,
     )
+    if config.adm_in_channels is not None:  # SDXL: addition_embed_type text_time, as in its published config
+        kwargs.update(addition_embed_type="text_time", addition_time_embed_dim=SIZE_EMBED,
+                      projection_class_embeddings_input_dim=config.adm_in_channels)
     model = UNet2DConditionModel(**kwargs)
     converted = convert_ldm_unet_checkpoint(checkpoint, kwargs)
     model.load_state_dict(converted, strict=True)
@@ -121,20 +136,31 @@ def test_timestep_embedding_is_ldm_cos_first():
     assert timestep_embedding(t, 7).shape == (4, 7)
 
 
-@pytest.mark.parametrize("config", [TINY, SMALL_SD15_LIKE], ids=["tiny", "sd15-like"])
+@pytest.mark.parametrize("config", [TINY, SMALL_SD15_LIKE, SMALL_SD21_LIKE, SMALL_SDXL_LIKE],
+                         ids=["tiny", "sd15-like", "sd21-like", "sdxl-like"])
 def test_matches_diffusers(config):
-    checkpoint = random_unet_weights(config, seed=3)
-    ours = build_unet(strip(checkpoint))
+    """SD1, and (issue #13) SD2 (linear projections, 64-wide heads) and SDXL (depth per level, label_emb fed y
+    built from the pooled embedding and six size numbers, diffusers' added_cond_kwargs text_embeds/time_ids)
+    within 1e-4."""
+    checkpoint = random_unet_weights(config, seed=5)
+    ours = holding(config, strip(checkpoint))
     theirs = diffusers_unet(config, checkpoint)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 4, 16, 16, generator=g)
     context = torch.randn(2, 7, config.context_dim, generator=g)
     t = torch.tensor([999.0, 10.5])
     with torch.no_grad():
-        got = ours(x, t, context)
-        want = theirs(x, t, encoder_hidden_states=context).sample
-    assert got.std() > 0.05  # not a degenerate comparison
-    assert (got - want).abs().max().item() < 1e-4
+        if config.adm_in_channels is None:
+            got, want = ours(x, t, context), theirs(x, t, encoder_hidden_states=context).sample
+        else:
+            pooled = torch.randn(2, 1280, generator=g)
+            sizes = torch.tensor([[1024.0, 768.0, 0.0, 16.0, 1024.0, 768.0], [512.0, 512.0, 8.0, 0.0, 640.0, 384.0]])
+            y = torch.cat([pooled, timestep_embedding(sizes.flatten(), SIZE_EMBED).reshape(2, -1)], dim=1)
+            got = ours(x, t, context, y=y)
+            want = theirs(x, t, encoder_hidden_states=context,
+                          added_cond_kwargs={"text_embeds": pooled, "time_ids": sizes}).sample
+    assert got.std() > 0.05
+    assert (got - want).abs().max().item() < 1e-4 * max(1.0, want.abs().max().item())
 
 
 def test_odd_latent_sizes_keep_their_shape():
@@ -208,3 +234,43 @@ def test_layers_compute_in_their_own_dtype():
         want = reference(x, torch.tensor([400.0, 20.0]), context)
     assert got.dtype == torch.float32  # the output layer's dtype
     assert (got - want).abs().max() < 0.1 * want.abs().max()
+
+
+def holding(config: UNetConfig, weights: dict[str, torch.Tensor]) -> UNetModel:
+    from diffusion.weights import module_holding
+
+    return module_holding(lambda: UNetModel(config), weights)
+
+
+def test_label_vector_is_required_exactly_when_the_unet_has_one():
+    """Issue #13: y is SDXL's; missing, misshapen or given to a UNet without label_emb is a clear error."""
+    sdxl = holding(SMALL_SDXL_LIKE, strip(random_unet_weights(SMALL_SDXL_LIKE)))
+    sd1 = build_unet(strip(random_unet_weights(TINY)))
+    x, t = torch.zeros(1, 4, 8, 8), torch.tensor([1.0])
+    with torch.no_grad(), pytest.raises(ValueError, match="needs the label vector y of 2816"):
+        sdxl(x, t, torch.zeros(1, 3, 96))
+    with torch.no_grad(), pytest.raises(ValueError, match=r"shape \[1, 2560\], the UNet needs \[1, 2816\]"):
+        sdxl(x, t, torch.zeros(1, 3, 96), y=torch.zeros(1, 2560))
+    with torch.no_grad(), pytest.raises(ValueError, match="takes no label vector"):
+        sd1(x, t, torch.zeros(1, 3, TINY.context_dim), y=torch.zeros(1, 2816))
+
+
+def test_published_sd21_and_sdxl_configs_round_trip_through_shapes():
+    """Issue #13: per-level depth, middle depth, label width and 64-wide heads are read back from shapes."""
+    from diffusion.make_checkpoint import SD21_UNET, SDXL_UNET
+
+    for config in (SD21_UNET, SDXL_UNET, SMALL_SDXL_LIKE, dataclasses.replace(SDXL_UNET, adm_in_channels=2560)):
+        wide = unet_config_from_state_dict(meta_state_dict(config), wide_heads=True)
+        assert wide == config
+    assert unet_config_from_state_dict(meta_state_dict(SDXL_UNET)) == SDXL_UNET  # 2048 context: 64-wide heads
+    assert SDXL_UNET.depth_at(0) == 0 and SDXL_UNET.depth_at(2) == 10 and SDXL_UNET.mid_depth == 10
+
+
+def test_sdxl_precision_sensitive_prefixes_skip_level_0_transformers():
+    from diffusion.make_checkpoint import SDXL_UNET
+    from diffusion.unet import precision_sensitive_prefixes
+
+    kept = precision_sensitive_prefixes(SDXL_UNET)
+    assert kept == ("output_blocks.6.0.", "output_blocks.7.0.", "output_blocks.8.0.", "out.")
+    keys = meta_state_dict(SDXL_UNET)
+    assert all(any(k.startswith(p) for k in keys) for p in kept)

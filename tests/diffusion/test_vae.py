@@ -128,3 +128,26 @@ def test_half_precision_follows_the_input(dtype):
     assert got.dtype == dtype
     tolerance = {torch.float16: 0.02, torch.bfloat16: 0.1}[dtype]  # bf16 keeps 8 bits of mantissa
     assert (got.float() - want).abs().max() < tolerance * want.abs().max()
+
+
+def test_sdxl_vae_is_the_published_layout_and_decodes_as_diffusers():
+    """Issue #13: the SDXL base file's VAE has our default VAE's keys and shapes (tests/fixtures/sdxl_base_keys.tsv),
+    and at that full size it decodes as diffusers' AutoencoderKL built from SDXL's published VAE config (latents
+    unscaled: the 0.13025 scale is the MODEL family's business)."""
+    fixture = SD15_KEYS.parent / "sdxl_base_keys.tsv"
+    rows = [line.rstrip("\n").split("\t") for line in open(fixture)]
+    want = {k.removeprefix(PREFIX): shape.replace(" ", "") for k, _, shape in rows if k.startswith(PREFIX)}
+    got = {k: str(list(t.shape)).replace(" ", "") for k, t in meta_state_dict(VAEConfig()).items()}
+    assert got == want
+    checkpoint = random_vae_weights(VAEConfig(), seed=2)
+    ours = build_vae(strip(checkpoint))
+    kwargs = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                  up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
+                  layers_per_block=2, latent_channels=4, norm_num_groups=32, sample_size=1024,
+                  scaling_factor=0.13025, force_upcast=True)  # SDXL's published vae/config.json
+    theirs = DiffusersAutoencoderKL(**kwargs)
+    theirs.load_state_dict(convert_ldm_vae_checkpoint(checkpoint, kwargs), strict=True)
+    latent = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        decoded, want = ours.decode(latent), theirs.eval().decode(latent).sample
+    assert decoded.std() > 0.01 and (decoded - want).abs().max().item() < 1e-4

@@ -237,7 +237,7 @@ FULL_SIZE = textwrap.dedent("""
     g = torch.Generator().manual_seed(0)
     x, context = torch.randn(2, 4, 32, 32, generator=g), torch.randn(2, 77, 768, generator=g)
     with runtime.models.use(model.handle) as unet:
-        eps = model.eps_function(unet)(x, torch.tensor([999.0, 500.0]), context)
+        eps = model.forward_function(unet)(x, torch.tensor([999.0, 500.0]), context)
     torch.save(eps, sys.argv[3])
     print(json.dumps(report))
 """)
