@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--work", type=Path, default=DEFAULT_WORK,
                         help=f"folder for resumable snapshots (default {DEFAULT_WORK})")
     parser.add_argument("--resume", action="store_true", help="continue from the snapshots in --work")
-    parser.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of vae,denoiser,phrasing,export")
+    parser.add_argument("--stages", default=",".join(STAGES),
+                        help="comma-separated subset of vae,denoiser,phrasing,export")
     parser.add_argument("--arch", choices=sorted(ARCHITECTURES), default="demo", help="demo (shipped) or micro")
     parser.add_argument("--vae-steps", type=int, default=VAESchedule.steps)
     parser.add_argument("--steps", type=int, default=DenoiserSchedule.steps, help="UNet + text encoder steps")

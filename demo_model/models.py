@@ -122,8 +122,12 @@ def load_parts(path: str | os.PathLike, arch: DemoArchitecture) -> tuple[UNetMod
 
     unet, text = new_denoiser(arch, 0)
     vae = new_vae(arch, 0)
-    unet.load_state_dict(part(UNET_PREFIX))
-    vae.load_state_dict(part(VAE_PREFIX))
+    try:
+        unet.load_state_dict(part(UNET_PREFIX))
+        vae.load_state_dict(part(VAE_PREFIX))
+    except RuntimeError as error:
+        raise ValueError(f"{path}: not a demo checkpoint of this architecture; pass the matching --arch "
+                         f"({str(error).splitlines()[0]})") from error
     stored = strip_text_model_prefix(part(TEXT_PREFIX))
     names = dict(zip(text_state(text), text.state_dict(), strict=True))  # stripped key -> module key
     missing = sorted(set(names) - set(stored) - {POSITION_IDS})

@@ -1,4 +1,4 @@
-"""Stage 3: teach the trained model everyday phrasing, by training on on varied captions of the same scenes.
+"""Stage 3: teach the trained model everyday phrasing, by training on varied captions of the same scenes.
 
 It starts from the stage-2 EMA weights rounded to fp16 (exactly what a stage-2 export holds, so it can also start
 from such a file: `sdgraph train-demo --start-from`), with a fresh optimiser and EMA, and trains the UNet and
@@ -23,8 +23,8 @@ from demo_model.models import DemoArchitecture, round_to_fp16
 from diffusion.unet import UNetModel
 from diffusion.vae import AutoencoderKL
 
-PHRASING_SCHEDULE = dataclasses.replace(DenoiserSchedule(), steps=1500, lr=3e-4, warmup=50, layout_from=0, save_every=50,
-                                        stream_salt=1)
+PHRASING_SCHEDULE = dataclasses.replace(DenoiserSchedule(), steps=1500, lr=3e-4, warmup=50, layout_from=0,
+                                        save_every=50, stream_salt=1)
 
 
 def train_phrasing(arch: DemoArchitecture, vae: AutoencoderKL, start: tuple[UNetModel, CLIPTextModel],
