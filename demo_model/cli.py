@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from demo_model.denoiser import DenoiserSchedule, train_denoiser
 from demo_model.models import ARCHITECTURES, export_checkpoint, load_parts
-from demo_model.phrasing import PHRASING_SCHEDULE, train_phrasing
+from demo_model.phrasing import PhrasingSchedule, train_phrasing
 from demo_model.vae import VAESchedule, train_vae
 
 DEFAULT_OUT = Path("models/checkpoints/sdgraph-demo.safetensors")
@@ -58,8 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="UNet step from which high-noise timesteps weigh more (see --layout-weight-cap)")
     parser.add_argument("--layout-weight-cap", type=float, default=DenoiserSchedule.layout_weight_cap,
                         help="loss weight 1/SNR(t) clamped to [1, cap] from --layout-from on (1: plain eps loss)")
-    parser.add_argument("--phrasing-steps", type=int, default=PHRASING_SCHEDULE.steps,
-                        help="stage 3 steps on varied captions (0: export the stage-2 model)")
+    parser.add_argument("--phrasing-steps", type=int, default=PhrasingSchedule.steps,
+                        help="stage 3 steps: the text encoder learns varied captions (0: export the stage-2 model)")
     parser.add_argument("--start-from", type=Path,
                         help="run stage 3 from this exported stage-2 checkpoint instead of training stages 1-2")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
@@ -95,14 +95,12 @@ def main(argv: list[str] | None = None) -> int:
         if unet is None:
             return 0
 
-    # 3. Everyday phrasing: the same scenes with varied captions.
-    phrasing_schedule = dataclasses.replace(PHRASING_SCHEDULE, steps=args.phrasing_steps,
-                                            batch_size=args.batch_size, bf16=not args.no_bf16)
+    # 3. Everyday phrasing: the text encoder learns varied captions from the stage-2 one.
     phrasing_step = 0
-    if "phrasing" in stages and phrasing_schedule.steps > 0:
-        bar, hook = progress_bar(phrasing_schedule.steps, 0, "phrasing", args.log_every)
-        unet, text, phrasing_step = train_phrasing(arch, vae, (unet, text), args.work / "phrasing.pt",
-                                                   phrasing_schedule, progress=hook)
+    if "phrasing" in stages and args.phrasing_steps > 0:
+        bar, hook = progress_bar(args.phrasing_steps, 0, "phrasing", args.log_every)
+        schedule = PhrasingSchedule(steps=args.phrasing_steps)
+        text, phrasing_step = train_phrasing(text, args.work / "phrasing.pt", schedule, progress=hook)
         bar.close()
 
     # 4. The SD1 single-file checkpoint.

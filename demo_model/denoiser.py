@@ -45,11 +45,6 @@ class DenoiserSchedule:
     # small, and position is decided there (docs/demo-model.md).
     layout_from: int = 2200
     layout_weight_cap: float = 5.0
-    stream_salt: int = 0  # another salt gives another stream of batches and noise over the same pool
-
-
-# Captions of the pool scenes `indices` at a training step (the phrasing stage varies them; default: the pool's).
-Captioner = Callable[[list[int], int], list[str]]
 
 
 def alphas_cumprod() -> torch.Tensor:
@@ -119,17 +114,9 @@ def drop_captions(captions: list[str], generator: torch.Generator, rate: float) 
 
 
 def train_denoiser(arch: DemoArchitecture, vae: AutoencoderKL, snapshot_path, schedule: DenoiserSchedule,
-                   progress: Callable[[int, dict], None] | None = None,
-                   start: tuple[UNetModel, CLIPTextModel] | None = None,
-                   captioner: Captioner | None = None) -> tuple[UNetModel, CLIPTextModel, int]:
-    """Train (or resume) the UNet and text encoder; returns their EMA copies (eval mode) and the step reached.
-
-    `start`: weights to start from (copied) instead of a fresh initialisation; `captioner`: the caption of each
-    picked scene at a step, instead of the pool's own captions."""
+                   progress: Callable[[int, dict], None] | None = None) -> tuple[UNetModel, CLIPTextModel, int]:
+    """Train (or resume) the UNet and text encoder; returns their EMA copies (eval mode) and the step reached."""
     unet, text = new_denoiser(arch, schedule.init_seed)
-    if start is not None:
-        unet.load_state_dict(start[0].state_dict())
-        text.load_state_dict(start[1].state_dict())
     ema_unet, ema_text = copy.deepcopy(unet), copy.deepcopy(text)
     params = list(unet.parameters()) + list(text.parameters())
     optimiser = torch.optim.AdamW(params, lr=schedule.lr, weight_decay=0.0, betas=(0.9, 0.99))
@@ -151,10 +138,9 @@ def train_denoiser(arch: DemoArchitecture, vae: AutoencoderKL, snapshot_path, sc
     while step < schedule.steps:
         for group in optimiser.param_groups:
             group["lr"] = warmup_lr(schedule.lr, step, schedule.warmup)
-        generator = step_generator(schedule.data_seed, step, schedule.stream_salt)
+        generator = step_generator(schedule.data_seed, step)
         picks = torch.randint(0, len(pool), (schedule.batch_size,), generator=generator)
-        latents = pool[picks]
-        captions = captioner(picks.tolist(), step) if captioner else [pool_captions[i] for i in picks.tolist()]
+        latents, captions = pool[picks], [pool_captions[i] for i in picks.tolist()]
         ids = caption_ids(tokenizer, drop_captions(captions, generator, schedule.caption_dropout), cache)
         weights = layout if step >= schedule.layout_from else None
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=schedule.bf16):

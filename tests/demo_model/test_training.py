@@ -17,7 +17,6 @@ from demo_model.denoiser import (
     layout_weights,
     train_denoiser,
 )
-from demo_model.phrasing import train_phrasing
 from demo_model.state import step_generator
 from demo_model.vae import VAESchedule, train_vae, vae_loss
 from diffusion.checkpoint import load_checkpoint
@@ -173,40 +172,6 @@ def test_export_loads_with_load_checkpoint_unchanged(tmp_path):
     ours, _ = encode_prompt(text.half().float().eval(), tokenizer, prompt)
     loaded, _ = encode_prompt(checkpoint.text_encoder, tokenizer, prompt)
     assert torch.allclose(ours, loaded, atol=1e-5)
-
-
-def test_captioner_supplies_the_captions_of_each_step(tmp_path):
-    """The phrasing stage's hook: the captioner is asked for the picked pool scenes at every step, and its
-    captions are what the text encoder reads."""
-    vae = models.new_vae(ARCH, 0).eval()
-    _, two = _schedules(2)
-    calls = []
-
-    def captioner(indices: list[int], step: int) -> list[str]:
-        calls.append((step, indices))
-        return [f"a red circle at the left, {dataset.scene(two.data_seed, i).background} background" for i in indices]
-
-    train_denoiser(ARCH, vae, tmp_path / "d.pt", two, captioner=captioner)
-    assert [s for s, _ in calls] == [0, 1]
-    assert all(len(indices) == two.batch_size and all(0 <= i < two.pool_size for i in indices) for _, indices in calls)
-
-
-def test_phrasing_stage_starts_from_the_fp16_rounded_weights_and_resumes(tmp_path):
-    """Stage 3 starts from the given (stage-2) weights as an fp16 export holds them, not from a fresh init, and
-    the start modules are left untouched."""
-    vae = models.new_vae(ARCH, 0).eval()
-    start = models.new_denoiser(ARCH, 123)
-    before = {k: v.clone() for k, v in start[0].state_dict().items()}
-    _, zero = _schedules(0)
-    unet, text, step = train_phrasing(ARCH, vae, start, tmp_path / "p.pt", zero)
-    assert step == 0
-    for k, v in unet.state_dict().items():
-        assert torch.equal(v, before[k].half().float()), k
-        assert torch.equal(start[0].state_dict()[k], before[k])
-    _, one = _schedules(1)
-    unet, _, step = train_phrasing(ARCH, vae, start, tmp_path / "p.pt", dataclasses.replace(one, stream_salt=1))
-    assert step == 1
-    assert torch.load(tmp_path / "p.pt", weights_only=False)["step"] == 1
 
 
 def test_load_parts_reads_an_export_back_exactly(tmp_path):
