@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from demo_model import evaluate, showcase
+from safetensors import safe_open
+
+from demo_model import captions, evaluate, showcase
 from diffusion.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,6 +34,25 @@ def test_generated_pictures_follow_their_prompts():
     accuracy = evaluate.evaluate_scenes(images, scenes)
     missed = {a: accuracy[a] for a, bar in BARS.items() if accuracy[a] < bar}
     assert not missed, accuracy
+
+
+PHRASING_BARS = {"colour": 0.8, "background": 0.85, "position": 0.8}
+
+
+def test_shipped_file_was_trained_on_varied_captions():
+    with safe_open(str(CHECKPOINT), "pt") as f:
+        assert int(f.metadata().get("phrasing_steps", 0)) > 0
+
+
+def test_generated_pictures_follow_held_out_everyday_phrasing():
+    """#14: prompts in phrasings held out of training ("blue background: a red circle at the left", "red circle,
+    left, blue background", "there is ...", a typo) still give the right colour, background and position."""
+    scenes = evaluate.single_object_scenes(4242, 16, held_out=False)
+    prompts = [captions.held_out_caption(s, i, seed=1) for i, s in enumerate(scenes)]
+    images = evaluate.generate(ROOT, CHECKPOINT.name, prompts, seed=0, steps=20, cfg=3.0)
+    accuracy = evaluate.evaluate_scenes(images, scenes)
+    missed = {a: accuracy[a] for a, bar in PHRASING_BARS.items() if accuracy[a] < bar}
+    assert not missed, (accuracy, prompts)
 
 
 def test_inpaint_graph_changes_only_pixels_inside_the_mask():
