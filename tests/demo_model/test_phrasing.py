@@ -23,14 +23,6 @@ ARCH = models.micro_architecture()
 TINY = PhrasingSchedule(steps=3, batch_size=8, warmup=1, save_every=1)
 
 
-@pytest.fixture(autouse=True)
-def _two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
 def _text_encoder(seed: int = 5):
     return models.new_denoiser(ARCH, seed)[1].eval()
 

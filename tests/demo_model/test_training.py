@@ -26,14 +26,6 @@ from diffusion.tokenizer import ClipTokenizer
 ARCH = models.micro_architecture()
 
 
-@pytest.fixture(autouse=True)
-def _two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
 def _fit(loss_fn, params, steps: int, lr: float) -> tuple[float, float]:
     optimiser = torch.optim.Adam(params, lr=lr)
     first = None
