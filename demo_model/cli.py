@@ -1,8 +1,10 @@
-"""`sdgraph train-demo`: reproduce the bundled demo model from scratch (VAE, then UNet + text encoder, then export).
+"""`sdgraph train-demo`: reproduce the bundled demo model from scratch (VAE, then UNet + text encoder, then the
+phrasing stage that teaches the text encoder everyday phrasing, then export).
 
 Snapshots go to a work folder every few hundred steps (atomically); `--resume` continues from them after an
 interruption, at exactly the step and data position where they were taken. With no arguments the command
-reproduces `models/checkpoints/sdgraph-demo.safetensors` (same seeds, same schedule).
+reproduces `models/checkpoints/sdgraph-demo.safetensors` (same seeds, same schedule). `--start-from FILE` runs only
+the phrasing stage (and export) from a stage-2 export, e.g. the file shipped before that stage existed.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from tqdm import tqdm
 
 from demo_model.denoiser import DenoiserSchedule, train_denoiser
@@ -89,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.start_from:
         unet, vae, text = load_parts(args.start_from, arch)
-        step = 0
+        step = int(start_metadata(args.start_from).get("denoiser_steps", 0))
     else:
         unet, vae, text, step = train_stages_1_2(arch, args, stages, denoiser_schedule, vae_schedule)
         if unet is None:
@@ -108,9 +111,15 @@ def main(argv: list[str] | None = None) -> int:
         metadata = {"sdgraph_demo": "1", "denoiser_steps": str(step), "vae_steps": str(vae_schedule.steps),
                     "phrasing_steps": str(phrasing_step)}
         path = export_checkpoint(args.out, unet, vae, text, metadata)
-        print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB) after {step} + {phrasing_step} UNet steps")
+        print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB) after {step} UNet and {phrasing_step} phrasing steps")
     print(f"train-demo finished in {(time.monotonic() - started) / 60:.1f} min")
     return 0
+
+
+def start_metadata(path: Path) -> dict[str, str]:
+    """The metadata of a demo checkpoint (its stage-2 step count is kept in the file stage 3 writes)."""
+    with safe_open(str(path), "pt") as f:
+        return f.metadata() or {}
 
 
 def train_stages_1_2(arch, args, stages: list[str], denoiser_schedule: DenoiserSchedule, vae_schedule: VAESchedule):

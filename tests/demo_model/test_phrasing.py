@@ -6,8 +6,9 @@ import dataclasses
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from demo_model import dataset, models
+from demo_model import cli, dataset, models
 from demo_model.denoiser import caption_ids
 from demo_model.phrasing import (
     PhrasingSchedule,
@@ -90,3 +91,20 @@ def test_phrasing_stage_lowers_the_distillation_loss(tmp_path):
                                                                           warmup=1, save_every=100),
                    progress=lambda s, m: losses.append(m["loss"]))
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5, losses
+
+
+def test_train_demo_start_from_runs_the_phrasing_stage_on_an_export(tmp_path):
+    """`sdgraph train-demo --start-from FILE --stages phrasing,export`: a new text encoder, the same UNet and
+    VAE, and the step counts in the metadata."""
+    vae = models.new_vae(ARCH, 0).eval()
+    unet, text = models.new_denoiser(ARCH, 9)
+    start = models.export_checkpoint(tmp_path / "stage2.safetensors", unet, vae, text.eval(),
+                                     {"denoiser_steps": "77", "vae_steps": "5"})
+    out = tmp_path / "out.safetensors"
+    code = cli.main(["--arch", "micro", "--start-from", str(start), "--stages", "phrasing,export",
+                     "--phrasing-steps", "2", "--work", str(tmp_path / "work"), "--out", str(out)])
+    assert code == 0
+    before, after = load_file(start), load_file(out)
+    assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith("cond_stage_model."))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("cond_stage_model."))
+    assert cli.start_metadata(out)["denoiser_steps"] == "77" and cli.start_metadata(out)["phrasing_steps"] == "2"
