@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     if "phrasing" in stages and args.phrasing_steps > 0:
         bar, hook = progress_bar(args.phrasing_steps, 0, "phrasing", args.log_every)
         schedule = PhrasingSchedule(steps=args.phrasing_steps)
-        text, phrasing_step = train_phrasing(text, args.work / "phrasing.pt", schedule, progress=hook)
+        text, phrasing_step = train_phrasing(text, args.work / "phrasing.pt", schedule, progress=hook, unet=unet,
+                                             vae=vae)
         bar.close()
 
     # 4. The SD1 single-file checkpoint.

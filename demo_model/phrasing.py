@@ -32,9 +32,12 @@ from demo_model import dataset
 from demo_model.captions import varied_caption
 from demo_model.denoiser import caption_ids, update_ema
 from demo_model.models import round_to_fp16
-from demo_model.state import load_snapshot, save_snapshot, warmup_lr
+from demo_model.readout import cross_attentions, query_bank, readout_loss
+from demo_model.state import load_snapshot, save_snapshot, step_generator, warmup_lr
 from diffusion.prompt import run_text_model
 from diffusion.tokenizer import ClipTokenizer
+from diffusion.unet import UNetModel
+from diffusion.vae import AutoencoderKL
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,13 @@ class PhrasingSchedule:
     pad_from: int = 32  # first position compared for a varied caption (padding for every caption the generator makes)
     ema_decay: float = 0.99
     save_every: int = 25
+    # From step `readout_from` on, the loss also compares what the UNet's cross-attention reads from the two
+    # contexts (`demo_model.readout`): `probes` queries per layer from a bank of `bank_size` per layer, recorded
+    # on `bank_scenes` training scenes.
+    readout_from: int = 400
+    probes: int = 64
+    bank_scenes: int = 64
+    bank_size: int = 1024
 
 
 def phrasing_batch(schedule: PhrasingSchedule, step: int) -> tuple[list[str], list[str]]:
@@ -75,14 +85,18 @@ def position_mask(students: list[str], teachers: list[str], length: int, pad_fro
     return mask
 
 
-def distillation_loss(student: CLIPTextModel, teacher: CLIPTextModel, student_ids: torch.Tensor,
-                      teacher_ids: torch.Tensor, mask: torch.Tensor, eos_id: int) -> torch.Tensor:
-    """Mean squared difference of the final states, averaged over the positions `mask` selects."""
+def encodings(student: CLIPTextModel, teacher: CLIPTextModel, student_ids: torch.Tensor,
+              teacher_ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The final (normed) states [B, 77, D] of the student and (without gradient) of the teacher."""
     with torch.no_grad():
         target, _ = run_text_model(teacher, teacher_ids, [], layer=-1, eos_id=eos_id)
     states, _ = run_text_model(student, student_ids, [], layer=-1, eos_id=eos_id)
-    per_position = (states.float() - target.float()).square().mean(-1)
-    return (per_position * mask).sum() / mask.sum()
+    return states.float(), target.float()
+
+
+def context_loss(states: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference of the states, averaged over the positions `mask` selects."""
+    return ((states - target).square().mean(-1) * mask).sum() / mask.sum()
 
 
 def check_lengths(ids: torch.Tensor, eos_id: int, pad_from: int, captions: list[str]) -> None:
@@ -94,15 +108,18 @@ def check_lengths(ids: torch.Tensor, eos_id: int, pad_from: int, captions: list[
 
 
 def train_phrasing(start: CLIPTextModel, snapshot_path, schedule: PhrasingSchedule = PhrasingSchedule(),
-                   progress: Callable[[int, dict], None] | None = None) -> tuple[CLIPTextModel, int]:
+                   progress: Callable[[int, dict], None] | None = None, unet: UNetModel | None = None,
+                   vae: AutoencoderKL | None = None) -> tuple[CLIPTextModel, int]:
     """Distil a copy of the `start` text encoder onto varied captions (or resume); returns the EMA copy (eval mode)
-    and the step reached. `start` itself is not changed."""
+    and the step reached. `start` itself is not changed. The readout comparison needs the stage-2 `unet` and
+    `vae` (not trained)."""
     teacher = copy.deepcopy(start).eval().requires_grad_(False)
     round_to_fp16(teacher)
     student = copy.deepcopy(teacher).train().requires_grad_(True)
     ema = copy.deepcopy(teacher)
     params = list(student.parameters())
     optimiser = torch.optim.AdamW(params, lr=schedule.lr, weight_decay=0.0, betas=(0.9, 0.99))
+    layers, bank = readout_parts(schedule, unet, vae, teacher)
     step = 0
     state = load_snapshot(snapshot_path)
     if state is not None:
@@ -118,7 +135,11 @@ def train_phrasing(start: CLIPTextModel, snapshot_path, schedule: PhrasingSchedu
         student_ids, teacher_ids = caption_ids(tokenizer, students, cache), caption_ids(tokenizer, teachers, cache)
         check_lengths(student_ids, tokenizer.eos_id, schedule.pad_from, students)
         mask = position_mask(students, teachers, student_ids.shape[1], schedule.pad_from)
-        loss = distillation_loss(student, teacher, student_ids, teacher_ids, mask, tokenizer.eos_id)
+        states, target = encodings(student, teacher, student_ids, teacher_ids, tokenizer.eos_id)
+        loss = context_loss(states, target, mask)
+        if step >= schedule.readout_from:
+            generator = step_generator(schedule.data_seed, step, salt=5)
+            loss = loss + readout_loss(layers, bank, states, target, schedule.probes, generator)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -131,3 +152,18 @@ def train_phrasing(start: CLIPTextModel, snapshot_path, schedule: PhrasingSchedu
             save_snapshot(snapshot_path, {"text": student.state_dict(), "ema_text": ema.state_dict(),
                                           "optimizer": optimiser.state_dict(), "step": step})
     return ema.eval().requires_grad_(False), step
+
+
+def readout_parts(schedule: PhrasingSchedule, unet: UNetModel | None, vae: AutoencoderKL | None,
+                  teacher: CLIPTextModel) -> tuple[list, list[torch.Tensor]]:
+    """The cross-attention layers of a frozen fp16-rounded copy of `unet` and their query bank (none when the
+    schedule never compares readouts)."""
+    if schedule.readout_from >= schedule.steps:
+        return [], []
+    if unet is None or vae is None:
+        raise ValueError("the phrasing stage compares UNet readouts from step "
+                         f"{schedule.readout_from}: pass the stage-2 unet and vae")
+    frozen = copy.deepcopy(unet).eval().requires_grad_(False)
+    round_to_fp16(frozen)
+    bank = query_bank(frozen, vae.eval(), teacher, schedule.data_seed, schedule.bank_scenes, schedule.bank_size)
+    return cross_attentions(frozen), bank

@@ -8,12 +8,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from demo_model import cli, dataset, models
+from demo_model import cli, dataset, models, readout
 from demo_model.denoiser import caption_ids
 from demo_model.phrasing import (
     PhrasingSchedule,
     check_lengths,
-    distillation_loss,
+    context_loss,
+    encodings,
     phrasing_batch,
     position_mask,
     train_phrasing,
@@ -21,7 +22,7 @@ from demo_model.phrasing import (
 from diffusion.tokenizer import ClipTokenizer
 
 ARCH = models.micro_architecture()
-TINY = PhrasingSchedule(steps=3, batch_size=8, warmup=1, save_every=1)
+TINY = PhrasingSchedule(steps=3, batch_size=8, warmup=1, save_every=1, readout_from=2, bank_scenes=4, bank_size=50)
 
 
 def _text_encoder(seed: int = 5):
@@ -55,34 +56,56 @@ def test_position_mask_compares_same_captions_everywhere_and_varied_ones_at_padd
     assert mask[1].tolist() == [0.0] * 6 + [1.0] * 4
 
 
-def test_distillation_loss_is_zero_for_the_same_encoder_and_caption_and_positive_otherwise():
+def test_context_loss_is_zero_for_the_same_encoder_and_caption_and_positive_otherwise():
     tokenizer, text = ClipTokenizer(), _text_encoder()
     ids = caption_ids(tokenizer, ["a small red circle on the left on a blue background"], {})
     other = caption_ids(tokenizer, ["blue background, red circle, left"], {})
     mask = position_mask(["x"], ["x"], 77, 32)
-    assert distillation_loss(text, text, ids, ids, mask, tokenizer.eos_id).item() == 0.0
-    assert distillation_loss(text, text, other, ids, mask, tokenizer.eos_id).item() > 1e-4
+    assert context_loss(*encodings(text, text, ids, ids, tokenizer.eos_id), mask).item() == 0.0
+    assert context_loss(*encodings(text, text, other, ids, tokenizer.eos_id), mask).item() > 1e-4
+
+
+def test_readout_compares_what_the_unet_reads_wherever_the_words_stand():
+    """The UNet-side comparison: zero for the same context, zero when the tokens are reordered (cross-attention
+    does not see order), positive for another context; the bank holds real queries of every layer."""
+    unet, text = models.new_denoiser(ARCH, 3)
+    vae = models.new_vae(ARCH, 0).eval()
+    bank = readout.query_bank(unet, vae, text.eval(), 3, scenes=4, per_layer=50)
+    layers = readout.cross_attentions(unet)
+    assert len(bank) == len(layers) >= 3
+    assert all(q.shape == (50, layer.to_q.out_features) for q, layer in zip(bank, layers, strict=True))
+    context = torch.randn(2, 77, ARCH.text.hidden_size)
+
+    def loss(student):
+        return readout.readout_loss(layers, bank, student, context, 16, torch.Generator().manual_seed(0)).item()
+
+    assert loss(context) == 0.0
+    assert loss(context[:, torch.randperm(77)]) < 1e-10
+    assert loss(torch.randn(2, 77, ARCH.text.hidden_size)) > 0.01
 
 
 def test_phrasing_stage_starts_from_the_fp16_weights_learns_and_resumes_exactly(tmp_path):
     """It starts from the stage-2 encoder as an fp16 export holds it (not a fresh one), leaves that encoder alone,
-    lowers the loss, and a resumed run ends with the same weights as a straight one."""
-    start = _text_encoder()
+    and a run resumed across the switch to readout comparison ends with the same weights as a straight one."""
+    unet, start = models.new_denoiser(ARCH, 5)
+    parts = {"unet": unet, "vae": models.new_vae(ARCH, 0).eval()}
     before = {k: v.clone() for k, v in start.state_dict().items()}
     unchanged, step = train_phrasing(start, tmp_path / "zero.pt", dataclasses.replace(TINY, steps=0))
     assert step == 0
     assert all(torch.equal(v, before[k].half().float()) for k, v in unchanged.state_dict().items())
     losses = []
     straight, step = train_phrasing(start, tmp_path / "straight.pt", TINY,
-                                    progress=lambda s, m: losses.append(m["loss"]))
+                                    progress=lambda s, m: losses.append(m["loss"]), **parts)
     assert step == 3 and all(torch.equal(start.state_dict()[k], v) for k, v in before.items())
     assert not all(torch.equal(a, b) for a, b in zip(straight.state_dict().values(), unchanged.state_dict().values(),
                                                      strict=True))
     train_phrasing(start, tmp_path / "resumed.pt", dataclasses.replace(TINY, steps=2))
-    resumed, step = train_phrasing(start, tmp_path / "resumed.pt", TINY)
+    resumed, step = train_phrasing(start, tmp_path / "resumed.pt", TINY, **parts)
     assert step == 3
     assert all(torch.equal(a, b) for a, b in zip(straight.state_dict().values(), resumed.state_dict().values(),
                                                  strict=True))
+    with pytest.raises(ValueError, match="unet and vae"):
+        train_phrasing(start, tmp_path / "no-unet.pt", TINY)
 
 
 def test_phrasing_stage_lowers_the_distillation_loss(tmp_path):
