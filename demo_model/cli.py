@@ -1,8 +1,10 @@
-"""`sdgraph train-demo`: reproduce the bundled demo model from scratch (VAE, then UNet + text encoder, then export).
+"""`sdgraph train-demo`: reproduce the bundled demo model from scratch (VAE, then UNet + text encoder, then the
+phrasing stage that teaches the text encoder everyday phrasing, then export).
 
 Snapshots go to a work folder every few hundred steps (atomically); `--resume` continues from them after an
 interruption, at exactly the step and data position where they were taken. With no arguments the command
-reproduces `models/checkpoints/sdgraph-demo.safetensors` (same seeds, same schedule).
+reproduces `models/checkpoints/sdgraph-demo.safetensors` (same seeds, same schedule). `--start-from FILE` runs only
+the phrasing stage (and export) from a stage-2 export, e.g. the file shipped before that stage existed.
 """
 
 from __future__ import annotations
@@ -14,15 +16,17 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from tqdm import tqdm
 
 from demo_model.denoiser import DenoiserSchedule, train_denoiser
-from demo_model.models import ARCHITECTURES, export_checkpoint
+from demo_model.models import ARCHITECTURES, export_checkpoint, load_parts
+from demo_model.phrasing import PhrasingSchedule, train_phrasing
 from demo_model.vae import VAESchedule, train_vae
 
 DEFAULT_OUT = Path("models/checkpoints/sdgraph-demo.safetensors")
 DEFAULT_WORK = Path("temp/train-demo")
-STAGES = ("vae", "denoiser", "export")
+STAGES = ("vae", "denoiser", "phrasing", "export")
 
 
 def progress_bar(total: int, start: int, label: str, log_every: int):
@@ -47,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--work", type=Path, default=DEFAULT_WORK,
                         help=f"folder for resumable snapshots (default {DEFAULT_WORK})")
     parser.add_argument("--resume", action="store_true", help="continue from the snapshots in --work")
-    parser.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of vae,denoiser,export")
+    parser.add_argument("--stages", default=",".join(STAGES),
+                        help="comma-separated subset of vae,denoiser,phrasing,export")
     parser.add_argument("--arch", choices=sorted(ARCHITECTURES), default="demo", help="demo (shipped) or micro")
     parser.add_argument("--vae-steps", type=int, default=VAESchedule.steps)
     parser.add_argument("--steps", type=int, default=DenoiserSchedule.steps, help="UNet + text encoder steps")
@@ -56,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="UNet step from which high-noise timesteps weigh more (see --layout-weight-cap)")
     parser.add_argument("--layout-weight-cap", type=float, default=DenoiserSchedule.layout_weight_cap,
                         help="loss weight 1/SNR(t) clamped to [1, cap] from --layout-from on (1: plain eps loss)")
+    parser.add_argument("--phrasing-steps", type=int, default=PhrasingSchedule.steps,
+                        help="stage 3 steps: the text encoder learns varied captions (0: export the stage-2 model)")
+    parser.add_argument("--start-from", type=Path,
+                        help="run stage 3 from this exported stage-2 checkpoint instead of training stages 1-2")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--no-bf16", action="store_true", help="train the UNet in float32 instead of bf16 autocast")
     parser.add_argument("--log-every", type=int, default=50)
@@ -69,8 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
         parser.error(f"unknown stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}")
-    vae_path, denoiser_path = args.work / "vae.pt", args.work / "denoiser.pt"
-    if not args.resume and "vae" in stages and (vae_path.exists() or denoiser_path.exists()):
+    snapshots = [args.work / name for name in ("vae.pt", "denoiser.pt", "phrasing.pt")]
+    fresh = "vae" in stages or (args.start_from and "phrasing" in stages)
+    if not args.resume and fresh and any(p.exists() for p in snapshots):
         parser.error(f"{args.work} already holds snapshots; pass --resume to continue them or remove the folder")
     torch.set_num_threads(args.threads)
     arch = ARCHITECTURES[args.arch]()
@@ -80,27 +90,53 @@ def main(argv: list[str] | None = None) -> int:
                                             layout_weight_cap=args.layout_weight_cap)
     started = time.monotonic()
 
-    # 1. The autoencoder (loaded as is when its snapshot is complete).
-    bar, hook = progress_bar(vae_schedule.steps, 0, "vae", args.log_every)
-    vae = train_vae(arch, vae_path, vae_schedule, progress=hook)
-    bar.close()
-    if "denoiser" not in stages and "export" not in stages:
-        return 0
+    if args.start_from:
+        unet, vae, text = load_parts(args.start_from, arch)
+        step = int(start_metadata(args.start_from).get("denoiser_steps", 0))
+    else:
+        unet, vae, text, step = train_stages_1_2(arch, args, stages, denoiser_schedule, vae_schedule)
+        if unet is None:
+            return 0
 
-    # 2. The UNet and text encoder on frozen-VAE latents.
+    # 3. Everyday phrasing: the text encoder learns varied captions from the stage-2 one.
+    phrasing_step = 0
+    if "phrasing" in stages and args.phrasing_steps > 0:
+        bar, hook = progress_bar(args.phrasing_steps, 0, "phrasing", args.log_every)
+        schedule = PhrasingSchedule(steps=args.phrasing_steps)
+        text, phrasing_step = train_phrasing(text, args.work / "phrasing.pt", schedule, progress=hook, unet=unet,
+                                             vae=vae)
+        bar.close()
+
+    # 4. The SD1 single-file checkpoint.
+    if "export" in stages:
+        metadata = {"sdgraph_demo": "1", "denoiser_steps": str(step), "vae_steps": str(vae_schedule.steps),
+                    "phrasing_steps": str(phrasing_step)}
+        path = export_checkpoint(args.out, unet, vae, text, metadata)
+        print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB) after {step} UNet and {phrasing_step} phrasing steps")
+    print(f"train-demo finished in {(time.monotonic() - started) / 60:.1f} min")
+    return 0
+
+
+def start_metadata(path: Path) -> dict[str, str]:
+    """The metadata of a demo checkpoint (its stage-2 step count is kept in the file stage 3 writes)."""
+    with safe_open(str(path), "pt") as f:
+        return f.metadata() or {}
+
+
+def train_stages_1_2(arch, args, stages: list[str], denoiser_schedule: DenoiserSchedule, vae_schedule: VAESchedule):
+    """Stage 1 (the autoencoder, loaded as is when its snapshot is complete) and stage 2 (the UNet and text encoder
+    on frozen-VAE latents); returns (unet, vae, text, step), with unet None when only the VAE was asked for."""
+    bar, hook = progress_bar(vae_schedule.steps, 0, "vae", args.log_every)
+    vae = train_vae(arch, args.work / "vae.pt", vae_schedule, progress=hook)
+    bar.close()
+    if not {"denoiser", "phrasing", "export"} & set(stages):
+        return None, vae, None, 0
     if "denoiser" in stages:
         bar, hook = progress_bar(denoiser_schedule.steps, 0, "unet+text", args.log_every)
     else:
         bar, hook = None, None
         denoiser_schedule = dataclasses.replace(denoiser_schedule, steps=0)
-    unet, text, step = train_denoiser(arch, vae, denoiser_path, denoiser_schedule, progress=hook)
+    unet, text, step = train_denoiser(arch, vae, args.work / "denoiser.pt", denoiser_schedule, progress=hook)
     if bar:
         bar.close()
-
-    # 3. The SD1 single-file checkpoint.
-    if "export" in stages:
-        metadata = {"sdgraph_demo": "1", "denoiser_steps": str(step), "vae_steps": str(vae_schedule.steps)}
-        path = export_checkpoint(args.out, unet, vae, text, metadata)
-        print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB) after {step} UNet steps")
-    print(f"train-demo finished in {(time.monotonic() - started) / 60:.1f} min")
-    return 0
+    return unet, vae, text, step

@@ -17,7 +17,7 @@ from safetensors.torch import save
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from diffusion.checkpoint import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
-from diffusion.text_encoder import POSITION_IDS, clip_text_config, expected_text_weights
+from diffusion.text_encoder import POSITION_IDS, clip_text_config, expected_text_weights, strip_text_model_prefix
 from diffusion.unet import UNetConfig, UNetModel
 from diffusion.vae import AutoencoderKL, VAEConfig
 from engine.files import atomic_write
@@ -109,3 +109,40 @@ def export_checkpoint(path: str | os.PathLike, unet: UNetModel, vae: Autoencoder
     path = atomic_write(path, data)
     path.chmod(0o644)  # a file to commit and share, not a private temporary
     return path
+
+
+def load_parts(path: str | os.PathLike, arch: DemoArchitecture) -> tuple[UNetModel, AutoencoderKL, CLIPTextModel]:
+    """The UNet, VAE and text encoder of an exported demo checkpoint, as float32 training modules of `arch`."""
+    from safetensors.torch import load_file
+
+    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
+
+    def part(prefix: str) -> dict[str, torch.Tensor]:
+        return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+    unet, text = new_denoiser(arch, 0)
+    vae = new_vae(arch, 0)
+    try:
+        unet.load_state_dict(part(UNET_PREFIX))
+        vae.load_state_dict(part(VAE_PREFIX))
+    except RuntimeError as error:
+        raise ValueError(f"{path}: not a demo checkpoint of this architecture; pass the matching --arch "
+                         f"({str(error).splitlines()[0]})") from error
+    stored = strip_text_model_prefix(part(TEXT_PREFIX))
+    names = dict(zip(text_state(text), text.state_dict(), strict=True))  # stripped key -> module key
+    missing = sorted(set(names) - set(stored) - {POSITION_IDS})
+    if missing:
+        raise ValueError(f"{path}: not a demo checkpoint of this architecture (text weights missing: "
+                         f"{missing[:3]}); pass the matching --arch")
+    text.load_state_dict({names[k]: v for k, v in stored.items() if k in names and k != POSITION_IDS},
+                         strict=False)
+    return unet, vae, text
+
+
+def round_to_fp16(*modules: torch.nn.Module) -> None:
+    """Round every weight to float16 and back, in place: the weights an fp16 export holds."""
+    with torch.no_grad():
+        for module in modules:
+            for tensor in module.state_dict().values():
+                if tensor.is_floating_point():
+                    tensor.copy_(tensor.half().float())
