@@ -33,7 +33,7 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.slow)  # a few minutes: in CI (make test), not in -m "not slow"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def frontend_server(tmp_path_factory) -> Iterator[ServerProcess]:
     from service.frontend import installed_root
     if installed_root() is None:
@@ -49,7 +49,7 @@ def frontend_server(tmp_path_factory) -> Iterator[ServerProcess]:
     server.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator:
     if not Path(CHROMIUM).exists():
         pytest.skip("chromium is not installed (make test installs it: apt-get install chromium)")
