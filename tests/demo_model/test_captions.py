@@ -4,6 +4,7 @@ produces."""
 from __future__ import annotations
 
 import random
+import re
 
 from demo_model import captions, dataset, evaluate
 
@@ -72,3 +73,14 @@ def test_misspell_changes_one_letter_and_keeps_the_ends():
         typo = captions.misspell("background", rng)
         assert typo != "background" and typo[0] == "b" and typo[-1] == "d"
         assert abs(len(typo) - len("background")) <= 1
+
+
+def test_training_templates_name_the_background_in_other_word_orders():
+    """#14 held-out gap: the colour after the word "background"/"backdrop" ("..., background blue"), and the
+    background named first, are word orders of the second phrasing round's training templates (none of the first
+    round's 15 had the colour after the word)."""
+    after_word = re.compile(r"(?:background|backdrop)\W+(?:is |colour )?\{bg\}")
+    assert not any(after_word.search(t) for t in captions.FIRST_ROUND_TEMPLATES)
+    assert sum(bool(after_word.search(t)) for t in captions.MORE_TEMPLATES) >= 5
+    assert sum(t.startswith(("{bg}", "background")) for t in captions.MORE_TEMPLATES) >= 3
+    assert captions.TRAINING_TEMPLATES == captions.FIRST_ROUND_TEMPLATES + captions.MORE_TEMPLATES
