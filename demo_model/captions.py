@@ -35,7 +35,8 @@ POSITION_TAGS = {"left": ("left", "left side"), "right": ("right", "right side")
 
 # Sentence templates: {obj} object phrase, {pos} position phrase, {tag} tag-style position, {bg} background colour.
 # The first phrasing round trains on FIRST_ROUND_TEMPLATES; the second adds MORE_TEMPLATES: other word orders, the
-# colour after the word "background" or "backdrop", the background named first, "behind it", "is".
+# colour after the word "background" or "backdrop", the background named first, "behind it", "is", and every order
+# of the three parts (object, position, background), the object last included.
 FIRST_ROUND_TEMPLATES = (
     "{obj} {pos} on a {bg} background",
     "{obj} {pos} on {bg}",
@@ -70,6 +71,12 @@ MORE_TEMPLATES = (
     "{obj} {pos} set against {bg}",
     "{tag} {obj}, {bg} colored background",
     "{bg} background and {obj} {pos}",
+    "{tag}, {bg} background, {obj}",
+    "{pos}, background {bg}: {obj}",
+    "{pos} against {bg}, {obj}",
+    "{bg} background, {tag}: {obj}",
+    "background {bg}, {pos}, {obj}",
+    "{bg} backdrop {pos}: {obj}",
 )
 TRAINING_TEMPLATES = FIRST_ROUND_TEMPLATES + MORE_TEMPLATES
 HELD_OUT_TEMPLATES = (

@@ -1,10 +1,11 @@
-"""`sdgraph train-demo`: reproduce the bundled demo model from scratch (VAE, then UNet + text encoder, then the
-phrasing stage that teaches the text encoder everyday phrasing, then export).
+"""`sdgraph train-demo`: reproduce the bundled demo model from scratch (VAE, then UNet + text encoder, then two
+phrasing rounds that teach the text encoder everyday phrasing, then export).
 
 Snapshots go to a work folder every few hundred steps (atomically); `--resume` continues from them after an
 interruption, at exactly the step and data position where they were taken. With no arguments the command
 reproduces `models/checkpoints/sdgraph-demo.safetensors` (same seeds, same schedule). `--start-from FILE` runs only
-the phrasing stage (and export) from a stage-2 export, e.g. the file shipped before that stage existed.
+the phrasing stages (and export) from an export: `--stages phrasing,phrasing2,export` from a stage-2 file,
+`--stages phrasing2,export` from a file that already had the first round.
 """
 
 from __future__ import annotations

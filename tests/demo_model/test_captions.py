@@ -3,6 +3,7 @@ produces."""
 
 from __future__ import annotations
 
+import itertools
 import random
 import re
 
@@ -84,3 +85,14 @@ def test_training_templates_name_the_background_in_other_word_orders():
     assert sum(bool(after_word.search(t)) for t in captions.MORE_TEMPLATES) >= 5
     assert sum(t.startswith(("{bg}", "background")) for t in captions.MORE_TEMPLATES) >= 3
     assert captions.TRAINING_TEMPLATES == captions.FIRST_ROUND_TEMPLATES + captions.MORE_TEMPLATES
+
+
+def test_training_templates_cover_every_order_of_object_position_and_background():
+    """#14: the first round had no template naming the object last after the position and the background
+    ("left, blue background, a red circle"); the training templates now have every order of the three parts."""
+    def order(template: str) -> tuple[str, ...]:
+        return tuple("pos" if s == "tag" else s for s in re.findall(r"\{(\w+)\}", template))
+
+    orders = set(itertools.permutations(("obj", "pos", "bg")))
+    assert {order(t) for t in captions.FIRST_ROUND_TEMPLATES} != orders
+    assert {order(t) for t in captions.TRAINING_TEMPLATES} == orders
