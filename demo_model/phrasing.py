@@ -66,7 +66,7 @@ class PhrasingSchedule:
 
 # The second round (stage 3b, `--stages phrasing2`): from the first round's encoder (now the teacher), every training
 # template, the readout comparison from the start.
-SECOND_ROUND = PhrasingSchedule(steps=500, templates=TRAINING_TEMPLATES, readout_from=0,
+SECOND_ROUND = PhrasingSchedule(steps=800, templates=TRAINING_TEMPLATES, readout_from=0,
                                 batch_salt="phrasing2-batch", readout_salt=6)
 
 
