@@ -132,36 +132,33 @@ def test_phrasing_stage_lowers_the_distillation_loss(tmp_path):
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5, losses
 
 
-def test_train_demo_start_from_runs_the_phrasing_stage_on_an_export(tmp_path):
-    """`sdgraph train-demo --start-from FILE --stages phrasing,export`: a new text encoder, the same UNet and
-    VAE, and the step counts in the metadata."""
+def _train_from_export(tmp_path, metadata: dict[str, str], args: list[str]) -> dict[str, str]:
+    """Run `train-demo --start-from` on a micro export with `metadata`; check that only the text encoder changed
+    and return the new file's metadata."""
     vae = models.new_vae(ARCH, 0).eval()
     unet, text = models.new_denoiser(ARCH, 9)
-    start = models.export_checkpoint(tmp_path / "stage2.safetensors", unet, vae, text.eval(),
-                                     {"denoiser_steps": "77", "vae_steps": "5"})
+    start = models.export_checkpoint(tmp_path / "start.safetensors", unet, vae, text.eval(), metadata)
     out = tmp_path / "out.safetensors"
-    code = cli.main(["--arch", "micro", "--start-from", str(start), "--stages", "phrasing,export",
-                     "--phrasing-steps", "2", "--work", str(tmp_path / "work"), "--out", str(out)])
+    code = cli.main(["--arch", "micro", "--start-from", str(start), *args, "--work", str(tmp_path / "work"),
+                     "--out", str(out)])
     assert code == 0
     before, after = load_file(start), load_file(out)
     assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith("cond_stage_model."))
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("cond_stage_model."))
-    assert cli.start_metadata(out)["denoiser_steps"] == "77" and cli.start_metadata(out)["phrasing_steps"] == "2"
+    return cli.start_metadata(out)
+
+
+def test_train_demo_start_from_runs_the_phrasing_stage_on_an_export(tmp_path):
+    """`sdgraph train-demo --start-from FILE --stages phrasing,export`: a new text encoder, the same UNet and
+    VAE, and the step counts in the metadata."""
+    metadata = _train_from_export(tmp_path, {"denoiser_steps": "77", "vae_steps": "5"},
+                                  ["--stages", "phrasing,export", "--phrasing-steps", "2"])
+    assert metadata["denoiser_steps"] == "77" and metadata["phrasing_steps"] == "2"
 
 
 def test_train_demo_second_round_continues_from_a_phrased_export(tmp_path):
     """`sdgraph train-demo --start-from FILE --stages phrasing2,export` (#14, stage 3b): only the text encoder
     changes, and the metadata keeps the file's stage-3 step count beside the new round's."""
-    vae = models.new_vae(ARCH, 0).eval()
-    unet, text = models.new_denoiser(ARCH, 9)
-    start = models.export_checkpoint(tmp_path / "stage3.safetensors", unet, vae, text.eval(),
-                                     {"denoiser_steps": "77", "vae_steps": "5", "phrasing_steps": "1200"})
-    out = tmp_path / "out.safetensors"
-    code = cli.main(["--arch", "micro", "--start-from", str(start), "--stages", "phrasing2,export",
-                     "--phrasing2-steps", "2", "--work", str(tmp_path / "work"), "--out", str(out)])
-    assert code == 0
-    before, after = load_file(start), load_file(out)
-    assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith("cond_stage_model."))
-    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("cond_stage_model."))
-    metadata = cli.start_metadata(out)
+    metadata = _train_from_export(tmp_path, {"denoiser_steps": "77", "vae_steps": "5", "phrasing_steps": "1200"},
+                                  ["--stages", "phrasing2,export", "--phrasing2-steps", "2"])
     assert (metadata["phrasing_steps"], metadata["phrasing2_steps"]) == ("1200", "2")
