@@ -34,7 +34,10 @@ POSITION_TAGS = {"left": ("left", "left side"), "right": ("right", "right side")
                  "bottom": ("bottom", "bottom side"), "centre": ("centre", "center", "middle")}
 
 # Sentence templates: {obj} object phrase, {pos} position phrase, {tag} tag-style position, {bg} background colour.
-TRAINING_TEMPLATES = (
+# The first phrasing round trains on FIRST_ROUND_TEMPLATES; the second adds MORE_TEMPLATES: other word orders, the
+# colour after the word "background" or "backdrop", the background named first, "behind it", "is", and every order
+# of the three parts (object, position, background), the object last included.
+FIRST_ROUND_TEMPLATES = (
     "{obj} {pos} on a {bg} background",
     "{obj} {pos} on {bg}",
     "{obj} on a {bg} background {pos}",
@@ -51,6 +54,31 @@ TRAINING_TEMPLATES = (
     "{tag}: {obj}, {bg} background",
     "{obj} on {bg}, {pos}",
 )
+MORE_TEMPLATES = (
+    "{obj} {pos}, background {bg}",
+    "{obj} {pos}, background colour {bg}",
+    "{obj} {pos}; background: {bg}",
+    "background {bg}, {obj} {pos}",
+    "{tag}, {obj}, background {bg}",
+    "{obj} {pos}, the backdrop is {bg}",
+    "{obj} is {pos}, the background is {bg}",
+    "{bg} backdrop, {obj} {pos}",
+    "{obj} {pos} with {bg} behind it",
+    "{obj} sitting {pos} on a {bg} background",
+    "on a {bg} background, {obj} {pos}",
+    "image of {obj} {pos} on a {bg} background",
+    "{obj} {pos} and a {bg} background",
+    "{obj} {pos} set against {bg}",
+    "{tag} {obj}, {bg} colored background",
+    "{bg} background and {obj} {pos}",
+    "{tag}, {bg} background, {obj}",
+    "{pos}, background {bg}: {obj}",
+    "{pos} against {bg}, {obj}",
+    "{bg} background, {tag}: {obj}",
+    "background {bg}, {pos}, {obj}",
+    "{bg} backdrop {pos}: {obj}",
+)
+TRAINING_TEMPLATES = FIRST_ROUND_TEMPLATES + MORE_TEMPLATES
 HELD_OUT_TEMPLATES = (
     "{obj} {pos} with a {bg} background",
     "{obj}, {tag}, {bg} background",
@@ -104,13 +132,13 @@ def add_typo(text: str, rng: random.Random, words: frozenset[str] | None = None)
     return " ".join(tokens)
 
 
-def varied_caption(s: dataset.Scene, rng: random.Random) -> str:
-    """A training caption of scene `s`: the original grammar, or a training template, sometimes with a typo.
+def varied_caption(s: dataset.Scene, rng: random.Random, templates: tuple[str, ...] = TRAINING_TEMPLATES) -> str:
+    """A training caption of scene `s`: the original grammar, or one of `templates`, sometimes with a typo.
     Two-object scenes keep the original grammar with varied position phrases."""
     if rng.random() < CANONICAL_RATE:
         text = s.caption
     elif len(s.objects) == 1:
-        text = fill(rng.choice(TRAINING_TEMPLATES), s.objects[0], s.background, rng)
+        text = fill(rng.choice(templates), s.objects[0], s.background, rng)
     else:
         parts = [f"{object_phrase(t, rng)} {rng.choice(POSITION_WORDS[t.position])}" for t in s.objects]
         text = " ".join(f"{' and '.join(parts)} on a {s.background} background".split())

@@ -1,10 +1,11 @@
-"""`sdgraph train-demo`: reproduce the bundled demo model from scratch (VAE, then UNet + text encoder, then the
-phrasing stage that teaches the text encoder everyday phrasing, then export).
+"""`sdgraph train-demo`: reproduce the bundled demo model from scratch (VAE, then UNet + text encoder, then two
+phrasing rounds that teach the text encoder everyday phrasing, then export).
 
 Snapshots go to a work folder every few hundred steps (atomically); `--resume` continues from them after an
 interruption, at exactly the step and data position where they were taken. With no arguments the command
 reproduces `models/checkpoints/sdgraph-demo.safetensors` (same seeds, same schedule). `--start-from FILE` runs only
-the phrasing stage (and export) from a stage-2 export, e.g. the file shipped before that stage existed.
+the phrasing stages (and export) from an export: `--stages phrasing,phrasing2,export` from a stage-2 file,
+`--stages phrasing2,export` from a file that already had the first round.
 """
 
 from __future__ import annotations
@@ -21,12 +22,12 @@ from tqdm import tqdm
 
 from demo_model.denoiser import DenoiserSchedule, train_denoiser
 from demo_model.models import ARCHITECTURES, export_checkpoint, load_parts
-from demo_model.phrasing import PhrasingSchedule, train_phrasing
+from demo_model.phrasing import SECOND_ROUND, PhrasingSchedule, train_phrasing
 from demo_model.vae import VAESchedule, train_vae
 
 DEFAULT_OUT = Path("models/checkpoints/sdgraph-demo.safetensors")
 DEFAULT_WORK = Path("temp/train-demo")
-STAGES = ("vae", "denoiser", "phrasing", "export")
+STAGES = ("vae", "denoiser", "phrasing", "phrasing2", "export")
 
 
 def progress_bar(total: int, start: int, label: str, log_every: int):
@@ -52,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"folder for resumable snapshots (default {DEFAULT_WORK})")
     parser.add_argument("--resume", action="store_true", help="continue from the snapshots in --work")
     parser.add_argument("--stages", default=",".join(STAGES),
-                        help="comma-separated subset of vae,denoiser,phrasing,export")
+                        help="comma-separated subset of vae,denoiser,phrasing,phrasing2,export")
     parser.add_argument("--arch", choices=sorted(ARCHITECTURES), default="demo", help="demo (shipped) or micro")
     parser.add_argument("--vae-steps", type=int, default=VAESchedule.steps)
     parser.add_argument("--steps", type=int, default=DenoiserSchedule.steps, help="UNet + text encoder steps")
@@ -63,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="loss weight 1/SNR(t) clamped to [1, cap] from --layout-from on (1: plain eps loss)")
     parser.add_argument("--phrasing-steps", type=int, default=PhrasingSchedule.steps,
                         help="stage 3 steps: the text encoder learns varied captions (0: export the stage-2 model)")
+    parser.add_argument("--phrasing2-steps", type=int, default=SECOND_ROUND.steps,
+                        help="stage 3b steps: a second phrasing round, from stage 3's encoder, with more templates")
     parser.add_argument("--start-from", type=Path,
                         help="run stage 3 from this exported stage-2 checkpoint instead of training stages 1-2")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
@@ -78,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
         parser.error(f"unknown stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}")
-    snapshots = [args.work / name for name in ("vae.pt", "denoiser.pt", "phrasing.pt")]
-    fresh = "vae" in stages or (args.start_from and "phrasing" in stages)
+    snapshots = [args.work / name for name in ("vae.pt", "denoiser.pt", "phrasing.pt", "phrasing2.pt")]
+    fresh = "vae" in stages or (args.start_from and {"phrasing", "phrasing2"} & set(stages))
     if not args.resume and fresh and any(p.exists() for p in snapshots):
         parser.error(f"{args.work} already holds snapshots; pass --resume to continue them or remove the folder")
     torch.set_num_threads(args.threads)
@@ -93,24 +96,33 @@ def main(argv: list[str] | None = None) -> int:
     if args.start_from:
         unet, vae, text = load_parts(args.start_from, arch)
         step = int(start_metadata(args.start_from).get("denoiser_steps", 0))
+        phrasing_step = int(start_metadata(args.start_from).get("phrasing_steps", 0))
     else:
         unet, vae, text, step = train_stages_1_2(arch, args, stages, denoiser_schedule, vae_schedule)
+        phrasing_step = 0
         if unet is None:
             return 0
 
     # 3. Everyday phrasing: the text encoder learns varied captions from the stage-2 one.
-    phrasing_step = 0
     if "phrasing" in stages and args.phrasing_steps > 0:
         bar, hook = progress_bar(args.phrasing_steps, 0, "phrasing", args.log_every)
         schedule = PhrasingSchedule(steps=args.phrasing_steps)
         text, phrasing_step = train_phrasing(text, args.work / "phrasing.pt", schedule, progress=hook, unet=unet,
                                              vae=vae)
         bar.close()
+    # 3b. A second round, from stage 3's encoder, with more sentence templates.
+    phrasing2_step = 0
+    if "phrasing2" in stages and args.phrasing2_steps > 0:
+        bar, hook = progress_bar(args.phrasing2_steps, 0, "phrasing2", args.log_every)
+        schedule = dataclasses.replace(SECOND_ROUND, steps=args.phrasing2_steps)
+        text, phrasing2_step = train_phrasing(text, args.work / "phrasing2.pt", schedule, progress=hook, unet=unet,
+                                              vae=vae)
+        bar.close()
 
     # 4. The SD1 single-file checkpoint.
     if "export" in stages:
         metadata = {"sdgraph_demo": "1", "denoiser_steps": str(step), "vae_steps": str(vae_schedule.steps),
-                    "phrasing_steps": str(phrasing_step)}
+                    "phrasing_steps": str(phrasing_step), "phrasing2_steps": str(phrasing2_step)}
         path = export_checkpoint(args.out, unet, vae, text, metadata)
         print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB) after {step} UNet and {phrasing_step} phrasing steps")
     print(f"train-demo finished in {(time.monotonic() - started) / 60:.1f} min")

@@ -29,7 +29,7 @@ import torch
 from transformers import CLIPTextModel
 
 from demo_model import dataset
-from demo_model.captions import varied_caption
+from demo_model.captions import FIRST_ROUND_TEMPLATES, TRAINING_TEMPLATES, varied_caption
 from demo_model.denoiser import caption_ids, update_ema
 from demo_model.models import round_to_fp16
 from demo_model.readout import cross_attentions, query_bank, readout_loss
@@ -59,12 +59,21 @@ class PhrasingSchedule:
     probes: int = 64
     bank_scenes: int = 64
     bank_size: int = 1024
+    templates: tuple[str, ...] = FIRST_ROUND_TEMPLATES  # the sentence templates of the varied captions
+    batch_salt: str = "phrasing-batch"  # names the stream of batches (another round draws other batches)
+    readout_salt: int = 5
+
+
+# The second round (stage 3b, `--stages phrasing2`): from the first round's encoder (now the teacher), every training
+# template, the readout comparison from the start.
+SECOND_ROUND = PhrasingSchedule(steps=800, templates=TRAINING_TEMPLATES, readout_from=0,
+                                batch_salt="phrasing2-batch", readout_salt=6)
 
 
 def phrasing_batch(schedule: PhrasingSchedule, step: int) -> tuple[list[str], list[str]]:
     """The (student caption, teacher caption) pairs of one step: a varied caption and the original one of the same
     scene, or twice the empty prompt."""
-    rng = random.Random(f"phrasing-batch:{schedule.data_seed}:{step}")
+    rng = random.Random(f"{schedule.batch_salt}:{schedule.data_seed}:{step}")
     students, teachers = [], []
     for _ in range(schedule.batch_size):
         if rng.random() < schedule.empty_rate:
@@ -72,7 +81,7 @@ def phrasing_batch(schedule: PhrasingSchedule, step: int) -> tuple[list[str], li
             teachers.append("")
             continue
         s = dataset.scene(schedule.data_seed, rng.randrange(schedule.scenes))
-        students.append(varied_caption(s, rng))
+        students.append(varied_caption(s, rng, schedule.templates))
         teachers.append(s.caption)
     return students, teachers
 
@@ -138,7 +147,7 @@ def train_phrasing(start: CLIPTextModel, snapshot_path, schedule: PhrasingSchedu
         states, target = encodings(student, teacher, student_ids, teacher_ids, tokenizer.eos_id)
         loss = context_loss(states, target, mask)
         if step >= schedule.readout_from:
-            generator = step_generator(schedule.data_seed, step, salt=5)
+            generator = step_generator(schedule.data_seed, step, salt=schedule.readout_salt)
             loss = loss + readout_loss(layers, bank, states, target, schedule.probes, generator)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()

@@ -3,7 +3,9 @@ produces."""
 
 from __future__ import annotations
 
+import itertools
 import random
+import re
 
 from demo_model import captions, dataset, evaluate
 
@@ -72,3 +74,25 @@ def test_misspell_changes_one_letter_and_keeps_the_ends():
         typo = captions.misspell("background", rng)
         assert typo != "background" and typo[0] == "b" and typo[-1] == "d"
         assert abs(len(typo) - len("background")) <= 1
+
+
+def test_training_templates_name_the_background_in_other_word_orders():
+    """#14 held-out gap: the colour after the word "background"/"backdrop" ("..., background blue"), and the
+    background named first, are word orders of the second phrasing round's training templates (none of the first
+    round's 15 had the colour after the word)."""
+    after_word = re.compile(r"(?:background|backdrop)\W+(?:is |colour )?\{bg\}")
+    assert not any(after_word.search(t) for t in captions.FIRST_ROUND_TEMPLATES)
+    assert sum(bool(after_word.search(t)) for t in captions.MORE_TEMPLATES) >= 5
+    assert sum(t.startswith(("{bg}", "background")) for t in captions.MORE_TEMPLATES) >= 3
+    assert captions.TRAINING_TEMPLATES == captions.FIRST_ROUND_TEMPLATES + captions.MORE_TEMPLATES
+
+
+def test_training_templates_cover_every_order_of_object_position_and_background():
+    """#14: the first round had no template naming the object last after the position and the background
+    ("left, blue background, a red circle"); the training templates now have every order of the three parts."""
+    def order(template: str) -> tuple[str, ...]:
+        return tuple("pos" if s == "tag" else s for s in re.findall(r"\{(\w+)\}", template))
+
+    orders = set(itertools.permutations(("obj", "pos", "bg")))
+    assert {order(t) for t in captions.FIRST_ROUND_TEMPLATES} != orders
+    assert {order(t) for t in captions.TRAINING_TEMPLATES} == orders

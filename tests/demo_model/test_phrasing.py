@@ -8,9 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from demo_model import cli, dataset, models, readout
+from demo_model import captions, cli, dataset, models, readout
 from demo_model.denoiser import caption_ids
 from demo_model.phrasing import (
+    SECOND_ROUND,
     PhrasingSchedule,
     check_lengths,
     context_loss,
@@ -39,13 +40,28 @@ def test_batches_pair_a_varied_caption_with_the_original_caption_of_its_scene():
     assert 5 < sum(s != t for s, t in zip(students, teachers, strict=True)) < schedule.batch_size
 
 
+def _template_of(text: str, templates) -> bool:
+    return any(captions.template_pattern(t).fullmatch(text) for t in templates)
+
+
+def test_second_round_draws_other_batches_from_every_training_template():
+    """Stage 3b (#14): the first round keeps its 15 templates (the recipe reproduces the earlier stage 3); the
+    second draws other batches, from the added templates too."""
+    first = [s for step in range(40) for s, t in zip(*phrasing_batch(PhrasingSchedule(), step), strict=True)]
+    second = [s for step in range(40) for s, t in zip(*phrasing_batch(SECOND_ROUND, step), strict=True)]
+    assert not any(_template_of(s, captions.MORE_TEMPLATES) for s in first)
+    assert sum(_template_of(s, captions.MORE_TEMPLATES) for s in second) > len(second) // 5
+    assert phrasing_batch(SECOND_ROUND, 3) != phrasing_batch(dataclasses.replace(SECOND_ROUND, batch_salt="x"), 3)
+
+
 def test_every_generated_caption_ends_before_the_compared_positions():
     """The loss compares a varied caption with its original only at positions that are padding in both."""
-    tokenizer, cache, schedule = ClipTokenizer(), {}, PhrasingSchedule()
-    for step in range(0, 3000, 13):
-        students, teachers = phrasing_batch(schedule, step)
-        check_lengths(caption_ids(tokenizer, students + teachers, cache), tokenizer.eos_id, schedule.pad_from,
-                      students + teachers)
+    tokenizer, cache = ClipTokenizer(), {}
+    for schedule in (PhrasingSchedule(), SECOND_ROUND):
+        for step in range(0, 3000, 13):
+            students, teachers = phrasing_batch(schedule, step)
+            check_lengths(caption_ids(tokenizer, students + teachers, cache), tokenizer.eos_id, schedule.pad_from,
+                          students + teachers)
     with pytest.raises(ValueError, match="pad_from"):
         check_lengths(caption_ids(tokenizer, ["a red circle on the left"], cache), tokenizer.eos_id, 4, ["a red"])
 
@@ -116,18 +132,33 @@ def test_phrasing_stage_lowers_the_distillation_loss(tmp_path):
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5, losses
 
 
-def test_train_demo_start_from_runs_the_phrasing_stage_on_an_export(tmp_path):
-    """`sdgraph train-demo --start-from FILE --stages phrasing,export`: a new text encoder, the same UNet and
-    VAE, and the step counts in the metadata."""
+def _train_from_export(tmp_path, metadata: dict[str, str], args: list[str]) -> dict[str, str]:
+    """Run `train-demo --start-from` on a micro export with `metadata`; check that only the text encoder changed
+    and return the new file's metadata."""
     vae = models.new_vae(ARCH, 0).eval()
     unet, text = models.new_denoiser(ARCH, 9)
-    start = models.export_checkpoint(tmp_path / "stage2.safetensors", unet, vae, text.eval(),
-                                     {"denoiser_steps": "77", "vae_steps": "5"})
+    start = models.export_checkpoint(tmp_path / "start.safetensors", unet, vae, text.eval(), metadata)
     out = tmp_path / "out.safetensors"
-    code = cli.main(["--arch", "micro", "--start-from", str(start), "--stages", "phrasing,export",
-                     "--phrasing-steps", "2", "--work", str(tmp_path / "work"), "--out", str(out)])
+    code = cli.main(["--arch", "micro", "--start-from", str(start), *args, "--work", str(tmp_path / "work"),
+                     "--out", str(out)])
     assert code == 0
     before, after = load_file(start), load_file(out)
     assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith("cond_stage_model."))
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("cond_stage_model."))
-    assert cli.start_metadata(out)["denoiser_steps"] == "77" and cli.start_metadata(out)["phrasing_steps"] == "2"
+    return cli.start_metadata(out)
+
+
+def test_train_demo_start_from_runs_the_phrasing_stage_on_an_export(tmp_path):
+    """`sdgraph train-demo --start-from FILE --stages phrasing,export`: a new text encoder, the same UNet and
+    VAE, and the step counts in the metadata."""
+    metadata = _train_from_export(tmp_path, {"denoiser_steps": "77", "vae_steps": "5"},
+                                  ["--stages", "phrasing,export", "--phrasing-steps", "2"])
+    assert metadata["denoiser_steps"] == "77" and metadata["phrasing_steps"] == "2"
+
+
+def test_train_demo_second_round_continues_from_a_phrased_export(tmp_path):
+    """`sdgraph train-demo --start-from FILE --stages phrasing2,export` (#14, stage 3b): only the text encoder
+    changes, and the metadata keeps the file's stage-3 step count beside the new round's."""
+    metadata = _train_from_export(tmp_path, {"denoiser_steps": "77", "vae_steps": "5", "phrasing_steps": "1200"},
+                                  ["--stages", "phrasing2,export", "--phrasing2-steps", "2"])
+    assert (metadata["phrasing_steps"], metadata["phrasing2_steps"]) == ("1200", "2")
