@@ -126,9 +126,9 @@ def test_base_refiner_graph_hands_over_with_leftover_noise():
     """Issue #13: the base samples steps [0, k) and returns its leftover noise; the refiner adds none and finishes
     [k, steps) of the same schedule with the refiner checkpoint."""
     api = json.loads((ROOT / "graphs" / "sdxl_base_refiner.json").read_text())
-    samplers = [node["inputs"] for node in api.values() if node["class_type"] == "KSamplerAdvanced"]
-    base, refiner = sorted(samplers, key=lambda inputs: inputs["start_at_step"])
+    samplers = {node_id: node["inputs"] for node_id, node in api.items() if node["class_type"] == "KSamplerAdvanced"}
+    (base_id, base), (_, refiner) = sorted(samplers.items(), key=lambda item: item[1]["start_at_step"])
     assert base["return_with_leftover_noise"] == "enable" and base["add_noise"] == "enable"
     assert refiner["add_noise"] == "disable" and refiner["start_at_step"] == base["end_at_step"] < base["steps"]
-    assert refiner["steps"] == base["steps"] and refiner["latent_image"][0] in api
+    assert refiner["steps"] == base["steps"] and refiner["latent_image"] == [base_id, 0]
     assert api[refiner["model"][0]]["inputs"]["ckpt_name"] == "sd_xl_refiner_1.0.safetensors"
