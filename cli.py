@@ -259,6 +259,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         for node_id in result.graph.nodes:
             if node_id in report.explain:
                 print(f"node {node_id} ({result.graph[node_id].type}): {report.explain[node_id]}", file=sys.stderr)
+            for decision in runtime.models.decisions(node_id):
+                print(f"node {node_id} ({result.graph[node_id].type}): memory: {decision}", file=sys.stderr)
     if args.json:
         print(json.dumps({"status": report.status, "files": files, "ui": report.ui, "executed": report.executed,
                           "cached": report.cached, "explain": report.explain,

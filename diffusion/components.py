@@ -72,7 +72,7 @@ def part_handle(layout: PartLayout, *, dtype: torch.dtype, device: torch.device,
         variant=(str(dtype).removeprefix("torch."), str(device), kept),
         weight_bytes=layout.weight_bytes(dtype, overrides),
         device=str(device),
-        load=partial(load_part, layout, dtype, channels_last, overrides),
+        load=partial(load_part, layout, dtype, channels_last, overrides, str(device)),
         label=f"{label} of {layout.file.path.name}",
         streamable=streamable,
         patch=partial(_set_patches, layout.part) if layout.part in PATCHABLE_PARTS else None,
@@ -91,8 +91,10 @@ def with_patch(handle: ModelHandle, patch, strength: float) -> ModelHandle:
 
 
 def load_part(layout: PartLayout, dtype: torch.dtype, channels_last: bool, overrides: dict[str, torch.dtype],
-               device: str) -> torch.nn.Module:
-    """Read a part; on the CPU, its convolutions are packed for oneDNN once (diffusion/onednn.py). A UNet's
+              computes_on: str, device: str) -> torch.nn.Module:
+    """Read a part onto `device`; when it also computes on the CPU, its convolutions are packed for oneDNN once
+    (diffusion/onednn.py). A part that computes on an accelerator but is loaded into RAM (to stream its blocks,
+    lowvram) stays unpacked: packed weights cannot move to the accelerator. A UNet's
     attention computes in the part's dtype even in blocks whose weights `overrides` keep in fp32: that moves
     a call's result by 0.001% and makes those blocks' attention 2x faster on the CPU (diffusion/attention.py)."""
     from .onednn import pack_for_cpu
@@ -100,7 +102,8 @@ def load_part(layout: PartLayout, dtype: torch.dtype, channels_last: bool, overr
     module = layout.load(dtype=dtype, device=device, channels_last=channels_last, overrides=overrides)
     if layout.part == "unet":
         set_attention_dtype(module, dtype)
-    return pack_for_cpu(module) if channels_last and torch.device(device).type == "cpu" else module
+    on_cpu = torch.device(device).type == torch.device(computes_on).type == "cpu"
+    return pack_for_cpu(module) if channels_last and on_cpu else module
 
 
 @dataclass(frozen=True, eq=False)

@@ -217,7 +217,7 @@ def controlnet_value(layout: ControlNetLayout, *, device: torch.device, dtype: t
         variant=(str(dtype).removeprefix("torch."), str(device)),
         weight_bytes=layout.weight_bytes(dtype),
         device=str(device),
-        load=partial(_load_network, layout, dtype),
+        load=partial(_load_network, layout, dtype, str(device)),
         label=f"ControlNet {layout.file.path.name}",
         streamable=True,
     )
@@ -226,13 +226,15 @@ def controlnet_value(layout: ControlNetLayout, *, device: torch.device, dtype: t
                            nbytes=1024 + sum(len(k) + len(v) + 120 for k, v in layout.keys.items()))
 
 
-def _load_network(layout: ControlNetLayout, dtype: torch.dtype, device: str) -> nn.Module:
-    """Read the weights channels_last; on the CPU, pack the 3x3 convolutions for oneDNN as the UNet's are."""
+def _load_network(layout: ControlNetLayout, dtype: torch.dtype, computes_on: str, device: str) -> nn.Module:
+    """Read the weights channels_last; when it computes on the CPU, pack the 3x3 convolutions for oneDNN as the
+    UNet's are (not when it is only kept in RAM to be streamed to an accelerator)."""
     from .onednn import pack_for_cpu
 
     module = layout.load(dtype=dtype, device=device, channels_last=True)
     set_attention_dtype(module, dtype)
-    return pack_for_cpu(module) if torch.device(device).type == "cpu" else module
+    on_cpu = torch.device(device).type == torch.device(computes_on).type == "cpu"
+    return pack_for_cpu(module) if on_cpu else module
 
 
 # --- the control a conditioning entry carries ------------------------------------------------------------------

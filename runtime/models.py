@@ -27,7 +27,9 @@ Policies, in the order they apply:
 6. **Out of memory.** `guard(call)` catches an out-of-memory error, unloads every idle model, releases caches
    and calls once more; a second failure raises `OutOfMemory` saying what was needed and what was free. Nothing
    stays marked in use, so the next call starts clean.
-7. **Patches.** A handle may carry patches (LoRAs) and the function that applies them. Patches are not part of the
+7. **Decisions.** Every eviction, offload, stream and over-budget load is noted with the node it happened in and
+   why (who needed how much, what the budget left): `decisions(node_id)`, printed by `run --explain`.
+8. **Patches.** A handle may carry patches (LoRAs) and the function that applies them. Patches are not part of the
    identity: one copy of the weights is loaded, and when a handle asks for another patch set than the module has,
    the manager calls `handle.patch(module, patches)` before handing the module out (diffusion/lora.py computes
    patched weights from the untouched originals, so nothing is re-read and removing a set is exact).
@@ -39,7 +41,7 @@ import itertools
 import logging
 import re
 import threading
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -62,6 +64,7 @@ log = logging.getLogger("sdgraph.models")
 DEFAULT_RESERVES = {"cpu": 1 * GiB, "cuda": 768 * MiB}
 SETTLE_ABOVE = 64 * MiB  # after a call that asked for this much working memory, freed memory is given back
 _ALLOCATION = re.compile(r"(?:tried to allocate|allocate)\s+([\d.]+)\s*(bytes|[KMG]i?B)", re.IGNORECASE)
+DECISIONS_KEPT = 256  # the latest placement decisions kept for `--explain`
 _UNITS = {"bytes": 1, "kb": 1 << 10, "kib": 1 << 10, "mb": MiB, "mib": MiB, "gb": GiB, "gib": GiB}
 
 
@@ -158,6 +161,8 @@ class ModelManager:
         self._upcoming: frozenset[ModelHandle] = frozenset()
         self._request: _Request | None = None
         self._lock = threading.RLock()
+        self._node = ""  # the node whose call is placing models (run_node), for the decisions noted
+        self._decisions: deque[tuple[str, str]] = deque(maxlen=DECISIONS_KEPT)
 
     # -- accounts ---------------------------------------------------------------------------------------------
     def budget(self, device: str) -> int | None:
@@ -190,6 +195,21 @@ class ModelManager:
         """(origin, version) of every model whose weights are loaded: the files a worker holds (scale-out routing)."""
         with self._lock:
             return {(e.handle.origin, e.handle.version) for e in self._entries.values() if e.device is not None}
+
+    def decisions(self, node_id: str) -> list[str]:
+        """Why models were unloaded, offloaded, streamed or loaded over budget while node `node_id` ran (the
+        latest run's; kept for the last DECISIONS_KEPT decisions)."""
+        with self._lock:
+            return [text for node, text in self._decisions if node == str(node_id)]
+
+    def _note(self, text: str) -> None:
+        log.info("%s", text)
+        self._decisions.append((self._node, text))
+
+    def _room_words(self, device: str) -> str:
+        budget = self.budget(device)
+        within = f" within the {format_bytes(budget)} budget" if budget is not None else ""
+        return f"{format_bytes(max(self.room(device), 0))} free{within}"
 
     def where(self, handle: ModelHandle) -> str | None:
         entry = self._entries.get(handle)
@@ -256,10 +276,17 @@ class ModelManager:
         """The executor's `around_node` body: the plan's look-ahead (`ctx.upcoming()`) while the node runs, one
         retry after running out of memory, and with `unload_after` every model no later node needs unloaded."""
         upcoming = handles_in(ctx.upcoming())
-        with self.lookahead(upcoming):
-            result = self.guard(call, what=f"node {ctx.node_id} ({ctx.node_type})")
-        if unload_after:
-            self.unload_except(upcoming)
+        with self._lock:
+            previous, self._node = self._node, str(ctx.node_id)
+            self._decisions = deque((d for d in self._decisions if d[0] != self._node), maxlen=DECISIONS_KEPT)
+        try:
+            with self.lookahead(upcoming):
+                result = self.guard(call, what=f"node {ctx.node_id} ({ctx.node_type})")
+            if unload_after:
+                self.unload_except(upcoming, why="no later node uses it (--unload)")
+        finally:
+            with self._lock:
+                self._node = previous
         return result
 
     # -- freeing ----------------------------------------------------------------------------------------------
@@ -275,7 +302,7 @@ class ModelManager:
         """Drop every model not in use; returns the bytes released."""
         return self.unload_except(())
 
-    def unload_except(self, keep: Iterable[ModelHandle]) -> int:
+    def unload_except(self, keep: Iterable[ModelHandle], *, why: str = "") -> int:
         keep = set(keep)
         with self._lock:
             idle = [e for e in self._entries.values() if e.device is not None and e.users == 0
@@ -283,6 +310,8 @@ class ModelManager:
             devices = {e.device for e in idle}
             released = sum(e.nbytes for e in idle)
             for entry in idle:
+                if why:
+                    self._note(f"unloaded {entry.handle.name} ({format_bytes(entry.nbytes)}): {why}")
                 self._drop(entry, release=False)
             for device in devices:
                 self.memory.release(device)
@@ -309,23 +338,32 @@ class ModelManager:
 
     def _place(self, entry: _Entry, device: str, working: int) -> _Streamer | None:
         keep = frozenset({id(entry)})
+        need = working if entry.device == device else entry.nbytes + working
+        what = (f"{format_bytes(working)} working memory beside its loaded weights" if entry.device == device else
+                f"{format_bytes(need)} ({format_bytes(entry.nbytes)} of weights + {format_bytes(working)} working "
+                f"memory)")
+        why = f"to make room for {entry.handle.name}, which needs {what} on {device},"
         if entry.device == device:
-            self._make_room(device, working, keep)
+            self._make_room(device, working, keep, why)
             return None
-        need = entry.nbytes + working
-        self._make_room(device, need, keep)
+        self._make_room(device, need, keep, why)
         room = self.room(device)
         if room >= need or device == self.offload_device or not entry.handle.streamable:
             if room < need:
                 log.warning("%s needs %s on %s (with %s working memory) but only %s is within budget; loading "
                             "it anyway", entry.handle.name, format_bytes(entry.nbytes), device,
                             format_bytes(working), format_bytes(max(room, 0)))
+                self._note(f"loaded {entry.handle.name} whole on {device} over budget: it needs "
+                           f"{format_bytes(need)} with working memory and only {self._room_words(device)} after "
+                           f"unloading every idle model; there is nowhere to stream it from")
                 self.stats["over_budget"] += 1
             self._put(entry, device)
             return None
         # an accelerator that cannot hold it whole: keep the weights on the CPU, stream blocks to the device
+        self._note(f"streaming {entry.handle.name} block by block to {device}: it needs {format_bytes(need)} with "
+                   f"working memory and only {self._room_words(device)}; its weights stay on {self.offload_device}")
         if entry.device != self.offload_device:
-            self._make_room(self.offload_device, entry.nbytes, keep)
+            self._make_room(self.offload_device, entry.nbytes, keep, f"to hold {entry.handle.name} for streaming")
             self._put(entry, self.offload_device)
         self.stats["streamed"] += 1
         limit = max((room - working) // 2, 1)
@@ -356,29 +394,34 @@ class ModelManager:
         entry.patches = handle.patches
         self.stats["patch_sets"] += 1
 
-    def _make_room(self, device: str, need: int, keep: frozenset[int]) -> None:
-        """Evict idle models from `device` (never those whose id is in `keep`) until `need` bytes fit."""
+    def _make_room(self, device: str, need: int, keep: frozenset[int], why: str = "") -> None:
+        """Evict idle models from `device` (never those whose id is in `keep`) until `need` bytes fit; `why`
+        (whom the room is for) goes into the decisions noted."""
         evicted = False
         while self.room(device) < need:
             idle = [e for e in self._entries.values() if e.device == device and e.users == 0 and id(e) not in keep]
             if not idle:
                 break
             victim = min(idle, key=lambda e: (e.handle in self._upcoming, e.tick))
-            self._evict(victim, keep)
+            upcoming = victim.handle in self._upcoming
+            last_resort = "; a later node needs it, but nothing else was idle" if upcoming else ""
+            self._evict(victim, keep, f"{why} and {self._room_words(device)}{last_resort}")
             evicted = True
         if evicted:
             self.memory.release(device)
 
-    def _evict(self, entry: _Entry, keep: frozenset[int]) -> None:
+    def _evict(self, entry: _Entry, keep: frozenset[int], why: str = "") -> None:
         offload = self.offload_device
         if entry.device != offload:
-            self._make_room(offload, entry.nbytes, keep | {id(entry)})
+            self._make_room(offload, entry.nbytes, keep | {id(entry)}, f"to offload {entry.handle.name}")
             if self.room(offload) >= entry.nbytes:
-                log.info("offloading %s from %s to %s", entry.handle.name, entry.device, offload)
+                self._note(f"offloaded {entry.handle.name} ({format_bytes(entry.nbytes)}) from {entry.device} to "
+                           f"{offload} {why}".rstrip())
                 self.memory.move(entry.module, offload)
                 entry.device = offload
                 self.stats["offloads"] += 1
                 return
+        self._note(f"unloaded {entry.handle.name} ({format_bytes(entry.nbytes)}) from {entry.device} {why}".rstrip())
         self._drop(entry, release=False)
 
     def _drop(self, entry: _Entry, *, release: bool = True) -> None:

@@ -1,4 +1,5 @@
-"""Every graph in graphs/ runs end to end (with the bundled demo checkpoint they name) and writes its image."""
+"""Every graph in graphs/ runs end to end and writes its image: the SD1.5 graphs with the bundled demo checkpoint
+they name, the other families' graphs with tiny generated checkpoints under the published file names they name."""
 
 from __future__ import annotations
 
@@ -14,6 +15,14 @@ from .conftest import ROOT, run_api
 
 GRAPHS = sorted((ROOT / "graphs").glob("*.json"))
 DEMO_CHECKPOINT = ROOT / "models" / "checkpoints" / "sdgraph-demo.safetensors"
+# the published checkpoints the model-family graphs name -> the tiny make-checkpoint preset of the same family
+FAMILY_CHECKPOINTS = {
+    "sd_xl_base_1.0.safetensors": "sdxl-tiny",
+    "sd_xl_refiner_1.0.safetensors": "sdxl-refiner-tiny",
+    "v2-1_768-ema-pruned.safetensors": "sd21v-tiny",
+    "sd-v1-5-inpainting.safetensors": "sd15-inpaint-tiny",
+}
+TINY_SIDE = 128  # the family graphs' sizes are for the real models; their tiny stand-ins run at this size
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +35,11 @@ def demo_base(tiny_base: Path) -> Path:
     if not lora.exists():
         from diffusion.make_lora import write_lora
         write_lora(lora, preset="tiny", seed=0)
+    from diffusion.make_checkpoint import make_checkpoint
+    for name, preset in FAMILY_CHECKPOINTS.items():
+        path = tiny_base / "models" / "checkpoints" / name
+        if not path.exists():
+            make_checkpoint(path, preset=preset, seed=0)
     return tiny_base
 
 
@@ -47,12 +61,32 @@ def expected_size(api: dict) -> tuple[int, int]:
 
 def test_every_graph_is_covered():
     assert {p.stem for p in GRAPHS} >= {"txt2img", "img2img", "inpaint", "hires_fix", "outpaint", "lora",
-                                        "controlnet", "regional_prompt"}
+                                        "controlnet", "regional_prompt", "sdxl_txt2img", "sdxl_base_refiner",
+                                        "sd21_txt2img", "inpaint_model"}
+
+
+def test_family_graphs_name_published_checkpoints():
+    """Issue #13: the model-family graphs name the files people have, and each is a family the test supplies."""
+    named = {node["inputs"]["ckpt_name"] for path in GRAPHS for node in json.loads(path.read_text()).values()
+             if node["class_type"] == "CheckpointLoaderSimple"}
+    assert named >= set(FAMILY_CHECKPOINTS)
+
+
+def for_tiny_checkpoints(api: dict) -> dict:
+    """A graph naming a model-family checkpoint, with its image sizes (not its conditioning sizes) cut to TINY_SIDE:
+    the tiny stand-ins keep the real layouts but would take minutes at 1024 px."""
+    names = {node["inputs"].get("ckpt_name") for node in api.values()}
+    if not names & set(FAMILY_CHECKPOINTS):
+        return api
+    for node in api.values():
+        if node["class_type"] in ("EmptyLatentImage", "ImageScale"):
+            node["inputs"].update(width=TINY_SIDE, height=TINY_SIDE)
+    return api
 
 
 @pytest.mark.parametrize("path", GRAPHS, ids=lambda p: p.stem)
 def test_graph_runs_and_saves_png(path: Path, demo_base: Path):
-    api = json.loads(path.read_text())
+    api = for_tiny_checkpoints(json.loads(path.read_text()))
     report, runtime = run_api(api, demo_base)
     images = [item for ui in report.ui.values() for item in ui.get("images", [])]
     assert len(images) == 1
@@ -86,3 +120,15 @@ def test_inpaint_graph_keeps_unmasked_latents(demo_base: Path):
     assert keep.any() and (~keep).any()
     assert torch.equal(latent_out.samples[keep], latent_in.samples[keep])
     assert not torch.equal(latent_out.samples[~keep], latent_in.samples[~keep])
+
+
+def test_base_refiner_graph_hands_over_with_leftover_noise():
+    """Issue #13: the base samples steps [0, k) and returns its leftover noise; the refiner adds none and finishes
+    [k, steps) of the same schedule with the refiner checkpoint."""
+    api = json.loads((ROOT / "graphs" / "sdxl_base_refiner.json").read_text())
+    samplers = {node_id: node["inputs"] for node_id, node in api.items() if node["class_type"] == "KSamplerAdvanced"}
+    (base_id, base), (_, refiner) = sorted(samplers.items(), key=lambda item: item[1]["start_at_step"])
+    assert base["return_with_leftover_noise"] == "enable" and base["add_noise"] == "enable"
+    assert refiner["add_noise"] == "disable" and refiner["start_at_step"] == base["end_at_step"] < base["steps"]
+    assert refiner["steps"] == base["steps"] and refiner["latent_image"] == [base_id, 0]
+    assert api[refiner["model"][0]]["inputs"]["ckpt_name"] == "sd_xl_refiner_1.0.safetensors"

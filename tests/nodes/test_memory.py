@@ -24,6 +24,7 @@ from .test_sd_nodes import txt2img
 
 ROOT = Path(__file__).resolve().parents[2]
 OTHER_CHECKPOINT = "sdgraph-tiny-b.safetensors"
+TEXT = "CLIP-L (OpenAI CLIP ViT-L/14)"  # the SD1 text encoder's label
 
 
 @pytest.fixture
@@ -53,9 +54,9 @@ def test_a_loader_reads_no_weights_until_a_node_uses_them(base):
     run(runtime, txt2img(), targets=["1"])
     assert runtime.models.loaded() == []
     run(runtime, txt2img(), targets=["2"])
-    assert loaded_parts(runtime) == ["text encoder"]
+    assert loaded_parts(runtime) == [TEXT]
     run(runtime, txt2img())
-    assert loaded_parts(runtime) == ["UNet", "VAE", "text encoder"]
+    assert loaded_parts(runtime) == [TEXT, "UNet", "VAE"]
     assert runtime.models.stats["loads"] == 3  # each part read once, although the graph ran three times
 
 
@@ -124,7 +125,7 @@ def test_a_replaced_checkpoint_file_loads_the_new_weights(base):
     after = _decoded(runtime, executor)
     fresh = _decoded(Runtime(Folders.at(base)))
     assert not torch.equal(before, after) and torch.equal(after, fresh)
-    assert loaded_parts(runtime) == ["UNet", "VAE", "text encoder"]  # the stale weights were dropped
+    assert loaded_parts(runtime) == [TEXT, "UNet", "VAE"]  # the stale weights were dropped
     assert runtime.models.stats["stale"] == 3
 
 
@@ -172,7 +173,7 @@ def test_unload_after_use_keeps_what_a_later_node_needs(base):
                                                        listeners=[listener])
     assert report.ok, report.error
     prompts = [parts for node_id, parts in seen if node_id in ("2", "3")]
-    assert prompts == [["text encoder"], []]  # kept for the second prompt, then unloaded
+    assert prompts == [[TEXT], []]  # kept for the second prompt, then unloaded
     assert dict(seen)["5"] == [] and dict(seen)["6"] == []
 
 
