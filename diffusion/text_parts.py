@@ -179,7 +179,7 @@ def check_text_weights(path, label: str, config: CLIPTextConfig, sources: Mappin
     expected.pop(POSITION_IDS, None)
     missing = [k for k in expected if k not in sources]
     unexpected = [sources[k].file_key for k in sources if k not in expected]
-    mismatched = [f"{sources[k].file_key} (model needs {list(expected[k].shape)}, file gives {list(shaped[k].shape)})"
+    mismatched = [f"{sources[k].file_key} (model needs {list(expected[k].shape)}, file has {list(shaped[k].shape)})"
                   for k in expected if k in shaped and shaped[k].shape != expected[k].shape]
     not_float = [sources[k].file_key for k in expected if k in shaped and not shaped[k].is_floating_point()]
     problems = [f"{len(keys)} {what}: {examples(keys)}"

@@ -194,7 +194,7 @@ def test_an_architecture_far_larger_than_sd_is_refused_before_it_is_built(tiny, 
     path = rebuilt(tiny, tmp_path / "layers.safetensors", add_layers)
     with open(path, "ab") as f:
         f.write(b"\0" * 20_000)
-    with pytest.raises(CheckpointError, match="text encoder weights describe 20000 layers, more than 64"):
+    with pytest.raises(CheckpointError, match="text encoder .*20000 layers, more than 64"):
         open_checkpoint(path)
 
 
