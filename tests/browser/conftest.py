@@ -44,6 +44,8 @@ def frontend_server(tmp_path_factory) -> Iterator[ServerProcess]:
     for folder in ("input", "output", "models/checkpoints"):
         (base / folder).mkdir(parents=True)
     os.symlink(DEMO, base / "models" / "checkpoints" / DEMO.name)
+    for picture in ("example.png", "example_mask.png"):  # the images graphs/ refer to, as a checkout has them
+        shutil.copyfile(REPO / "input" / picture, base / "input" / picture)
     server = ServerProcess(base).wait_ready(timeout=120)
     yield server
     server.stop()
@@ -71,6 +73,8 @@ class Session:
         page.on("pageerror", lambda e: self.errors.append(f"page error: {e}"))
         self.failed: list[str] = []  # URLs of requests that got no answer
         page.on("requestfailed", lambda r: self.failed.append(r.url))
+        self.not_found: list[str] = []  # URLs answered 404, to say which resource a console error is about
+        page.on("response", lambda r: self.not_found.append(r.url) if r.status == 404 else None)
 
     def open(self) -> Session:
         self.page.goto(self.server.url + "/")

@@ -187,4 +187,4 @@ def test_the_template_browser_offers_our_graphs_first(session):
     session.shot("11-templates")
     session.page.get_by_text("img2img", exact=True).first.click()
     session.page.wait_for_function("() => window.app.graph._nodes.some(n => n.type === 'LoadImage')")
-    assert session.errors == []
+    assert session.errors == [], session.not_found
