@@ -21,6 +21,7 @@ from diffusion.adm import POOLED_DIM, REFINER_AESTHETIC_SCORE, refiner_label, sd
 from diffusion.denoisers import ModelInputs, repeat_to_batch_size
 from diffusion.families import Family
 from diffusion.latent import CondEntry, Conditioning
+from diffusion.resample import center_crop_offsets
 
 PIXELS_PER_CELL = 8  # the VAE's downscale: a plain entry's width/height are the latent's times this
 BLANK_INPAINT_LATENT = (0.8223, -0.6876, 0.6364, 0.1380)  # a black image's latent (model space), per channel
@@ -72,12 +73,7 @@ def resize_centre(t: Tensor, height: int, width: int) -> Tensor:
     """[B, C, h, w] cropped to the target's aspect ratio about its centre, then resized bilinearly (ComfyUI's
     common_upscale with crop "center")."""
     old_h, old_w = t.shape[-2:]
-    old_aspect, new_aspect = old_w / old_h, width / height
-    x = y = 0
-    if old_aspect > new_aspect:
-        x = round((old_w - old_w * (new_aspect / old_aspect)) / 2)
-    elif old_aspect < new_aspect:
-        y = round((old_h - old_h * (old_aspect / new_aspect)) / 2)
+    x, y = center_crop_offsets(old_w, old_h, width, height)
     cropped = t.narrow(-2, y, old_h - 2 * y).narrow(-1, x, old_w - 2 * x)
     return F.interpolate(cropped.float(), size=(height, width), mode="bilinear")
 

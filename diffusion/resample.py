@@ -61,3 +61,15 @@ def bislerp(samples: torch.Tensor, width: int, height: int) -> torch.Tensor:
     out = _slerp_last_axis(samples.float(), width)
     out = _slerp_last_axis(out.transpose(-1, -2), height).transpose(-1, -2)
     return out.contiguous().to(dtype)
+
+
+def center_crop_offsets(old_width: int, old_height: int, width: int, height: int) -> tuple[int, int]:
+    """Pixels to cut from each side so the aspect ratio matches width:height (ComfyUI's common_upscale)."""
+    old_aspect, new_aspect = old_width / old_height, width / height
+    x = y = 0
+    if old_aspect > new_aspect:
+        x = round((old_width - old_width * (new_aspect / old_aspect)) / 2)
+    elif old_aspect < new_aspect:
+        y = round((old_height - old_height * (old_aspect / new_aspect)) / 2)
+    # never crop everything away (ComfyUI would fail on an empty tensor)
+    return min(x, (old_width - 1) // 2), min(y, (old_height - 1) // 2)

@@ -22,7 +22,7 @@ from PIL import Image, ImageOps, ImageSequence, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
 from diffusion.denoisers import repeat_to_batch_size
-from diffusion.resample import bislerp
+from diffusion.resample import bislerp, center_crop_offsets
 
 from .pixels import LATENT_UPSCALE_METHODS, MASK_OPERATIONS, UPSCALE_METHODS
 
@@ -61,18 +61,6 @@ def fit_channels(destination: torch.Tensor, source: torch.Tensor) -> torch.Tenso
 
 
 # --- resizing ------------------------------------------------------------------------------------------------
-
-def center_crop_offsets(old_width: int, old_height: int, width: int, height: int) -> tuple[int, int]:
-    """Pixels to cut from each side so the aspect ratio matches width:height (ComfyUI's common_upscale)."""
-    old_aspect, new_aspect = old_width / old_height, width / height
-    x = y = 0
-    if old_aspect > new_aspect:
-        x = round((old_width - old_width * (new_aspect / old_aspect)) / 2)
-    elif old_aspect < new_aspect:
-        y = round((old_height - old_height * (old_aspect / new_aspect)) / 2)
-    # never crop everything away (ComfyUI would fail on an empty tensor)
-    return min(x, (old_width - 1) // 2), min(y, (old_height - 1) // 2)
-
 
 def upscale(samples: torch.Tensor, width: int, height: int, method: str, crop: str = "disabled") -> torch.Tensor:
     """Resize [B,C,H,W] to height x width: torch interpolation, Pillow for lanczos, bislerp for latents;
