@@ -209,10 +209,7 @@ class CheckpointLayout:
 
     @property
     def text_encoder(self) -> PartLayout:
-        """The first text encoder (SD1's only one)."""
-        if not self.text_encoders:
-            raise CheckpointError(f"{self.file.path}: no text encoder of {self.family.label} is laid out here yet "
-                                  "(diffusion.text_parts lists them)")
+        """The first text encoder (SD1's only one; `text_parts` lays out at least one for every family)."""
         return self.text_encoders[0]
 
     @property
