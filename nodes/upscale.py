@@ -12,6 +12,7 @@ from typing import Any
 from engine import COMBO, FLOAT, INT, Input, Output, node
 from engine.sizes import Size
 
+from .loaders import file_identity
 from .pixels import (
     CROP_METHODS,
     LATENT_UPSCALE_METHODS,
@@ -81,9 +82,7 @@ def _upscale_model_names(resources) -> list[str]:
 
 
 def _upscale_model_identity(resources, model_name):
-    path = resources.folders.model_path("upscale_models", model_name)
-    stat = path.stat()
-    return (str(path), stat.st_size, stat.st_mtime_ns, resources.device)
+    return file_identity(resources, "upscale_models", model_name)
 
 
 @node("UpscaleModelLoader", category="loaders", display_name="Load Upscale Model",
