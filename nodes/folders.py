@@ -27,7 +27,11 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".
 
 
 class UnsafePathError(ValueError):
-    """A supplied name would leave its folder (../, an absolute path, a NUL, a symlink pointing out)."""
+    """A supplied name would leave its folder (../, an absolute path, a NUL, a symlink pointing out) or cannot
+    name a file at all (a part longer than NAME_MAX)."""
+
+
+NAME_MAX = 255  # bytes in one file or folder name (Linux, macOS, Windows)
 
 
 def resolve_inside(root: Path, name: str, *, what: str = "file name", follow_links: bool = True) -> Path:
@@ -39,6 +43,9 @@ def resolve_inside(root: Path, name: str, *, what: str = "file name", follow_lin
         raise UnsafePathError(f"{what} {name!r} must be a name relative to the {root.name}/ folder, not an "
                               "absolute path")
     relative = os.path.normpath(name.replace("\\", "/"))
+    if any(len(part.encode("utf-8", "surrogateescape")) > NAME_MAX for part in relative.split("/")):
+        raise UnsafePathError(f"{what} {name[:40]!r}... has a part longer than {NAME_MAX} bytes, which no file "
+                              "system here can hold; use a shorter name")
     if relative == ".." or relative.startswith("../"):
         raise UnsafePathError(f"{what} {name!r} points outside the {root.name}/ folder; use a name inside it")
     if not follow_links:

@@ -59,3 +59,12 @@ def test_the_cli_removes_leftover_temporary_files_when_it_starts(tmp_path):
     assert cli.main(["nodes", "--base-dir", str(tmp_path)]) == 0
     assert not any(path.exists() for path in leftovers)
     assert Folders.at(tmp_path).written[-2:] == (tmp_path / "user", tmp_path / "models")
+
+
+def test_a_name_part_longer_than_the_file_system_allows_is_refused_not_an_os_error(tmp_path):
+    """A 5,000-character userdata name reached stat() and came back as ENAMETOOLONG, a 500 from the server."""
+    with pytest.raises(UnsafePathError, match="longer than 255 bytes"):
+        resolve_inside(tmp_path, "a" * 5000)
+    with pytest.raises(UnsafePathError, match="longer than 255 bytes"):
+        resolve_inside(tmp_path, "ok/" + "é" * 128 + ".json")  # 256 bytes in UTF-8
+    assert resolve_inside(tmp_path, "b" * 255) == tmp_path.resolve() / ("b" * 255)
