@@ -184,6 +184,9 @@ class RoutedStore:
         return self._router.claim(self.name)
 
     def finish(self, prompt_id: str, **kwargs: Any) -> None:
+        # Free from now on, before anyone can see the prompt finished: a prompt queued in the moment before this
+        # worker claims again must see it free, or another free worker would take it as "the holder is busy".
+        self._router.update(self.name, busy=False)
         self._store.finish(prompt_id, **kwargs)
         self._router.forget(prompt_id)
 

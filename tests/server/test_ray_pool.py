@@ -153,10 +153,15 @@ def test_a_prompt_needing_model_a_goes_to_the_worker_holding_a(cluster):
     wait_for(store, [first_b], timeout=240)
     holder_a, holder_b = pool.router.decision(first_a).worker, pool.router.decision(first_b).worker
     assert holder_a != holder_b, pool.routing()  # B went to the worker with most free memory, not A's holder
-    later = [submit(pool, store, txt2img(name, seed)) for seed in (2, 3) for name in ("a.safetensors",
-                                                                                      "b.safetensors")]
-    states = wait_for(store, later, timeout=240)
-    assert all(s["state"] == "success" for s in states.values()), states
+    # One pair at a time, both workers free when each pair is routed: with all four queued at once, a worker that
+    # finishes early rightly takes the head of the queue rather than idle (choose_affinity rule 3), which would
+    # make where an "a" prompt lands depend on timing.
+    later = []
+    for seed in (2, 3):
+        pair = [submit(pool, store, txt2img(name, seed)) for name in ("a.safetensors", "b.safetensors")]
+        states = wait_for(store, pair, timeout=240)
+        assert all(s["state"] == "success" for s in states.values()), states
+        later += pair
     for pid, name in zip(later, ["a", "b", "a", "b"], strict=True):
         route = pool.router.decision(pid)
         assert route.worker == (holder_a if name == "a" else holder_b), (name, route, pool.routing())

@@ -207,3 +207,23 @@ def test_passing_over_the_head_counts_only_when_no_worker_holds_its_models(tmp_p
     assert taken == ["p1", "p3", "p5", "p7", "p9"]
     router.retire("wb")  # now nobody holds B: the head is passed over `patience` times at most
     assert [router.claim("wa").prompt_id for _ in range(3)] == ["p11", "p13", "p0"]
+
+
+def test_a_worker_is_free_for_routing_as_soon_as_its_prompt_is_finished(tmp_path):
+    """A prompt queued between a worker finishing and claiming again goes to the worker holding its models: the
+    other free worker must not see the holder as busy and take it (the Ray test's once-in-a-while failure)."""
+    from service.dispatch import RoutedStore
+
+    needs = {"p1": (A,), "p2": (A,)}
+    store = _queue(tmp_path, ["p1"])
+    router = Router(store, needs=lambda item: needs[item.prompt_id])
+    router.register(view("w1", [A], free=100), lambda: None)
+    router.register(view("w2", free=900), lambda: None)
+    holder = RoutedStore(store, router, "w1")
+    item = holder.claim()
+    assert item.prompt_id == "p1"
+    holder.finish("p1", number=item.number, status="success", attempts=1, entry={})
+    store.put(prompt_id="p2", prompt={}, extra_data={}, outputs=[], client_id=None, number=None, front=False,
+              max_pending=100)  # queued before w1's loop claims again
+    assert router.claim("w2") is None  # w1 holds A and is free: w2 leaves p2 to it
+    assert router.claim("w1").prompt_id == "p2"
