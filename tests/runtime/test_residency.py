@@ -97,3 +97,8 @@ def test_on_a_gpu_the_text_encoder_stays_where_it_fits():
     run(models, "6", h["clip"], 0, [h["unet"]])
     run(models, "3", h["unet"], 590 * MiB, [])
     assert models.where(h["clip"]) == "cuda:0" and models.decisions("3") == []
+
+
+def test_a_model_too_small_to_matter_is_kept():
+    verdict = hold_peak([resident("tiny", 0.01)], footprint=3 * GiB, peak=2 * GiB, who="VAE takes 0.7 GB")
+    assert verdict.drop == ()
