@@ -27,9 +27,13 @@ Policies, in the order they apply:
 6. **Out of memory.** `guard(call)` catches an out-of-memory error, unloads every idle model, releases caches
    and calls once more; a second failure raises `OutOfMemory` saying what was needed and what was free. Nothing
    stays marked in use, so the next call starts clean.
-7. **Decisions.** Every eviction, offload, stream and over-budget load is noted with the node it happened in and
-   why (who needed how much, what the budget left): `decisions(node_id)`, printed by `run --explain`.
-8. **Patches.** A handle may carry patches (LoRAs) and the function that applies them. Patches are not part of the
+7. **Decisions.** Every eviction, offload, stream, residency drop or keep and over-budget load is noted with the
+   node it happened in and why (who needed how much, what the budget left): `decisions(node_id)`, printed by
+   `run --explain`.
+8. **Residency inside a run.** Before a model is placed in RAM during a run, an idle model that no remaining node
+   uses and that is cheap to reload (`cheap_reload`: text encoders) is dropped if keeping it would raise the
+   process's peak footprint; models expensive to reload stay for the next prompt (runtime/residency.py).
+9. **Patches.** A handle may carry patches (LoRAs) and the function that applies them. Patches are not part of the
    identity: one copy of the weights is loaded, and when a handle asks for another patch set than the module has,
    the manager calls `handle.patch(module, patches)` before handing the module out (diffusion/lora.py computes
    patched weights from the untouched originals, so nothing is re-read and removing a set is exact).
