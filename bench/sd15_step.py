@@ -22,6 +22,7 @@ which the estimates in diffusion/components.py are derived from. Peak RSS is the
 txt2img at each size); with `--unload` sdgraph runs as `sdgraph run --unload` does (each model dropped after its
 last use in the graph) and its peak RSS is the graph's alone, after the timed load has been unloaded.
 The last lines compare with issue #5's targets: <= 1.5 s per 512x512 step and >= 4.5x diffusers fp32.
+The default's peak RSS is compared with issue #17's 3.0 GB (PASS/MISS).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from demo_model.evaluate import txt2img_graph  # noqa: E402
 
 CONFIGS = ("sdgraph-fp32", "sdgraph-default", "diffusers-fp32", "diffusers-bf16")
 TARGET_STEP_S, TARGET_VS_DIFFUSERS_FP32 = 1.5, 4.5  # issue #5, at 512x512 in the default dtype
+TARGET_PEAK_RSS = 3.0e9  # issue #17: a whole 512x512 txt2img in the default mode
 SAMPLER, DECODE = "3", "8"  # node ids in txt2img_graph
 PROMPT, NEGATIVE, CFG, SEED = "a photograph of an astronaut riding a horse", "blurry, low quality", 7.0, 42
 
@@ -342,6 +344,9 @@ def table(results: dict[str, dict], sizes: list[int]) -> str:
             line += f", x{ratio:.2f} diffusers fp32 (target >= x{TARGET_VS_DIFFUSERS_FP32})"
         lines.append(line)
     if "sdgraph-default" in results:
+        peak = results["sdgraph-default"]["peak_rss"]
+        lines.append(f"target (peak RSS, default mode): {peak / 1e9:.2f} GB (target <= {TARGET_PEAK_RSS / 1e9:.1f} GB) "
+                     f"{'PASS' if peak <= TARGET_PEAK_RSS else 'MISS'}")
         extra = results["sdgraph-default"]
         if "256" in extra and "working_unet" in extra["256"]:
             for s in sizes:

@@ -194,6 +194,7 @@ def text_handle(layouts: tuple, *, dtype: torch.dtype, device: torch.device) -> 
         load=partial(load_text_encoders, tuple(layouts), dtype),
         label=" + ".join(f"{layout.label} of {layout.file.path.name}" for layout in layouts),
         patch=_set_text_patches if len(layouts) == 1 else None,
+        cheap_reload=True,  # a plain read of its file, and CLIPTextEncode caches what it computed
     )
 
 

@@ -27,9 +27,13 @@ Policies, in the order they apply:
 6. **Out of memory.** `guard(call)` catches an out-of-memory error, unloads every idle model, releases caches
    and calls once more; a second failure raises `OutOfMemory` saying what was needed and what was free. Nothing
    stays marked in use, so the next call starts clean.
-7. **Decisions.** Every eviction, offload, stream and over-budget load is noted with the node it happened in and
-   why (who needed how much, what the budget left): `decisions(node_id)`, printed by `run --explain`.
-8. **Patches.** A handle may carry patches (LoRAs) and the function that applies them. Patches are not part of the
+7. **Decisions.** Every eviction, offload, stream, residency drop or keep and over-budget load is noted with the
+   node it happened in and why (who needed how much, what the budget left): `decisions(node_id)`, printed by
+   `run --explain`.
+8. **Residency inside a run.** Before a model is placed in RAM during a run, an idle model that no remaining node
+   uses and that is cheap to reload (`cheap_reload`: text encoders) is dropped if keeping it would raise the
+   process's peak footprint; models expensive to reload stay for the next prompt (runtime/residency.py).
+9. **Patches.** A handle may carry patches (LoRAs) and the function that applies them. Patches are not part of the
    identity: one copy of the weights is loaded, and when a handle asks for another patch set than the module has,
    the manager calls `handle.patch(module, patches)` before handing the module out (diffusion/lora.py computes
    patched weights from the untouched originals, so nothing is re-read and removing a set is exact).
@@ -57,6 +61,7 @@ from .memory import (
     is_out_of_memory,
     module_bytes,
 )
+from .residency import Resident, Verdict, hold_peak
 
 log = logging.getLogger("sdgraph.models")
 
@@ -85,6 +90,9 @@ class ModelHandle:
     streamable: its computation goes through submodule forwards, so blocks can be streamed (lowvram).
     patches: what `patch(module, patches)` makes the loaded module compute with (e.g. LoRAs and their strengths);
         not part of the identity, so handles that differ only in patches share one loaded copy of the weights.
+    cheap_reload: reading it again is a plain copy out of its (memory-mapped) file and the nodes that use it cache
+        their outputs (text encoders): inside a run it is dropped when keeping it idle would raise the process's
+        peak (runtime/residency.py).
     """
 
     origin: str
@@ -97,6 +105,7 @@ class ModelHandle:
     streamable: bool = field(default=False, compare=False)
     patches: tuple = field(default=(), compare=False)
     patch: Callable[[Any, tuple], None] | None = field(default=None, compare=False, repr=False)
+    cheap_reload: bool = field(default=False, compare=False)
 
     @property
     def name(self) -> str:
@@ -163,6 +172,8 @@ class ModelManager:
         self._lock = threading.RLock()
         self._node = ""  # the node whose call is placing models (run_node), for the decisions noted
         self._decisions: deque[tuple[str, str]] = deque(maxlen=DECISIONS_KEPT)
+        self._peaks: dict[str, int] = {}  # per device: the largest footprint (held + working) needed so far
+        self._planning = False  # inside run_node: the look-ahead says what the rest of the run uses
 
     # -- accounts ---------------------------------------------------------------------------------------------
     def budget(self, device: str) -> int | None:
@@ -225,6 +236,7 @@ class ModelManager:
             entry = self._admit(handle)
             self._request = _Request(handle, device, working)
             streamer = self._place(entry, device, max(0, working))
+            self._peaks[device] = max(self._peaks.get(device, 0), self.held(device) + max(0, working))
             self._patch(entry, handle)
             entry.users += 1
         try:
@@ -278,6 +290,7 @@ class ModelManager:
         upcoming = handles_in(ctx.upcoming())
         with self._lock:
             previous, self._node = self._node, str(ctx.node_id)
+            planning, self._planning = self._planning, True
             self._decisions = deque((d for d in self._decisions if d[0] != self._node), maxlen=DECISIONS_KEPT)
         try:
             with self.lookahead(upcoming):
@@ -286,7 +299,7 @@ class ModelManager:
                 self.unload_except(upcoming, why="no later node uses it (--unload)")
         finally:
             with self._lock:
-                self._node = previous
+                self._node, self._planning = previous, planning
         return result
 
     # -- freeing ----------------------------------------------------------------------------------------------
@@ -343,10 +356,13 @@ class ModelManager:
                 f"{format_bytes(need)} ({format_bytes(entry.nbytes)} of weights + {format_bytes(working)} working "
                 f"memory)")
         why = f"to make room for {entry.handle.name}, which needs {what} on {device},"
-        if entry.device == device:
-            self._make_room(device, working, keep, why)
-            return None
+        verdict = None
+        if self._planning and device == self.offload_device:
+            verdict = self._hold_peak(device, need, keep, f"{entry.handle.name} takes {what}")
         self._make_room(device, need, keep, why)
+        self._note_kept(verdict, device)
+        if entry.device == device:
+            return None
         room = self.room(device)
         if room >= need or device == self.offload_device or not entry.handle.streamable:
             if room < need:
@@ -393,6 +409,25 @@ class ModelManager:
         handle.patch(entry.module, handle.patches)
         entry.patches = handle.patches
         self.stats["patch_sets"] += 1
+
+    def _hold_peak(self, device: str, need: int, keep: frozenset[int], who: str) -> Verdict:
+        """Drop idle models the rest of the run does not use and that are cheap to reload when keeping them would
+        raise the device's peak (runtime/residency.py); the verdict's kept models are noted once placed."""
+        idle = [Resident(e, e.handle.name, e.nbytes, e.handle in self._upcoming, e.handle.cheap_reload)
+                for e in self._entries.values() if e.device == device and e.users == 0 and id(e) not in keep]
+        verdict = hold_peak(idle, self.held(device) + need, self._peaks.get(device, 0), who=who)
+        for resident, why in verdict.drop:
+            self._note(why)
+            self._drop(resident.key, release=False)
+            self.stats["peak_drops"] += 1
+        if verdict.drop:
+            self.memory.release(device)
+        return verdict
+
+    def _note_kept(self, verdict: Verdict | None, device: str) -> None:
+        for resident, why in verdict.keep if verdict else ():
+            if resident.key.device == device:  # not evicted for the budget meanwhile
+                self._note(why)
 
     def _make_room(self, device: str, need: int, keep: frozenset[int], why: str = "") -> None:
         """Evict idle models from `device` (never those whose id is in `keep`) until `need` bytes fit; `why`
