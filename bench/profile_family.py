@@ -7,6 +7,10 @@ middle_block, output_blocks.N, out) and one under torch.profiler (self CPU time 
 
     flock /tmp/bench.lock .venv/bin/python bench/profile_family.py --family sdxl --size 512
     flock /tmp/bench.lock .venv/bin/python bench/profile_family.py --family sd21v --size 768 --top 25
+    flock /tmp/bench.lock .venv/bin/python bench/profile_family.py --family sdxl --size 1024 --attention [--threads 1]
+
+--attention builds no model: it times each level's bf16 self-attention (CFG batch of 2, random values) with torch's
+flash kernel and with diffusion/attention.py's sliced kernel, in wall and process CPU seconds.
 
 One model per process: SDXL's bf16 UNet holds 5 GB. Run it under the bench lock on a shared machine.
 """
@@ -49,6 +53,41 @@ def time_blocks(unet, call) -> dict[str, float]:
     return dict(spent)
 
 
+def attention_shapes(config, size: int) -> list[tuple[int, int, int, int]]:
+    """(level, heads, tokens, head width) of each UNet level with transformers, for `size`² pixels."""
+    shapes = []
+    for level, mult in enumerate(config.channel_mult):
+        if config.depth_at(level) or (level == len(config.channel_mult) - 1 and config.mid_depth):
+            heads, width = config.heads_for(config.model_channels * mult)
+            shapes.append((level, heads, (size // 8 // 2**level) ** 2, width))
+    return shapes
+
+
+def time_attention(config, size: int, repeats: int = 2) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from diffusion.attention import sliced_attention
+
+    def flash(q, k, v, heads):
+        b, n, inner = q.shape
+        q, k, v = (t.reshape(b, -1, heads, inner // heads).transpose(1, 2) for t in (q, k, v))
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, inner)
+
+    with torch.inference_mode():
+        for level, heads, tokens, width in attention_shapes(config, size):
+            q, k, v = (torch.randn(2, tokens, heads * width).bfloat16() for _ in range(3))
+            row = []
+            for name, kernel in (("flash", flash), ("sliced", sliced_attention)):
+                kernel(q, k, v, heads)
+                wall, cpu = time.perf_counter(), time.process_time()
+                for _ in range(repeats):
+                    kernel(q, k, v, heads)
+                row.append(f"{name} {1e3 * (time.perf_counter() - wall) / repeats:.0f} ms "
+                           f"(cpu {1e3 * (time.process_time() - cpu) / repeats:.0f} ms)")
+            print(f"level {level}: {heads} heads x {tokens} tokens x {width}: " + ", ".join(row), flush=True)
+
+
 def unet_inputs(config, size: int, seed: int = 0):
     import torch
     g = torch.Generator().manual_seed(seed)
@@ -66,15 +105,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", default=None)
     parser.add_argument("--top", type=int, default=20, help="operators to list")
     parser.add_argument("--no-profiler", action="store_true", help="only the per-block times")
+    parser.add_argument("--attention", action="store_true", help="only time flash against sliced attention")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args(argv)
 
     import torch
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from torch.profiler import ProfilerActivity, profile
 
     from diffusion.checkpoint import open_checkpoint
     from diffusion.components import model_value
     from diffusion.device import pick_precision
 
+    if args.attention:
+        from diffusion.make_checkpoint import PRESETS
+        time_attention(PRESETS[args.family].unet, args.size)
+        return 0
     checkpoint = Path(args.checkpoint) if args.checkpoint else default_checkpoint(args.family)
     layout = open_checkpoint(checkpoint)
     cpu = torch.device("cpu")

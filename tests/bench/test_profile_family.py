@@ -3,7 +3,8 @@ hook behind (a second profile of the same UNet must not count twice). A tiny SDX
 
 import torch
 
-from bench.profile_family import block_names, time_blocks, unet_inputs
+from bench.profile_family import attention_shapes, block_names, time_blocks, unet_inputs
+from diffusion.make_checkpoint import PRESETS
 from diffusion.unet import UNetConfig, UNetModel
 
 TINY_SDXL = UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
@@ -22,3 +23,10 @@ def test_every_block_is_timed_once_and_hooks_are_removed():
     assert list(spent) == names and len(calls) == 1 and all(seconds > 0 for seconds in spent.values())
     assert names[0] == "input_blocks.0" and "middle_block" in names and names[-1] == "out"
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in unet.modules())
+
+
+def test_attention_shapes_are_each_levels_self_attention():
+    """SDXL: no transformer at level 0, 10 then 20 heads of 64; SD2.1-v: levels 0-2 (and the middle at level 3)."""
+    assert attention_shapes(PRESETS["sdxl"].unet, 1024) == [(1, 10, 4096, 64), (2, 20, 1024, 64)]
+    assert attention_shapes(PRESETS["sd21v"].unet, 768) == [(0, 5, 9216, 64), (1, 10, 2304, 64), (2, 20, 576, 64),
+                                                            (3, 20, 144, 64)]
