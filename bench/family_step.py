@@ -20,7 +20,7 @@ A step is one UNet call on the batch of 2; its time is the median of the steps a
 
 Without --checkpoint it uses the parity kit's file (models/checkpoints/ or ~/.cache/sdgraph-parity/), else makes
 the full-size preset (`sdgraph make-checkpoint --preset sdxl|sd21v --seed 1`) into ~/.cache/sdgraph-bench.
-Run it under `flock /tmp/fullsize.lock` on a shared machine (SDXL in fp32 holds ~11 GB of UNet weights).
+Run it under `flock /tmp/bench.lock` on a shared machine (SDXL in fp32 holds ~11 GB of UNet weights).
 """
 
 from __future__ import annotations

@@ -9,6 +9,11 @@ at a time with two bf16 matrix products and a softmax: SD1.5's self-attention at
 tokens, head size 40) takes 110 ms instead of 260 ms, with less memory than flash (one 512 x 4,096 score
 block at a time). Its probabilities are rounded to bf16 before the second product: a UNet call moves by
 0.001% of its output more than with flash (bench/precision.py; docs/performance.md).
+
+Heads exactly 64 wide (SD2.x's and SDXL's UNets) stay with flash: for them the slices measured 2-6x slower
+than flash on a busy machine (SDXL's 10 and 20 heads at 1,024-4,096 tokens; one small product per head and
+slice, each waiting for both threads), and flash is the kernel diffusers runs, the peer of issue #13's target.
+With one thread the slices are 1.5x faster (docs/performance.md): re-measure on an idle machine.
 """
 
 import torch
@@ -16,6 +21,7 @@ import torch.nn.functional as F
 
 SLICE_MIN_KEYS = 1024  # below this flash is as fast (cross-attention has 77 keys)
 SLICE_QUERIES = 512  # measured best of 256/512/1024/2048 for 4,096 keys on 2 cores (512 x 4,096 bf16 = 4 MB)
+FLASH_HEAD_WIDTH = 64  # UNet heads of this width always take flash (SD2.x, SDXL); the VAE's one 512-wide head is sliced
 
 
 def multihead_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
@@ -30,16 +36,16 @@ def multihead_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads
         raise ValueError(f"attention width {inner} is not divisible by {heads} heads")
     head_dim = inner // heads
     given, dtype = q.dtype, compute_dtype or q.dtype
-    if _use_slices(q, k, dtype):
+    if _use_slices(q, k, dtype, head_dim):
         return sliced_attention(q.to(dtype), k.to(dtype), v.to(dtype), heads).to(given)
     q, k, v = (t.to(dtype).reshape(batch, -1, heads, head_dim).transpose(1, 2) for t in (q, k, v))
     out = F.scaled_dot_product_attention(q, k, v)
     return out.transpose(1, 2).reshape(batch, n_queries, inner).to(given)
 
 
-def _use_slices(q: torch.Tensor, k: torch.Tensor, dtype: torch.dtype) -> bool:
+def _use_slices(q: torch.Tensor, k: torch.Tensor, dtype: torch.dtype, head_dim: int) -> bool:
     return (dtype is torch.bfloat16 and q.device.type == "cpu" and k.shape[1] >= SLICE_MIN_KEYS
-            and not torch.is_grad_enabled())
+            and head_dim != FLASH_HEAD_WIDTH and not torch.is_grad_enabled())
 
 
 def sliced_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from diffusion import attention
-from diffusion.attention import SLICE_MIN_KEYS, multihead_attention, sliced_attention
+from diffusion.attention import FLASH_HEAD_WIDTH, SLICE_MIN_KEYS, multihead_attention, sliced_attention
 from diffusion.unet import GEGLU, CrossAttention, set_attention_dtype
 
 
@@ -38,6 +38,27 @@ def test_long_bf16_attention_on_the_cpu_takes_the_sliced_path_within_bf16_roundi
     assert len(calls) == 1 and got.dtype == short.dtype == torch.bfloat16  # short keys stay with SDPA
     want = reference(q, k, v, 2)
     assert ((got.double() - want).norm() / want.norm()) < 0.01
+
+
+def test_long_bf16_attention_with_64_wide_heads_stays_with_flash(monkeypatch):
+    """Issue #13: SD2.x's and SDXL's 64-wide heads took the sliced path, 2-6x slower than flash for their shapes."""
+    monkeypatch.setattr(attention, "sliced_attention", lambda *a, **kw: pytest.fail("64-wide heads were sliced"))
+    heads = 2
+    q, k, v = qkv(queries=SLICE_MIN_KEYS, keys=SLICE_MIN_KEYS, inner=heads * FLASH_HEAD_WIDTH)
+    with torch.inference_mode():
+        got = multihead_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), heads=heads)
+    want = reference(q, k, v, heads)
+    assert got.dtype == torch.bfloat16 and ((got.double() - want).norm() / want.norm()) < 0.01
+
+
+def test_the_vaes_one_wide_head_keeps_the_sliced_path(monkeypatch):
+    """Only 64-wide heads changed path: the VAE's single 512-wide head (a multiple of 64) is still sliced."""
+    calls = []
+    monkeypatch.setattr(attention, "sliced_attention", lambda *a, **kw: calls.append(a) or sliced_attention(*a))
+    q, k, v = qkv(queries=SLICE_MIN_KEYS, keys=SLICE_MIN_KEYS, inner=8 * FLASH_HEAD_WIDTH, batch=1)
+    with torch.inference_mode():
+        multihead_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), heads=1)
+    assert len(calls) == 1
 
 
 def test_compute_dtype_runs_fp32_inputs_in_bf16_and_returns_fp32(monkeypatch):
