@@ -245,11 +245,9 @@ FULL_SIZE = textwrap.dedent("""
 
 
 @pytest.fixture(scope="module")
-def full_base(tmp_path_factory) -> Path:
-    from diffusion.make_checkpoint import make_checkpoint
-
+def full_base(tmp_path_factory, link_sd15) -> Path:
     base = tmp_path_factory.mktemp("full")
-    make_checkpoint(base / "models" / "checkpoints" / "full.safetensors", preset="sd15", seed=1)
+    link_sd15(base, "full.safetensors")
     return base
 
 
@@ -270,6 +268,7 @@ def full_default(full_base):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("full_size")
 def test_full_size_load_in_the_auto_dtype_peaks_below_1_3x_its_weights(full_default):
     # (packing the convolutions for oneDNN once held every replaced weight until the end: 1.5x; now each is freed
     # as it is replaced)
@@ -279,6 +278,7 @@ def test_full_size_load_in_the_auto_dtype_peaks_below_1_3x_its_weights(full_defa
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("full_size")
 def test_full_size_unet_call_in_the_auto_dtype_is_within_1_percent_of_fp32(full_base, full_default):
     _, got = full_default
     _, want = _full_size(full_base, "fp32")
