@@ -36,7 +36,7 @@ browser:
 # Two xdist workers, one torch thread each; tests sharing a full-size checkpoint, a Ray cluster, the browser or
 # a module's fixture run on one worker (tests/conftest.py, docs/testing.md).
 test: $(VENV)/.installed lint browser
-	$(BIN)/pytest -n 2 --dist loadgroup
+	$(BIN)/pytest -n 2
 
 # ComfyUI's reference images were made in fp32, and --dtype fp32 reproduces them exactly (maximum difference 0).
 # The default precision on CPUs with native bf16 (about 2x faster, within 1% of fp32 per UNet call) also passes

@@ -1,12 +1,14 @@
-"""What every test folder shares: one torch thread per xdist worker, and the full-size SD1.5 checkpoint made once.
+"""What every test folder shares: how `pytest -n 2` (pytest-xdist) spreads the tests, one torch thread per
+worker, and the full-size SD1.5 checkpoint made once.
 
-`make test` runs the suite on two pytest-xdist workers (`-n 2 --dist loadgroup`, docs/testing.md). Two workers
-with two torch threads each would put four busy threads on two cores, and torch's thread pool then spends most
-of its time waiting for a descheduled thread (a tiny-model test ran 9x slower); so each worker, and the
-subprocesses it starts (CLI runs, servers), uses one thread. Tests that share one expensive thing (a full-size
-checkpoint, a Ray cluster, the browser) carry `pytest.mark.xdist_group(...)`, so one worker runs them all:
-"full_size" (one worker makes the file once, and two full-size processes, 4-6 GB of RAM each, never run at
-once), "ray", "browser".
+`make test` runs the suite on two xdist workers (docs/testing.md). Two workers with two torch threads each would
+put four busy threads on two cores, and torch's thread pool then spends most of its time waiting for a
+descheduled thread (a tiny-model picture took 60 s instead of 5 s on a busy machine); so each worker, and the
+subprocesses it starts (CLI runs, servers), uses one thread.
+
+A worker takes a whole test file at a time (a module's fixtures are made once), except for the groups in
+GROUPS, whose tests one worker runs together wherever they are. Those groups, then the other files, are handed
+out in this order, so the longest start first and neither worker is left with a long file at the end.
 """
 
 from __future__ import annotations
@@ -17,6 +19,52 @@ from pathlib import Path
 
 import pytest
 
+# (group, nodeid prefixes): tests that share one expensive thing, or files that take longest; the slowest first.
+GROUPS = (
+    # every test that makes or loads the full-size checkpoint: one worker makes it once, and two full-size
+    # processes (4-6 GB of RAM each) never run at once
+    ("full_size", ("tests/diffusion/test_checkpoint.py::test_sd15_preset",
+                   "tests/diffusion/test_checkpoint.py::test_full_size",
+                   "tests/nodes/test_memory.py::test_full_size",
+                   "tests/nodes/test_sd_nodes.py::test_full_size")),
+    ("ray", ("tests/server/test_ray_",)),  # one local Ray cluster at a time
+    ("browser", ("tests/browser/",)),  # one server and one chromium
+    ("tests/server/test_durability.py", ("tests/server/test_durability.py",)),
+    ("tests/demo_model/test_demo_model.py", ("tests/demo_model/test_demo_model.py",)),
+    ("tests/server/test_faults.py", ("tests/server/test_faults.py",)),
+    ("tests/test_replay.py", ("tests/test_replay.py",)),
+)
+
+
+def group_of(nodeid: str) -> str:
+    """The unit of work a worker takes whole: a group of GROUPS, else the test's file."""
+    return next((name for name, prefixes in GROUPS if nodeid.startswith(prefixes)), nodeid.split("::")[0])
+
+
+def _rank(nodeid: str) -> int:
+    names = [name for name, _ in GROUPS]
+    group = group_of(nodeid)
+    return names.index(group) if group in names else len(names)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """Units of work by group_of, handed out in the order the workers collected them (see below)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return group_of(nodeid)
+
+    config.option.loadscopereorder = False  # keep the collection's order: GROUPS first
+    return GroupScheduling(config, log)
+
+
+def pytest_collection_modifyitems(items):
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # a serial run keeps pytest's own order
+        items.sort(key=lambda item: _rank(item.nodeid))  # stable: files keep their order within a rank
+
+
 def pytest_configure(config):
     if os.environ.get("PYTEST_XDIST_WORKER"):
         os.environ["OMP_NUM_THREADS"] = "1"  # read by torch when it is first imported, here and in subprocesses
@@ -24,21 +72,10 @@ def pytest_configure(config):
             sys.modules["torch"].set_num_threads(1)
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
-def pytest_collection_modifyitems(items):
-    """A test that uses a module-scoped fixture runs on the worker of its module's other such tests (the fixture is
-    made once), unless it names a group of its own."""
-    for item in items:
-        defs = getattr(item, "_fixtureinfo", None)
-        shares = defs and any(d.scope == "module" for fixture in defs.name2fixturedefs.values() for d in fixture)
-        if shares and item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
-
-
 @pytest.fixture(scope="session")
 def sd15_checkpoint(tmp_path_factory) -> Path:
     """The full-size SD1.5 checkpoint with random weights (seed 1, 2.1 GB fp16): the parity kit's reference file,
-    made once per session for every full-size test (mark them `pytest.mark.xdist_group("full_size")`)."""
+    made once per session for every full-size test (list them in GROUPS' full_size)."""
     from diffusion.make_checkpoint import make_checkpoint
 
     return make_checkpoint(tmp_path_factory.mktemp("sd15") / "sd15.safetensors", preset="sd15", seed=1)

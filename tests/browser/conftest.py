@@ -31,7 +31,6 @@ def pytest_collection_modifyitems(items):
         if "tests/browser" in str(item.fspath):
             item.add_marker(pytest.mark.browser)
             item.add_marker(pytest.mark.slow)  # a few minutes: in CI (make test), not in -m "not slow"
-            item.add_marker(pytest.mark.xdist_group("browser"))  # one server and browser for them all
 
 
 @pytest.fixture(scope="module")

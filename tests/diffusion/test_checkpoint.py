@@ -312,7 +312,7 @@ LOAD_AND_RUN = textwrap.dedent("""
 """)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def sd15(sd15_checkpoint) -> Path:
     return sd15_checkpoint  # tests/conftest.py makes it once for every full-size test
 
@@ -333,7 +333,6 @@ def sd15_fp32_run(sd15) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("full_size")
 def test_sd15_preset_is_the_parity_reference_file(sd15):
     import hashlib
 
@@ -345,14 +344,12 @@ def test_sd15_preset_is_the_parity_reference_file(sd15):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("full_size")
 def test_full_size_fp32_load_peak_memory(sd15_fp32_run):
     assert sd15_fp32_run["weight_bytes"] > 4_000_000_000
     assert sd15_fp32_run["peak_rss"] <= 1.3 * sd15_fp32_run["weight_bytes"]
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("full_size")
 def test_full_size_fp16_load_peak_memory(sd15):
     report = load_in_subprocess(sd15, "float16")
     assert report["weight_bytes"] > 2_000_000_000
@@ -360,7 +357,6 @@ def test_full_size_fp16_load_peak_memory(sd15):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("full_size")
 def test_full_size_unet_step_and_decode(sd15_fp32_run):
     assert sd15_fp32_run["eps_shape"] == [1, 4, 8, 8] and sd15_fp32_run["pixels_shape"] == [1, 3, 64, 64]
     assert sd15_fp32_run["finite"]

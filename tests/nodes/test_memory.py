@@ -268,7 +268,6 @@ def full_default(full_base):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("full_size")
 def test_full_size_load_in_the_auto_dtype_peaks_below_1_3x_its_weights(full_default):
     # (packing the convolutions for oneDNN once held every replaced weight until the end: 1.5x; now each is freed
     # as it is replaced)
@@ -278,7 +277,6 @@ def test_full_size_load_in_the_auto_dtype_peaks_below_1_3x_its_weights(full_defa
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("full_size")
 def test_full_size_unet_call_in_the_auto_dtype_is_within_1_percent_of_fp32(full_base, full_default):
     _, got = full_default
     _, want = _full_size(full_base, "fp32")

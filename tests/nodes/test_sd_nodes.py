@@ -192,7 +192,6 @@ def test_vae_loader_replaces_the_checkpoint_vae(tiny_base: Path, tmp_path: Path)
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("full_size")
 def test_full_size_sd15_checkpoint_runs_one_step(tmp_path: Path, link_sd15):
     """A generated checkpoint with the full SD1.5 shapes loads and samples one 64x64 step through the graph."""
     link_sd15(tmp_path, DEFAULT_CHECKPOINT)

@@ -16,7 +16,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-pytestmark = [pytest.mark.ray, pytest.mark.xdist_group("ray")]  # one Ray cluster at a time (tests/conftest.py)
+pytestmark = [pytest.mark.ray]
 
 REPO = Path(__file__).resolve().parents[2]
 SLOW_NODE = '''

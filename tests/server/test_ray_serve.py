@@ -11,7 +11,7 @@ import pytest
 from serverkit import Api, chain, slow
 
 pytest.importorskip("ray")
-pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.xdist_group("ray")]
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 async def _until(api: Api, prompt_id: str, state: str, timeout: float = 60) -> dict:
