@@ -33,8 +33,8 @@ lint: $(VENV)/.installed
 browser:
 	command -v chromium >/dev/null 2>&1 || (apt-get update -q && apt-get install -y -q chromium)
 
-# Two xdist workers, one torch thread each; tests sharing a full-size checkpoint, a Ray cluster, the browser or
-# a module's fixture run on one worker (tests/conftest.py, docs/testing.md).
+# Two pytest-xdist workers with one torch thread each; a worker takes a whole file, or a group of tests sharing
+# the full-size checkpoint, a Ray cluster or the browser (tests/conftest.py, docs/testing.md).
 test: $(VENV)/.installed lint browser
 	$(BIN)/pytest -n 2
 
