@@ -60,7 +60,17 @@ def pytest_xdist_make_scheduler(config, log):
     return GroupScheduling(config, log)
 
 
+def misplaced_full_size(items) -> list[str]:
+    """The tests that use the full-size checkpoint but are not in the full_size group."""
+    return [item.nodeid for item in items
+            if "sd15_checkpoint" in getattr(item, "fixturenames", ()) and group_of(item.nodeid) != "full_size"]
+
+
 def pytest_collection_modifyitems(items):
+    misplaced = misplaced_full_size(items)
+    if misplaced:
+        raise pytest.UsageError(f"{', '.join(misplaced)} use the full-size checkpoint but are not in the full_size "
+                                "group of tests/conftest.py GROUPS: add their node ids there")
     if os.environ.get("PYTEST_XDIST_WORKER"):  # a serial run keeps pytest's own order
         items.sort(key=lambda item: _rank(item.nodeid))  # stable: files keep their order within a rank
 
