@@ -33,8 +33,10 @@ lint: $(VENV)/.installed
 browser:
 	command -v chromium >/dev/null 2>&1 || (apt-get update -q && apt-get install -y -q chromium)
 
+# Two pytest-xdist workers with one torch thread each; a worker takes a whole file, or a group of tests sharing
+# the full-size checkpoint, a Ray cluster or the browser (tests/conftest.py, docs/testing.md).
 test: $(VENV)/.installed lint browser
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2
 
 # ComfyUI's reference images were made in fp32, and --dtype fp32 reproduces them exactly (maximum difference 0).
 # The default precision on CPUs with native bf16 (about 2x faster, within 1% of fp32 per UNet call) also passes

@@ -20,11 +20,15 @@ def _history(session) -> dict:
     return session.page.request.get(session.server.url + "/history").json()
 
 
-def run_and_wait(session, *, press: bool = True) -> tuple[str, dict]:
+def run_and_wait(session) -> tuple[str, dict]:
     """Press Run and wait until the prompt it queued has finished; its id and history entry."""
     before = set(_history(session))
-    if press:
-        session.page.locator(RUN).click()
+    session.page.locator(RUN).click()
+    return wait_for_new_entry(session, before)
+
+
+def wait_for_new_entry(session, before: set[str]) -> tuple[str, dict]:
+    """The first history entry not in `before` (id, entry), once there is one."""
     deadline = time.monotonic() + RUN_TIMEOUT
     while time.monotonic() < deadline:
         new = {k: v for k, v in _history(session).items() if k not in before}
@@ -78,12 +82,13 @@ def test_a_running_prompt_shows_live_previews_and_is_cancelled(session):
     session.set_widget("KSampler", "steps", 5000)
     session.set_widget("KSampler", "seed", 7)
     try:
+        before = set(_history(session))  # taken before Run: the cancelled prompt may be in history at once
         session.page.locator(RUN).click()
         session.page.wait_for_function("() => window.previewsSeen > 0", timeout=RUN_TIMEOUT * 1000)
         session.page.wait_for_timeout(500)
         session.shot("05-running-with-a-live-preview")
         session.page.get_by_role("button", name="Cancel current run").click()
-        _pid, entry = run_and_wait(session, press=False)
+        _pid, entry = wait_for_new_entry(session, before)
         assert any(m[0] == "execution_interrupted" for m in entry["status"]["messages"])
         session.shot("06-cancelled")
     finally:  # never leave a 5000-step prompt in front of the next test's

@@ -5,9 +5,9 @@ import torch
 
 
 @pytest.fixture(autouse=True)
-def _two_threads():
-    """Training tests run with two threads whatever the session set, and restore it."""
+def _restore_threads():
+    """`train-demo`'s CLI sets torch's thread count (default 2): each test gives the session back its own (one per
+    xdist worker, tests/conftest.py)."""
     before = torch.get_num_threads()
-    torch.set_num_threads(2)
     yield
     torch.set_num_threads(before)

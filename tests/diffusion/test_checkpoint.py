@@ -313,8 +313,8 @@ LOAD_AND_RUN = textwrap.dedent("""
 
 
 @pytest.fixture(scope="module")
-def sd15(tmp_path_factory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("sd15") / "sd15.safetensors", preset="sd15", seed=1)
+def sd15(sd15_checkpoint) -> Path:
+    return sd15_checkpoint  # tests/conftest.py makes it once for every full-size test
 
 
 def load_in_subprocess(path: Path, dtype: str) -> dict:

@@ -22,7 +22,8 @@ FAMILY_CHECKPOINTS = {
     "v2-1_768-ema-pruned.safetensors": "sd21v-tiny",
     "sd-v1-5-inpainting.safetensors": "sd15-inpaint-tiny",
 }
-TINY_SIDE = 128  # the family graphs' sizes are for the real models; their tiny stand-ins run at this size
+TINY_SIDE = 64  # the family graphs' sizes are for the real models; their tiny stand-ins run at this size
+TEST_STEPS = 3  # what these tests check (the wiring runs, the file is written) does not need the graphs' 20 steps
 
 
 @pytest.fixture(scope="module")
@@ -84,9 +85,31 @@ def for_tiny_checkpoints(api: dict) -> dict:
     return api
 
 
+def with_few_steps(api: dict) -> dict:
+    """The graph with at most TEST_STEPS sampling steps per sampler; a KSamplerAdvanced's start and end steps are
+    scaled with its steps, so a base/refiner split stays a split."""
+    for node in api.values():
+        inputs = node["inputs"]
+        steps = inputs.get("steps")
+        if node["class_type"] not in ("KSampler", "KSamplerAdvanced") or steps <= TEST_STEPS:
+            continue
+        inputs["steps"] = TEST_STEPS
+        for name in ("start_at_step", "end_at_step"):
+            if name in inputs and inputs[name] < steps:
+                inputs[name] = round(inputs[name] * TEST_STEPS / steps)
+    return api
+
+
+def test_few_steps_keeps_a_base_refiner_split():
+    api = with_few_steps(json.loads((ROOT / "graphs" / "sdxl_base_refiner.json").read_text()))
+    base, refiner = api["10"]["inputs"], api["11"]["inputs"]
+    assert (base["steps"], base["start_at_step"], base["end_at_step"]) == (3, 0, 2)
+    assert (refiner["steps"], refiner["start_at_step"], refiner["end_at_step"]) == (3, 2, 10000)
+
+
 @pytest.mark.parametrize("path", GRAPHS, ids=lambda p: p.stem)
 def test_graph_runs_and_saves_png(path: Path, demo_base: Path):
-    api = for_tiny_checkpoints(json.loads(path.read_text()))
+    api = with_few_steps(for_tiny_checkpoints(json.loads(path.read_text())))
     report, runtime = run_api(api, demo_base)
     images = [item for ui in report.ui.values() for item in ui.get("images", [])]
     assert len(images) == 1
@@ -99,7 +122,7 @@ def test_graph_runs_and_saves_png(path: Path, demo_base: Path):
 
 def test_inpaint_graph_keeps_unmasked_latents(demo_base: Path):
     """Through the graph: outside the mask the sampled latent equals the encoded input exactly."""
-    api = json.loads((ROOT / "graphs" / "inpaint.json").read_text())
+    api = with_few_steps(json.loads((ROOT / "graphs" / "inpaint.json").read_text()))
     report, _ = run_api(api, demo_base)
     assert report.ok
     from engine import Executor, validate

@@ -245,11 +245,9 @@ FULL_SIZE = textwrap.dedent("""
 
 
 @pytest.fixture(scope="module")
-def full_base(tmp_path_factory) -> Path:
-    from diffusion.make_checkpoint import make_checkpoint
-
+def full_base(tmp_path_factory, link_sd15) -> Path:
     base = tmp_path_factory.mktemp("full")
-    make_checkpoint(base / "models" / "checkpoints" / "full.safetensors", preset="sd15", seed=1)
+    link_sd15(base, "full.safetensors")
     return base
 
 

@@ -192,11 +192,9 @@ def test_vae_loader_replaces_the_checkpoint_vae(tiny_base: Path, tmp_path: Path)
 
 
 @pytest.mark.slow
-def test_full_size_sd15_checkpoint_runs_one_step(tmp_path: Path):
+def test_full_size_sd15_checkpoint_runs_one_step(tmp_path: Path, link_sd15):
     """A generated checkpoint with the full SD1.5 shapes loads and samples one 64x64 step through the graph."""
-    from diffusion.make_checkpoint import make_checkpoint
-
-    make_checkpoint(tmp_path / "models" / "checkpoints" / DEFAULT_CHECKPOINT, preset="sd15", seed=0)
+    link_sd15(tmp_path, DEFAULT_CHECKPOINT)
     report, runtime = run_api(txt2img(steps=1), tmp_path)
     (item,) = report.ui["7"]["images"]
     assert (runtime.folders.root("temp") / item["subfolder"] / item["filename"]).is_file()
