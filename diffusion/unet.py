@@ -43,44 +43,24 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
     return F.pad(embedding, (0, dim % 2))
 
 
-def add_into(fresh: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    """`other + fresh`, written into `fresh` (a result no one else holds) where that gives the same tensor: the
-    sum's dtype and shape, and its memory layout (an `other` of fresh's shape must have fresh's strides: the sum
-    takes `other`'s layout otherwise, and the layers after it would round differently), no autograd. It saves
-    allocating and page-faulting one activation per add; the values are bit for bit the same (IEEE addition
-    commutes)."""
-    if (torch.is_grad_enabled() or fresh.dtype != torch.result_type(fresh, other)
-            or fresh.shape != torch.broadcast_shapes(fresh.shape, other.shape)
-            or (other.shape == fresh.shape and other.stride() != fresh.stride())):
-        return other + fresh
-    return fresh.add_(other)
-
-
-class FreshSiLU(nn.SiLU):
-    """SiLU that overwrites its input, which must be a fresh result (a norm's output), unless autograd records."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.silu(x, inplace=not torch.is_grad_enabled())
-
-
 class ResBlock(nn.Module):
     def __init__(self, channels: int, embed_dim: int, out_channels: int):
         super().__init__()
         self.in_layers = nn.Sequential(
-            nn.GroupNorm(GROUPS, channels), FreshSiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+            nn.GroupNorm(GROUPS, channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
         )
-        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(embed_dim, out_channels))  # emb is shared: not in place
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(embed_dim, out_channels))
         self.out_layers = nn.Sequential(
             nn.GroupNorm(GROUPS, out_channels),
-            FreshSiLU(),
+            nn.SiLU(),
             nn.Identity(),  # where LDM keeps its dropout, a no-op at inference
             nn.Conv2d(out_channels, out_channels, 3, padding=1),
         )
         self.skip_connection = nn.Identity() if channels == out_channels else nn.Conv2d(channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = add_into(self.in_layers(x), self.emb_layers(emb)[:, :, None, None])
-        return add_into(self.out_layers(h), self.skip_connection(x))
+        h = self.in_layers(x) + self.emb_layers(emb)[:, :, None, None]
+        return self.skip_connection(x) + self.out_layers(h)
 
 
 class CrossAttention(nn.Module):
@@ -111,8 +91,7 @@ class GEGLU(nn.Module):
         hidden = self.proj.out_features // 2
         weight, bias = self.proj.weight, self.proj.bias
         gate = F.gelu(F.linear(x, weight[hidden:], bias[hidden:]))
-        value = F.linear(x, weight[:hidden], bias[:hidden])
-        return value * gate if torch.is_grad_enabled() else value.mul_(gate)
+        return F.linear(x, weight[:hidden], bias[:hidden]) * gate
 
 
 class FeedForward(nn.Module):
@@ -140,9 +119,9 @@ class BasicTransformerBlock(nn.Module):
         # The residual stream keeps x's dtype (fp32 where the loader kept the surrounding layers in fp32: see
         # precision_sensitive_prefixes); each sublayer computes in its weights' dtype.
         dtype = self.norm1.weight.dtype
-        x = add_into(self.attn1(self.norm1(x.to(dtype))), x)
-        x = add_into(self.attn2(self.norm2(x.to(dtype)), context.to(dtype)), x)
-        return add_into(self.ff(self.norm3(x.to(dtype))), x)
+        x = x + self.attn1(self.norm1(x.to(dtype)))
+        x = x + self.attn2(self.norm2(x.to(dtype)), context.to(dtype))
+        return x + self.ff(self.norm3(x.to(dtype)))
 
 
 class SpatialTransformer(nn.Module):
@@ -174,7 +153,7 @@ class SpatialTransformer(nn.Module):
         h = h.transpose(1, 2).reshape(batch, -1, height, width)
         if not self.linear_projection:
             h = self.proj_out(h)
-        return add_into(h, x)
+        return x + h
 
 
 class Downsample(nn.Module):
@@ -298,7 +277,7 @@ class UNetModel(nn.Module):
                 self.output_blocks.append(UNetBlock(layers))
 
         self.out = nn.Sequential(
-            nn.GroupNorm(GROUPS, ch), FreshSiLU(), nn.Conv2d(c.model_channels, c.out_channels, 3, padding=1)
+            nn.GroupNorm(GROUPS, ch), nn.SiLU(), nn.Conv2d(c.model_channels, c.out_channels, 3, padding=1)
         )
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,

@@ -9,16 +9,8 @@ from diffusers.models.embeddings import get_timestep_embedding
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import diffusion.unet as unet_module
 from diffusion.make_checkpoint import PRESETS, random_weights
-from diffusion.unet import (
-    UNetConfig,
-    UNetModel,
-    add_into,
-    build_unet,
-    timestep_embedding,
-    unet_config_from_state_dict,
-)
+from diffusion.unet import UNetConfig, UNetModel, build_unet, timestep_embedding, unet_config_from_state_dict
 
 PREFIX = "model.diffusion_model."
 TINY = PRESETS["tiny"].unet
@@ -282,43 +274,3 @@ def test_sdxl_precision_sensitive_prefixes_skip_level_0_transformers():
     assert kept == ("output_blocks.6.0.", "output_blocks.7.0.", "output_blocks.8.0.", "out.")
     keys = meta_state_dict(SDXL_UNET)
     assert all(any(k.startswith(p) for k in keys) for p in kept)
-
-
-def test_add_into_reuses_the_fresh_result_only_where_the_sum_is_the_same_tensor():
-    """Issue #17 (memory traffic between blocks): residual adds write into the fresh sublayer result, but never
-    where the out-of-place sum would differ in dtype, shape or memory layout, nor under autograd."""
-    g = torch.Generator().manual_seed(0)
-    fresh = torch.randn(2, 8, 4, 4, generator=g).contiguous(memory_format=torch.channels_last)
-    same_layout = torch.randn(2, 8, 4, 4, generator=g).contiguous(memory_format=torch.channels_last)
-    want = same_layout + fresh
-    with torch.inference_mode():
-        got = add_into(fresh.clone(), same_layout)
-        assert torch.equal(got, want)
-        kept = fresh.clone()
-        assert add_into(kept, torch.ones(2, 8, 1, 1)).data_ptr() == kept.data_ptr()  # broadcast: in place
-        other_layout = same_layout.contiguous()
-        summed = add_into(fresh.clone(), other_layout)
-        assert summed.stride() == (other_layout + fresh).stride() and torch.equal(summed, want)
-        wider = add_into(fresh.to(torch.bfloat16), same_layout)  # bf16 + fp32 is fp32: not in place
-        assert wider.dtype == torch.float32
-    leaf = fresh.clone().requires_grad_(True)
-    with torch.enable_grad():
-        add_into(leaf * 1, same_layout).sum().backward()  # autograd: out of place, gradients work
-    assert torch.equal(leaf.grad, torch.ones_like(leaf))
-
-
-@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
-def test_in_place_adds_and_silu_give_the_out_of_place_network_bit_for_bit(memory_format, monkeypatch):
-    """fp32 must stay bit-identical to the out-of-place network (the parity kits) whatever the input layout:
-    a contiguous input gives the transformers a transposed residual stream, whose sum takes its layout."""
-    model = build_unet(strip(random_unet_weights(SMALL_SD15_LIKE))).to(memory_format=memory_format)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 4, 8, 8, generator=g).contiguous(memory_format=memory_format)
-    context = torch.randn(2, 77, SMALL_SD15_LIKE.context_dim, generator=g)
-    with torch.inference_mode():
-        got = model(x, torch.tensor([500.0, 20.0]), context)
-    monkeypatch.setattr(unet_module, "add_into", lambda fresh, other: other + fresh)
-    monkeypatch.setattr(unet_module.FreshSiLU, "forward", lambda self, h: torch.nn.functional.silu(h))
-    with torch.inference_mode():
-        want = model(x, torch.tensor([500.0, 20.0]), context)
-    assert torch.equal(got, want)
