@@ -35,6 +35,7 @@ PROMPT, NEGATIVE = "a photograph of an astronaut riding a horse", "blurry, low q
 F32, BF16 = torch.float32, torch.bfloat16
 DEFAULT = Precision(BF16, F32, BF16, unet_output_fp32=True)  # the default on CPUs with native bf16
 ALL_BF16 = Precision(BF16, BF16, BF16, unet_output_fp32=False)  # --dtype bf16
+BF16_UNET = Precision(BF16, F32, BF16, unet_output_fp32=False)  # the default without the fp32 last-level layers
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -146,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
                     ROOT / "models/checkpoints/sdgraph-demo.safetensors") if p.exists()]
     for path in paths:
         print(f"== {path.name}")
-        for name, precision in (("default (bf16, sensitive last-level layers fp32)", DEFAULT), ("all bf16", ALL_BF16)):
+        for name, precision in (("default (bf16, sensitive last-level layers fp32)", DEFAULT),
+                                ("all bf16", ALL_BF16)):
             errors = ", ".join(f"{size} px {unet_error(path, size, precision):.4%}" for size in args.unet_sizes)
             print(f"UNet call, {name} vs fp32, relative error: {errors}", flush=True)
         print(f"text encoder context, bf16 vs fp32, relative error: {text_error(path):.4%}", flush=True)
@@ -160,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         wants = [txt2img(path, Precision(F32, F32, F32), args.size, args.steps, p, s)[0] for p, s in cases]
         for name, precision in (("default (bf16 UNet with fp32 sensitive layers, fp32 text, bf16 VAE)", DEFAULT),
                                 ("all bf16 (--dtype bf16)", ALL_BF16),
+                                ("bf16 UNet without fp32 layers, fp32 text, bf16 VAE", BF16_UNET),
                                 ("default with a bf16 text encoder", Precision(BF16, BF16, BF16, True)),
                                 ("default with an fp32 VAE", Precision(BF16, F32, F32, True))):
             values = [psnr(txt2img(path, precision, args.size, args.steps, p, s)[0], want)

@@ -21,7 +21,11 @@ generates that file (`sdgraph make-checkpoint --preset sd15 --seed 1`) into ~/.c
 which the estimates in diffusion/components.py are derived from. Peak RSS is the whole process's (load, then
 txt2img at each size); with `--unload` sdgraph runs as `sdgraph run --unload` does (each model dropped after its
 last use in the graph) and its peak RSS is the graph's alone, after the timed load has been unloaded.
-The last lines compare with issue #5's targets: <= 1.5 s per 512x512 step and >= 4.5x diffusers fp32.
+
+The closing lines check issue #17's targets against the CPU's floor, measured in the same run: the `torch.mm` bf16
+peak (4096² matrices, best of a few), the FLOPs of one step counted from the UNet's shapes (FlopCounterMode on a
+meta-device network: convolutions, linear layers and attention products), the floor = FLOPs / peak, and PASS/MISS
+for default <= 1.15x the floor, >= 3x sdgraph fp32 and >= 1.8x diffusers bf16 + channels_last, per size.
 The default's peak RSS is compared with issue #17's 3.0 GB (PASS/MISS).
 """
 
@@ -44,7 +48,8 @@ from bench.common import PeakMeter, proc_status  # noqa: E402
 from demo_model.evaluate import txt2img_graph  # noqa: E402
 
 CONFIGS = ("sdgraph-fp32", "sdgraph-default", "diffusers-fp32", "diffusers-bf16")
-TARGET_STEP_S, TARGET_VS_DIFFUSERS_FP32 = 1.5, 4.5  # issue #5, at 512x512 in the default dtype
+FLOOR = "floor"  # the worker that measures the torch.mm peak and counts a step's FLOPs
+MAX_OVER_FLOOR, MIN_VS_FP32, MIN_VS_DIFFUSERS_BF16 = 1.15, 3.0, 1.8  # issue #17, default precision
 TARGET_PEAK_RSS = 3.0e9  # issue #17: a whole 512x512 txt2img in the default mode
 SAMPLER, DECODE = "3", "8"  # node ids in txt2img_graph
 PROMPT, NEGATIVE, CFG, SEED = "a photograph of an astronaut riding a horse", "blurry, low quality", 7.0, 42
@@ -224,6 +229,48 @@ def run_diffusers(checkpoint: Path, dtype_name: str, sizes: list[int], steps: in
     return result
 
 
+# --- the floor: torch.mm peak and a step's FLOPs ---------------------------------------------------------------
+
+def mm_peak(dtype_name: str = "bf16", n: int = 4096, repeats: int = 5) -> float:
+    """FLOP/s of the fastest of `repeats` torch.mm of two n x n matrices (after a warm-up product)."""
+    import torch
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    torch.mm(a, b)
+    fastest = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        fastest = min(fastest, time.perf_counter() - start)
+    return 2 * n**3 / fastest
+
+
+def step_flops(size: int, config=None, batch: int = 2) -> dict[str, float]:
+    """FLOPs of one UNet call on `batch` latents of a size x size image, by operator kind, counted from the
+    network's shapes (a meta-device UNet: nothing is computed or allocated). Attention is counted as its two
+    products (`aten.bmm`, as the SDPA it runs through on the meta device decomposes)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from diffusion.unet import UNetConfig, UNetModel
+
+    config = config or UNetConfig()  # SD1.5's
+    with torch.device("meta"):
+        unet = UNetModel(config)
+        x = torch.empty(batch, config.in_channels, size // 8, size // 8)
+        context = torch.empty(batch, 77, config.context_dim)
+        timesteps = torch.full((batch,), 500.0)
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        unet(x, timesteps, context)
+    return {str(op).removeprefix("aten."): float(n) for op, n in counter.get_flop_counts()["Global"].items()}
+
+
+def run_floor(sizes: list[int]) -> dict:
+    return {"mm_bf16": mm_peak("bf16"), "mm_fp32": mm_peak("fp32"),
+            **{str(s): {"flops": step_flops(s)} for s in sizes}}
+
+
 # --- driver -----------------------------------------------------------------------------------------------------------
 
 def worker(args: argparse.Namespace) -> None:
@@ -231,7 +278,9 @@ def worker(args: argparse.Namespace) -> None:
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
-    if config.startswith("sdgraph"):
+    if config == FLOOR:
+        out = run_floor(args.sizes)
+    elif config.startswith("sdgraph"):
         dtype = "fp32" if config.endswith("fp32") else None
         out = run_sdgraph(Path(args.checkpoint), dtype, args.sizes, args.steps, args.calibrate, args.unload)
     else:
@@ -276,9 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint = Path(args.checkpoint) if args.checkpoint else default_checkpoint()
     print(f"checkpoint {checkpoint} ({checkpoint.stat().st_size / 1e9:.2f} GB), {args.steps} steps, CFG {CFG}, "
           f"{os.cpu_count()} CPUs, torch threads {args.threads or 'default'}, {args.rounds} round(s)", flush=True)
-    rounds: dict[str, list[dict]] = {config: [] for config in args.configs}
+    rounds: dict[str, list[dict]] = {config: [] for config in (FLOOR, *args.configs)}
     for round_ in range(args.rounds):
-        for config in args.configs:
+        for config in rounds:
             before = load_average()
             command = [sys.executable, __file__, "--worker", config, "--checkpoint", str(checkpoint), "--steps",
                        str(args.steps), "--sizes", *map(str, args.sizes), *(["--calibrate"] if args.calibrate else []),
@@ -292,10 +341,18 @@ def main(argv: list[str] | None = None) -> int:
             result = json.loads(line[len("RESULT "):])
             result["load_average"] = f"{before} -> {load_average()}"
             rounds[config].append(result)
-            steps = ", ".join(f"{s}²: {result[str(s)]['step_s']:.2f} s" for s in args.sizes)
+            if config == FLOOR:
+                steps = f"torch.mm bf16 {result['mm_bf16'] / 1e9:.0f} GFLOP/s, fp32 {result['mm_fp32'] / 1e9:.0f}"
+            else:
+                steps = ", ".join(f"{s}²: {result[str(s)]['step_s']:.2f} s" for s in args.sizes)
             print(f"round {round_ + 1} {config:16s} {steps} (load average {result['load_average']})", flush=True)
+    floors = rounds.pop(FLOOR)
     results = {config: best(runs, args.sizes) for config, runs in rounds.items() if runs}
     print(table(results, args.sizes))
+    if floors:
+        floor = max(floors, key=lambda r: r["mm_bf16"])  # the peak: interference only ever lowers it
+        print("\n".join(floor_lines(floor, results, args.sizes)))
+        results[FLOOR] = floor
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0
@@ -336,23 +393,44 @@ def table(results: dict[str, dict], sizes: list[int]) -> str:
                 parts += [f"decode {s}² x{b[str(s)]['decode_s'] / a[str(s)]['decode_s']:.2f}" for s in sizes]
                 parts += [f"load x{b['load_s'] / a['load_s']:.2f}", f"peak RSS x{b['peak_rss'] / a['peak_rss']:.2f}"]
                 lines.append(f"{ours} vs {theirs} (x>1: sdgraph faster/smaller): " + ", ".join(parts))
-    if "sdgraph-default" in results and "512" in results["sdgraph-default"]:
-        ours = results["sdgraph-default"]["512"]["step_s"]
-        line = f"target (512², default dtype): {ours:.2f} s/step (target <= {TARGET_STEP_S} s)"
-        if "diffusers-fp32" in results:
-            ratio = results["diffusers-fp32"]["512"]["step_s"] / ours
-            line += f", x{ratio:.2f} diffusers fp32 (target >= x{TARGET_VS_DIFFUSERS_FP32})"
-        lines.append(line)
     if "sdgraph-default" in results:
         peak = results["sdgraph-default"]["peak_rss"]
         lines.append(f"target (peak RSS, default mode): {peak / 1e9:.2f} GB (target <= {TARGET_PEAK_RSS / 1e9:.1f} GB) "
-                     f"{'PASS' if peak <= TARGET_PEAK_RSS else 'MISS'}")
+                     f"{verdict(peak <= TARGET_PEAK_RSS)}")
         extra = results["sdgraph-default"]
         if "256" in extra and "working_unet" in extra["256"]:
             for s in sizes:
                 lines.append(f"working memory {s}²: UNet call {extra[str(s)]['working_unet'] / 2**20:.0f} MB, "
                              f"decode {extra[str(s)]['working_decode'] / 2**20:.0f} MB")
     return "\n".join(lines)
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+def floor_lines(floor: dict, results: dict[str, dict], sizes: list[int]) -> list[str]:
+    """Issue #17's targets for the default precision, per size, against the floor and peers of this run."""
+    peak = floor["mm_bf16"]
+    lines = [f"torch.mm peak (4096², both cores): bf16 {peak / 1e9:.0f} GFLOP/s, fp32 {floor['mm_fp32'] / 1e9:.0f}"]
+    for s in map(str, sizes):
+        flops = floor[s]["flops"]
+        total = sum(flops.values())
+        kinds = ", ".join(f"{op} {n / 1e12:.3f}" for op, n in sorted(flops.items()))
+        lines.append(f"{s}² step (UNet on a batch of 2): {total / 1e12:.3f} TFLOP ({kinds}); bf16 floor "
+                     f"{total / peak:.2f} s")
+        ours = results.get("sdgraph-default", {}).get(s)
+        if ours is None:
+            continue
+        over = ours["step_s"] / (total / peak)
+        parts = [f"default {ours['step_s']:.2f} s = x{over:.2f} the floor (<= x{MAX_OVER_FLOOR}: "
+                 f"{verdict(over <= MAX_OVER_FLOOR)})"]
+        for peer, target in (("sdgraph-fp32", MIN_VS_FP32), ("diffusers-bf16", MIN_VS_DIFFUSERS_BF16)):
+            if peer in results:
+                ratio = results[peer][s]["step_s"] / ours["step_s"]
+                parts.append(f"x{ratio:.2f} {peer} (>= x{target}: {verdict(ratio >= target)})")
+        lines.append(f"  target {s}²: " + ", ".join(parts))
+    return lines
 
 
 if __name__ == "__main__":
