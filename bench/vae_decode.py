@@ -19,6 +19,7 @@ tensors are read (about 160 MB per copy in bf16), so the SDXL file does not have
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import sys
 import time
@@ -101,7 +102,7 @@ def block_times(vae: torch.nn.Module, z: torch.Tensor) -> dict[str, float]:
     starts, spent = {}, defaultdict(float)
     names = ["post_quant_conv", "decoder.conv_in", "decoder.mid.block_1", "decoder.mid.attn_1",
              "decoder.mid.block_2", "decoder.norm_out", "decoder.conv_out"]
-    names += [n for n, _ in vae.named_modules() if n.count(".") == 3 and n.startswith("decoder.up.")]
+    names += [n for n, _ in vae.named_modules() if re.fullmatch(r"decoder\.up\.\d+\.(block\.\d+|upsample)", n)]
     hooks = []
     for name in names:
         module = vae.get_submodule(name)
