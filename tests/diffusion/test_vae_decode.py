@@ -101,7 +101,8 @@ def test_fold_upsamples_is_idempotent():
     first = [level.upsample.conv.weight for level in model.decoder.up if hasattr(level, "upsample")]
     fold_upsamples(model)
     again = [level.upsample.conv.weight for level in model.decoder.up if hasattr(level, "upsample")]
-    assert len(again) == len(first) == len(TINY.channel_mult) - 1 and all(a is b for a, b in zip(again, first, strict=True))
+    assert len(again) == len(first) == len(TINY.channel_mult) - 1
+    assert all(a is b for a, b in zip(again, first, strict=True))
 
 
 def test_checkpoint_loader_folds_a_bf16_vae(tmp_path):
