@@ -44,7 +44,7 @@ from diffusion.text_encoder import (
 )
 from diffusion.text_parts import text_parts
 from diffusion.unet import UNetConfig, UNetModel, unet_config_from_state_dict
-from diffusion.vae import AutoencoderKL, VAEConfig, vae_config_from_state_dict
+from diffusion.vae import AutoencoderKL, VAEConfig, vae_config_from_state_dict, vae_holding
 from diffusion.weights import module_holding
 
 UNET_PREFIX = "model.diffusion_model."
@@ -149,10 +149,12 @@ def load_vae(
 
 
 PARTS = ("unet", "text_encoder", "vae")
-_MODULES = {"unet": UNetModel, "vae": AutoencoderKL}  # built from the layout's config (heads are not in shapes)
+_MODULES = {"unet": UNetModel}  # built from the layout's config (heads are not in shapes)
 
 
 def _builder(part: str, config: Any) -> Callable:
+    if part == "vae":  # its own builder: in 16-bit dtypes it folds the decoder's upsampling (diffusion/vae.py)
+        return lambda tensors: vae_holding(config, tensors)
     if part in _MODULES:
         return lambda tensors: module_holding(lambda: _MODULES[part](config), tensors)
     return build_text_encoder
