@@ -30,7 +30,7 @@ from .device import Precision, safe_vae_dtype
 from .families import FAMILIES, Family
 from .tokenizer import ClipTokenizer
 from .unet import UNetConfig, precision_sensitive_prefixes, set_attention_dtype
-from .vae import VAEConfig
+from .vae import VAEConfig, folded_extra_elements
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,16 @@ def _vae_factor(dtype: torch.dtype) -> float:
     return 1.0 if torch.empty(0, dtype=dtype).element_size() >= 4 else TWO_BYTE_FACTOR
 
 
+def _weight_bytes(layout: PartLayout, dtype: torch.dtype, overrides: dict[str, torch.dtype]) -> int:
+    """What the loaded part holds: the file's tensors in `dtype`, plus what folding a 16-bit VAE's upsampling
+    layers adds (`diffusion.vae.vae_holding`)."""
+    size = torch.empty(0, dtype=dtype).element_size()
+    if layout.part != "vae" or size >= 4:
+        return layout.weight_bytes(dtype, overrides)
+    elements = {key: layout.float_elements.get(file_key, 0) for key, file_key in layout.keys.items()}
+    return layout.weight_bytes(dtype, overrides) + folded_extra_elements(elements) * size
+
+
 def part_handle(layout: PartLayout, *, dtype: torch.dtype, device: torch.device, label: str, streamable: bool,
                 overrides: dict[str, torch.dtype] | None = None) -> ModelHandle:
     """A handle whose identity is the part's file (path, size, mtime), the part, its dtype(s) and device."""
@@ -70,7 +80,7 @@ def part_handle(layout: PartLayout, *, dtype: torch.dtype, device: torch.device,
         origin=f"{layout.file.path}#{layout.part}",
         version=(layout.file.size, layout.file.mtime_ns),
         variant=(str(dtype).removeprefix("torch."), str(device), kept),
-        weight_bytes=layout.weight_bytes(dtype, overrides),
+        weight_bytes=_weight_bytes(layout, dtype, overrides),
         device=str(device),
         load=partial(load_part, layout, dtype, channels_last, overrides, str(device)),
         label=f"{label} of {layout.file.path.name}",

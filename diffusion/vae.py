@@ -254,6 +254,16 @@ def fold_upsamples(model: AutoencoderKL) -> AutoencoderKL:
     return model
 
 
+def folded_extra_elements(elements: Mapping[str, int]) -> int:
+    """How many more elements a folded VAE holds than its file's tensors ({model key: elements}): each decoder
+    upsampling convolution's 3x3 weight [O, I, 3, 3] becomes [4O, I, 2, 2] (16/9 of it) and its bias [O] [4O]."""
+    extra = 0
+    for key, count in elements.items():
+        if key.startswith("decoder.up.") and ".upsample.conv." in key:
+            extra += count * 7 // 9 if key.endswith(".weight") else 3 * count
+    return extra
+
+
 def build_vae(state_dict: Mapping[str, torch.Tensor], fold: bool | None = None) -> AutoencoderKL:
     """An AutoencoderKL holding exactly these tensors (no copy; dtype and device as given), in eval mode; see
     `vae_holding` for `fold`."""

@@ -98,9 +98,10 @@ def test_cuda_attention_goes_to_sdpa_not_the_cpu_sliced_kernel():
     keys = SimpleNamespace(shape=(2, 4096, 320))
     on = {name: SimpleNamespace(device=torch.device(name)) for name in ("cpu", "cuda")}
     with torch.inference_mode():
-        assert attention._use_slices(on["cpu"], keys, torch.bfloat16)
+        assert attention._use_slices(on["cpu"], keys, torch.bfloat16, 40)  # SD1.5's heads
         for dtype in (torch.float16, torch.bfloat16, torch.float32):
-            assert not attention._use_slices(on["cuda"], keys, dtype)
+            for head_dim in (40, 64):
+                assert not attention._use_slices(on["cuda"], keys, dtype, head_dim)
 
 
 def test_vram_planning_streams_a_unet_that_does_not_fit_and_loads_it_whole_when_it_does(fake_cuda, tiny):
