@@ -30,7 +30,7 @@ from .device import Precision, safe_vae_dtype
 from .families import FAMILIES, Family
 from .tokenizer import ClipTokenizer
 from .unet import UNetConfig, precision_sensitive_prefixes, set_attention_dtype
-from .vae import VAEConfig, folded_extra_elements
+from .vae import VAEConfig, folded_extra_elements, folds_upsampling
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +63,10 @@ def _vae_factor(dtype: torch.dtype) -> float:
 def _weight_bytes(layout: PartLayout, dtype: torch.dtype, overrides: dict[str, torch.dtype]) -> int:
     """What the loaded part holds: the file's tensors in `dtype`, plus what folding a 16-bit VAE's upsampling
     layers adds (`diffusion.vae.vae_holding`)."""
-    size = torch.empty(0, dtype=dtype).element_size()
-    if layout.part != "vae" or size >= 4:
+    if layout.part != "vae" or not folds_upsampling(dtype):
         return layout.weight_bytes(dtype, overrides)
     elements = {key: layout.float_elements.get(file_key, 0) for key, file_key in layout.keys.items()}
-    return layout.weight_bytes(dtype, overrides) + folded_extra_elements(elements) * size
+    return layout.weight_bytes(dtype, overrides) + folded_extra_elements(elements) * dtype.itemsize
 
 
 def part_handle(layout: PartLayout, *, dtype: torch.dtype, device: torch.device, label: str, streamable: bool,

@@ -254,6 +254,12 @@ def fold_upsamples(model: AutoencoderKL) -> AutoencoderKL:
     return model
 
 
+def folds_upsampling(dtype: torch.dtype) -> bool:
+    """Whether a VAE loaded in `dtype` gets its upsampling folded (`vae_holding`): 16-bit weights only, so that an
+    fp32 VAE keeps LDM's formulation and ComfyUI's pixels exactly."""
+    return dtype.itemsize < 4
+
+
 def folded_extra_elements(elements: Mapping[str, int]) -> int:
     """How many more elements a folded VAE holds than its file's tensors ({model key: elements}): each decoder
     upsampling convolution's 3x3 weight [O, I, 3, 3] becomes [4O, I, 2, 2] (16/9 of it) and its bias [O] [4O]."""
@@ -278,5 +284,5 @@ def vae_holding(config: VAEConfig, state_dict: Mapping[str, torch.Tensor], fold:
     pixels exactly, summation order included."""
     model = module_holding(lambda: AutoencoderKL(config), state_dict)
     if fold is None:
-        fold = model.decoder.conv_in.weight.dtype != torch.float32
+        fold = folds_upsampling(model.decoder.conv_in.weight.dtype)
     return fold_upsamples(model) if fold else model
