@@ -2,18 +2,14 @@
 
 One pure function, so every network gets the same kernels on whatever device its inputs live on:
 `torch.nn.functional.scaled_dot_product_attention` (fused, flash on CPU and CUDA), except for long bf16
-attention on the CPU at inference. There torch's flash kernel runs at ~165 GFLOP/s on this project's CPUs
-whatever the dtype (it is bound by its own per-block bookkeeping, not by the matrix products), while oneDNN's
-bf16 matrix products reach ~850 GFLOP/s. So `sliced_attention` computes one head and one slice of queries
-at a time with two bf16 matrix products and a softmax: SD1.5's self-attention at 512 px (2 x 8 heads, 4,096
-tokens, head size 40) takes 110 ms instead of 260 ms, with less memory than flash (one 512 x 4,096 score
-block at a time). Its probabilities are rounded to bf16 before the second product: a UNet call moves by
-0.001% of its output more than with flash (bench/precision.py; docs/performance.md).
-
-Heads exactly 64 wide (SD2.x's and SDXL's UNets) stay with flash: for them the slices measured 2-6x slower
-than flash on a busy machine (SDXL's 10 and 20 heads at 1,024-4,096 tokens; one small product per head and
-slice, each waiting for both threads), and flash is the kernel diffusers runs, the peer of issue #13's target.
-With one thread the slices are 1.5x faster (docs/performance.md): re-measure on an idle machine.
+attention on the CPU at inference. There torch's flash kernel runs at 130-195 GFLOP/s whatever the head width
+(it is bound by its own per-block bookkeeping, not by the matrix products), while oneDNN's bf16 matrix products
+run near the CPU's peak. So `sliced_attention` computes one head and one slice of queries at a time with two
+bf16 matrix products and a softmax, into one reused score block: 1.2-1.9x faster than flash for every UNet and
+VAE shape measured on an idle machine (SD1.5's 40- and 80-wide heads, SD2.x's and SDXL's 64-wide heads at
+1,024-9,216 tokens, the VAE's one 512-wide head; docs/performance.md), with less memory (one 512 x keys block
+at a time). Its probabilities are rounded to bf16 before the second product: a UNet call moves by 0.001% of its
+output more than with flash (bench/precision.py).
 """
 
 import torch
@@ -21,7 +17,7 @@ import torch.nn.functional as F
 
 SLICE_MIN_KEYS = 1024  # below this flash is as fast (cross-attention has 77 keys)
 SLICE_QUERIES = 512  # measured best of 256/512/1024/2048 for 4,096 keys on 2 cores (512 x 4,096 bf16 = 4 MB)
-FLASH_HEAD_WIDTH = 64  # UNet heads of this width always take flash (SD2.x, SDXL); the VAE's one 512-wide head is sliced
+PRODUCT_BLOCK = 64  # oneDNN's bf16 products are fastest with an output width that is a multiple of this
 
 
 def multihead_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
@@ -45,23 +41,40 @@ def multihead_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads
 
 def _use_slices(q: torch.Tensor, k: torch.Tensor, dtype: torch.dtype, head_dim: int) -> bool:
     return (dtype is torch.bfloat16 and q.device.type == "cpu" and k.shape[1] >= SLICE_MIN_KEYS
-            and head_dim != FLASH_HEAD_WIDTH and not torch.is_grad_enabled())
+            and not torch.is_grad_enabled())
 
 
 def sliced_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
                      slice_size: int = SLICE_QUERIES) -> torch.Tensor:
-    """The same attention as `multihead_attention`, one head and `slice_size` queries at a time (no autograd)."""
+    """The same attention as `multihead_attention`, one head and `slice_size` queries at a time (no autograd).
+
+    Each head's keys are made contiguous once (not read strided by every slice's product); the scores of a slice
+    live in one block reused for every slice, and the softmax overwrites them. For heads
+    whose width is not a multiple of `PRODUCT_BLOCK` (SD1.5's 40 and 80), the second product is computed
+    transposed, values^T @ weights^T, whose output width is the slice instead of the head: 1.2-1.4x faster for
+    the same sums (the result is the same bit for bit)."""
     batch, n_queries, inner = q.shape
     head_dim = inner // heads
     q = (q * head_dim**-0.5).reshape(batch, n_queries, heads, head_dim)
     k = k.reshape(batch, -1, heads, head_dim)
     v = v.reshape(batch, -1, heads, head_dim)
     out = torch.empty_like(q)
+    scores = q.new_empty(min(slice_size, n_queries), k.shape[1])
+    transposed = head_dim % PRODUCT_BLOCK != 0
+    head_out_t = q.new_empty(head_dim, n_queries) if transposed else None
     for b in range(batch):
         for h in range(heads):
-            keys_t, values = k[b, :, h].t(), v[b, :, h]
+            keys_t = k[b, :, h].t().contiguous()
+            values = v[b, :, h].t().contiguous() if transposed else v[b, :, h]
             for start in range(0, n_queries, slice_size):
                 rows = slice(start, start + slice_size)
-                weights = torch.softmax(torch.mm(q[b, rows, h], keys_t), dim=-1)
-                torch.mm(weights, values, out=out[b, rows, h])
+                block = scores[:min(slice_size, n_queries - start)]
+                torch.mm(q[b, rows, h], keys_t, out=block)
+                torch.softmax(block, dim=-1, out=block)
+                if transposed:
+                    torch.mm(values, block.t(), out=head_out_t[:, rows])
+                else:
+                    torch.mm(block, values, out=out[b, rows, h])
+            if transposed:
+                out[b, :, h] = head_out_t.t()
     return out.reshape(batch, n_queries, inner)
