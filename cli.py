@@ -159,7 +159,9 @@ def _pack_dirs(args: argparse.Namespace, folders) -> list:
     return [folders.base / "custom_nodes", *args.nodes_dir]
 
 
-def _app(args: argparse.Namespace, *, output: str | None = None):
+def _app(args: argparse.Namespace, *, output: str | None = None, single_prompt: bool = False):
+    """Registry and runtime for a command; `single_prompt`: the process runs one prompt and exits, so the model
+    manager keeps no model for a next one (runtime/residency.py)."""
     from nodes import build_registry
     from nodes.folders import Folders
     from nodes.runtime import Runtime
@@ -169,7 +171,7 @@ def _app(args: argparse.Namespace, *, output: str | None = None):
     runtime = Runtime(folders, device=getattr(args, "device", None), dtype=getattr(args, "dtype", None),
                       allow_pickle=getattr(args, "unsafe_load_pickle", False),
                       ram_budget=getattr(args, "ram_budget", None), vram_budget=getattr(args, "vram_budget", None),
-                      unload_after_use=getattr(args, "unload", False))
+                      unload_after_use=getattr(args, "unload", False), single_prompt=single_prompt)
     return registry, runtime
 
 
@@ -229,7 +231,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    registry, runtime = _app(args, output=args.out)
+    registry, runtime = _app(args, output=args.out, single_prompt=not (args.sweep or args.ray))
     api, result = _load(args, registry, runtime)
     if not result.ok:
         _print_errors(result.errors, args.json)
@@ -294,7 +296,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     args.dtype = args.dtype or (None if asked.get("dtype") == "auto" else asked.get("dtype"))
     with tempfile.TemporaryDirectory(prefix="sdgraph-replay-") as temporary:
         # 1. What differs from the image's run already (model files, device, dtypes, node versions).
-        registry, runtime = _app(args, output=args.out or temporary)
+        registry, runtime = _app(args, output=args.out or temporary, single_prompt=True)
         try:
             reasons = replay.likely_reasons(saved, replay.current_manifest(prompt, runtime, registry))
         except ValueError as exc:  # a device that is not there

@@ -33,12 +33,14 @@ class Runtime:
     ram_budget: int | None = None  # bytes models and working memory may take in RAM; None: what is available
     vram_budget: int | None = None  # the same on CUDA devices; None: mem_get_info minus a reserve
     unload_after_use: bool = False  # drop each model once no later node of the run needs it (run --unload)
+    single_prompt: bool = False  # the process runs one prompt and exits: no model is kept for a next one
     memory: DeviceMemory | None = None  # the device accounting (a fake in tests); None: the real devices
     models: ModelManager = field(init=False, repr=False)
     hashes: FileHashes = field(init=False, repr=False)  # model files' sha256, remembered in user/ (the manifest)
 
     def __post_init__(self) -> None:
-        self.models = ModelManager(self.memory, budgets={"cpu": self.ram_budget, "cuda": self.vram_budget})
+        self.models = ModelManager(self.memory, budgets={"cpu": self.ram_budget, "cuda": self.vram_budget},
+                                   next_prompt=not self.single_prompt)
         self.hashes = FileHashes(self.folders.base / "user" / HASHES_FILE)
         self._placement: tuple[Any, Any] | None = None
         self._tokenizer: Any = None

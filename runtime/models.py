@@ -32,7 +32,8 @@ Policies, in the order they apply:
    `run --explain`.
 8. **Residency inside a run.** Before a model is placed in RAM during a run, an idle model that no remaining node
    uses and that is cheap to reload (`cheap_reload`: text encoders) is dropped if keeping it would raise the
-   process's peak footprint; models expensive to reload stay for the next prompt (runtime/residency.py).
+   process's peak footprint; models expensive to reload stay for the next prompt (runtime/residency.py), unless
+   the process runs no next prompt (`next_prompt=False`: `sdgraph run` of one graph).
 9. **Patches.** A handle may carry patches (LoRAs) and the function that applies them. Patches are not part of the
    identity: one copy of the weights is loaded, and when a handle asks for another patch set than the module has,
    the manager calls `handle.patch(module, patches)` before handing the module out (diffusion/lora.py computes
@@ -159,8 +160,9 @@ class ModelManager:
     """Places models for the whole process (one per Runtime). Thread-safe; calls are short except loading."""
 
     def __init__(self, memory: DeviceMemory | None = None, *, budgets: Mapping[str, int | None] | None = None,
-                 reserves: Mapping[str, int] | None = None, offload_device: str = "cpu"):
+                 reserves: Mapping[str, int] | None = None, offload_device: str = "cpu", next_prompt: bool = True):
         self.memory: DeviceMemory = memory if memory is not None else TorchMemory()
+        self.next_prompt = next_prompt  # False: the process runs one prompt and exits (nothing kept for another)
         self.budgets = {_normalise(k): v for k, v in (budgets or {}).items() if v is not None}
         self.reserves = {**DEFAULT_RESERVES, **(reserves or {})}
         self.offload_device = offload_device
@@ -415,7 +417,8 @@ class ModelManager:
         raise the device's peak (runtime/residency.py); the verdict's kept models are noted once placed."""
         idle = [Resident(e, e.handle.name, e.nbytes, e.handle in self._upcoming, e.handle.cheap_reload)
                 for e in self._entries.values() if e.device == device and e.users == 0 and id(e) not in keep]
-        verdict = hold_peak(idle, self.held(device) + need, self._peaks.get(device, 0), who=who)
+        verdict = hold_peak(idle, self.held(device) + need, self._peaks.get(device, 0), who=who,
+                            next_prompt=self.next_prompt)
         for resident, why in verdict.drop:
             self._note(why)
             self._drop(resident.key, release=False)

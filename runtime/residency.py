@@ -13,6 +13,10 @@ the run's look-ahead says which models the nodes still to run will use. The rule
   full-size SD1.5 txt2img this drops the text encoder before the VAE decode: 3.50 -> ~2.9 GB peak RSS.
 - Models that are expensive to reload (a UNet is read and its convolutions repacked for oneDNN) stay resident
   for the next prompt while the budget allows them (the budget itself is enforced by the manager's eviction).
+- Unless there is **no next prompt**: a process that runs one graph and exits (`sdgraph run` without --sweep)
+  has nothing to keep a model for once no remaining node uses it, so expensive models unused later are dropped
+  too (after the cheap ones) rather than raise the peak. A 512² SD1.5 txt2img then decodes without the UNet
+  beside it, as `--unload` does, but only when keeping it would have raised the peak.
 - Only in RAM (the offload device): the peak that matters there is the process's RSS. On an accelerator the
   manager offloads to RAM under the VRAM budget, as before, and a text encoder stays on the GPU if it fits.
 
@@ -47,25 +51,33 @@ class Verdict:
     keep: tuple[tuple[Resident, str], ...]  # (model, why) kept, unused by the rest of the run, raising the peak
 
 
-def hold_peak(idle: Iterable[Resident], footprint: int, peak: int, *, who: str) -> Verdict:
+def hold_peak(idle: Iterable[Resident], footprint: int, peak: int, *, who: str,
+              next_prompt: bool = True) -> Verdict:
     """What to drop so that a request whose footprint (held weights + its own weights and working memory) is
     `footprint` stays under the process's `peak`, and what is kept anyway, each with why (for `--explain`).
-    `who` says what the request is ("UNet of a.safetensors takes 2.1 GB ...")."""
+    `who` says what the request is ("UNet of a.safetensors takes 2.1 GB ..."); `next_prompt` is False when the
+    process runs no other prompt after this one, so nothing is worth keeping for it."""
     idle = list(idle)
     if footprint <= peak:
         return Verdict((), ())
-    spare = sorted((r for r in idle if r.cheap_reload and not r.needed_later and r.nbytes >= WORTH_DROPPING),
-                   key=lambda r: -r.nbytes)
+    unused = [r for r in idle if not r.needed_later and r.nbytes >= WORTH_DROPPING]
+    spare = sorted((r for r in unused if r.cheap_reload), key=lambda r: -r.nbytes)
+    if not next_prompt:
+        spare += sorted((r for r in unused if not r.cheap_reload), key=lambda r: -r.nbytes)
     drop = []
     for resident in spare:
         if footprint <= peak:
             break
+        reason = ("it is cheap to read again from its file" if resident.cheap_reload else
+                  "this process runs no other prompt to keep it for")
         drop.append((resident, (
-            f"dropped {resident.name} ({format_bytes(resident.nbytes)}): no later node of this run uses it, it is "
-            f"cheap to read again from its file, and keeping it while {who} would raise the process's peak to "
+            f"dropped {resident.name} ({format_bytes(resident.nbytes)}): no later node of this run uses it, "
+            f"{reason}, and keeping it while {who} would raise the process's peak to "
             f"{format_bytes(footprint)} (it has needed {format_bytes(peak)} so far)")))
         footprint -= resident.nbytes
-    kept = [r for r in idle if not r.cheap_reload and not r.needed_later] if footprint > peak else []
+    dropped = {id(r) for r, _ in drop}
+    kept = [r for r in idle if not r.cheap_reload and not r.needed_later and id(r) not in dropped] \
+        if footprint > peak else []
     return Verdict(tuple(drop), tuple((r, _kept_because(r, who, footprint)) for r in kept))
 
 

@@ -326,3 +326,19 @@ def test_convert_and_run_accept_a_workflow_with_nested_subgraphs(home):
     assert json.loads(done.stdout) == json.loads((fixtures / "nested.prompt.json").read_text())
     run = sdgraph(home, "run", path)
     assert run.returncode == 0, run.stderr
+
+
+@pytest.mark.parametrize(("extra", "single"), [((), True), (("--sweep", "1.value=1,2"), False)])
+def test_run_of_one_graph_keeps_no_model_for_a_next_prompt(home, monkeypatch, extra, single):
+    """Issue #17 (3 GB by default): `sdgraph run` of one graph runs one prompt and exits, so its model manager
+    drops an idle model no later node uses rather than raise the peak; a sweep runs several and keeps them."""
+    import cli
+    from nodes import runtime as runtime_module
+
+    made = []
+    real = runtime_module.Runtime
+    monkeypatch.setattr(runtime_module, "Runtime", lambda *a, **kw: made.append(real(*a, **kw)) or made[-1])
+    args = cli._parser().parse_args(["run", "--base-dir", str(home), "--nodes-dir", str(home / "packs"),
+                                     "--out", str(home / "out"), _graph(home, GRAPH), *extra])
+    assert args.handler(args) == 0
+    assert [r.models.next_prompt for r in made] == [not single]

@@ -102,3 +102,25 @@ def test_on_a_gpu_the_text_encoder_stays_where_it_fits():
 def test_a_model_too_small_to_matter_is_kept():
     verdict = hold_peak([resident("tiny", 0.01)], footprint=3 * GiB, peak=2 * GiB, who="VAE takes 0.7 GB")
     assert verdict.drop == ()
+
+
+def test_with_no_next_prompt_an_expensive_model_unused_later_goes_after_the_cheap_ones():
+    idle = [resident("clip", 0.5), resident("unet", 1.7, cheap=False), resident("vae", 0.2, later=True)]
+    verdict = hold_peak(idle, footprint=int(3.5 * GiB), peak=2 * GiB, who="VAE takes 0.7 GB", next_prompt=False)
+    assert [r.name for r, _ in verdict.drop] == ["clip", "unet"] and verdict.keep == ()
+    assert "this process runs no other prompt to keep it for" in verdict.drop[1][1]
+    # ...but only while the peak needs it: with room under the peak the UNet stays
+    verdict = hold_peak(idle, footprint=int(2.4 * GiB), peak=2 * GiB, who="VAE takes 0.7 GB", next_prompt=False)
+    assert [r.name for r, _ in verdict.drop] == ["clip"]
+
+
+def test_a_single_prompt_txt2img_decodes_without_the_unet_beside_it():
+    """`sdgraph run` of one graph: the UNet has no next prompt to stay for, so the decode does not add its working
+    memory on top of it (the peak is the sampling's: UNet + its working memory)."""
+    models = ModelManager(FakeMemory(), reserves={"cpu": 0}, next_prompt=False)
+    h = txt2img(models)
+    assert models.where(h["unet"]) is None and models.where(h["vae"]) == "cpu"
+    [dropped] = models.decisions("8")
+    assert dropped.startswith("dropped unet (1.73 GB): no later node of this run uses it, this process runs no "
+                              "other prompt")
+    assert models.held("cpu") == 160 * MiB
