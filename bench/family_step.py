@@ -14,6 +14,9 @@ Each configuration runs in a fresh subprocess (its own peak RSS):
                     UNet call on the CFG batch of 2 per step (random context, pooled text and size ids for SDXL)
 
 A step is one UNet call on the batch of 2; its time is the median of the steps after the first (the warm-up).
+Each round first measures the CPU's floor as bench/sd15_step.py does (the `torch.mm` bf16 peak, and a step's FLOPs
+counted from the family's UNet shapes on the meta device), and the closing lines give each configuration's step
+as a multiple of that floor: the 1.3x target is only reachable where diffusers runs at more than 1.3x the floor.
 
     .venv/bin/python bench/family_step.py --family sdxl [--sizes 1024 512] [--steps 3]
     .venv/bin/python bench/family_step.py --family sd21v [--sizes 768]
@@ -37,9 +40,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import PeakMeter  # noqa: E402
-from bench.sd15_step import StepClock, best, load_average, rss, run_sdgraph  # noqa: E402
+from bench.sd15_step import StepClock, best, load_average, mm_peak, rss, run_sdgraph, step_flops  # noqa: E402
 
 CONFIGS = ("sdgraph-default", "sdgraph-fp32", "diffusers-bf16")
+FLOOR = "floor"  # the worker that measures the torch.mm peak and counts a step's FLOPs
 TARGET_VS_DIFFUSERS_BF16, TARGET_SDXL_PEAK_GB = 1.3, 12.0  # issue #13: >= 1.3x diffusers bf16, < 12 GB at 1024²
 PARITY_FILES = {"sdxl": "sdxl_random_seed1.safetensors", "sd21v": "sd21_768v_random_seed1.safetensors"}
 DEFAULT_SIZES = {"sdxl": [1024, 512], "sd21v": [768]}
@@ -121,7 +125,11 @@ def run_diffusers(checkpoint: Path, family: str, sizes: list[int], steps: int) -
 # --- driver -----------------------------------------------------------------------------------------------------------
 
 def worker(args: argparse.Namespace) -> None:
-    if args.worker.startswith("sdgraph"):
+    if args.worker == FLOOR:
+        from diffusion.make_checkpoint import PRESETS
+        out = {"mm_bf16": mm_peak("bf16"), **{str(s): {"flops": sum(step_flops(s, PRESETS[args.family].unet)
+                                                                           .values())} for s in args.sizes}}
+    elif args.worker.startswith("sdgraph"):
         fp32 = args.worker.endswith("fp32")
         out = run_sdgraph(Path(args.checkpoint), "fp32" if fp32 else None, args.sizes, args.steps, False,
                           unload=fp32)
@@ -176,7 +184,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.family}: {checkpoint} ({checkpoint.stat().st_size / 1e9:.2f} GB), {args.steps} steps, "
           f"{os.cpu_count()} CPUs, {args.rounds} round(s)", flush=True)
     rounds: dict[str, list[dict]] = {config: [] for config in args.configs}
+    floors = []
     for round_ in range(args.rounds):
+        floor = run_config(FLOOR, checkpoint, args)
+        if floor is not None:
+            floors.append(floor)
+            print(f"round {round_ + 1} {FLOOR:16s} torch.mm bf16 {floor['mm_bf16'] / 1e9:.0f} GFLOP/s", flush=True)
         for config in args.configs:
             result = run_config(config, checkpoint, args)
             if result is not None:
@@ -186,6 +199,10 @@ def main(argv: list[str] | None = None) -> int:
                       f"(load average {result['load_average']})", flush=True)
     results = {config: best_of(runs, args.sizes) for config, runs in rounds.items() if runs}
     print(table(results, args.sizes, args.family))
+    if floors:
+        floor = max(floors, key=lambda r: r["mm_bf16"])  # the peak: interference only ever lowers it
+        print("\n".join(floor_lines(floor, results, args.sizes)))
+        results[FLOOR] = floor
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0
@@ -220,6 +237,24 @@ def table(results: dict[str, dict], sizes: list[int], family: str) -> str:
         lines.append(f"SDXL txt2img at 1024² (default precision, models kept loaded): peak RSS {peak:.2f} GB "
                      f"(target < {TARGET_SDXL_PEAK_GB:.0f} GB)")
     return "\n".join(lines)
+
+
+def floor_lines(floor: dict, results: dict[str, dict], sizes: list[int]) -> list[str]:
+    """Each configuration's step as a multiple of the floor (step FLOPs / measured bf16 peak), and what the 1.3x
+    target against diffusers asks for in those terms."""
+    peak = floor["mm_bf16"]
+    lines = [f"torch.mm peak (4096², both cores): bf16 {peak / 1e9:.0f} GFLOP/s"]
+    for s in map(str, sizes):
+        flops = floor[s]["flops"]
+        seconds = flops / peak
+        shares = ", ".join(f"{name} x{r[s]['step_s'] / seconds:.2f}" for name, r in results.items())
+        lines.append(f"{s}² step: {flops / 1e12:.3f} TFLOP, bf16 floor {seconds:.2f} s; steps as multiples of the "
+                     f"floor: {shares}")
+        if "diffusers-bf16" in results:
+            wanted = results["diffusers-bf16"][s]["step_s"] / TARGET_VS_DIFFUSERS_BF16 / seconds
+            lines.append(f"  x{TARGET_VS_DIFFUSERS_BF16} diffusers-bf16 means x{wanted:.2f} the floor"
+                         + (" (below the floor: no implementation can reach it on this CPU)" if wanted < 1 else ""))
+    return lines
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ For each checkpoint (the parity kit's full-size random SD1.5 file, and the bundl
      precision and for the variants that keep the text encoder and/or the VAE in fp32.
 
     .venv/bin/python bench/precision.py [--checkpoint PATH ...] [--size 256] [--steps 8] [--unet-sizes 256 512]
+    .venv/bin/python bench/precision.py --checkpoint models/checkpoints/sdxl_random_seed1.safetensors --unet-only \
+        --unet-sizes 512
     .venv/bin/python bench/precision.py --checkpoint models/checkpoints/sdgraph-demo.safetensors --size 64 \
         --steps 20 --unet-sizes 64 --seeds 1 2 3 --prompt "a small red circle at the top on a blue background" \
         --prompt "a large green star on the left and a small white square on the right on a black background"
@@ -58,6 +60,8 @@ def unet_error(path: Path, size: int, precision: Precision) -> float:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, size // 8, size // 8, generator=g)
     context = torch.randn(2, 77, layout.unet.config.context_dim, generator=g)
+    adm = layout.unet.config.adm_in_channels  # SDXL's label vector (pooled text and size ids)
+    y = torch.randn(2, adm, generator=g) if adm else None
     t = torch.tensor([500.0, 500.0])
     outputs = []
     for variant in (Precision(F32, F32, F32), precision):
@@ -65,7 +69,7 @@ def unet_error(path: Path, size: int, precision: Precision) -> float:
                                         tokenizer=ClipTokenizer())
         unet = model.handle.load("cpu")
         with torch.inference_mode():
-            outputs.append(model.forward_function(unet)(x, t, context))
+            outputs.append(model.forward_function(unet)(x, t, context, None, y))
         del unet
     return relative_error(outputs[1], outputs[0])
 
@@ -139,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--unet-sizes", type=int, nargs="+", default=[256, 512], help="sizes of the UNet-call check")
     parser.add_argument("--skip-txt2img", action="store_true")
+    parser.add_argument("--unet-only", action="store_true", help="only the UNet-call check (any family: SDXL too)")
     parser.add_argument("--prompt", action="append", default=None, help="txt2img prompt (repeatable)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[42])
     args = parser.parse_args(argv)
@@ -151,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
                                 ("all bf16", ALL_BF16)):
             errors = ", ".join(f"{size} px {unet_error(path, size, precision):.4%}" for size in args.unet_sizes)
             print(f"UNet call, {name} vs fp32, relative error: {errors}", flush=True)
+        if args.unet_only:
+            continue
         print(f"text encoder context, bf16 vs fp32, relative error: {text_error(path):.4%}", flush=True)
         latent = sample_latent(path, args.size, args.steps)
         reference = decode(path, latent, F32)

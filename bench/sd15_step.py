@@ -290,8 +290,9 @@ def step_flops(size: int, config=None, batch: int = 2) -> dict[str, float]:
         x = torch.empty(batch, config.in_channels, size // 8, size // 8)
         context = torch.empty(batch, 77, config.context_dim)
         timesteps = torch.full((batch,), 500.0)
+        y = torch.empty(batch, config.adm_in_channels) if config.adm_in_channels else None  # SDXL's label vector
     with FlopCounterMode(display=False) as counter, torch.inference_mode():
-        unet(x, timesteps, context)
+        unet(x, timesteps, context, y=y)
     return {str(op).removeprefix("aten."): float(n) for op, n in counter.get_flop_counts()["Global"].items()}
 
 

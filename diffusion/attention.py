@@ -8,14 +8,16 @@ run near the CPU's peak. So `sliced_attention` computes one head and one slice o
 bf16 matrix products and a softmax, into one reused score block: 1.2-1.9x faster than flash for every UNet and
 VAE shape measured on an idle machine (SD1.5's 40- and 80-wide heads, SD2.x's and SDXL's 64-wide heads at
 1,024-9,216 tokens, the VAE's one 512-wide head; docs/performance.md), with less memory (one 512 x keys block
-at a time). Its probabilities are rounded to bf16 before the second product: a UNet call moves by 0.001% of its
-output more than with flash (bench/precision.py).
+at a time). With few keys (cross-attention's 77 tokens, self-attention at the deepest levels) the scores of all
+heads are small, and `batched_attention` takes them in one batched product: 1.1-1.8x faster than flash. Both
+round the probabilities to bf16 before the second product (bench/precision.py measures a whole UNet call).
 """
 
 import torch
 import torch.nn.functional as F
 
-SLICE_MIN_KEYS = 1024  # below this flash is as fast (cross-attention has 77 keys)
+SLICE_MIN_KEYS = 1024  # below this all heads' scores fit in one batched product (cross-attention has 77 keys)
+BATCHED_SCORE_BYTES = 32 << 20  # the batched path's score block: heads are taken this many bytes' worth at a time
 SLICE_QUERIES = 512  # measured best of 256/512/1024/2048 for 4,096 keys on 2 cores (512 x 4,096 bf16 = 4 MB)
 PRODUCT_BLOCK = 64  # oneDNN's bf16 products are fastest with an output width that is a multiple of this
 
@@ -32,16 +34,35 @@ def multihead_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads
         raise ValueError(f"attention width {inner} is not divisible by {heads} heads")
     head_dim = inner // heads
     given, dtype = q.dtype, compute_dtype or q.dtype
-    if _use_slices(q, k, dtype, head_dim):
-        return sliced_attention(q.to(dtype), k.to(dtype), v.to(dtype), heads).to(given)
+    if _cpu_bf16_inference(q, dtype):
+        kernel = sliced_attention if k.shape[1] >= SLICE_MIN_KEYS else batched_attention
+        return kernel(q.to(dtype), k.to(dtype), v.to(dtype), heads).to(given)
     q, k, v = (t.to(dtype).reshape(batch, -1, heads, head_dim).transpose(1, 2) for t in (q, k, v))
     out = F.scaled_dot_product_attention(q, k, v)
     return out.transpose(1, 2).reshape(batch, n_queries, inner).to(given)
 
 
-def _use_slices(q: torch.Tensor, k: torch.Tensor, dtype: torch.dtype, head_dim: int) -> bool:
-    return (dtype is torch.bfloat16 and q.device.type == "cpu" and k.shape[1] >= SLICE_MIN_KEYS
-            and not torch.is_grad_enabled())
+def _cpu_bf16_inference(q: torch.Tensor, dtype: torch.dtype) -> bool:
+    return dtype is torch.bfloat16 and q.device.type == "cpu" and not torch.is_grad_enabled()
+
+
+def batched_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """The same attention as `multihead_attention` for few keys (cross-attention's 77, self-attention at the
+    UNet's deepest levels): every head's scores in one batched product, as many heads at a time as fit in
+    BATCHED_SCORE_BYTES (no autograd). 1.1-1.8x faster than flash for these shapes (docs/performance.md)."""
+    batch, n_queries, inner = q.shape
+    n_keys, head_dim = k.shape[1], inner // heads
+    q = (q * head_dim**-0.5).reshape(batch, n_queries, heads, head_dim).transpose(1, 2).flatten(0, 1)
+    keys_t = k.reshape(batch, n_keys, heads, head_dim).permute(0, 2, 3, 1).flatten(0, 1)
+    values = v.reshape(batch, n_keys, heads, head_dim).transpose(1, 2).flatten(0, 1)
+    out = q.new_empty(batch * heads, n_queries, head_dim)
+    step = max(1, BATCHED_SCORE_BYTES // (n_queries * n_keys * q.element_size()))
+    for start in range(0, batch * heads, step):
+        rows = slice(start, start + step)
+        weights = torch.bmm(q[rows], keys_t[rows])
+        torch.softmax(weights, dim=-1, out=weights)
+        torch.bmm(weights, values[rows], out=out[rows])
+    return out.unflatten(0, (batch, heads)).transpose(1, 2).reshape(batch, n_queries, inner)
 
 
 def sliced_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,

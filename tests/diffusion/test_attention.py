@@ -2,7 +2,13 @@ import pytest
 import torch
 
 from diffusion import attention
-from diffusion.attention import PRODUCT_BLOCK, SLICE_MIN_KEYS, multihead_attention, sliced_attention
+from diffusion.attention import (
+    PRODUCT_BLOCK,
+    SLICE_MIN_KEYS,
+    batched_attention,
+    multihead_attention,
+    sliced_attention,
+)
 from diffusion.unet import GEGLU, CrossAttention, set_attention_dtype
 
 
@@ -35,7 +41,7 @@ def test_long_bf16_attention_on_the_cpu_takes_the_sliced_path_within_bf16_roundi
     with torch.inference_mode():
         got = multihead_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), heads=2)
         short = multihead_attention(*(t[:, :77].bfloat16() for t in (q, k, v)), heads=2)
-    assert len(calls) == 1 and got.dtype == short.dtype == torch.bfloat16  # short keys stay with SDPA
+    assert len(calls) == 1 and got.dtype == short.dtype == torch.bfloat16  # short keys take the batched path
     want = reference(q, k, v, 2)
     assert ((got.double() - want).norm() / want.norm()) < 0.01
 
@@ -63,6 +69,29 @@ def test_transposed_second_product_gives_the_same_bits_as_the_plain_one(monkeypa
     transposed = sliced_attention(q, k, v, heads=2, slice_size=256)
     monkeypatch.setattr(attention, "PRODUCT_BLOCK", 8)  # 40 is a multiple of 8: the plain product
     assert torch.equal(sliced_attention(q, k, v, heads=2, slice_size=256), transposed)
+
+
+@pytest.mark.parametrize("score_bytes", [1, 700 * 90 * 2 * 2, 1 << 30])
+def test_batched_attention_is_attention_whatever_the_heads_taken_at_a_time(monkeypatch, score_bytes):
+    monkeypatch.setattr(attention, "BATCHED_SCORE_BYTES", score_bytes)  # one head, two, or all six at a time
+    q, k, v = qkv(queries=700, keys=90)
+    got = batched_attention(q, k, v, heads=3)
+    torch.testing.assert_close(got.double(), reference(q, k, v, 3), rtol=1e-5, atol=1e-5)
+
+
+def test_short_bf16_attention_on_the_cpu_takes_the_batched_path_and_flash_elsewhere(monkeypatch):
+    """Cross-attention's 77 keys: one batched product of every head's scores (faster than flash on the CPU);
+    fp32 and autograd keep SDPA, whose values are ComfyUI's (the parity kits run in fp32)."""
+    calls = []
+    monkeypatch.setattr(attention, "batched_attention", lambda *a, **kw: calls.append(a) or batched_attention(*a))
+    q, k, v = qkv(queries=300, keys=77, inner=80)
+    with torch.inference_mode():
+        got = multihead_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), heads=2)
+        exact = multihead_attention(q, k, v, heads=2)
+    assert len(calls) == 1 and got.dtype == torch.bfloat16
+    want = reference(q, k, v, 2)
+    assert ((got.double() - want).norm() / want.norm()) < 0.01
+    torch.testing.assert_close(exact.double(), want, rtol=1e-5, atol=1e-5)
 
 
 def test_compute_dtype_runs_fp32_inputs_in_bf16_and_returns_fp32(monkeypatch):
