@@ -173,6 +173,7 @@ class PartLayout:
     other_bytes: int  # bytes of the other tensors (kept as they are)
     allow_pickle: bool = False
     float_elements: Mapping[str, int] = field(default_factory=dict)  # {file key: elements} of float tensors
+    matrix_keys: frozenset[str] = frozenset()  # part keys of float tensors with 2+ dimensions (layers' weights)
 
     def weight_bytes(self, dtype: torch.dtype, overrides: Mapping[str, torch.dtype] | None = None) -> int:
         """Bytes the part takes once loaded in `dtype` (with `overrides`: {key prefix: dtype})."""
@@ -229,8 +230,10 @@ def part_layout(part: str, source: TensorFile, identity: FileIdentity, config: A
     tensors = {k: source.meta[k] for k in keys.values()}
     floats = {k: t.numel() for k, t in tensors.items() if t.is_floating_point()}
     other = sum(t.numel() * t.element_size() for t in tensors.values() if not t.is_floating_point())
+    matrices = frozenset(k for k, file_key in keys.items()
+                         if tensors[file_key].is_floating_point() and tensors[file_key].dim() >= 2)
     return PartLayout(part, identity, config, MappingProxyType(dict(keys)), sum(floats.values()), other, allow_pickle,
-                      MappingProxyType(floats))
+                      MappingProxyType(floats), matrices)
 
 
 def family_of(path, source: TensorFile) -> Family:

@@ -29,8 +29,9 @@ from .clip_values import TextEncoder, clip_value
 from .device import Precision, safe_vae_dtype
 from .families import FAMILIES, Family
 from .tokenizer import ClipTokenizer
-from .unet import UNetConfig, precision_sensitive_prefixes, set_attention_dtype
+from .unet import UNetConfig, precision_sensitive_prefixes, set_attention_dtype, weight_dtype
 from .vae import VAEConfig, folded_extra_elements, folds_upsampling
+from .weight_storage import STORAGE_DTYPES, cast_stored_layers, storage_overrides
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,8 @@ def _weight_bytes(layout: PartLayout, dtype: torch.dtype, overrides: dict[str, t
 
 def part_handle(layout: PartLayout, *, dtype: torch.dtype, device: torch.device, label: str, streamable: bool,
                 overrides: dict[str, torch.dtype] | None = None) -> ModelHandle:
-    """A handle whose identity is the part's file (path, size, mtime), the part, its dtype(s) and device."""
+    """A handle whose identity is the part's file (path, size, mtime), the part, its dtype(s) and device. A
+    storage dtype (fp8) stores the layers' weights only: they compute in the dtype `overrides` give the rest."""
     channels_last = layout.part in ("unet", "vae")
     overrides = overrides or {}
     kept = tuple(sorted((prefix, str(d).removeprefix("torch.")) for prefix, d in overrides.items()))
@@ -109,8 +111,10 @@ def load_part(layout: PartLayout, dtype: torch.dtype, channels_last: bool, overr
     from .onednn import pack_for_cpu
 
     module = layout.load(dtype=dtype, device=device, channels_last=channels_last, overrides=overrides)
+    if dtype in STORAGE_DTYPES:
+        cast_stored_layers(module)
     if layout.part == "unet":
-        set_attention_dtype(module, dtype)
+        set_attention_dtype(module, weight_dtype(module, dtype))
     on_cpu = torch.device(device).type == torch.device(computes_on).type == "cpu"
     return pack_for_cpu(module) if channels_last and on_cpu else module
 
@@ -223,11 +227,18 @@ def decode_in_fp32(vae: torch.nn.Module, z: torch.Tensor, source: str, dtype: to
     return copy.deepcopy(vae).float().decode(z.float())
 
 
-def model_value(layout: PartLayout, family: Family, *, device: torch.device, precision: Precision) -> DiffusionModel:
-    """MODEL for a checked UNet part (of a checkpoint or a bare UNet file); nothing read."""
+def model_value(layout: PartLayout, family: Family, *, device: torch.device, precision: Precision,
+                storage: torch.dtype | None = None) -> DiffusionModel:
+    """MODEL for a checked UNet part (of a checkpoint or a bare UNet file); nothing read. With `storage` (an fp8
+    dtype: UNETLoader's weight_dtype) the layers' weights are kept in it and computed in the policy's dtype
+    (diffusion/weight_storage.py)."""
     kept = {prefix: torch.float32 for prefix in precision_sensitive_prefixes(layout.config)} \
         if precision.unet_output_fp32 else {}
-    unet = part_handle(layout, dtype=precision.unet, device=device, label="UNet", streamable=True, overrides=kept)
+    dtype = precision.unet
+    if storage is not None:
+        kept = storage_overrides(layout.matrix_keys, layout.keys, precision.unet, kept)
+        dtype = storage
+    unet = part_handle(layout, dtype=dtype, device=device, label="UNet", streamable=True, overrides=kept)
     return DiffusionModel(unet, layout.config, precision.unet, str(layout.file.path), _handle_bytes(layout),
                           family=family)
 

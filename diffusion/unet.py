@@ -29,6 +29,7 @@ from diffusion.unet_config import (  # noqa: F401 (re-exported: where the UNet's
     UNetConfig,
     unet_config_from_state_dict,
 )
+from diffusion.weight_storage import is_stored
 from diffusion.weights import module_holding
 
 
@@ -89,7 +90,7 @@ class GEGLU(nn.Module):
         # Two products on the weight's halves rather than one chunked in two: GELU and the product then run on
         # contiguous tensors (on the CPU that saves ~8% of a 512 px UNet call); the values are the same.
         hidden = self.proj.out_features // 2
-        weight, bias = self.proj.weight, self.proj.bias
+        weight, bias = self.proj.weight.to(x.dtype), self.proj.bias.to(x.dtype)  # no copy unless stored in fp8
         gate = F.gelu(F.linear(x, weight[hidden:], bias[hidden:]))
         return F.linear(x, weight[:hidden], bias[:hidden]) * gate
 
@@ -333,9 +334,11 @@ def _add_residual(h: torch.Tensor, residual: torch.Tensor | None) -> torch.Tenso
 
 
 def weight_dtype(module: nn.Module, default: torch.dtype) -> torch.dtype:
-    """The dtype of a module's first floating-point weight (parameter or buffer), else `default`."""
+    """The dtype a module computes in: that of its first floating-point weight (parameter or buffer) that is not
+    only stored (fp8 weights are cast to their layer's bias or norm dtype: diffusion/weight_storage.py), else
+    `default`."""
     for tensor in itertools.chain(module.parameters(), module.buffers()):
-        if tensor.is_floating_point():
+        if tensor.is_floating_point() and not is_stored(tensor):
             return tensor.dtype
     return default
 

@@ -86,19 +86,19 @@ def checkpoint_loader(ctx, ckpt_name):
       fingerprint=_unet_identity,
       inputs=[Input("unet_name", COMBO, options=_unet_names, tooltip="a file in models/diffusion_models"),
               Input("weight_dtype", COMBO, options=WEIGHT_DTYPES, default="default",
-                    tooltip="default: the device's precision policy; fp8 storage is not supported")],
+                    tooltip="default: the device's precision policy. fp8_*: the layers' weights are stored in fp8 "
+                            "(half of bf16's memory) and cast to the policy's dtype at each call (slower); "
+                            "fp8_e4m3fn_fast computes as fp8_e4m3fn here (no fp8 matrix products on this device)")],
       outputs=[Output("MODEL", "MODEL")])
 def unet_loader(ctx, unet_name, weight_dtype):
     from diffusion.checkpoint import open_unet
     from diffusion.components import model_value
+    from diffusion.weight_storage import FP8_STORAGE
 
-    if weight_dtype != "default":
-        raise ValueError(f"UNETLoader weight_dtype {weight_dtype!r} is not supported: sdgraph does not store "
-                         "weights in fp8. Choose 'default' (set the precision with --dtype fp32|bf16|fp16)")
     runtime = ctx.resources
     device, precision = runtime.placement()
     family, layout = open_unet(unet_path(runtime, unet_name), allow_pickle=runtime.allow_pickle)
-    return model_value(layout, family, device=device, precision=precision)
+    return model_value(layout, family, device=device, precision=precision, storage=FP8_STORAGE.get(weight_dtype))
 
 
 @node("VAELoader", category="loaders", display_name="Load VAE",

@@ -59,12 +59,46 @@ def test_unet_loader_detects_sdxl_and_lists_both_folders(tmp_path: Path):
     assert model.family.name == "sdxl" and model.config == PRESETS["sdxl-tiny"].unet
 
 
-def test_unet_loader_refuses_fp8_with_the_fix(tmp_path: Path):
+@pytest.mark.parametrize("weight_dtype", ["fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"])
+def test_unet_loader_stores_layer_weights_in_fp8_and_computes_in_the_policy_dtype(tmp_path: Path, weight_dtype):
+    """ComfyUI's UNETLoader weight_dtype: the layers' weights in fp8 (about half of bf16's bytes), biases and norms
+    in the compute dtype, and one UNet call close to the same call with unrounded weights."""
+    import torch
+
     from diffusion.make_checkpoint import random_state_dict
+    from diffusion.weight_storage import FP8_STORAGE, StoredConv2d, StoredLinear
 
     unet_file(tmp_path, "diffusion_models", "u.safetensors", random_state_dict("tiny"), prefixed=False)
-    with pytest.raises(ValueError, match="weight_dtype 'fp8_e4m3fn' is not supported.*'default'"):
-        call("UNETLoader", tmp_path, unet_name="u.safetensors", weight_dtype="fp8_e4m3fn")
+    stored = call("UNETLoader", tmp_path, unet_name="u.safetensors", weight_dtype=weight_dtype)
+    plain = call("UNETLoader", tmp_path, unet_name="u.safetensors", weight_dtype="default")
+    assert stored.handle != plain.handle  # another identity: both may be loaded side by side
+    assert stored.dtype == plain.dtype == torch.float32  # computes in the policy's dtype (fp32 here)
+    storage = FP8_STORAGE[weight_dtype]
+    unet, reference = stored.handle.load("cpu"), plain.handle.load("cpu")
+    layers = [m for m in unet.modules() if isinstance(m, torch.nn.Linear | torch.nn.Conv2d)]
+    assert layers and all(type(m) in (StoredLinear, StoredConv2d) and m.weight.dtype == storage for m in layers)
+    assert all(m.bias is None or m.bias.dtype == torch.float32 for m in layers)
+    assert all(m.weight.dtype == torch.float32 for m in unet.modules() if isinstance(m, torch.nn.GroupNorm))
+    held = sum(t.numel() * t.element_size() for t in [*unet.parameters(), *unet.buffers()])
+    assert held == stored.handle.weight_bytes < plain.handle.weight_bytes / 2
+    g = torch.Generator().manual_seed(0)
+    x, context = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, stored.config.context_dim, generator=g)
+    t = torch.tensor([500.0, 500.0])
+    with torch.inference_mode():
+        got = stored.forward_function(unet)(x, t, context)
+        want = plain.forward_function(reference)(x, t, context)
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    assert 0 < ((got - want).norm() / want.norm()).item() < 0.2  # fp8 rounds each weight by up to 6-12%
+
+
+def test_an_fp8_unet_samples_in_a_graph(tiny_base: Path):
+    state = load_file(str(tiny_base / "models" / "checkpoints" / DEFAULT_CHECKPOINT))
+    name = unet_file(tiny_base, "diffusion_models", "tiny-unet.safetensors", state, prefixed=False)
+    api = txt2img()
+    api["10"] = {"class_type": "UNETLoader", "inputs": {"unet_name": name, "weight_dtype": "fp8_e4m3fn"}}
+    api["5"]["inputs"]["model"] = ["10", 0]
+    report, _ = run_api(api, tiny_base)
+    assert report.ok
 
 
 def test_vae_loader_takes_an_sdxl_vae_file(tmp_path: Path):

@@ -154,3 +154,29 @@ def test_unmatched_keys_are_surfaced_in_the_ui_output(session):
     image(report)
     assert report.ui["l0"]["lora_unmatched_keys"] == ["lora_unet_not_a_layer.lora_down.weight",
                                                       "lora_unet_not_a_layer.lora_up.weight"]
+
+
+def test_a_lora_patches_a_unet_stored_in_fp8_and_comes_off_exactly(session, lora_base):
+    """UNETLoader weight_dtype fp8: the LoRA adds to the fp8 layers' output (or their cast weights), and removing
+    it gives the plain fp8 image back bit for bit."""
+    from safetensors.torch import load_file
+
+    runtime, registry = session
+    folder = lora_base / "models" / "diffusion_models"
+    folder.mkdir(parents=True, exist_ok=True)
+    state = load_file(str(lora_base / "models" / "checkpoints" / DEFAULT_CHECKPOINT))
+    save_file({k.removeprefix("model.diffusion_model."): v for k, v in state.items()
+               if k.startswith("model.diffusion_model.")}, str(folder / "fp8.safetensors"))
+
+    def fp8_graph(*loras):
+        api = graph(*loras, model_only=True)
+        api["u"] = {"class_type": "UNETLoader", "inputs": {"unet_name": "fp8.safetensors",
+                                                            "weight_dtype": "fp8_e4m3fn"}}
+        first = next((n for n in api if n.startswith("l")), "5")
+        api[first]["inputs"]["model"] = ["u", 0]
+        return api
+
+    plain = image(run(fp8_graph(), runtime, registry))
+    patched = image(run(fp8_graph(("a.safetensors", 1.0, 1.0)), runtime, registry))
+    again = image(run(fp8_graph(), runtime, registry))
+    assert not torch.equal(patched, plain) and torch.equal(again, plain)
