@@ -92,16 +92,16 @@ def test_the_handles_byte_counts_are_what_the_loaded_fp16_modules_hold(fake_cuda
     assert 0 <= module_bytes(clip.handle.load("cpu")) - clip.handle.weight_bytes <= 77 * 8
 
 
-def test_cuda_attention_goes_to_sdpa_not_the_cpu_sliced_kernel():
-    """The sliced bf16 kernel is a CPU answer to torch's slow CPU flash kernel; on CUDA SDPA picks flash or
-    memory-efficient attention itself."""
-    keys = SimpleNamespace(shape=(2, 4096, 320))
+def test_cuda_attention_goes_to_sdpa_not_the_cpu_bf16_kernels():
+    """The sliced and batched bf16 kernels are a CPU answer to torch's slow CPU flash kernel; on CUDA SDPA picks
+    flash or memory-efficient attention itself, whatever the dtype."""
     on = {name: SimpleNamespace(device=torch.device(name)) for name in ("cpu", "cuda")}
     with torch.inference_mode():
-        assert attention._use_slices(on["cpu"], keys, torch.bfloat16, 40)  # SD1.5's heads
+        assert attention._cpu_bf16_inference(on["cpu"], torch.bfloat16)
+        assert not attention._cpu_bf16_inference(on["cpu"], torch.float32)
         for dtype in (torch.float16, torch.bfloat16, torch.float32):
-            for head_dim in (40, 64):
-                assert not attention._use_slices(on["cuda"], keys, dtype, head_dim)
+            assert not attention._cpu_bf16_inference(on["cuda"], dtype)
+    assert not attention._cpu_bf16_inference(on["cpu"], torch.bfloat16)  # training: autograd needs SDPA
 
 
 def test_vram_planning_streams_a_unet_that_does_not_fit_and_loads_it_whole_when_it_does(fake_cuda, tiny):
