@@ -37,3 +37,24 @@ def test_step_inputs_are_a_cfg_batch_with_sdxl_size_conditioning():
 def test_unknown_family_is_named():
     with pytest.raises(ValueError, match="'sd3'.*sd21v.*sdxl"):
         published_unet_config("sd3")
+
+
+def test_sdxl_step_flops_are_counted_with_the_label_vector():
+    """The floor of an SDXL step: the UNet's shapes on the meta device, with the size/pooled label vector that
+    SDXL's UNet requires (13.5 TFLOP for a CFG batch at 1024², ~4.25x the 512² step: attention grows faster)."""
+    from bench.sd15_step import step_flops
+
+    at_1024, at_512 = (sum(step_flops(size, PRESETS["sdxl"].unet).values()) for size in (1024, 512))
+    assert at_1024 == pytest.approx(13.522e12, rel=1e-3) and at_512 == pytest.approx(3.178e12, rel=1e-3)
+
+
+def test_floor_lines_give_each_config_as_a_multiple_of_the_floor_and_say_when_the_target_is_below_it():
+    from bench.family_step import floor_lines
+
+    floor = {"mm_bf16": 400e9, "1024": {"flops": 4e12}}  # a 10 s floor
+    results = {"sdgraph-default": {"1024": {"step_s": 11.0}}, "diffusers-bf16": {"1024": {"step_s": 12.0}}}
+    lines = floor_lines(floor, results, [1024])
+    assert "bf16 floor 10.00 s" in lines[1] and "sdgraph-default x1.10, diffusers-bf16 x1.20" in lines[1]
+    assert "x0.92 the floor (below the floor" in lines[2]
+    results["diffusers-bf16"]["1024"]["step_s"] = 14.0  # 1.3x of 14 s is 10.8 s: above the floor
+    assert floor_lines(floor, results, [1024])[2].endswith("x1.08 the floor")
