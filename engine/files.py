@@ -2,7 +2,8 @@
 
 A write goes to a temporary file beside its target, `.<name>.<8 random characters>.part`, which is renamed into
 place. A process killed mid-write leaves that file behind; `remove_stale_temp_files` (called when the server and
-the CLI start) deletes such leftovers.
+the CLI start) deletes such leftovers. The file gets the permissions `open()` would give a new file (0666 less
+the process's umask), not the temporary file's private 0600: an output PNG is as readable as one ComfyUI writes.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 TEMP_PREFIX, TEMP_SUFFIX = ".", ".part"
+NEW_FILE_MODE = 0o666  # what open() asks for a new file; the umask takes its share
 _TEMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.part")  # what tempfile.mkstemp makes of the prefix and suffix
 
 
@@ -25,6 +27,7 @@ def atomic_write(path: str | os.PathLike, data: bytes, *, exclusive: bool = Fals
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{target.name}.", suffix=TEMP_SUFFIX, dir=target.parent)
     try:
+        os.fchmod(fd, NEW_FILE_MODE & ~current_umask())
         with os.fdopen(fd, "wb") as tmp:
             tmp.write(data)
             tmp.flush()
@@ -40,6 +43,20 @@ def atomic_write(path: str | os.PathLike, data: bytes, *, exclusive: bool = Fals
         raise
     _fsync_dir(target.parent)
     return target
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (/proc/self/status); elsewhere set and
+    restored at once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -30,6 +30,21 @@ def test_replaces_unless_exclusive(tmp_path):
     assert (tmp_path / "new.txt").read_bytes() == b"x"
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_written_files_get_the_permissions_open_would_give(tmp_path, umask):
+    """Not the temporary file's private 0600: an output is as readable as a file any program writes."""
+    previous = os.umask(umask)
+    try:
+        assert files.current_umask() == umask
+        atomic_write(tmp_path / "out.png", b"x")
+        atomic_write(tmp_path / "new.png", b"x", exclusive=True)
+        (tmp_path / "plain.png").write_bytes(b"x")
+    finally:
+        os.umask(previous)
+    modes = {name: (tmp_path / name).stat().st_mode & 0o777 for name in ("out.png", "new.png", "plain.png")}
+    assert modes == dict.fromkeys(modes, 0o666 & ~umask)
+
+
 def test_an_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
     def interrupted(src, dst):
         raise KeyboardInterrupt
