@@ -106,11 +106,16 @@ class TextEncoder:
         """The most layers an encoder has (CLIPSetLastLayer may go that deep)."""
         return max(c.num_hidden_layers for c in self.encoder_configs)
 
+    @property
+    def lora_configs(self) -> CLIPTextConfig | MappingProxyType:
+        """What LoRA keys are mapped against (`diffusion.lora_keys.lora_targets`): one encoder's config, or {encoder:
+        config} when there are several (SDXL base: `lora_te1_` keys patch CLIP-L, `lora_te2_` keys bigG)."""
+        if len(self.encoders) == 1:
+            return self.config
+        return MappingProxyType(dict(zip(self.encoders, self.encoder_configs, strict=True)))
+
     def with_lora(self, patch, strength: float) -> TextEncoder:
         """This text encoder with a LoRA's patch added (applied when the manager hands out the network)."""
-        if self.handle.patch is None:
-            raise ValueError(f"LoRA on the text encoders of a {self.clip_type} CLIP ({', '.join(self.encoders)}) is "
-                             "not supported yet; set strength_clip to 0")
         return replace(self, handle=_with_patch(self.handle, patch, strength), nbytes=self.nbytes + patch.nbytes)
 
     def with_layer(self, layer: int) -> TextEncoder:
@@ -183,8 +188,8 @@ def load_text_encoders(layouts: tuple, dtype: torch.dtype, device: str) -> torch
 
 
 def text_handle(layouts: tuple, *, dtype: torch.dtype, device: torch.device) -> ModelHandle:
-    """A handle whose identity is every encoder's file (path, size, mtime), encoder, dtype and device. A single
-    encoder can take LoRA patches."""
+    """A handle whose identity is every encoder's file (path, size, mtime), encoder, dtype and device; LoRA patches
+    apply to whichever encoders they name."""
     return ModelHandle(
         origin="+".join(f"{layout.file.path}#{layout.encoder}" for layout in layouts),
         version=tuple((layout.file.size, layout.file.mtime_ns) for layout in layouts),
@@ -193,7 +198,7 @@ def text_handle(layouts: tuple, *, dtype: torch.dtype, device: torch.device) -> 
         device=str(device),
         load=partial(load_text_encoders, tuple(layouts), dtype),
         label=" + ".join(f"{layout.label} of {layout.file.path.name}" for layout in layouts),
-        patch=_set_text_patches if len(layouts) == 1 else None,
+        patch=_set_text_patches,
         cheap_reload=True,  # a plain read of its file, and CLIPTextEncode caches what it computed
     )
 

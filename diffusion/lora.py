@@ -25,6 +25,7 @@ from types import MappingProxyType
 
 import torch
 
+from .families import FAMILIES, Family
 from .lora_keys import family_hint, lora_targets, strip_wrapper
 
 # suffix -> (adapter kind, role); the kind None marks roles shared by every kind
@@ -233,9 +234,11 @@ def read_lora_state(path: Path, *, allow_pickle: bool = False) -> dict[str, torc
         raise LoraError(str(exc)) from exc
 
 
-def map_lora(path: str | os.PathLike, state: Mapping[str, torch.Tensor], unet_config, text_config) -> LoraFile:
-    """Match a LoRA's tensors to the model's weights; a file for another model (no key matches, or shapes that do
-    not fit) is refused with a LoraError naming the file."""
+def map_lora(path: str | os.PathLike, state: Mapping[str, torch.Tensor], unet_config, text_config,
+             family: Family = FAMILIES["sd1"]) -> LoraFile:
+    """Match a LoRA's tensors to the model's weights (`text_config`: see `lora_keys.lora_targets`); a file for
+    another model (no key matches, or shapes that do not fit) is refused with a LoraError naming the file and the
+    model's family."""
     path = Path(path)
     stat = path.stat()
     source = (str(path), stat.st_size, stat.st_mtime_ns)
@@ -254,14 +257,14 @@ def map_lora(path: str | os.PathLike, state: Mapping[str, torch.Tensor], unet_co
             mismatched.append(f"{prefix} (patches {name} of shape {list(shape)})")
             continue
         found[part][name] = adapter
-    hint = family_hint(list(state))
+    hint = family_hint(list(state), family.name, family.label) + f" Use a LoRA made for {family.label} models."
     if mismatched:
         shown = ", ".join(mismatched[:3]) + (f" and {len(mismatched) - 3} more" if len(mismatched) > 3 else "")
         raise LoraError(f"{path.name}: {len(mismatched)} of its layers do not fit this model's shapes: {shown}."
-                        f"{hint} Use a LoRA made for SD1.x models.")
+                        f"{hint}")
     if state and not found["unet"] and not found["text_encoder"]:
-        raise LoraError(f"{path.name}: none of its {len(state)} tensors names a layer of this SD1 model (e.g. "
-                        f"{sorted(state)[0]}).{hint} Use a LoRA made for SD1.x models.")
+        raise LoraError(f"{path.name}: none of its {len(state)} tensors names a layer of this {family.label} model "
+                        f"(e.g. {sorted(state)[0]}).{hint}")
     parts = {part: PartPatch(source, part, MappingProxyType(adapters), _bytes(adapters))
              for part, adapters in found.items()}
     return LoraFile(path, parts["unet"], parts["text_encoder"], tuple(sorted(unmatched)))
@@ -271,5 +274,6 @@ def _bytes(adapters: Mapping[str, Adapter]) -> int:
     return sum(t.numel() * t.element_size() for a in adapters.values() for t in a.tensors.values())
 
 
-def load_lora(path: str | os.PathLike, unet_config, text_config, *, allow_pickle: bool = False) -> LoraFile:
-    return map_lora(path, read_lora_state(Path(path), allow_pickle=allow_pickle), unet_config, text_config)
+def load_lora(path: str | os.PathLike, unet_config, text_config, *, family: Family = FAMILIES["sd1"],
+              allow_pickle: bool = False) -> LoraFile:
+    return map_lora(path, read_lora_state(Path(path), allow_pickle=allow_pickle), unet_config, text_config, family)

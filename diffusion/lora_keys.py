@@ -1,23 +1,26 @@
-"""Which weight of our SD1 model a LoRA key names, for every naming scheme LoRA files use.
+"""Which weight of our model a LoRA key names, for every naming scheme LoRA files use.
 
 Our UNet's attribute names are the LDM checkpoint's (`input_blocks.1.1.proj_in`), our text encoder's are
 transformers' CLIP names (`encoder.layers.0.mlp.fc1`). LoRA trainers name the same layers in other ways:
 
 - kohya: `lora_unet_` + the diffusers name with `_` for `.` (`lora_unet_down_blocks_0_attentions_0_proj_in`), or
   the LDM name the same way (`lora_unet_input_blocks_1_1_proj_in`); `lora_te_` + the transformers name
-  (`lora_te_text_model_encoder_layers_0_mlp_fc1`);
-- diffusers/PEFT: `unet.` + the diffusers name, `text_encoder.text_model.` + the transformers name (older
+  (`lora_te_text_model_encoder_layers_0_mlp_fc1`); SDXL's two encoders are `lora_te1_` (CLIP-L) and `lora_te2_`
+  (OpenCLIP bigG);
+- diffusers/PEFT: `unet.` + the diffusers name, `text_encoder.text_model.` (SDXL's bigG: `text_encoder_2.`) + the
+  transformers name (older
   diffusers files say `...attn1.processor.to_q` for `...attn1.to_q`);
 - LDM names as in the checkpoint (`diffusion_model.`, `model.diffusion_model.`).
 
-The maps are computed from the model's config (as ComfyUI's `unet_to_diffusers` does for its models), so any SD1
-layout that loads (tiny test models included) gets its keys.
+The maps are computed from the model's config (as ComfyUI's `unet_to_diffusers` does for its models), so any
+layout that loads (SD1, SD2, SDXL, tiny test models included) gets its keys.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from types import MappingProxyType
 
 import torch
 from transformers import CLIPTextConfig
@@ -99,21 +102,40 @@ def _unet_aliases(module: str, config: UNetConfig) -> list[str]:
     return names
 
 
-def _text_aliases(module: str) -> list[str]:
-    full = f"text_model.{module}"
-    kohya = full.replace(".", "_")
-    return [f"lora_te_{kohya}", f"lora_te1_{kohya}", f"text_encoder.{full}", full]  # te1: ComfyUI accepts it too
+# The kohya and diffusers prefixes of each text encoder of a two-encoder CLIP (SDXL base), as ComfyUI maps them:
+# te1 / text_encoder is CLIP-L (which also answers to lora_te_), te2 / text_encoder_2 is OpenCLIP bigG.
+PAIRED_TEXT_PREFIXES = MappingProxyType({"clip_l": (("lora_te_", "lora_te1_"), "text_encoder."),
+                                         "open_clip_g": (("lora_te2_",), "text_encoder_2.")})
+SINGLE_TEXT_PREFIXES = (("lora_te_", "lora_te1_"), "text_encoder.")  # te1: ComfyUI accepts it too
 
 
-def lora_targets(unet: UNetConfig | None, text: CLIPTextConfig | None) -> dict[str, tuple[str, str, tuple]]:
+def _text_aliases(module: str, prefixes: tuple[tuple[str, ...], str] = SINGLE_TEXT_PREFIXES,
+                  bare: bool = True) -> list[str]:
+    """A text-encoder module's LoRA key prefixes: kohya (`lora_te_text_model_encoder_layers_0_mlp_fc1`),
+    diffusers (`text_encoder.text_model.encoder.layers.0.mlp.fc1`) and, with `bare`, the transformers name."""
+    kohya, diffusers = prefixes
+    full = module if module == "text_projection" else f"text_model.{module}"  # the projection sits outside
+    flat = full.replace(".", "_")
+    return [*(f"{k}{flat}" for k in kohya), f"{diffusers}{full}", *([full] if bare else [])]
+
+
+def lora_targets(unet: UNetConfig | None,
+                 text: CLIPTextConfig | Mapping[str, CLIPTextConfig] | None) -> dict[str, tuple[str, str, tuple]]:
     """{LoRA key prefix: (part, parameter name, shape)} for the model's weights (biases get `prefix` + `.bias`
-    pseudo-prefixes, used by full-difference `diff_b` patches)."""
+    pseudo-prefixes, used by full-difference `diff_b` patches). `text` is one encoder's config, or {encoder name:
+    config} for SDXL base's two, whose parameter names then start with the encoder's name (`clip_l.encoder...`)."""
     targets: dict[str, tuple[str, str, tuple]] = {}
     parts = []
     if unet is not None:
         parts.append(("unet", unet_weight_shapes(unet), lambda m: _unet_aliases(m, unet)))
-    if text is not None:
+    if isinstance(text, CLIPTextConfig):
         parts.append(("text_encoder", text_weight_shapes(text), _text_aliases))
+    elif text is not None:
+        for encoder, config in text.items():
+            shapes = {f"{encoder}.{name}": shape for name, shape in text_weight_shapes(config).items()}
+            prefixes = PAIRED_TEXT_PREFIXES[encoder]
+            parts.append(("text_encoder", shapes,
+                          lambda m, p=prefixes: _text_aliases(m.partition(".")[2], p, bare=False)))
     for part, shapes, aliases in parts:
         for name, shape in shapes.items():
             module, _, kind = name.rpartition(".")
@@ -131,16 +153,17 @@ def strip_wrapper(prefix: str) -> str:
 
 
 OTHER_FAMILY_MARKERS = (
-    ("lora_te2_", "SDXL (two text encoders)"),
-    ("text_encoder_2.", "SDXL (two text encoders)"), ("lora_unet_input_blocks_4_1_transformer_blocks_1", "SDXL"),
-    ("lora_unet_double_blocks", "Flux"), ("lora_transformer_", "a DiT model (Flux, SD3)"),
-    ("transformer.transformer_blocks", "a DiT model (Flux, SD3)"), ("lora_unet_joint_blocks", "SD3"),
+    ("lora_te2_", "sdxl", "SDXL (two text encoders)"),
+    ("text_encoder_2.", "sdxl", "SDXL (two text encoders)"),
+    ("lora_unet_input_blocks_4_1_transformer_blocks_1", "sdxl", "SDXL"),
+    ("lora_unet_double_blocks", "flux", "Flux"), ("lora_transformer_", "dit", "a DiT model (Flux, SD3)"),
+    ("transformer.transformer_blocks", "dit", "a DiT model (Flux, SD3)"), ("lora_unet_joint_blocks", "sd3", "SD3"),
 )  # fmt: skip
 
 
-def family_hint(keys: list[str]) -> str:
-    """' It looks made for X.' from marker key prefixes, else ''."""
-    for marker, family in OTHER_FAMILY_MARKERS:
-        if any(k.startswith(marker) for k in keys):
-            return f" It looks made for {family}, not SD1."
+def family_hint(keys: list[str], family: str = "sd1", label: str = "SD1.x") -> str:
+    """' It looks made for X, not <label>.' from marker key prefixes of another family than `family`, else ''."""
+    for marker, made_for, name in OTHER_FAMILY_MARKERS:
+        if made_for != family.removesuffix("_inpaint") and any(k.startswith(marker) for k in keys):
+            return f" It looks made for {name}, not {label}."
     return ""

@@ -54,12 +54,22 @@ def patched_weight(weight: torch.Tensor, patches: list[tuple[Adapter, float]],
 
 def _patch_groups(module: nn.Module, patches: tuple, part: str) -> dict[str, list[tuple[Adapter, float]]]:
     """{parameter name in `module`: [(adapter, strength), ...]} in the order the patches were added."""
-    prefix = "text_model." if part == "text_encoder" and hasattr(module, "text_model") else ""
     grouped: dict[str, list[tuple[Adapter, float]]] = {}
     for patch, strength in patches:
         for name, adapter in patch.adapters.items():
-            grouped.setdefault(prefix + name, []).append((adapter, strength))
+            path = text_parameter(module, name) if part == "text_encoder" else name
+            grouped.setdefault(path, []).append((adapter, strength))
     return grouped
+
+
+def text_parameter(module: nn.Module, name: str) -> str:
+    """Where a text-encoder weight named as `lora_keys.text_weight_shapes` names it (`encoder.layers.0.mlp.fc1.
+    weight`; `<encoder>.` first for a CLIP of several encoders, whose module is a ModuleDict) sits in `module`."""
+    if isinstance(module, nn.ModuleDict):
+        encoder, _, rest = name.partition(".")
+        return f"{encoder}.{text_parameter(module[encoder], rest)}"
+    inside = hasattr(module, "text_model") and not name.startswith("text_projection.")
+    return ("text_model." if inside else "") + name
 
 
 def set_patches(module: nn.Module, patches: tuple, *, part: str) -> None:

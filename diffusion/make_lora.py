@@ -2,9 +2,10 @@
 
 Like the parity kit's generator (shared/reference/parity-extra/gen/make_lora_kohya.py): every attention-block
 layer the kohya trainer targets (each transformer's proj_in/proj_out, attention projections and feed-forward; the
-text encoder's attention and MLP projections) gets `lora_down`, `lora_up` and `alpha`, drawn from its own generator
-seeded with (seed, crc32(key)); down ~ N(0,1)/sqrt(fan_in), up scaled so that the patch's element spread is `rel`
-times that of the layer's own weights. Stored in fp16, as published LoRAs are.
+text encoders' attention and MLP projections, SDXL base's two as `lora_te1_`/`lora_te2_`) gets `lora_down`,
+`lora_up` and `alpha`, drawn from its own generator seeded with (seed, crc32(key)); down ~ N(0,1)/sqrt(fan_in), up
+scaled so that the patch's element spread is `rel` times that of the layer's own weights. Stored in fp16, as
+published LoRAs are.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from transformers import CLIPTextConfig
 
 from .lora_keys import diffusers_name, text_weight_shapes, unet_weight_shapes
-from .make_checkpoint import PRESETS
+from .make_checkpoint import PRESETS, Preset
+from .text_encoder import OPENCLIP_ACTIVATION, clip_text_config
 
 ALPHA = 4.0
 UNET_LAYERS = ("proj_in", "proj_out", "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q",
@@ -36,10 +39,24 @@ def kohya_layers(preset: str) -> dict[str, tuple[int, ...]]:
         diffusers = diffusers_name(module, p.unet)
         if name.endswith(".weight") and diffusers and diffusers.endswith(UNET_LAYERS) and ".attentions." in diffusers:
             layers["lora_unet_" + diffusers.replace(".", "_")] = shape
-    for name, shape in text_weight_shapes(p.text).items():
-        if name.endswith(".weight") and name.removesuffix(".weight").endswith(TEXT_LAYERS):
-            layers["lora_te_text_model_" + name.removesuffix(".weight").replace(".", "_")] = shape
+    for prefix, config in text_configs(p).items():
+        for name, shape in text_weight_shapes(config).items():
+            if name.endswith(".weight") and name.removesuffix(".weight").endswith(TEXT_LAYERS):
+                layers[prefix + "text_model_" + name.removesuffix(".weight").replace(".", "_")] = shape
     return dict(sorted(layers.items()))
+
+
+def text_configs(p: Preset) -> dict[str, CLIPTextConfig]:
+    """{kohya prefix: text encoder config}: SDXL base's CLIP-L is `lora_te1_` and its bigG `lora_te2_`; a model
+    with one encoder (SD1's CLIP-L, SD2's ViT-H, the SDXL refiner's bigG) is `lora_te_`."""
+    towers = [p.text] if p.text is not None else []
+    if p.open_clip is not None:
+        shape = p.open_clip
+        towers.append(clip_text_config(width=shape.width, layers=shape.layers, intermediate_size=4 * shape.width,
+                                       hidden_act=OPENCLIP_ACTIVATION, projection_dim=shape.projection))
+    if len(towers) == 2:
+        return {"lora_te1_": towers[0], "lora_te2_": towers[1]}
+    return {"lora_te_": towers[0]} if towers else {}
 
 
 def _draw(key: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:

@@ -39,7 +39,7 @@ def _open_lora(ctx, node_name: str, lora_name: str, model, clip):
     runtime = ctx.resources
     path = runtime.folders.model_path("loras", lora_name)
     try:
-        lora = load_lora(path, model.config if model is not None else None, clip.config if clip is not None else None,
+        lora = load_lora(path, model.config, clip.lora_configs if clip is not None else None, family=model.family,
                          allow_pickle=runtime.allow_pickle)
     except LoraError as exc:
         raise LoraError(f"{node_name} (node {ctx.node_id}): LoRA {lora_name!r} cannot be used with this model: "

@@ -229,3 +229,34 @@ def test_a_patched_unet_computes_what_merged_weights_compute(tmp_path):
     with torch.inference_mode():
         set_patches(unet, ((lora.unet, 1.0),), part="unet")
         torch.testing.assert_close(unet(x, t, ctx), build_unet(merged)(x, t, ctx), rtol=1e-4, atol=1e-5)
+
+
+def test_sdxl_text_keys_name_clip_l_and_big_g_as_comfyui_maps_them():
+    """te1 (and te / text_encoder.) is CLIP-L, te2 (text_encoder_2.) is bigG; the projection is outside text_model."""
+    from diffusion.lora_keys import lora_targets
+    from diffusion.make_lora import text_configs
+
+    configs = dict(zip(("clip_l", "open_clip_g"), text_configs(PRESETS["sdxl-tiny"]).values(), strict=True))
+    targets = lora_targets(None, configs)
+    layer = "text_model_encoder_layers_1_mlp_fc1"
+    for key in (f"lora_te_{layer}", f"lora_te1_{layer}", "text_encoder.text_model.encoder.layers.1.mlp.fc1"):
+        assert targets[key][:2] == ("text_encoder", "clip_l.encoder.layers.1.mlp.fc1.weight")
+    for key in (f"lora_te2_{layer}", "text_encoder_2.text_model.encoder.layers.1.mlp.fc1"):
+        assert targets[key][:2] == ("text_encoder", "open_clip_g.encoder.layers.1.mlp.fc1.weight")
+    assert targets["lora_te2_text_projection"][1] == "open_clip_g.text_projection.weight"
+    assert "text_model.encoder.layers.1.mlp.fc1" not in targets  # a bare name cannot say which encoder
+
+
+def test_text_weights_are_found_in_every_loaded_text_model_shape():
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from diffusion.lora_patch import text_parameter
+    from diffusion.make_lora import text_configs
+
+    clip_l, big_g = (c for c in text_configs(PRESETS["sdxl-tiny"]).values())
+    with torch.device("meta"):
+        pair = torch.nn.ModuleDict({"clip_l": CLIPTextModel(clip_l), "open_clip_g": CLIPTextModelWithProjection(big_g)})
+    for name in (f"clip_l.{FC1}", f"open_clip_g.{FC1}", "open_clip_g.text_projection.weight"):
+        assert pair.get_parameter(text_parameter(pair, name)).shape is not None
+    assert text_parameter(pair["open_clip_g"], FC1) == f"text_model.{FC1}"
+    assert text_parameter(pair["open_clip_g"], "text_projection.weight") == "text_projection.weight"

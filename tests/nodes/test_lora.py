@@ -180,3 +180,63 @@ def test_a_lora_patches_a_unet_stored_in_fp8_and_comes_off_exactly(session, lora
     patched = image(run(fp8_graph(("a.safetensors", 1.0, 1.0)), runtime, registry))
     again = image(run(fp8_graph(), runtime, registry))
     assert not torch.equal(patched, plain) and torch.equal(again, plain)
+
+
+@pytest.fixture(scope="module")
+def sdxl_session(lora_base):
+    """SDXL base (tiny): a kohya LoRA with lora_unet_, lora_te1_ (CLIP-L) and lora_te2_ (bigG) keys, and one with
+    only its lora_te1_ keys."""
+    from safetensors.torch import load_file
+
+    from diffusion.make_checkpoint import make_checkpoint
+    from diffusion.make_lora import write_lora
+    from nodes import build_registry
+    from nodes.folders import Folders
+    from nodes.runtime import Runtime
+
+    make_checkpoint(lora_base / "models" / "checkpoints" / "xl.safetensors", preset="sdxl-tiny", seed=0)
+    loras = lora_base / "models" / "loras"
+    write_lora(loras / "xl.safetensors", preset="sdxl-tiny", seed=1, rel=2.0)
+    save_file({k: v for k, v in load_file(str(loras / "xl.safetensors")).items() if k.startswith("lora_te1_")},
+              loras / "xl_te1.safetensors")
+    return Runtime(Folders.at(lora_base), dtype="fp32"), build_registry(entry_points=False)
+
+
+def sdxl_conditioning(session, lora: str | None):
+    """Node 2's conditioning: CLIP-L's 32 context channels, then bigG's 64; the pooled vector is bigG's."""
+    from engine import Executor, validate
+
+    runtime, registry = session
+    api = graph(*([(lora, 1.0, 1.0)] if lora else []))
+    api["1"]["inputs"]["ckpt_name"] = "xl.safetensors"
+    result = validate(api, registry, resources=runtime, targets=["2"])
+    assert result.ok, [str(e) for e in result.errors]
+    report = Executor(registry, resources=runtime).run(result.graph)
+    assert report.error is None, report.error and report.error.traceback
+    assert "l0" not in (report.ui or {})  # every key of the LoRA matched a layer
+    entry = report.outputs["2"][0][0].entries[0]
+    return entry.context[..., :32], entry.context[..., 32:], entry.pooled
+
+
+def test_an_sdxl_lora_patches_each_text_encoder_its_keys_name_and_comes_off_exactly(sdxl_session):
+    plain_l, plain_g, plain_pooled = sdxl_conditioning(sdxl_session, None)
+    both_l, both_g, both_pooled = sdxl_conditioning(sdxl_session, "xl.safetensors")
+    te1_l, te1_g, te1_pooled = sdxl_conditioning(sdxl_session, "xl_te1.safetensors")
+    again = sdxl_conditioning(sdxl_session, None)
+    assert not torch.equal(both_l, plain_l) and not torch.equal(both_g, plain_g)
+    assert not torch.equal(both_pooled, plain_pooled)
+    assert torch.equal(te1_l, both_l) and torch.equal(te1_g, plain_g) and torch.equal(te1_pooled, plain_pooled)
+    assert all(torch.equal(a, b) for a, b in zip(again, (plain_l, plain_g, plain_pooled), strict=True))
+
+
+def test_an_sdxl_lora_patches_the_unet(sdxl_session):
+    runtime, registry = sdxl_session
+
+    def picture(*loras):
+        api = graph(*loras)
+        api["1"]["inputs"]["ckpt_name"] = "xl.safetensors"
+        return image(run(api, runtime, registry))
+
+    plain = picture()
+    assert not torch.equal(picture(("xl.safetensors", 1.0, 0.0)), plain)
+    assert torch.equal(picture(), plain)
