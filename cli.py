@@ -131,7 +131,7 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("graph")
     convert.set_defaults(handler=_cmd_convert)
     sub.add_parser("serve", help="start the HTTP/WebSocket server (see `sdgraph serve --help`)")
-    sub.add_parser("make-checkpoint", help="write a random-weight SD1 checkpoint (see its --help)")
+    sub.add_parser("make-checkpoint", help="write a random-weight checkpoint, LoRA or ControlNet (see its --help)")
     sub.add_parser("train-demo", help="train the bundled demo model (see its --help)")
     sub.add_parser("worker", help="serve prompts of `sdgraph serve --ray` from this machine (see its --help)")
     return parser

@@ -1,16 +1,18 @@
-"""SD1.x ControlNets: the network, its single-file loader, and the control a conditioning entry carries.
+"""ControlNets (SD1.x, SD2.x, SDXL): the network, its file loader, and the control a conditioning entry carries.
 
 1. `ControlNet` is the UNet's encoder half (time embedding, input blocks, middle block) plus a hint encoder
    (`input_hint_block`: eight 3x3 convolutions, three of stride 2, pixels -> latent size) and one 1x1 "zero"
    convolution per input block and after the middle block. Attribute names mirror the published single-file
    layout (control_v11p_sd15_*: `control_model.input_hint_block.0.weight`, `control_model.zero_convs.3.0.bias`,
-   ...), so loading needs no key map; files without the `control_model.` prefix load too.
+   ...), so loading needs no key map; files without the `control_model.` prefix load too, and diffusers-layout
+   files (most SDXL ControlNets) are renamed (diffusion/controlnet_keys.py). An SDXL ControlNet has the UNet's
+   label embedding and takes its label vector `y`.
 2. `open_controlnet` checks a file from its header (architecture from shapes, every key compared) and returns a
    `ControlNetLayout`; the weights are read when the model manager first loads the handle (`controlnet_value`).
 3. `ControlChain` is what `CondEntry.control` holds: a hint, a strength and a start/end range on top of an
-   optional previous chain. Called as `control(x_in, timesteps, context, sigma)` by `ModelDenoiser`, it returns
-   the summed `ControlResiduals` of every link whose range covers sigma (ComfyUI's chained ControlNets add up),
-   or None. Numerics follow ComfyUI's `ControlNet.get_control`: the net sees the same scaled input, timestep
+   optional previous chain. Called as `control(x_in, timesteps, context, sigma, schedule, y)` by `ModelDenoiser`,
+   it returns the summed `ControlResiduals` of every link whose range covers sigma (ComfyUI's chained ControlNets
+   add up), or None. Numerics follow ComfyUI's `ControlNet.get_control`: the net sees the same scaled input, timestep
    and context as the UNet, and the hint resized to the latent size x 8 (nearest-exact, centre crop).
 """
 
@@ -30,13 +32,16 @@ from runtime.models import ModelHandle
 
 from .checkpoint import FileIdentity, PartLayout, TensorFile, load_part, part_layout
 from .checkpoint_checks import MAX_ARCHITECTURE_COUNT, check_part, meta_state
+from .controlnet_keys import is_diffusers_controlnet, ldm_keys
 from .regions import percent_to_sigma
 from .safetensors_header import CheckpointError
 from .schedules import DiscreteSchedule, sd1_schedule
 from .unet import (
     ControlResiduals,
     UNetConfig,
+    check_label,
     encoder_blocks,
+    label_embedding,
     set_attention_dtype,
     time_embedding,
     timestep_embedding,
@@ -66,6 +71,8 @@ class ControlNet(nn.Module):
         self.config = config
         c = config.unet
         self.time_embed = time_embedding(c)
+        if c.adm_in_channels is not None:  # SDXL: the same label vector y as the UNet's
+            self.label_emb = label_embedding(c)
         widths = (config.hint_channels, *HINT_CHANNELS, c.model_channels)
         layers: list[nn.Module] = []
         for i, stride in enumerate(HINT_STRIDES):
@@ -75,12 +82,16 @@ class ControlNet(nn.Module):
         self.zero_convs = nn.ModuleList(nn.Sequential(nn.Conv2d(ch, ch, 1)) for ch in skip_channels)
         self.middle_block_out = nn.Sequential(nn.Conv2d(skip_channels[-1], skip_channels[-1], 1))
 
-    def forward(self, x: Tensor, hint: Tensor, timesteps: Tensor, context: Tensor) -> ControlResiduals:
-        """Residuals (before any strength) for latents x [B, C, h, w], a hint [B, 3, 8h, 8w] in 0..1, timesteps [B]
-        and the UNet's context [B, T, D]; computed in the weights' dtype."""
+    def forward(self, x: Tensor, hint: Tensor, timesteps: Tensor, context: Tensor,
+                y: Tensor | None = None) -> ControlResiduals:
+        """Residuals (before any strength) for latents x [B, C, h, w], a hint [B, 3, 8h, 8w] in 0..1, timesteps [B],
+        the UNet's context [B, T, D] and (SDXL) its label vector y [B, adm]; computed in the weights' dtype."""
         dtype = weight_dtype(self.time_embed, x.dtype)
         timesteps = torch.as_tensor(timesteps, device=x.device).reshape(-1).expand(x.shape[0])
         emb = self.time_embed(timestep_embedding(timesteps, self.config.unet.model_channels).to(dtype))
+        check_label(self.config.unet, y, x.shape[0])
+        if y is not None:
+            emb = emb + self.label_emb(y.to(device=x.device, dtype=dtype))
         context = context.to(dtype)
         guided_hint = self.input_hint_block(hint.to(dtype))
         h = x.to(dtype)
@@ -108,14 +119,16 @@ def build_controlnet(state_dict) -> ControlNet:
 
 # --- the file --------------------------------------------------------------------------------------------------
 
-OTHER_LAYOUTS = (  # keys of files that are not SD1 single-file ControlNets, to say what a refused file is
-    ("controlnet_cond_embedding.", "a diffusers-layout ControlNet; use the single-file release "
-                                   "(control_v11p_sd15_*.safetensors)"),
-    ("control_model.label_emb.", "an SDXL ControlNet; sdgraph runs SD1 ControlNets"),
-    ("label_emb.", "an SDXL ControlNet; sdgraph runs SD1 ControlNets"),
+OTHER_LAYOUTS = (  # keys of files that are not ControlNets we run, to say what a refused file is
+    ("task_embedding", "a ControlNet Union (several control types in one file), which sdgraph does not run; use a "
+                       "single-type ControlNet"),
+    ("control_add_embedding.", "a ControlNet Union (several control types in one file), which sdgraph does not "
+                               "run; use a single-type ControlNet"),
     ("model.diffusion_model.", "a checkpoint, not a ControlNet; put it in models/checkpoints"),
     ("lora_unet_", "a LoRA, not a ControlNet; put it in models/loras"),
 )
+SUPPORTED = ("ControlNets for SD1.x, SD2.x and SDXL in the single-file layout (control_v11p_sd15_*: control_model.* "
+             "keys) or the diffusers layout (diffusion_pytorch_model.safetensors)")
 
 
 @dataclass(frozen=True, eq=False)
@@ -133,32 +146,45 @@ class ControlNetLayout(PartLayout):
 def _refusal(path, keys) -> str:
     for prefix, what in OTHER_LAYOUTS:
         if any(k.startswith(prefix) for k in keys):
-            return f"{path}: not an SD1 ControlNet: it looks like {what}"
+            return f"{path}: not a ControlNet sdgraph runs: it looks like {what}"
     tops = sorted({k.split(".", 1)[0] for k in keys})[:5]
-    return (f"{path}: not an SD1 ControlNet (no 'control_model.zero_convs.*' or 'zero_convs.*' weights; its keys "
-            f"start with {', '.join(tops) or 'nothing'}); use a control_v11p_sd15_* style single-file ControlNet")
+    return (f"{path}: not a ControlNet (no 'control_model.zero_convs.*', 'zero_convs.*' or 'controlnet_down_blocks.*' "
+            f"weights; its keys start with {', '.join(tops) or 'nothing'}); sdgraph runs {SUPPORTED}")
+
+
+def controlnet_keys(meta) -> dict[str, str] | None:
+    """{our name: the file's key} for a ControlNet file's keys in either layout, or None if it is neither."""
+    if any(k.startswith(p) for k in meta for p, _ in OTHER_LAYOUTS):
+        return None
+    if is_diffusers_controlnet(meta):
+        return ldm_keys(meta)
+    prefix = PREFIX if f"{PREFIX}zero_convs.0.0.weight" in meta else ""
+    if f"{prefix}zero_convs.0.0.weight" not in meta:
+        return None
+    return {k[len(prefix):]: k for k in meta if k.startswith(prefix)}
 
 
 def open_controlnet(path: str | os.PathLike, *, allow_pickle: bool = False) -> ControlNetLayout:
-    """Check an SD1 single-file ControlNet from its header (shapes and keys); nothing is read."""
+    """Check a ControlNet file (single-file or diffusers layout; SD1, SD2 or SDXL) from its header, shapes and keys;
+    nothing is read."""
     identity = FileIdentity.of(path)
     source = TensorFile(path, allow_pickle=allow_pickle)
     meta = source.meta
-    prefix = PREFIX if f"{PREFIX}zero_convs.0.0.weight" in meta else ""
-    if any(k.startswith(p) for k in meta for p, _ in OTHER_LAYOUTS) or f"{prefix}zero_convs.0.0.weight" not in meta:
+    keys = controlnet_keys(meta)
+    if keys is None:
         raise CheckpointError(_refusal(path, meta))
-    keys = {k[len(prefix):]: k for k in meta if k.startswith(prefix)}
     try:
         config = controlnet_config_from_state_dict({k: meta[v] for k, v in keys.items()})
-    except (ValueError, IndexError, TypeError, ZeroDivisionError) as e:
+    except (ValueError, IndexError, TypeError, ZeroDivisionError, KeyError) as e:
         raise CheckpointError(f"{path}: cannot read the ControlNet architecture from the shapes of its weights "
-                              f"({str(e)[:300]}); the file is damaged or not an SD1 ControlNet") from e
-    if max(len(config.unet.channel_mult), config.unet.num_res_blocks, config.unet.transformer_depth) \
-            > MAX_ARCHITECTURE_COUNT:
-        raise CheckpointError(f"{path}: the ControlNet weights describe an architecture far larger than SD1's; "
-                              "the file is damaged or crafted")
-    check_part(path, "ControlNet", meta_state(ControlNet, config), keys, meta, prefix,
-               "Use an SD1.5 ControlNet in the single-file layout (control_v11p_sd15_*).")
+                              f"({str(e)[:300]}); the file is damaged or not a ControlNet sdgraph runs "
+                              f"({SUPPORTED})") from e
+    if max(len(config.unet.channel_mult), config.unet.num_res_blocks, config.unet.max_depth) > MAX_ARCHITECTURE_COUNT:
+        raise CheckpointError(f"{path}: the ControlNet weights describe an architecture far larger than any SD "
+                              "model's; the file is damaged or crafted")
+    single_file_prefix = "" if is_diffusers_controlnet(meta) or f"{PREFIX}zero_convs.0.0.weight" not in meta else PREFIX
+    check_part(path, "ControlNet", meta_state(ControlNet, config), keys, meta, single_file_prefix,
+               f"sdgraph runs {SUPPORTED}.")
     layout = part_layout("controlnet", source, identity, config, keys, allow_pickle)
     return ControlNetLayout(**{f: getattr(layout, f) for f in layout.__dataclass_fields__})
 
@@ -182,21 +208,29 @@ class ControlNetModel:
     def model_handles(self) -> tuple[ModelHandle, ...]:
         return (self.handle,)
 
-    def residuals(self, x: Tensor, timesteps: Tensor, context: Tensor, hint: Tensor) -> ControlResiduals:
-        """The network's raw residuals, on its device in its dtype (channels_last), for the UNet's own inputs."""
+    def residuals(self, x: Tensor, timesteps: Tensor, context: Tensor, hint: Tensor,
+                  y: Tensor | None = None) -> ControlResiduals:
+        """The network's raw residuals, on its device in its dtype (channels_last), for the UNet's own inputs (an
+        SDXL ControlNet takes the UNet's label vector `y` too; others ignore it, as ComfyUI's)."""
         device = torch.device(self.handle.device)
-        self._check_fits(x, context)
+        self._check_fits(x, context, y)
         working = math.prod(x.shape) * WORKING_PER_ELEMENT
+        label = y.to(device, self.dtype) if y is not None and self.config.unet.adm_in_channels else None
         with self.models.use(self.handle, working=working) as net, torch.inference_mode():
             out = net(x.to(device=device, dtype=self.dtype, memory_format=torch.channels_last),
                       hint.to(device=device, dtype=self.dtype, memory_format=torch.channels_last),
-                      timesteps.to(device), context.to(device, self.dtype))
+                      timesteps.to(device), context.to(device, self.dtype), label)
         if not self.global_average_pooling:
             return out
         return ControlResiduals(tuple(_pooled(r) for r in out.skips), _pooled(out.middle))
 
-    def _check_fits(self, x: Tensor, context: Tensor) -> None:
+    def _check_fits(self, x: Tensor, context: Tensor, y: Tensor | None) -> None:
         unet = self.config.unet
+        if unet.adm_in_channels is not None and (y is None or y.shape[-1] != unet.adm_in_channels):
+            raise ValueError(f"the ControlNet {self.source} was made for SDXL: it takes the model's "
+                             f"{unet.adm_in_channels}-value label vector, which the model "
+                             + ("does not give" if y is None else f"gives with {y.shape[-1]} values")
+                             + "; use a ControlNet made for this checkpoint's family")
         if x.shape[1] != unet.in_channels or context.shape[-1] != unet.context_dim:
             raise ValueError(f"the ControlNet {self.source} was made for another model family: it takes "
                              f"{unet.in_channels}-channel latents and {unet.context_dim}-wide text features, but "
@@ -307,8 +341,8 @@ class ControlChain:
                     or s < percent_to_sigma(schedule, self.end_percent))
 
     def __call__(self, x_in: Tensor, timesteps: Tensor, context: Tensor, sigma: Tensor,
-                 schedule: DiscreteSchedule | None = None) -> ControlResiduals | None:
-        previous = self.previous(x_in, timesteps, context, sigma, schedule) if self.previous is not None else None
+                 schedule: DiscreteSchedule | None = None, y: Tensor | None = None) -> ControlResiduals | None:
+        previous = self.previous(x_in, timesteps, context, sigma, schedule, y) if self.previous is not None else None
         if not self.active(sigma, schedule):
             return previous
         height, width = x_in.shape[-2] * LATENT_SCALE, x_in.shape[-1] * LATENT_SCALE
@@ -316,7 +350,7 @@ class ControlChain:
             hint = prepare_hint(self.hint, height, width, x_in.shape[0])
         except ValueError as e:
             raise ValueError(f"{self.origin}: {e}") from None
-        raw = self.net_handle.residuals(x_in, timesteps, context, hint)
+        raw = self.net_handle.residuals(x_in, timesteps, context, hint, y)
         own = ControlResiduals(tuple(r * self.strength for r in raw.skips), raw.middle * self.strength)
         return add_residuals(previous, own)
 

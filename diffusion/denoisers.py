@@ -97,7 +97,7 @@ class ModelDenoiser:
     model's mask and masked-image latent, [B, 5, h, w]) is appended to the scaled x along the channels; `y`
     (SDXL's label vector) goes to the network as its `y` argument. A `control` (a conditioning entry's
     ControlChain, diffusion/controlnet.py) is called with the UNet's own inputs, sigma and this schedule,
-    `control(x_in, timesteps, context, sigma, schedule=...) -> residuals or None`; residuals go to the UNet as
+    `control(x_in, timesteps, context, sigma, schedule=..., y=...) -> residuals or None`; residuals go to the UNet as
     its `control` argument."""
 
     unet: UNet
@@ -114,7 +114,8 @@ class ModelDenoiser:
         s = sigma.view(sigma.shape[:1] + (1,) * (x.ndim - 1))
         x_in = x / (s**2 + 1.0) ** 0.5
         timesteps = self.schedule.timestep(sigma).float()
-        residuals = control(x_in, timesteps, context, sigma, schedule=self.schedule) if control is not None else None
+        residuals = control(x_in, timesteps, context, sigma, schedule=self.schedule, y=y) \
+            if control is not None else None
         extra = {} if residuals is None else {"control": residuals}
         if y is not None:
             extra["y"] = y

@@ -252,16 +252,17 @@ def sort_header_metadata(path: Path, metadata: Mapping[str, str]) -> None:
 KINDS = ("checkpoint", "lora", "controlnet")
 
 
-def _write_addon(kind: str, out: Path, *, preset: str, seed: int) -> Path:
+def _write_addon(kind: str, out: Path, *, preset: str, seed: int, diffusers: bool = False) -> Path:
     """A LoRA or ControlNet for the preset's checkpoint (imported only when asked for)."""
-    if preset_config(preset).family != "sd1":
-        sd1 = ", ".join(name for name, p in PRESETS.items() if p.family == "sd1")
-        raise ValueError(f"--kind {kind} is made for SD1 presets only ({sd1}), not {preset!r}")
     if kind == "lora":
         from diffusion.make_lora import write_lora
         return write_lora(out, preset=preset, seed=seed)
+    if preset_config(preset).unet.in_channels != 4:
+        plain = ", ".join(name for name, p in PRESETS.items() if p.unet.in_channels == 4)
+        raise ValueError(f"--kind controlnet is made for presets with a 4-channel UNet ({plain}), not the "
+                         f"inpainting preset {preset!r}")
     from diffusion.make_controlnet import write_controlnet
-    return write_controlnet(out, preset=preset, seed=seed)
+    return write_controlnet(out, preset=preset, seed=seed, diffusers=diffusers)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -276,12 +277,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="non-negative seed; same seed, same file")
     parser.add_argument("--kind", choices=KINDS, default="checkpoint",
                         help="checkpoint, or a LoRA / ControlNet made for the preset's checkpoint")
+    parser.add_argument("--diffusers", action="store_true",
+                        help="--kind controlnet: the diffusers layout (diffusion_pytorch_model.safetensors' names)")
     args = parser.parse_args(argv)
     if args.seed < 0:
         parser.error(f"--seed must be non-negative, got {args.seed}")
     if args.kind != "checkpoint":
         try:
-            path = _write_addon(args.kind, args.out, preset=args.preset, seed=args.seed)
+            path = _write_addon(args.kind, args.out, preset=args.preset, seed=args.seed,
+                                diffusers=args.diffusers)
         except ValueError as e:
             parser.error(str(e))
         print(f"wrote {path}: {args.kind} for preset {args.preset}, seed {args.seed}, {path.stat().st_size:,} bytes")

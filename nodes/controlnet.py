@@ -26,8 +26,9 @@ def _controlnet_identity(resources, control_net_name):
 
 
 @node("ControlNetLoader", category="loaders", display_name="Load ControlNet Model",
-      description="Load an SD1.5 ControlNet from models/controlnet (single-file safetensors as published, "
-                  "control_v11p_sd15_*); the weights are read when sampling first uses them.",
+      description="Load a ControlNet (SD1.x, SD2.x or SDXL) from models/controlnet: the single-file layout "
+                  "(control_v11p_sd15_*) or the diffusers one (diffusion_pytorch_model.safetensors); the weights are "
+                  "read when sampling first uses them.",
       fingerprint=_controlnet_identity,
       inputs=[Input("control_net_name", COMBO, options=_controlnet_names, tooltip="a file in models/controlnet")],
       outputs=[Output("CONTROL_NET", CONTROL_NET)])
@@ -89,7 +90,7 @@ def controlnet_apply(ctx, conditioning, control_net, image, strength):
               Input("end_percent", FLOAT, default=1.0, min=0.0, max=1.0, step=0.001,
                     tooltip="fraction of the schedule where it stops"),
               Input("vae", "VAE", optional=True,
-                    tooltip="needed only by ControlNets that read latents (none of the SD1.5 ones)")],
+                    tooltip="needed only by ControlNets that read latents (none of those sdgraph loads)")],
       outputs=[Output("positive", "CONDITIONING"), Output("negative", "CONDITIONING")])
 def controlnet_apply_advanced(ctx, positive, negative, control_net, image, strength, start_percent, end_percent,
                               vae=None):

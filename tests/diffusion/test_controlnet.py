@@ -91,13 +91,17 @@ def test_file_without_the_control_model_prefix_loads_the_same(tiny_file, tmp_pat
 
 
 @pytest.mark.parametrize("kind, message", [("checkpoint", "a checkpoint, not a ControlNet"),
-                                           ("diffusers", "diffusers-layout ControlNet"),
+                                           ("union", "a ControlNet Union"),
+                                           ("diffusers", "cannot read the ControlNet architecture"),
                                            ("missing", "missing: control_model.zero_convs.3.0.bias")])
 def test_other_files_are_refused_naming_the_file(kind, message, tiny_file, tmp_path):
     path = tmp_path / f"{kind}.safetensors"
     if kind == "checkpoint":
         make_checkpoint(path, preset="tiny")
-    elif kind == "diffusers":
+    elif kind == "union":
+        save_file({"task_embedding": torch.zeros(8, 320), "controlnet_cond_embedding.conv_in.weight":
+                   torch.zeros(16, 3, 3, 3)}, path)
+    elif kind == "diffusers":  # a diffusers-layout file with only its hint encoder's first layer
         save_file({"controlnet_cond_embedding.conv_in.weight": torch.zeros(16, 3, 3, 3)}, path)
     else:
         state = load_file(tiny_file)
@@ -191,8 +195,8 @@ def test_eps_denoiser_passes_the_controls_residuals_to_the_unet():
     x, sigma, context = torch.randn(1, 4, 8, 8), torch.tensor([2.0]), torch.randn(1, 77, 32)
     seen = []
 
-    def control(x_in, timesteps, ctx, s, schedule=None):
-        seen.append((x_in, timesteps, s))
+    def control(x_in, timesteps, ctx, s, schedule=None, y=None):
+        seen.append((x_in, timesteps, s, y))
         assert schedule is denoiser.schedule  # percents on the sampled model's schedule (issue #13)
         return "residuals"
 
@@ -200,8 +204,12 @@ def test_eps_denoiser_passes_the_controls_residuals_to_the_unet():
     denoiser(x, sigma, context, control=lambda *_, **__: None)
     denoiser(x, sigma, context)
     assert unet.calls == [{"control": "residuals"}, {}, {}]
-    x_in, timesteps, s = seen[0]
+    x_in, timesteps, s, y = seen[0]
     assert torch.allclose(x_in, x / (2.0**2 + 1) ** 0.5) and timesteps.dtype == torch.float32 and s is sigma
+    assert y is None
+    label = torch.randn(1, 16)
+    denoiser(x, sigma, context, control=control, y=label)
+    assert seen[-1][3] is label  # an SDXL ControlNet gets the UNet's label vector
 
 
 def test_hint_is_resized_nearest_exact_after_a_centre_crop():
@@ -220,3 +228,66 @@ def test_a_hint_batch_that_cannot_match_the_latents_is_an_error_naming_the_node(
         chain(x, t, context, torch.full((3,), 1.0))
     with pytest.raises(ValueError, match="3 channels"):
         ControlChain(tiny_net, torch.rand(1, 4, 64, 64), 1.0)
+
+
+DIFFUSERS_CONFIGS = {  # diffusers' ControlNetModel arguments of the published SD1.5 and SDXL ControlNets' configs
+    "sd15": dict(cross_attention_dim=768),
+    "sdxl": dict(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 block_out_channels=(320, 640, 1280), cross_attention_dim=2048, transformer_layers_per_block=(1, 2, 10),
+                 attention_head_dim=(5, 10, 20), use_linear_projection=True, addition_embed_type="text_time",
+                 addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816),
+}
+
+
+@pytest.mark.parametrize("preset", sorted(DIFFUSERS_CONFIGS))
+def test_diffusers_layout_is_diffusers_controlnet_model_key_for_key(preset):
+    """What make-checkpoint writes (and the loader renames) is what diffusers' ControlNetModel.save_pretrained
+    writes for the full-size SD1.5 and SDXL ControlNets: every key and shape (built on the meta device)."""
+    from diffusers import ControlNetModel
+
+    from diffusion.controlnet_keys import ldm_keys
+    from diffusion.make_controlnet import diffusers_layout
+
+    with torch.device("meta"):
+        theirs = {k: tuple(v.shape) for k, v in ControlNetModel(**DIFFUSERS_CONFIGS[preset]).state_dict().items()}
+    layout = diffusers_layout(preset)
+    assert {k: shape for k, (_, shape) in layout.items()} == theirs
+    ours = {k.removeprefix("control_model."): shape for k, (_, shape) in controlnet_layout(preset).items()}
+    assert {name: theirs[key] for name, key in ldm_keys(theirs).items()} == ours
+
+
+def test_a_diffusers_layout_file_computes_what_the_single_file_one_does(tiny_file, tmp_path):
+    path = write_controlnet(tmp_path / "diffusion_pytorch_model.safetensors", preset="tiny", seed=0, diffusers=True)
+    layout = open_controlnet(path)
+    assert layout.config == open_controlnet(tiny_file).config
+    assert layout.keys["zero_convs.0.0.weight"] == "controlnet_down_blocks.0.weight"
+    x, t, context = inputs()
+    hint = torch.rand(2, 3, 64, 64)
+    a, b = open_controlnet(tiny_file).load()(x, hint, t, context), layout.load()(x, hint, t, context)
+    assert all(torch.equal(p, q) for p, q in zip((*a.skips, a.middle), (*b.skips, b.middle), strict=True))
+
+
+def test_an_unknown_key_in_a_diffusers_file_is_named(tmp_path):
+    path = write_controlnet(tmp_path / "cn.safetensors", preset="tiny", seed=0, diffusers=True)
+    state = load_file(path)
+    state["controlnet_extra.weight"] = torch.zeros(2)
+    save_file(state, path)
+    with pytest.raises(CheckpointError, match=r"unexpected: controlnet_extra\.weight"):
+        open_controlnet(path)
+
+
+@pytest.mark.parametrize("diffusers", [False, True])
+def test_an_sdxl_controlnet_takes_the_label_vector(diffusers, tmp_path):
+    path = write_controlnet(tmp_path / "xl.safetensors", preset="sdxl-tiny", seed=0, diffusers=diffusers)
+    layout = open_controlnet(path)
+    unet = PRESETS["sdxl-tiny"].unet
+    assert layout.config.unet == unet
+    net = controlnet_value(layout, device=torch.device("cpu"), dtype=torch.float32, models=ModelManager(),
+                           name=path.name)
+    g = torch.Generator().manual_seed(0)
+    x, context = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, unet.context_dim, generator=g)
+    y, hint, t = torch.randn(2, unet.adm_in_channels, generator=g), torch.rand(2, 3, 64, 64), torch.full((2,), 500.0)
+    with_y = net.residuals(x, t, context, hint, y)
+    assert not torch.equal(with_y.middle, net.residuals(x, t, context, hint, y + 1).middle)  # y reaches the net
+    with pytest.raises(ValueError, match="made for SDXL.*label vector.*does not give"):
+        net.residuals(x, t, context, hint)

@@ -153,9 +153,18 @@ def test_cli_refuses_bad_arguments(argv, tmp_path, monkeypatch):
     assert not list(tmp_path.iterdir())
 
 
-def test_addons_for_other_families_are_refused_by_name(tmp_path, capsys):
-    """LoRA/ControlNet generators are SD1's; asking one for an SD2/SDXL preset says so instead of crashing."""
+def test_addons_are_made_for_every_family_but_a_controlnet_for_an_inpainting_unet(tmp_path, capsys):
+    """LoRAs for SD2/SDXL presets (SDXL's with lora_te1_/lora_te2_ keys), ControlNets in either layout; a
+    ControlNet for a 9-channel inpainting UNet is refused by name instead of crashing."""
+    from safetensors import safe_open
+
+    assert main([str(tmp_path / "l.safetensors"), "--preset", "sdxl-tiny", "--kind", "lora"]) == 0
+    with safe_open(tmp_path / "l.safetensors", "pt") as f:
+        assert {k.split("_text_model")[0] for k in f.keys() if "_text_model" in k} == {"lora_te1", "lora_te2"}
+    assert main([str(tmp_path / "c.safetensors"), "--preset", "sdxl-tiny", "--kind", "controlnet", "--diffusers"]) == 0
+    with safe_open(tmp_path / "c.safetensors", "pt") as f:
+        assert "add_embedding.linear_1.weight" in f.keys()
     with pytest.raises(SystemExit) as exit_info:
-        main([str(tmp_path / "l.safetensors"), "--preset", "sdxl-tiny", "--kind", "lora"])
-    assert exit_info.value.code == 2 and "SD1 presets only" in capsys.readouterr().err
-    assert not list(tmp_path.iterdir())
+        main([str(tmp_path / "i.safetensors"), "--preset", "sd15-inpaint-tiny", "--kind", "controlnet"])
+    assert exit_info.value.code == 2 and "4-channel UNet" in capsys.readouterr().err
+    assert not (tmp_path / "i.safetensors").exists()

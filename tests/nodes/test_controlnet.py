@@ -150,3 +150,30 @@ def test_loader_lists_the_controlnet_folder_and_fingerprints_the_file(tiny_base)
     identity = loader.fingerprint(runtime, TINY_CONTROLNET)
     path = tiny_base / "models" / "controlnet" / TINY_CONTROLNET
     assert identity[:3] == (str(path), path.stat().st_size, path.stat().st_mtime_ns)
+
+
+@pytest.fixture(scope="module")
+def sdxl_base(tiny_base):
+    """The tiny SDXL checkpoint beside the SD1 one, with its ControlNet in the diffusers layout (as most SDXL
+    ControlNets are published)."""
+    from diffusion.make_checkpoint import make_checkpoint
+    from diffusion.make_controlnet import write_controlnet
+
+    make_checkpoint(tiny_base / "models" / "checkpoints" / "xl.safetensors", preset="sdxl-tiny", seed=0)
+    write_controlnet(tiny_base / "models" / "controlnet" / "xl_canny.safetensors", preset="sdxl-tiny", seed=0,
+                     diffusers=True)
+    return tiny_base
+
+
+def test_an_sdxl_controlnet_in_the_diffusers_layout_changes_an_sdxl_picture(sdxl_base):
+    xl = {"4__ckpt_name": "xl.safetensors", "12__control_net_name": "xl_canny.safetensors"}
+    plain = saved_image(graph(**xl, **{"3__positive": ["6", 0], "3__negative": ["7", 0]}), sdxl_base)
+    assert torch.equal(saved_image(graph(**xl, **{"13__strength": 0.0}), sdxl_base), plain)
+    assert not torch.allclose(saved_image(graph(**xl), sdxl_base), plain, atol=1e-3)
+
+
+def test_a_controlnet_of_another_family_is_a_clear_error(sdxl_base):
+    message = run_error(graph(**{"12__control_net_name": "xl_canny.safetensors"}), sdxl_base, ["3"])
+    assert "xl_canny.safetensors was made for SDXL" in message and "label vector" in message
+    message = run_error(graph(**{"4__ckpt_name": "xl.safetensors"}), sdxl_base, ["3"])
+    assert "was made for another model family" in message and "32-wide text features" in message
