@@ -291,3 +291,34 @@ def test_an_sdxl_controlnet_takes_the_label_vector(diffusers, tmp_path):
     assert not torch.equal(with_y.middle, net.residuals(x, t, context, hint, y + 1).middle)  # y reaches the net
     with pytest.raises(ValueError, match="made for SDXL.*label vector.*does not give"):
         net.residuals(x, t, context, hint)
+
+
+def test_an_sdxl_controlnet_computes_what_diffusers_controlnet_model_computes(tmp_path):
+    """The same diffusers-layout file in diffusers' ControlNetModel (SDXL's text_time conditioning from the size
+    ids) and in ours (the label vector y built as ComfyUI builds it): every residual within 1e-4, fp32."""
+    from diffusers import ControlNetModel
+
+    from diffusion.adm import sdxl_label
+
+    path = write_controlnet(tmp_path / "xl.safetensors", preset="sdxl-tiny", seed=0, diffusers=True)
+    unet = PRESETS["sdxl-tiny"].unet
+    theirs = ControlNetModel(
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        block_out_channels=(32, 64, 128), layers_per_block=1, cross_attention_dim=unet.context_dim,
+        transformer_layers_per_block=(1, 1, 2), attention_head_dim=(1, 1, 2), use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=unet.adm_in_channels)
+    theirs.load_state_dict({k: v.float() for k, v in load_file(path).items()}, strict=True)
+    ours = open_controlnet(path).load()
+    g = torch.Generator().manual_seed(1)
+    x, context = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, unet.context_dim, generator=g)
+    pooled, hint = torch.randn(2, 1280, generator=g), torch.rand(2, 3, 64, 64, generator=g)
+    t = torch.tensor([500.0, 500.0])
+    ids = [64.0, 64.0, 0.0, 0.0, 64.0, 64.0]
+    y = sdxl_label(pooled, height=64, width=64, crop_h=0, crop_w=0, target_height=64, target_width=64)
+    with torch.inference_mode():
+        skips, middle = theirs(x, t, context, hint, added_cond_kwargs={"text_embeds": pooled, "time_ids":
+                                                                     torch.tensor([ids, ids])}, return_dict=False)
+        out = ours(x, hint, t, context, y)
+    for a, b in zip((*out.skips, out.middle), (*skips, middle), strict=True):
+        assert (a - b).abs().max() <= 1e-4 * b.abs().max()
