@@ -77,7 +77,7 @@ class TextEncoder:
     (empty: `(config,)`); `clip_type` ("sd1", "sd2", "sdxl") is what nodes check a CLIP against."""
 
     handle: ModelHandle
-    config: CLIPTextConfig  # the first encoder's (LoRA key mapping reads it)
+    config: CLIPTextConfig  # the first encoder's
     tokenizer: ClipTokenizer
     source: str
     layer: int | None = None

@@ -75,9 +75,8 @@ def hold_peak(idle: Iterable[Resident], footprint: int, peak: int, *, who: str,
             f"{reason}, and keeping it while {who} would raise the process's peak to "
             f"{format_bytes(footprint)} (it has needed {format_bytes(peak)} so far)")))
         footprint -= resident.nbytes
-    dropped = {id(r) for r, _ in drop}
-    kept = [r for r in idle if not r.cheap_reload and not r.needed_later and id(r) not in dropped] \
-        if footprint > peak else []
+    # Kept for the next prompt: the expensive models the rule does not drop (with no next prompt, none is kept)
+    kept = [r for r in idle if not r.cheap_reload and not r.needed_later] if footprint > peak and next_prompt else []
     return Verdict(tuple(drop), tuple((r, _kept_because(r, who, footprint)) for r in kept))
 
 

@@ -112,6 +112,10 @@ def test_with_no_next_prompt_an_expensive_model_unused_later_goes_after_the_chea
     # ...but only while the peak needs it: with room under the peak the UNet stays
     verdict = hold_peak(idle, footprint=int(2.4 * GiB), peak=2 * GiB, who="VAE takes 0.7 GB", next_prompt=False)
     assert [r.name for r, _ in verdict.drop] == ["clip"]
+    # a model too small to be worth dropping is not reported as kept "for the next prompt": there is none
+    small = [resident("unet", 1.7, cheap=False), resident("hint", 0.01, cheap=False)]
+    verdict = hold_peak(small, footprint=int(3.5 * GiB), peak=1 * GiB, who="VAE takes 0.7 GB", next_prompt=False)
+    assert [r.name for r, _ in verdict.drop] == ["unet"] and verdict.keep == ()
 
 
 def test_a_single_prompt_txt2img_decodes_without_the_unet_beside_it():
