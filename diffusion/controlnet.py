@@ -152,16 +152,17 @@ def _refusal(path, keys) -> str:
             f"weights; its keys start with {', '.join(tops) or 'nothing'}); sdgraph runs {SUPPORTED}")
 
 
-def controlnet_keys(meta) -> dict[str, str] | None:
-    """{our name: the file's key} for a ControlNet file's keys in either layout, or None if it is neither."""
+def controlnet_keys(meta) -> tuple[dict[str, str], str] | None:
+    """({our name: the file's key}, the prefix our names have in the file) for a ControlNet file's keys in either
+    layout (the diffusers one renames: no prefix), or None if it is neither."""
     if any(k.startswith(p) for k in meta for p, _ in OTHER_LAYOUTS):
         return None
     if is_diffusers_controlnet(meta):
-        return ldm_keys(meta)
+        return ldm_keys(meta), ""
     prefix = PREFIX if f"{PREFIX}zero_convs.0.0.weight" in meta else ""
     if f"{prefix}zero_convs.0.0.weight" not in meta:
         return None
-    return {k[len(prefix):]: k for k in meta if k.startswith(prefix)}
+    return {k[len(prefix):]: k for k in meta if k.startswith(prefix)}, prefix
 
 
 def open_controlnet(path: str | os.PathLike, *, allow_pickle: bool = False) -> ControlNetLayout:
@@ -170,9 +171,10 @@ def open_controlnet(path: str | os.PathLike, *, allow_pickle: bool = False) -> C
     identity = FileIdentity.of(path)
     source = TensorFile(path, allow_pickle=allow_pickle)
     meta = source.meta
-    keys = controlnet_keys(meta)
-    if keys is None:
+    found = controlnet_keys(meta)
+    if found is None:
         raise CheckpointError(_refusal(path, meta))
+    keys, prefix = found
     try:
         config = controlnet_config_from_state_dict({k: meta[v] for k, v in keys.items()})
     except (ValueError, IndexError, TypeError, ZeroDivisionError, KeyError) as e:
@@ -182,8 +184,7 @@ def open_controlnet(path: str | os.PathLike, *, allow_pickle: bool = False) -> C
     if max(len(config.unet.channel_mult), config.unet.num_res_blocks, config.unet.max_depth) > MAX_ARCHITECTURE_COUNT:
         raise CheckpointError(f"{path}: the ControlNet weights describe an architecture far larger than any SD "
                               "model's; the file is damaged or crafted")
-    single_file_prefix = "" if is_diffusers_controlnet(meta) or f"{PREFIX}zero_convs.0.0.weight" not in meta else PREFIX
-    check_part(path, "ControlNet", meta_state(ControlNet, config), keys, meta, single_file_prefix,
+    check_part(path, "ControlNet", meta_state(ControlNet, config), keys, meta, prefix,
                f"sdgraph runs {SUPPORTED}.")
     layout = part_layout("controlnet", source, identity, config, keys, allow_pickle)
     return ControlNetLayout(**{f: getattr(layout, f) for f in layout.__dataclass_fields__})
